@@ -1,0 +1,1 @@
+"""The ingestion API, shaped like Sift's Python client (``sift_py.ingestion``)."""
