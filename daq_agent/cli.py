@@ -1,0 +1,95 @@
+"""The ``daq-agent`` command line.
+
+Each subcommand lives in ``daq_agent.commands.<name>`` and exposes ``add_subparser(subparsers)``,
+which registers its parser with ``set_defaults(func=<callable(args) -> int>)``. A subcommand whose
+module cannot be imported (an optional dependency missing) reports that and never breaks the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from daq_agent import __version__
+from daq_agent.errors import DaqError
+
+COMMANDS = (
+    "run",
+    "check",
+    "demo",
+    "serve",
+    "simulate",
+    "flows",
+    "decode",
+    "export",
+    "errors",
+)
+
+log = logging.getLogger("daq_agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="daq-agent",
+        description="Decode CAN and serial frames and stream them to Sift or a local server.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"daq_agent.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("daq_agent.commands"):
+                continue  # not built yet
+            broken = subparsers.add_parser(name, help=f"(unavailable: {exc})")
+            broken.set_defaults(func=_unavailable(name, exc))
+            continue
+        module.add_subparser(subparsers)
+    return parser
+
+
+def _unavailable(name: str, exc: Exception) -> object:
+    def run(_args: argparse.Namespace) -> int:
+        print(f"daq-agent {name}: unavailable: {exc}", file=sys.stderr)
+        return 3
+
+    return run
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for bad usage or config)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        code: int = args.func(args)
+    except DaqError as exc:
+        print(f"daq-agent {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

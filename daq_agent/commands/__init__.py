@@ -1,0 +1,1 @@
+"""Subcommands of the ``daq-agent`` command line, one module each."""

@@ -1,0 +1,22 @@
+"""gRPC method paths of the Sift API subset, shared by the client and the local server (``/<package>.<Service>/<Method>``)."""
+
+from __future__ import annotations
+
+INGEST_WITH_CONFIG_DATA_STREAM = "/sift.ingest.v1.IngestService/IngestWithConfigDataStream"
+
+GET_INGESTION_CONFIG = "/sift.ingestion_configs.v2.IngestionConfigService/GetIngestionConfig"
+CREATE_INGESTION_CONFIG = "/sift.ingestion_configs.v2.IngestionConfigService/CreateIngestionConfig"
+LIST_INGESTION_CONFIGS = "/sift.ingestion_configs.v2.IngestionConfigService/ListIngestionConfigs"
+CREATE_INGESTION_CONFIG_FLOWS = (
+    "/sift.ingestion_configs.v2.IngestionConfigService/CreateIngestionConfigFlows"
+)
+LIST_INGESTION_CONFIG_FLOWS = (
+    "/sift.ingestion_configs.v2.IngestionConfigService/ListIngestionConfigFlows"
+)
+
+GET_RUN = "/sift.runs.v2.RunService/GetRun"
+LIST_RUNS = "/sift.runs.v2.RunService/ListRuns"
+CREATE_RUN = "/sift.runs.v2.RunService/CreateRun"
+STOP_RUN = "/sift.runs.v2.RunService/StopRun"
+
+PING = "/sift.ping.v1.PingService/Ping"
