@@ -1,0 +1,1 @@
+"""The acquisition pipeline: ring buffer, flusher, spool and the agent that owns the threads."""
