@@ -1,0 +1,50 @@
+"""Readers: one thread per source (CAN bus, serial port, recorded log), a table of reader kinds.
+
+The concrete readers are imported lazily (``from daq_agent.readers import CanReader`` imports
+python-can only then); :func:`get_reader_class` resolves a kind from :data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from daq_agent.readers.base import (
+    BACKENDS,
+    BackoffPolicy,
+    ErrorCallback,
+    KeyedCounter,
+    ReaderABC,
+    ReaderCounters,
+    ReaderState,
+    Sink,
+    describe,
+    get_reader_class,
+)
+
+if TYPE_CHECKING:
+    from daq_agent.readers.can import CanReader
+    from daq_agent.readers.replay import ReplayReader
+
+__all__ = [
+    "BACKENDS",
+    "BackoffPolicy",
+    "CanReader",
+    "ErrorCallback",
+    "KeyedCounter",
+    "ReaderABC",
+    "ReaderCounters",
+    "ReaderState",
+    "ReplayReader",
+    "Sink",
+    "describe",
+    "get_reader_class",
+]
+
+_LAZY = {"CanReader": "can", "ReplayReader": "replay"}
+
+
+def __getattr__(name: str) -> Any:
+    kind = _LAZY.get(name)
+    if kind is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return get_reader_class(kind)

@@ -1,0 +1,529 @@
+"""The reader layer: one thread per source, its counters, and its open/read/reopen loop.
+
+A reader owns one named thread (``daq-reader[<name>]``). The thread opens the source, reads it,
+decodes what it reads into :class:`~daq_agent.pipeline.sample.Sample` objects handed to a ``sink``
+(in practice ``RingBuffer.put``), and when the source fails it reports the failure (log,
+``on_error`` callback, counter), backs off (capped exponential with jitter) and reopens it. The
+agent never stops because a bus went away.
+
+A subclass implements three private hooks, like a python-can backend implements
+``_recv_internal``::
+
+    _open()          open the source; raise on failure (ConfigError = do not retry)
+    _read(timeout)   read and emit whatever is available within ``timeout`` seconds;
+                     return False once a finite source (a recorded log) is exhausted
+    _close()         release the source; called after every successful _open
+
+Per-frame faults (unknown id, wrong length, undecodable) are counted by the subclass, never raised.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import importlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from daq_agent.errors import ConfigError, ReaderError
+from daq_agent.pipeline.sample import Sample
+
+__all__ = [
+    "BACKENDS",
+    "BackoffPolicy",
+    "ErrorCallback",
+    "KeyedCounter",
+    "ReaderABC",
+    "ReaderCounters",
+    "ReaderState",
+    "Sink",
+    "describe",
+    "get_reader_class",
+]
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Sample], None]
+"""Where a reader hands its decoded samples (in practice ``RingBuffer.put``)."""
+
+ErrorCallback = Callable[["ReaderABC", BaseException], None]
+"""Called from the reader thread with the reader and the error whenever the source fails."""
+
+OTHER_KEY: Final = "other"
+
+BACKENDS: dict[str, str] = {
+    "can": "daq_agent.readers.can:CanReader",
+    "replay": "daq_agent.readers.replay:ReplayReader",
+    "serial": "daq_agent.readers.serial:SerialReader",
+}
+"""Reader kinds, each ``"module:Class"``, imported lazily by :func:`get_reader_class`."""
+
+_INSTALL_HINTS: Final = {
+    "can": "python-can",
+    "replay": "python-can (and asammdf for MF4 logs)",
+    "serial": "pyserial",
+}
+
+_ENTRY_POINT_GROUP: Final = "daq_agent.readers"
+_entry_points_loaded = False
+
+
+def _load_entry_points() -> None:
+    """Add reader kinds that other distributions register under ``daq_agent.readers``."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=_ENTRY_POINT_GROUP):
+        BACKENDS.setdefault(entry.name, entry.value)
+
+
+def get_reader_class(kind: str) -> type[ReaderABC]:
+    """The reader class registered for ``kind``, imported on first use.
+
+    Args:
+        kind: a key of :data:`BACKENDS` (``"can"``, ``"replay"``, ``"serial"``) or a kind
+            registered by another distribution under the ``daq_agent.readers`` entry-point group.
+
+    Returns:
+        The reader class.
+
+    Raises:
+        ConfigError: ``kind`` is not a known reader kind.
+        ReaderError: the module implementing it cannot be imported (the message says what to
+            install).
+    """
+    _load_entry_points()
+    try:
+        target = BACKENDS[kind]
+    except KeyError:
+        known = ", ".join(sorted(BACKENDS))
+        raise ConfigError(f"unknown reader kind {kind!r} (known: {known})") from None
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name:
+            raise ReaderError(
+                f"reader kind {kind!r} is unavailable: no module {module_name}"
+            ) from exc
+        hint = _INSTALL_HINTS.get(kind, "the package that provides it")
+        raise ReaderError(f"reader kind {kind!r} is unavailable ({exc}); install {hint}") from exc
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, ReaderABC)):
+        raise ReaderError(f"reader kind {kind!r}: {target} is not a ReaderABC subclass")
+    return cls
+
+
+class ReaderState(enum.Enum):
+    """Where a reader is in its life."""
+
+    NEW = "new"
+    """Constructed, thread not started."""
+    OPENING = "opening"
+    """The thread is opening the source."""
+    RUNNING = "running"
+    """The source is open and being read."""
+    BACKOFF = "backoff"
+    """The source failed; waiting before reopening it."""
+    ENDED = "ended"
+    """A finite source (a recorded log) is exhausted; everything read was emitted."""
+    FAILED = "failed"
+    """The source cannot work with this configuration (a ConfigError); not retried."""
+    STOPPED = "stopped"
+    """Stopped by :meth:`ReaderABC.stop`."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    """Capped exponential back-off with jitter between reopen attempts.
+
+    Attributes:
+        initial: delay after the first failure, seconds.
+        maximum: the cap, seconds.
+        multiplier: growth factor per consecutive failure.
+        jitter: the delay is multiplied by a random factor in ``[1 - jitter, 1 + jitter]``.
+    """
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.initial <= 0 or self.maximum < self.initial or self.multiplier < 1:
+            raise ConfigError(
+                f"invalid back-off: initial={self.initial}, maximum={self.maximum}, "
+                f"multiplier={self.multiplier}"
+            )
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"invalid back-off jitter {self.jitter} (0 <= jitter < 1)")
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """The delay before the next attempt after ``failures`` consecutive failures (>= 1)."""
+        base = min(self.maximum, self.initial * self.multiplier ** max(0, failures - 1))
+        if self.jitter:
+            base *= 1.0 + (rng or random).uniform(-self.jitter, self.jitter)
+        return min(self.maximum, base)
+
+
+class KeyedCounter:
+    """Counts per key (a CAN id, a frame type) with a bounded number of keys.
+
+    Once ``limit`` distinct keys are held, new keys are counted under ``"other"``, so a bus full
+    of garbage cannot grow memory without bound. Only the owning thread writes; readers take
+    :meth:`snapshot`.
+    """
+
+    __slots__ = ("_counts", "_lock", "limit")
+
+    def __init__(self, limit: int = 1024) -> None:
+        if limit < 1:
+            raise ConfigError(f"keyed counter limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._counts: dict[object, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: object, n: int = 1) -> None:
+        """Count ``n`` more for ``key`` (or for ``"other"`` once the map is full)."""
+        counts = self._counts
+        if key in counts:
+            counts[key] += n
+            return
+        with self._lock:  # only a new key changes the dict's size; snapshot() iterates it
+            if len(counts) >= self.limit:
+                key = OTHER_KEY
+            counts[key] = counts.get(key, 0) + n
+
+    def get(self, key: object) -> int:
+        """The count for ``key`` (0 when never seen or folded into ``"other"``)."""
+        return self._counts.get(key, 0)
+
+    def total(self) -> int:
+        """The sum over every key."""
+        return sum(self.snapshot().values())
+
+    def snapshot(self) -> dict[object, int]:
+        """A copy of the counts."""
+        with self._lock:
+            return dict(self._counts)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+class ReaderCounters:
+    """A reader's metrics: named integer counters and bounded per-key maps.
+
+    Only the reader thread writes; any thread may read an attribute-style value with
+    :meth:`get` or take a consistent-enough :meth:`snapshot` (ints are replaced atomically).
+
+    Attributes:
+        last_error: the text of the most recent source failure, "" if none.
+        last_error_time_ns: when it happened (ns since the epoch), 0 if never.
+    """
+
+    __slots__ = ("_keyed", "_values", "last_error", "last_error_time_ns")
+
+    def __init__(
+        self, names: Iterable[str] = (), keyed: Iterable[str] = (), *, key_limit: int = 1024
+    ) -> None:
+        self._values: dict[str, int] = dict.fromkeys(names, 0)
+        self._keyed: dict[str, KeyedCounter] = {k: KeyedCounter(key_limit) for k in keyed}
+        self.last_error = ""
+        self.last_error_time_ns = 0
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Count ``n`` more under ``name`` (created at 0 if new)."""
+        self._values[name] = self._values.get(name, 0) + n
+
+    def get(self, name: str) -> int:
+        """The value of counter ``name`` (0 if never counted)."""
+        return self._values.get(name, 0)
+
+    def keyed(self, name: str) -> KeyedCounter:
+        """The per-key map ``name``.
+
+        Raises:
+            KeyError: no such map was declared.
+        """
+        return self._keyed[name]
+
+    def add_key(self, name: str, key: object, n: int = 1) -> None:
+        """Count ``n`` more for ``key`` in the per-key map ``name``."""
+        self._keyed[name].add(key, n)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every counter, every per-key map and the last error, as plain values."""
+        out: dict[str, Any] = dict(self._values)
+        for name, counter in self._keyed.items():
+            out[name] = counter.snapshot()
+        out["last_error"] = self.last_error
+        return out
+
+    def __repr__(self) -> str:
+        return f"ReaderCounters({self._values!r}, last_error={self.last_error!r})"
+
+
+class ReaderABC(abc.ABC):
+    """A source of samples with its own named thread and an open → read → reopen loop.
+
+    Args:
+        name: the reader's name (the bus or port alias); the thread is ``daq-reader[<name>]``.
+        sink: receives every decoded sample, on the reader thread; must not block for long.
+        on_error: called on the reader thread with (reader, error) whenever the source fails.
+        backoff: the delays between reopen attempts.
+        poll_interval: the longest a single ``_read`` waits, seconds; bounds stop latency.
+
+    Raises:
+        ConfigError: an argument is invalid.
+    """
+
+    kind: ClassVar[str] = "abstract"
+    COUNTERS: ClassVar[tuple[str, ...]] = ("opens", "reopens", "failures", "sink_errors")
+    """Counters every reader has; subclasses extend this tuple."""
+    KEYED_COUNTERS: ClassVar[tuple[str, ...]] = ()
+    """Bounded per-key maps a subclass declares."""
+
+    def __init__(
+        self,
+        name: str,
+        sink: Sink,
+        *,
+        on_error: ErrorCallback | None = None,
+        backoff: BackoffPolicy | None = None,
+        poll_interval: float = 0.1,
+        key_limit: int = 1024,
+    ) -> None:
+        if not name:
+            raise ConfigError("a reader needs a name")
+        if poll_interval <= 0:
+            raise ConfigError(f"poll_interval must be > 0, got {poll_interval}")
+        self.name = name
+        self._sink = sink
+        self._on_error = on_error
+        self.backoff = backoff or BackoffPolicy()
+        self.poll_interval = poll_interval
+        self.counters = ReaderCounters(self.COUNTERS, self.KEYED_COUNTERS, key_limit=key_limit)
+        self._stop = threading.Event()
+        self._state = ReaderState.NEW
+        self._state_cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._shut_down = False
+        self._rng = random.Random()
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ReaderState:
+        """The reader's current state."""
+        return self._state
+
+    @property
+    def ended(self) -> bool:
+        """True once a finite source is exhausted and everything read was emitted."""
+        return self._state is ReaderState.ENDED
+
+    @property
+    def thread_name(self) -> str:
+        """The name of the reader's thread."""
+        return f"daq-reader[{self.name}]"
+
+    def is_alive(self) -> bool:
+        """True while the reader thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the reader thread (idempotent while running).
+
+        Raises:
+            ReaderError: the reader was already shut down.
+        """
+        if self._shut_down:
+            raise ReaderError(f"reader {self.name!r} was shut down; create a new one")
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 5.0) -> bool:
+        """Stop the thread, close the source and join; idempotent.
+
+        Args:
+            timeout: how long to wait for the thread, seconds (None: forever).
+
+        Returns:
+            True if the thread has ended (or never ran).
+        """
+        self._shut_down = True
+        self._stop.set()
+        self._wake()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return thread is None
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("reader %s did not stop within %.1f s", self.name, timeout or 0.0)
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the reader (alias of :meth:`stop` with the default timeout); idempotent."""
+        self.stop()
+
+    def wait_state(self, *states: ReaderState, timeout: float | None = None) -> bool:
+        """Wait until the reader is in one of ``states``; True if it is, False on timeout."""
+        with self._state_cond:
+            return self._state_cond.wait_for(lambda: self._state in states, timeout)
+
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Wait until a finite source is exhausted; False on timeout or if it stopped otherwise."""
+        self.wait_state(ReaderState.ENDED, ReaderState.FAILED, ReaderState.STOPPED, timeout=timeout)
+        return self.ended
+
+    def __enter__(self) -> ReaderABC:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if self._thread is not None and not self._shut_down:
+            log.warning("reader %s was not properly shut down", getattr(self, "name", "?"))
+            self._stop.set()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, state={self._state.value})"
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Open the source.
+
+        Raises:
+            ConfigError: the source can never work as configured (not retried).
+            Exception: any other failure is reported and the open retried after a back-off.
+        """
+
+    @abc.abstractmethod
+    def _read(self, timeout: float) -> bool:
+        """Read and emit whatever is available within ``timeout`` seconds.
+
+        Returns:
+            False once a finite source is exhausted (the reader becomes ``ended``), else True.
+
+        Raises:
+            Exception: the source failed; it is closed, reported and reopened.
+        """
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Release the source; must not raise for a source that is already broken."""
+
+    def _wake(self) -> None:
+        """Interrupt a blocking ``_read`` from another thread (optional; default: nothing)."""
+        return
+
+    # -- for subclasses -----------------------------------------------------------------------
+
+    def _emit(self, sample: Sample) -> None:
+        """Hand one sample to the sink; a sink failure is counted, never raised."""
+        try:
+            self._sink(sample)
+        except Exception as exc:  # the sink is someone else's code; the reader must survive
+            self.counters.add("sink_errors")
+            if self.counters.get("sink_errors") == 1:
+                log.exception("reader %s: sink failed (counted from now on): %s", self.name, exc)
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called; long hooks should return promptly."""
+        return self._stop.is_set()
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _set_state(self, state: ReaderState) -> None:
+        with self._state_cond:
+            self._state = state
+            self._state_cond.notify_all()
+
+    def _report(self, exc: BaseException, during: str) -> None:
+        counters = self.counters
+        counters.add("failures")
+        counters.last_error = f"{during}: {type(exc).__name__}: {exc}"
+        counters.last_error_time_ns = time.time_ns()
+        log.warning("reader %s: %s failed: %s", self.name, during, exc)
+        if self._on_error is not None:
+            try:
+                self._on_error(self, exc)
+            except Exception:
+                log.exception("reader %s: on_error callback failed", self.name)
+
+    def _run(self) -> None:
+        failures = 0
+        final = ReaderState.STOPPED
+        try:
+            while not self._stop.is_set():
+                self._set_state(ReaderState.OPENING)
+                try:
+                    self._open()
+                except ConfigError as exc:
+                    self._report(exc, "open")
+                    final = ReaderState.FAILED
+                    return
+                except Exception as exc:
+                    self._report(exc, "open")
+                    failures += 1
+                    self._back_off(failures)
+                    continue
+                if self.counters.get("opens"):
+                    self.counters.add("reopens")
+                self.counters.add("opens")
+                self._set_state(ReaderState.RUNNING)
+                exhausted = False
+                try:
+                    while not self._stop.is_set():
+                        if not self._read(self.poll_interval):
+                            exhausted = True
+                            break
+                        failures = 0
+                except Exception as exc:
+                    self._report(exc, "read")
+                    failures += 1
+                finally:
+                    try:
+                        self._close()
+                    except Exception as exc:
+                        log.warning("reader %s: close failed: %s", self.name, exc)
+                if exhausted:
+                    final = ReaderState.ENDED
+                    return
+                if failures:
+                    self._back_off(failures)
+        finally:
+            self._set_state(final)
+
+    def _back_off(self, failures: int) -> None:
+        if self._stop.is_set():
+            return
+        self._set_state(ReaderState.BACKOFF)
+        self._stop.wait(self.backoff.delay(failures, self._rng))
+
+
+def describe(reader: ReaderABC) -> Mapping[str, Any]:
+    """A reader's name, kind, state and counters as plain values (for status and metrics)."""
+    return {
+        "name": reader.name,
+        "kind": reader.kind,
+        "state": reader.state.value,
+        "counters": reader.counters.snapshot(),
+    }
