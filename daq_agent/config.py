@@ -603,7 +603,7 @@ class _Parser:
 
     def path(self, value: str) -> Path:
         expanded = Path(os.path.expandvars(os.path.expanduser(value)))
-        return expanded if expanded.is_absolute() else (self.base_dir / expanded)
+        return (expanded if expanded.is_absolute() else (self.base_dir / expanded)).resolve()
 
     def existing_file(self, value: object, key: str) -> Path:
         if not isinstance(value, str) or not value:
