@@ -142,5 +142,5 @@ def empty_value() -> IngestWithConfigDataChannelValue:
 
 def is_data_type(value: IngestWithConfigDataChannelValue, data_type: ChannelDataType) -> bool:
     """Whether ``value`` carries ``data_type`` (an empty value fits every type)."""
-    kind = value.WhichOneof("type")
+    kind: str | None = value.WhichOneof("type")
     return kind == "empty" or kind == data_type.value_field

@@ -1,8 +1,9 @@
 """Telemetry configuration: the asset, its flows and their channels.
 
-These mirror the shapes of Sift's Python client (``TelemetryConfig``, ``FlowConfig``, ``ChannelConfig``,
-``ChannelDataType``, ``ChannelEnumType``, ``ChannelBitFieldElement``) so code written against that
-client keeps working after an import change, and they convert to and from the wire protobufs.
+These mirror the shapes of Sift's Python client (``TelemetryConfig``, ``FlowConfig``,
+``ChannelConfig``, ``ChannelDataType``, ``ChannelEnumType``, ``ChannelBitFieldElement``) so code
+written against that client keeps working after an import change, and they convert to and from the
+wire protobufs.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class ChannelDataType(enum.IntEnum):
 
     @classmethod
     def from_str(cls, name: str) -> ChannelDataType | None:
-        """Return the member for ``double``, ``int32``, ``INT_32``, ``CHANNEL_DATA_TYPE_INT_32``…; None if unknown."""
+        """The member named ``double``, ``int32``, ``CHANNEL_DATA_TYPE_INT_32``…, or None."""
         key = name.strip().upper().removeprefix("CHANNEL_DATA_TYPE_")
         return _DATA_TYPE_ALIASES.get(key.replace("_", ""))
 
@@ -183,7 +184,9 @@ class ChannelConfig:
             description=message.description or None,
             unit=message.unit or None,
             enum_types=[ChannelEnumType.from_pb(e) for e in message.enum_types],
-            bit_field_elements=[ChannelBitFieldElement.from_pb(b) for b in message.bit_field_elements],
+            bit_field_elements=[
+                ChannelBitFieldElement.from_pb(b) for b in message.bit_field_elements
+            ],
         )
 
 
@@ -228,7 +231,9 @@ class TelemetryConfig:
             if not flow.name:
                 raise TelemetryConfigError("must not be empty", key=f"flows[{i}].name")
             if flow.name in seen:
-                raise TelemetryConfigError(f"duplicate flow name {flow.name!r}", key=f"flows[{i}].name")
+                raise TelemetryConfigError(
+                    f"duplicate flow name {flow.name!r}", key=f"flows[{i}].name"
+                )
             seen.add(flow.name)
             names: set[str] = set()
             for j, channel in enumerate(flow.channels):
@@ -257,7 +262,9 @@ class TelemetryConfig:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
             problem = getattr(exc, "problem", None) or str(exc)
-            raise TelemetryConfigError(f"invalid YAML: {problem}", source=source, line=line) from exc
+            raise TelemetryConfigError(
+                f"invalid YAML: {problem}", source=source, line=line
+            ) from exc
         try:
             return cls.from_dict(document)
         except TelemetryConfigError as exc:
@@ -270,7 +277,11 @@ class TelemetryConfig:
         Raises:
             TelemetryConfigError: naming the key path of the first problem.
         """
-        top = _mapping(document, "", {"asset_name", "ingestion_client_key", "organization_id", "flows", "channels", "rules"})
+        top = _mapping(
+            document,
+            "",
+            {"asset_name", "ingestion_client_key", "organization_id", "flows", "channels", "rules"},
+        )
         flows_raw = top.get("flows", [])
         if not isinstance(flows_raw, list):
             raise TelemetryConfigError("must be a list", key="flows")
@@ -307,7 +318,9 @@ def _string(raw: Mapping[str, Any], key: str, where: str, *, required: bool = Fa
             raise TelemetryConfigError("is required", key=_join(where, key))
         return None
     if not isinstance(value, str):
-        raise TelemetryConfigError(f"must be a string, not {type(value).__name__}", key=_join(where, key))
+        raise TelemetryConfigError(
+            f"must be a string, not {type(value).__name__}", key=_join(where, key)
+        )
     return value
 
 
@@ -342,14 +355,23 @@ def _channel_from_dict(raw: object, where: str) -> ChannelConfig:
     channel = _mapping(
         raw,
         where,
-        {"name", "data_type", "unit", "description", "enum_types", "bit_field_elements", "component"},
+        {
+            "name",
+            "data_type",
+            "unit",
+            "description",
+            "enum_types",
+            "bit_field_elements",
+            "component",
+        },
     )
     type_name = _string(channel, "data_type", where, required=True) or ""
     data_type = ChannelDataType.from_str(type_name)
     if data_type is None:
         choices = ", ".join(t.as_human_str() for t in ChannelDataType)
         raise TelemetryConfigError(
-            f"unknown data type {type_name!r} (expected one of {choices})", key=_join(where, "data_type")
+            f"unknown data type {type_name!r} (expected one of {choices})",
+            key=_join(where, "data_type"),
         )
     enum_types = []
     for k, raw_enum in enumerate(_list(channel, "enum_types", where)):
@@ -377,7 +399,9 @@ def _channel_from_dict(raw: object, where: str) -> ChannelConfig:
             )
         )
     if data_type is ChannelDataType.ENUM and not enum_types:
-        raise TelemetryConfigError("an enum channel needs enum_types", key=_join(where, "enum_types"))
+        raise TelemetryConfigError(
+            "an enum channel needs enum_types", key=_join(where, "enum_types")
+        )
     if data_type is ChannelDataType.BIT_FIELD and not bit_fields:
         raise TelemetryConfigError(
             "a bit_field channel needs bit_field_elements", key=_join(where, "bit_field_elements")

@@ -1,0 +1,268 @@
+"""Buffered ingestion: requests are collected and sent in batches, one stream per flush.
+
+:class:`BufferedIngestionService` is what :meth:`IngestionService.buffered_ingestion` returns; use
+it in a ``with`` block::
+
+    with service.buffered_ingestion(buffer_size=2_000, flush_interval_sec=1.0) as buffered:
+        for sample in samples:
+            buffered.ingest_flows(sample)
+
+A flush happens when the buffer is full (on the caller's thread), every ``flush_interval_sec``
+seconds (on one long-lived thread, ``daq-buffer-flush``, whose timer restarts after any flush), and
+when the block is left. The buffer lock is never held across a network call: a flush swaps the
+buffer out under the lock and sends outside it; flushes are serialized so requests keep their order.
+
+When a flush fails, its requests go back to the front of the buffer and the error is kept. The
+periodic thread keeps retrying at each interval; the kept error is raised by the next
+:meth:`~BufferedIngestionService.ingest` (or ``ingest_flows``/``try_ingest_flows``), and by
+:meth:`~BufferedIngestionService.flush` or leaving the block if their own send fails too. A flush
+that delivers everything clears it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from daq_agent._proto.sift.ingest.v1.ingest_pb2 import IngestWithConfigDataStreamRequest
+from daq_agent.ingestion.channel import Flow, FlowOrderedChannelValues
+
+if TYPE_CHECKING:
+    from daq_agent.ingestion.service import IngestionService
+
+__all__ = ["DEFAULT_BUFFER_SIZE", "BufferedIngestionService", "OnErrorCallback"]
+
+DEFAULT_BUFFER_SIZE = 1_000
+"""Requests buffered before a flush, when ``buffer_size`` is not given."""
+
+OnErrorCallback = Callable[
+    [BaseException, list[IngestWithConfigDataStreamRequest], Callable[[], None]], None
+]
+"""``on_error(error, unsent_requests, flush)``, called when the ``with`` block raises."""
+
+_THREAD_NAME = "daq-buffer-flush"
+_JOIN_TIMEOUT_SEC = 30.0
+
+_log = logging.getLogger(__name__)
+
+
+class BufferedIngestionService:
+    """Buffers requests for an :class:`IngestionService` and ingests them in batches.
+
+    Attributes:
+        buffer_size: requests buffered before a flush.
+        flush_interval_sec: seconds between periodic flushes, or None for none.
+    """
+
+    def __init__(
+        self,
+        service: IngestionService,
+        buffer_size: int | None = None,
+        flush_interval_sec: float | None = None,
+        on_error: OnErrorCallback | None = None,
+    ) -> None:
+        """Start buffering for ``service`` (and the periodic flush thread, if an interval is set).
+
+        Raises:
+            ValueError: when ``buffer_size`` or ``flush_interval_sec`` is not positive.
+        """
+        size = DEFAULT_BUFFER_SIZE if buffer_size is None else buffer_size
+        if size <= 0:
+            raise ValueError(f"buffer_size must be positive, not {buffer_size}")
+        if flush_interval_sec is not None and not flush_interval_sec > 0:
+            raise ValueError(f"flush_interval_sec must be positive, not {flush_interval_sec}")
+        self.buffer_size = size
+        self.flush_interval_sec = flush_interval_sec
+        self._service = service
+        self._on_error = on_error
+        self._buffer: list[IngestWithConfigDataStreamRequest] = []
+        # _lock guards _buffer, _error, _last_flush and _closing; _cond wakes the flush thread.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # Serializes sends (held across the network call, never by a producer appending).
+        self._send_lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._last_flush = time.monotonic()
+        self._closing = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if flush_interval_sec is not None:
+            self._thread = threading.Thread(
+                target=self._run_periodic, name=_THREAD_NAME, daemon=True
+            )
+            self._thread.start()
+
+    # -- producer side --------------------------------------------------------------------------
+
+    def ingest(self, *requests: IngestWithConfigDataStreamRequest) -> None:
+        """Buffer ``requests``; flush when the buffer is full.
+
+        Raises:
+            RpcStatusError: the error of an earlier failed flush (raised once; its requests stay
+                buffered and are retried), or of this call's flush.
+            TransportError: likewise, when the API could not be reached.
+            RuntimeError: when the service is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("buffered ingestion is closed")
+            self._raise_kept_error()
+            self._buffer.extend(requests)
+            full = len(self._buffer) >= self.buffer_size
+        if full:
+            self._flush()
+
+    def ingest_flows(self, *flows: FlowOrderedChannelValues) -> None:
+        """Build requests unvalidated (as :meth:`IngestionService.ingest_flows`) and buffer them.
+
+        Raises:
+            IngestionValidationError: when a timestamp is out of range.
+            RpcStatusError: see :meth:`ingest`.
+            TransportError: see :meth:`ingest`.
+        """
+        self.ingest(*self._service._requests_from_ordered(flows))
+
+    def try_ingest_flows(self, *flows: Flow) -> None:
+        """Validate and build requests (as :meth:`IngestionService.try_ingest_flows`), buffer them.
+
+        Raises:
+            IngestionValidationError: when a flow does not match its config; nothing is buffered.
+            RpcStatusError: see :meth:`ingest`.
+            TransportError: see :meth:`ingest`.
+        """
+        self.ingest(*self._service._requests_from_flows(flows))
+
+    def flush(self) -> None:
+        """Send everything buffered now, on one stream.
+
+        Raises:
+            RpcStatusError: when the send fails; the requests stay buffered.
+            TransportError: when the API cannot be reached; the requests stay buffered.
+        """
+        self._flush()
+
+    @property
+    def buffered(self) -> int:
+        """How many requests wait in the buffer."""
+        with self._lock:
+            return len(self._buffer)
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The error of the last failed flush, until a flush delivers everything or it is raised."""
+        with self._lock:
+            return self._error
+
+    # -- flushing -------------------------------------------------------------------------------
+
+    def _raise_kept_error(self) -> None:
+        # Called with _lock held.
+        error = self._error
+        if error is not None:
+            self._error = None
+            raise error
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._lock:
+                batch, self._buffer = self._buffer, []
+                self._last_flush = time.monotonic()
+                self._cond.notify_all()
+            if not batch:
+                return
+            try:
+                self._service.ingest(*batch)
+            except Exception as exc:
+                with self._lock:
+                    self._buffer[:0] = batch
+                    self._error = exc
+                raise
+            with self._lock:
+                # The requests of a failed flush were at the front of this batch: delivered now.
+                self._error = None
+
+    def _run_periodic(self) -> None:
+        interval = self.flush_interval_sec
+        assert interval is not None
+        while True:
+            with self._lock:
+                while not self._closing:
+                    remaining = self._last_flush + interval - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._closing:
+                    return
+            try:
+                self._flush()
+            except Exception as exc:
+                # Kept by _flush for the producer; the requests wait for the next interval.
+                _log.warning("periodic flush failed, retrying in %.3g s: %s", interval, exc)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def _stop_thread(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_JOIN_TIMEOUT_SEC)
+            if thread.is_alive():
+                _log.error("%s did not stop within %s s", thread.name, _JOIN_TIMEOUT_SEC)
+
+    def close(self) -> None:
+        """Stop the periodic flushes and flush what is left; calling it again does nothing.
+
+        Raises:
+            RpcStatusError: when the final flush fails; the requests stay in :attr:`buffered`.
+            TransportError: when the API cannot be reached.
+        """
+        if self._closed:
+            return
+        self._stop_thread()
+        try:
+            self._flush()
+        finally:
+            with self._lock:
+                self._closed = True
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            _log.warning("BufferedIngestionService was not properly closed")
+            with self._lock:
+                self._closing = True
+                self._cond.notify_all()
+
+    def __enter__(self) -> BufferedIngestionService:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool | None:
+        if exc_val is None:
+            self.close()
+            return None
+        self._stop_thread()
+        try:
+            if self._on_error is not None:
+                with self._lock:
+                    unsent = list(self._buffer)
+                self._on_error(exc_val, unsent, self._flush)
+            else:
+                try:
+                    self._flush()
+                except Exception as flush_error:
+                    _log.warning("last flush after an error failed: %s", flush_error)
+                    exc_val.add_note(f"the last flush of buffered requests failed: {flush_error}")
+        finally:
+            with self._lock:
+                self._closed = True
+        return None

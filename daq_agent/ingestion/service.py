@@ -1,0 +1,672 @@
+"""The ingestion service: registers a telemetry config with the API and streams data against it.
+
+:class:`IngestionService` has the names and behaviour of Sift's Python client
+(``sift_py.ingestion.service.IngestionService``)::
+
+    with use_sift_channel({"uri": "127.0.0.1:50051", "apikey": "", "use_ssl": False}) as channel:
+        service = IngestionService(channel, TelemetryConfig.try_from_yaml("telemetry.yml"))
+        service.attach_run(channel, "bench-42")
+        service.try_ingest_flows({
+            "flow_name": "readings",
+            "timestamp": time.time_ns(),
+            "channel_values": [{"channel_name": "voltage", "value": double_value(3.3)}],
+        })
+
+On construction the ingestion config is fetched by its client key, or created. A config whose
+``CreateIngestionConfig`` request would not fit one gRPC message (4 MiB) is created without flows,
+and each flow is registered the first time it is ingested (*lazy flow creation*).
+
+Every data stream goes through one private method, :meth:`IngestionService._stream`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from daq_agent import methods
+from daq_agent._proto.sift.ingest.v1 import ingest_pb2
+from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
+from daq_agent._proto.sift.metadata.v1 import metadata_pb2
+from daq_agent._proto.sift.runs.v2 import runs_pb2
+from daq_agent.errors import IngestionValidationError, RpcStatusError
+from daq_agent.ingestion.channel import (
+    ChannelValue,
+    Flow,
+    FlowOrderedChannelValues,
+    empty_value,
+    is_data_type,
+)
+from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
+from daq_agent.ingestion.transport import SiftChannel, map_rpc_errors
+
+if TYPE_CHECKING:
+    from daq_agent.ingestion.buffer import BufferedIngestionService, OnErrorCallback
+
+__all__ = ["MAX_MESSAGE_BYTES", "IngestionService"]
+
+IngestWithConfigDataStreamRequest = ingest_pb2.IngestWithConfigDataStreamRequest
+IngestWithConfigDataChannelValue = ingest_pb2.IngestWithConfigDataChannelValue
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""The gRPC default (and real API) limit on one message, which the service keeps under."""
+
+_UNARY_TIMEOUT_SEC = 120.0
+_PAGE_SIZE = 1000
+# Room left in a CreateIngestionConfigFlows batch for the config id and the per-flow framing.
+_BATCH_HEADROOM = 1024
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NS_PER_SEC = 1_000_000_000
+_MIN_TIMESTAMP_SEC = -62_135_596_800  # 0001-01-01T00:00:00Z, the protobuf Timestamp range
+_MAX_TIMESTAMP_SEC = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+_log = logging.getLogger(__name__)
+
+_M = TypeVar("_M", bound=Message)
+
+
+class IngestionService:
+    """A fully configured service, ready to ingest data once constructed.
+
+    Attributes:
+        transport_channel: the gRPC channel to the ingestion API (prefer a :class:`SiftChannel`).
+        ingestion_config: the wire ``IngestionConfig`` the data is ingested against.
+        asset_name: the asset telemetered.
+        flow_configs_by_name: the flows known to this service, by name.
+        run_id: the run data is associated with, if any (see :meth:`attach_run`).
+        organization_id: the organization of the user, if given by the telemetry config.
+        end_stream_on_error: when true, a request the API finds invalid ends the stream with an
+            error instead of being recorded asynchronously on the API side.
+        lazy_flow_creation: when true, each flow is registered with the API the first time it is
+            ingested, instead of all of them with the config (set automatically when the config
+            does not fit one message, or forced by ``force_lazy_flow_creation``).
+    """
+
+    transport_channel: grpc.Channel
+    ingestion_config: ic_pb2.IngestionConfig
+    asset_name: str
+    flow_configs_by_name: dict[str, FlowConfig]
+    run_id: str | None
+    organization_id: str | None
+    end_stream_on_error: bool
+    lazy_flow_creation: bool
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        config: TelemetryConfig,
+        run_id: str | None = None,
+        end_stream_on_error: bool = False,
+        force_lazy_flow_creation: bool = False,
+    ) -> None:
+        """Fetch the ingestion config by its client key, or create it, and register its flows.
+
+        Args:
+            channel: the channel to the API (see :func:`use_sift_channel`).
+            config: the asset, its client key and flows. Without a client key, one is generated
+                (and a new ingestion config created).
+            run_id: a run to associate data with.
+            end_stream_on_error: see the class attributes.
+            force_lazy_flow_creation: register flows when first ingested, whatever the size.
+
+        Raises:
+            RpcStatusError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        self.transport_channel = channel
+        self.asset_name = config.asset_name
+        self.organization_id = config.organization_id
+        self.run_id = run_id
+        self.end_stream_on_error = end_stream_on_error
+        self.flow_configs_by_name = {flow.name: flow for flow in config.flows}
+        self.lazy_flow_creation = force_lazy_flow_creation
+        # Guards flow_configs_by_name and _registered; held across flow-registration calls so two
+        # threads never register the same flow twice.
+        self._flows_lock = threading.Lock()
+        self._registered: set[str] = set()
+        self._ingest_call = channel.stream_unary(
+            methods.INGEST_WITH_CONFIG_DATA_STREAM,
+            request_serializer=IngestWithConfigDataStreamRequest.SerializeToString,
+            response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
+        )
+        client_key = config.ingestion_client_key or str(uuid.uuid4())
+        existing = self._find_ingestion_config(client_key)
+        if existing is not None:
+            self.ingestion_config = existing
+            self._registered = self._list_flow_names()
+            missing = [f for f in config.flows if f.name not in self._registered]
+            if missing and not self.lazy_flow_creation:
+                self._register_flows(missing)
+        else:
+            self.ingestion_config = self._create_ingestion_config(config, client_key)
+
+    # -- ingestion config and flows -------------------------------------------------------------
+
+    def _find_ingestion_config(self, client_key: str) -> ic_pb2.IngestionConfig | None:
+        request = ic_pb2.ListIngestionConfigsRequest(
+            page_size=1, filter=f"client_key=={_cel_string(client_key)}"
+        )
+        response = self._unary(
+            methods.LIST_INGESTION_CONFIGS, request, ic_pb2.ListIngestionConfigsResponse
+        )
+        for found in response.ingestion_configs:
+            if found.client_key == client_key:
+                return found
+        return None
+
+    def _create_ingestion_config(
+        self, config: TelemetryConfig, client_key: str
+    ) -> ic_pb2.IngestionConfig:
+        request = ic_pb2.CreateIngestionConfigRequest(
+            asset_name=config.asset_name,
+            organization_id=config.organization_id or "",
+            client_key=client_key,
+        )
+        if not self.lazy_flow_creation:
+            request.flows.extend(flow.as_pb() for flow in config.flows)
+            size = request.ByteSize()
+            if size > MAX_MESSAGE_BYTES:
+                _log.info(
+                    "ingestion config of %d flows is %d bytes (> %d): lazy flow creation",
+                    len(config.flows),
+                    size,
+                    MAX_MESSAGE_BYTES,
+                )
+                self.lazy_flow_creation = True
+                del request.flows[:]
+        response = self._unary(
+            methods.CREATE_INGESTION_CONFIG, request, ic_pb2.CreateIngestionConfigResponse
+        )
+        if not self.lazy_flow_creation:
+            self._registered = {flow.name for flow in config.flows}
+        return response.ingestion_config
+
+    def _list_flow_names(self) -> set[str]:
+        names: set[str] = set()
+        token = ""
+        while True:
+            request = ic_pb2.ListIngestionConfigFlowsRequest(
+                ingestion_config_id=self.ingestion_config.ingestion_config_id,
+                page_size=_PAGE_SIZE,
+                page_token=token,
+            )
+            response = self._unary(
+                methods.LIST_INGESTION_CONFIG_FLOWS,
+                request,
+                ic_pb2.ListIngestionConfigFlowsResponse,
+            )
+            names.update(flow.name for flow in response.flows)
+            token = response.next_page_token
+            if not token:
+                return names
+
+    def _register_flows(self, flows: Sequence[FlowConfig]) -> None:
+        """Create ``flows`` in the ingestion config, in batches that fit one message.
+
+        A batch the API refuses as a whole (one of its flows exists, or it is too large) is
+        retried one flow at a time; ``ALREADY_EXISTS`` for a single flow counts as done.
+        """
+        config_id = self.ingestion_config.ingestion_config_id
+        budget = MAX_MESSAGE_BYTES - _BATCH_HEADROOM - len(config_id.encode())
+        batch: list[ic_pb2.FlowConfig] = []
+        batch_bytes = 0
+        for flow in flows:
+            message = flow.as_pb()
+            size = message.ByteSize() + 8  # tag and length prefix of the repeated field
+            if batch and batch_bytes + size > budget:
+                self._send_flow_batch(batch)
+                batch, batch_bytes = [], 0
+            batch.append(message)
+            batch_bytes += size
+        if batch:
+            self._send_flow_batch(batch)
+        self._registered.update(flow.name for flow in flows)
+
+    def _send_flow_batch(self, batch: Sequence[ic_pb2.FlowConfig]) -> None:
+        try:
+            self._create_flows_call(batch)
+        except RpcStatusError as exc:
+            if exc.code is grpc.StatusCode.ALREADY_EXISTS and len(batch) == 1:
+                return
+            if len(batch) == 1 or exc.code not in (
+                grpc.StatusCode.ALREADY_EXISTS,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ):
+                raise
+            _log.debug("flow batch refused (%s): one flow at a time", exc.code)
+            for flow in batch:
+                self._send_flow_batch([flow])
+
+    def _create_flows_call(self, batch: Sequence[ic_pb2.FlowConfig]) -> None:
+        request = ic_pb2.CreateIngestionConfigFlowsRequest(
+            ingestion_config_id=self.ingestion_config.ingestion_config_id, flows=batch
+        )
+        self._unary(
+            methods.CREATE_INGESTION_CONFIG_FLOWS,
+            request,
+            ic_pb2.CreateIngestionConfigFlowsResponse,
+        )
+
+    def try_create_flow(self, *flow_config: FlowConfig) -> None:
+        """Create new flows at runtime, refusing a name that already exists.
+
+        Raises:
+            IngestionValidationError: when a flow of that name exists (or is given twice), or a
+                flow has two channels of the same name; nothing is created then.
+            RpcStatusError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        with self._flows_lock:
+            seen: set[str] = set()
+            for flow in flow_config:
+                if flow.name in self.flow_configs_by_name or flow.name in seen:
+                    raise IngestionValidationError(f"flow {flow.name!r} already exists")
+                _check_flow(flow)
+                seen.add(flow.name)
+            self._add_flows(flow_config)
+
+    def try_create_flows(self, *flow_configs: FlowConfig) -> None:
+        """See :meth:`try_create_flow`.
+
+        Raises:
+            IngestionValidationError: when a flow of that name exists.
+            RpcStatusError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        self.try_create_flow(*flow_configs)
+
+    def create_flow(self, *flow_config: FlowConfig) -> None:
+        """Like :meth:`try_create_flow`, but a flow whose name exists is skipped without error.
+
+        Raises:
+            IngestionValidationError: when a flow has two channels of the same name.
+            RpcStatusError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        with self._flows_lock:
+            new: dict[str, FlowConfig] = {}
+            for flow in flow_config:
+                if flow.name not in self.flow_configs_by_name and flow.name not in new:
+                    _check_flow(flow)
+                    new[flow.name] = flow
+            self._add_flows(list(new.values()))
+
+    def create_flows(self, *flow_configs: FlowConfig) -> None:
+        """See :meth:`create_flow`.
+
+        Raises:
+            IngestionValidationError: when a flow has two channels of the same name.
+            RpcStatusError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        self.create_flow(*flow_configs)
+
+    def _add_flows(self, flows: Sequence[FlowConfig]) -> None:
+        # Called with _flows_lock held. Flows created explicitly are registered now, lazy or not.
+        if not flows:
+            return
+        self._register_flows(flows)
+        for flow in flows:
+            self.flow_configs_by_name[flow.name] = flow
+
+    def _register_lazily(self, requests: Iterable[IngestWithConfigDataStreamRequest]) -> None:
+        pending: dict[str, FlowConfig] = {}
+        for request in requests:
+            name = request.flow
+            if name not in self._registered and name not in pending:
+                flow = self.flow_configs_by_name.get(name)
+                if flow is not None:  # an unknown flow is left for the API to report
+                    pending[name] = flow
+        if not pending:
+            return
+        with self._flows_lock:
+            todo = [flow for name, flow in pending.items() if name not in self._registered]
+            if todo:
+                self._register_flows(todo)
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def attach_run(
+        self,
+        channel: grpc.Channel,
+        run_name: str,
+        description: str | None = None,
+        organization_id: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, str | float | bool] | None = None,
+        force_new: bool = False,
+    ) -> None:
+        """Use the run named ``run_name`` for the data ingested from now on, creating it if needed.
+
+        Args:
+            channel: the channel to the API's run service.
+            run_name: the run's name; an existing run of that name is reused unless ``force_new``.
+            description: the new run's description.
+            organization_id: the new run's organization.
+            tags: the new run's tags.
+            metadata: the new run's metadata: string, number or boolean values by key.
+            force_new: create a new run even if one of that name exists.
+
+        Raises:
+            IngestionValidationError: when a metadata value is not a string, number or boolean.
+            RpcStatusError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        values = _metadata_values(metadata or {})
+        if not force_new:
+            listed = self._unary(
+                methods.LIST_RUNS,
+                runs_pb2.ListRunsRequest(page_size=1, filter=f"name=={_cel_string(run_name)}"),
+                runs_pb2.ListRunsResponse,
+                channel=channel,
+            )
+            for run in listed.runs:
+                if run.name == run_name:
+                    self.run_id = run.run_id
+                    return
+        created = self._unary(
+            methods.CREATE_RUN,
+            runs_pb2.CreateRunRequest(
+                name=run_name,
+                description=description or "",
+                tags=tags or [],
+                organization_id=organization_id or self.organization_id or "",
+                metadata=values,
+            ),
+            runs_pb2.CreateRunResponse,
+            channel=channel,
+        )
+        self.run_id = created.run.run_id
+
+    def detach_run(self) -> None:
+        """Stop associating the data ingested from now on with the attached run."""
+        self.run_id = None
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def create_ingestion_request(
+        self,
+        flow_name: str,
+        timestamp: datetime | int,
+        channel_values: Sequence[IngestWithConfigDataChannelValue],
+    ) -> IngestWithConfigDataStreamRequest:
+        """Build a request without validating it (see :meth:`try_create_ingestion_request`).
+
+        The values must be in the order of the flow's channels, one per channel
+        (:func:`empty_value` for none); ``timestamp`` is integer nanoseconds since the Unix epoch
+        or a UTC :class:`datetime` (a naive one is taken as UTC). The API reports a request that
+        does not match its flow (asynchronously, or by ending the stream with
+        ``end_stream_on_error``).
+
+        Raises:
+            IngestionValidationError: only when ``timestamp`` is out of the protobuf range.
+        """
+        return IngestWithConfigDataStreamRequest(
+            ingestion_config_id=self.ingestion_config.ingestion_config_id,
+            flow=flow_name,
+            timestamp=_timestamp(timestamp),
+            channel_values=channel_values,
+            run_id=self.run_id or "",
+            end_stream_on_validation_error=self.end_stream_on_error,
+            organization_id=self.organization_id or "",
+        )
+
+    def try_create_ingestion_request(
+        self,
+        flow_name: str,
+        timestamp: datetime | int,
+        channel_values: Sequence[ChannelValue] | Sequence[IngestWithConfigDataChannelValue],
+    ) -> IngestWithConfigDataStreamRequest:
+        """Build a request for ``flow_name`` after checking it against the flow's config.
+
+        ``channel_values`` is either a list of :class:`ChannelValue` dicts (channels by name; the
+        flow's channels not named are sent empty) or a list of values in the flow's channel order.
+
+        Raises:
+            IngestionValidationError: when the flow is unknown, a channel is unknown or given
+                twice, a value has the wrong type, a positional list has the wrong length, or the
+                timestamp is not UTC (a naive or non-UTC datetime) or out of range.
+        """
+        flow = self.flow_configs_by_name.get(flow_name)
+        if flow is None:
+            raise IngestionValidationError(f"unknown flow {flow_name!r}")
+        _check_timestamp(timestamp)
+        channels = flow.channels
+        values: list[IngestWithConfigDataChannelValue]
+        if all(isinstance(v, IngestWithConfigDataChannelValue) for v in channel_values):
+            values = list(channel_values)  # type: ignore[arg-type]
+            if len(values) != len(channels):
+                raise IngestionValidationError(
+                    f"flow {flow_name!r} has {len(channels)} channels, "
+                    f"got {len(values)} positional values"
+                )
+        else:
+            index = {channel.fqn(): i for i, channel in enumerate(channels)}
+            slots: list[IngestWithConfigDataChannelValue | None] = [None] * len(channels)
+            for item in channel_values:
+                if not isinstance(item, dict):
+                    raise IngestionValidationError(
+                        "channel_values must be all ChannelValue dicts or all channel values"
+                    )
+                name = _channel_name(item)
+                i = index.get(name)
+                if i is None:
+                    raise IngestionValidationError(
+                        f"unknown channel {name!r} for flow {flow_name!r}"
+                    )
+                if slots[i] is not None:
+                    raise IngestionValidationError(
+                        f"channel {name!r} given twice for flow {flow_name!r}"
+                    )
+                value = item.get("value")
+                if not isinstance(value, IngestWithConfigDataChannelValue):
+                    raise IngestionValidationError(
+                        f"value of channel {name!r} must be a channel value "
+                        "(double_value(), int32_value()…)"
+                    )
+                slots[i] = value
+            values = [empty_value() if v is None else v for v in slots]
+        for channel, value in zip(channels, values, strict=True):
+            if not is_data_type(value, channel.data_type):
+                raise IngestionValidationError(
+                    f"channel {channel.name!r} of flow {flow_name!r} expects "
+                    f"{channel.data_type.as_human_str()}, got {value.WhichOneof('type')}"
+                )
+        return self.create_ingestion_request(flow_name, timestamp, values)
+
+    # -- ingestion ------------------------------------------------------------------------------
+
+    def ingest(self, *requests: IngestWithConfigDataStreamRequest) -> None:
+        """Send ``requests`` on one stream and return when the API has accepted them.
+
+        With lazy flow creation, flows not yet registered are registered first.
+
+        Raises:
+            RpcStatusError: when the API ends the stream with an error (``INVALID_ARGUMENT`` for a
+                request that does not match its flow when ``end_stream_on_error`` is set).
+            TransportError: when the API cannot be reached.
+        """
+        if not requests:
+            return
+        if self.lazy_flow_creation:
+            self._register_lazily(requests)
+        self._stream(requests)
+
+    def ingest_flows(self, *flows: FlowOrderedChannelValues) -> None:
+        """Build requests with :meth:`create_ingestion_request` (no validation) and ingest them.
+
+        Raises:
+            IngestionValidationError: when a timestamp is out of range.
+            RpcStatusError: when the API ends the stream with an error.
+            TransportError: when the API cannot be reached.
+        """
+        self.ingest(*self._requests_from_ordered(flows))
+
+    def try_ingest_flows(self, *flows: Flow) -> None:
+        """Build requests with :meth:`try_create_ingestion_request` and ingest them.
+
+        Nothing is sent when one of them is invalid.
+
+        Raises:
+            IngestionValidationError: when a flow does not match its config.
+            RpcStatusError: when the API ends the stream with an error.
+            TransportError: when the API cannot be reached.
+        """
+        self.ingest(*self._requests_from_flows(flows))
+
+    def buffered_ingestion(
+        self,
+        buffer_size: int | None = None,
+        flush_interval_sec: float | None = None,
+        on_error: OnErrorCallback | None = None,
+    ) -> BufferedIngestionService:
+        """Buffer requests and ingest them in batches; use the result in a ``with`` block.
+
+        The buffer is flushed when it holds ``buffer_size`` requests (default
+        :data:`~daq_agent.ingestion.buffer.DEFAULT_BUFFER_SIZE`), every ``flush_interval_sec``
+        seconds if given (the interval restarts after a flush), and on leaving the block. When
+        the block raises, ``on_error(error, unsent_requests, flush)`` is called if given, else
+        one last flush is tried; the error is then re-raised.
+
+        Raises:
+            ValueError: when ``buffer_size`` or ``flush_interval_sec`` is not positive.
+        """
+        from daq_agent.ingestion.buffer import BufferedIngestionService
+
+        return BufferedIngestionService(self, buffer_size, flush_interval_sec, on_error)
+
+    def _requests_from_ordered(
+        self, flows: Iterable[FlowOrderedChannelValues]
+    ) -> list[IngestWithConfigDataStreamRequest]:
+        return [
+            self.create_ingestion_request(f["flow_name"], f["timestamp"], f["channel_values"])
+            for f in flows
+        ]
+
+    def _requests_from_flows(
+        self, flows: Iterable[Flow]
+    ) -> list[IngestWithConfigDataStreamRequest]:
+        return [
+            self.try_create_ingestion_request(f["flow_name"], f["timestamp"], f["channel_values"])
+            for f in flows
+        ]
+
+    def _stream(self, requests: Sequence[IngestWithConfigDataStreamRequest]) -> None:
+        """Send ``requests`` on one client stream; return when the API answered OK.
+
+        The only path data takes to the API.
+
+        Raises:
+            RpcStatusError: when the stream ends with a status other than OK.
+            TransportError: when the API cannot be reached.
+        """
+        with self._errors(methods.INGEST_WITH_CONFIG_DATA_STREAM):
+            self._ingest_call(iter(requests))
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _errors(self, method: str) -> Any:
+        channel = self.transport_channel
+        if isinstance(channel, SiftChannel):
+            return channel.map_errors(method)
+        return map_rpc_errors(method)
+
+    def _unary(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[_M],
+        *,
+        channel: grpc.Channel | None = None,
+    ) -> _M:
+        call = (channel or self.transport_channel).unary_unary(
+            method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        with self._errors(method):
+            response: _M = call(request, timeout=_UNARY_TIMEOUT_SEC)
+        return response
+
+
+def _cel_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _channel_name(item: ChannelValue) -> str:
+    name = item.get("channel_name")
+    if not isinstance(name, str):
+        raise IngestionValidationError("a ChannelValue needs a channel_name string")
+    component = item.get("component")
+    return f"{component}.{name}" if component else name
+
+
+def _check_flow(flow: FlowConfig) -> None:
+    if not flow.name:
+        raise IngestionValidationError("a flow needs a name")
+    names: set[str] = set()
+    for channel in flow.channels:
+        if channel.name in names:
+            raise IngestionValidationError(
+                f"flow {flow.name!r} has two channels named {channel.name!r}"
+            )
+        names.add(channel.name)
+
+
+def _check_timestamp(timestamp: object) -> None:
+    if isinstance(timestamp, datetime):
+        offset = timestamp.utcoffset()
+        if offset is None:
+            raise IngestionValidationError(
+                f"timestamp {timestamp.isoformat()} has no time zone: use a UTC datetime"
+            )
+        if offset != timedelta(0):
+            raise IngestionValidationError(f"timestamp {timestamp.isoformat()} is not UTC")
+    elif isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        raise IngestionValidationError(
+            "timestamp must be a UTC datetime or integer nanoseconds since the Unix epoch, "
+            f"not {type(timestamp).__name__}"
+        )
+
+
+def _timestamp(timestamp: datetime | int) -> Timestamp:
+    if isinstance(timestamp, datetime):
+        if timestamp.tzinfo is None:
+            timestamp = timestamp.replace(tzinfo=UTC)
+        delta = timestamp - _EPOCH
+        seconds = delta.days * 86_400 + delta.seconds
+        nanos = delta.microseconds * 1_000
+    else:
+        seconds, nanos = divmod(int(timestamp), _NS_PER_SEC)
+    if not _MIN_TIMESTAMP_SEC <= seconds <= _MAX_TIMESTAMP_SEC:
+        raise IngestionValidationError(f"timestamp {timestamp!r} is out of range")
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+def _metadata_values(metadata: dict[str, str | float | bool]) -> list[metadata_pb2.MetadataValue]:
+    values = []
+    for name, value in metadata.items():
+        if isinstance(value, bool):
+            key = metadata_pb2.MetadataKey(name=name, type=metadata_pb2.METADATA_KEY_TYPE_BOOLEAN)
+            values.append(metadata_pb2.MetadataValue(key=key, boolean_value=value))
+        elif isinstance(value, int | float):
+            key = metadata_pb2.MetadataKey(name=name, type=metadata_pb2.METADATA_KEY_TYPE_NUMBER)
+            values.append(metadata_pb2.MetadataValue(key=key, number_value=float(value)))
+        elif isinstance(value, str):
+            key = metadata_pb2.MetadataKey(name=name, type=metadata_pb2.METADATA_KEY_TYPE_STRING)
+            values.append(metadata_pb2.MetadataValue(key=key, string_value=value))
+        else:
+            raise IngestionValidationError(
+                f"metadata {name!r}: a value must be a string, number or boolean, "
+                f"not {type(value).__name__}"
+            )
+    return values
