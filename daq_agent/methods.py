@@ -1,4 +1,7 @@
-"""gRPC method paths of the Sift API subset, shared by the client and the local server (``/<package>.<Service>/<Method>``)."""
+"""gRPC method paths (``/<package>.<Service>/<Method>``) of the Sift API subset.
+
+Shared by the client and the local server.
+"""
 
 from __future__ import annotations
 

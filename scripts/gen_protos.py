@@ -29,13 +29,20 @@ _IMPORT = re.compile(r"^(from|import) sift\.", re.MULTILINE)
 
 def generate(out: Path) -> None:
     """Write the generated modules for every ``.proto`` under ``protos/`` into ``out``."""
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
-
-    import grpc_tools
+    import grpc_tools  # dev dependencies: only needed to regenerate
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    args = ["protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}"]
+    plugin = Path(sys.executable).parent / "protoc-gen-mypy"  # from mypy-protobuf: strict stubs
+    args = [
+        "protoc",
+        f"-I{PROTOS}",
+        f"-I{include}",
+        f"--plugin=protoc-gen-mypy={plugin}",
+        f"--python_out={out}",
+        f"--mypy_out={out}",
+    ]
     if protoc.main([*args, *sources]) != 0:
         raise SystemExit("protoc failed")
     for path in sorted(out.rglob("*.py*")):
@@ -48,7 +55,11 @@ def generate(out: Path) -> None:
 def _differences(left: Path, right: Path) -> list[str]:
     found: list[str] = []
     names = {p.relative_to(left) for p in left.rglob("*") if p.is_file()}
-    names |= {p.relative_to(right) for p in right.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    names |= {
+        p.relative_to(right)
+        for p in right.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     for name in sorted(names):
         a, b = left / name, right / name
         if not (a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)):
