@@ -1,0 +1,296 @@
+"""The agent's metrics: one consistent snapshot of every counter, and the one-line live status.
+
+Every frame a reader receives lands in exactly one bucket, and every sample in exactly one::
+
+    received  = decoded + unknown + errors                       (per source; errors: every
+                                                                  other reason a frame is not a
+                                                                  sample: error/remote frames,
+                                                                  wrong length, decode failure)
+    decoded   = ring.put_count                                   (each decoded frame is offered)
+    put_count = ring.got + ring.dropped + ring.depth
+    got       = delivered + pending + rejected + abandoned       (flusher)
+
+:class:`AgentStatus` holds those numbers; :meth:`AgentStatus.line` renders the live status and
+:meth:`AgentStatus.summary` the final report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AgentStatus", "FlusherStats", "RingStats", "SourceStats", "format_count"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStats:
+    """The counters of one source (a bus, a recorded log, a serial device).
+
+    Attributes:
+        name: the source's name.
+        kind: ``can``, ``replay``, ``serial``.
+        state: the reader's state (``running``, ``backoff``, ``ended``…).
+        received: frames read from the source.
+        decoded: frames decoded into samples.
+        unknown: frames whose id/type no database knows.
+        errors: every other frame that did not become a sample.
+        reopens: times the source was reopened after a failure.
+        last_error: the most recent source failure, "" if none.
+        counters: every raw counter of the reader.
+    """
+
+    name: str
+    kind: str
+    state: str
+    received: int
+    decoded: int
+    unknown: int
+    errors: int
+    reopens: int = 0
+    last_error: str = ""
+    counters: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def balanced(self) -> bool:
+        """True when received = decoded + unknown + errors."""
+        return self.received == self.decoded + self.unknown + self.errors
+
+
+@dataclass(frozen=True, slots=True)
+class RingStats:
+    """The ring buffer's counters (see :mod:`daq_agent.pipeline.ring_buffer`)."""
+
+    capacity: int
+    depth: int
+    high_water: int
+    put_count: int
+    got: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlusherStats:
+    """The flusher's counters.
+
+    Attributes:
+        taken: samples taken from the ring.
+        delivered: samples in streams the server acknowledged (committed).
+        pending: samples sent or being sent, not yet acknowledged.
+        rejected: samples that could not be encoded (unknown flow, wrong values).
+        abandoned: samples given up at shutdown because the server never acknowledged them.
+        batches: batches sent.
+        checkpoints: streams acknowledged.
+        failures: stream failures (each followed by a retry of the window).
+        retries: windows re-sent.
+        lazy_flows: flows registered on first sight (lazy flow creation).
+        last_error: the most recent transport failure, "" if none.
+        latency_p50_ms: median latency from a sample's timestamp to its acknowledgement, ms.
+        latency_p99_ms: 99th percentile of that latency, ms.
+    """
+
+    taken: int = 0
+    delivered: int = 0
+    pending: int = 0
+    rejected: int = 0
+    abandoned: int = 0
+    batches: int = 0
+    checkpoints: int = 0
+    failures: int = 0
+    retries: int = 0
+    lazy_flows: int = 0
+    last_error: str = ""
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+
+    @property
+    def balanced(self) -> bool:
+        """True when every taken sample is delivered, pending, rejected or abandoned."""
+        return self.taken == self.delivered + self.pending + self.rejected + self.abandoned
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    """A snapshot of the whole agent.
+
+    Attributes:
+        time_s: ``time.monotonic()`` when taken.
+        uptime_s: seconds since the agent started.
+        sources: per-source counters.
+        ring: the ring buffer.
+        flusher: the flusher.
+        run_name: the run the data goes to, "" if none.
+        target: where the data goes (``local:/path/to.sqlite``, ``sift:host:port``).
+    """
+
+    time_s: float
+    uptime_s: float
+    sources: tuple[SourceStats, ...]
+    ring: RingStats
+    flusher: FlusherStats
+    run_name: str = ""
+    target: str = ""
+
+    @property
+    def received(self) -> int:
+        """Frames received over every source."""
+        return sum(s.received for s in self.sources)
+
+    @property
+    def decoded(self) -> int:
+        """Frames decoded over every source."""
+        return sum(s.decoded for s in self.sources)
+
+    @property
+    def unknown(self) -> int:
+        """Frames with an unknown id over every source."""
+        return sum(s.unknown for s in self.sources)
+
+    @property
+    def errors(self) -> int:
+        """Frames not decoded for any other reason, over every source."""
+        return sum(s.errors for s in self.sources)
+
+    @property
+    def queued(self) -> int:
+        """Samples waiting: in the ring plus sent but not acknowledged."""
+        return self.ring.depth + self.flusher.pending
+
+    @property
+    def balanced(self) -> bool:
+        """True when every frame and every sample is in exactly one bucket."""
+        ring = self.ring
+        return (
+            all(s.balanced for s in self.sources)
+            and ring.put_count == ring.got + ring.dropped + ring.depth
+            and self.flusher.taken == ring.got
+            and self.flusher.balanced
+        )
+
+    def line(self, previous: AgentStatus | None = None) -> str:
+        """The one-line live status; rates are computed against ``previous`` when given."""
+        if previous is not None and self.time_s > previous.time_s:
+            rate = (self.received - previous.received) / (self.time_s - previous.time_s)
+        else:
+            rate = self.received / self.uptime_s if self.uptime_s > 0 else 0.0
+        parts = [
+            f"{_fmt_duration(self.uptime_s)}",
+            f"in {format_count(rate)}/s",
+            f"rx {format_count(self.received)}",
+            f"dec {format_count(self.decoded)}",
+            f"unk {format_count(self.unknown)}",
+        ]
+        if self.errors:
+            parts.append(f"err {format_count(self.errors)}")
+        parts.append(f"queued {format_count(self.queued)}")
+        if self.ring.dropped:
+            parts.append(f"dropped {format_count(self.ring.dropped)}")
+        parts.append(f"delivered {format_count(self.flusher.delivered)}")
+        if self.flusher.failures:
+            parts.append(f"retries {self.flusher.retries}")
+        down = [s.name for s in self.sources if s.state in ("backoff", "opening", "failed")]
+        if down:
+            parts.append("down: " + ",".join(down))
+        return "  ".join(parts)
+
+    def summary(self) -> list[str]:
+        """The final report, one line per fact."""
+        f = self.flusher
+        lines = [
+            f"run: {self.run_name or '(none)'}   target: {self.target}",
+            (
+                f"frames received {self.received}, decoded {self.decoded}, "
+                f"unknown {self.unknown}, errors {self.errors}"
+            ),
+        ]
+        for s in self.sources:
+            lines.append(
+                f"  {s.kind} {s.name} [{s.state}]: received {s.received}, decoded {s.decoded}, "
+                f"unknown {s.unknown}, errors {s.errors}, reopens {s.reopens}"
+                + (f", last error: {s.last_error}" if s.last_error else "")
+            )
+        lines.append(
+            f"ring: depth {self.ring.depth}, high-water {self.ring.high_water}/"
+            f"{self.ring.capacity}, dropped {self.ring.dropped}"
+        )
+        latency = ""
+        if f.latency_p50_ms is not None and f.latency_p99_ms is not None:
+            latency = f", latency p50 {f.latency_p50_ms:.1f} ms p99 {f.latency_p99_ms:.1f} ms"
+        lines.append(
+            f"delivered {f.delivered}, pending {f.pending}, rejected {f.rejected}, "
+            f"abandoned {f.abandoned}; checkpoints {f.checkpoints}, failures {f.failures}, "
+            f"retries {f.retries}, lazy flows {f.lazy_flows}{latency}"
+        )
+        if f.last_error:
+            lines.append(f"last transport error: {f.last_error}")
+        lines.append("accounting: " + ("balanced" if self.balanced else "NOT BALANCED"))
+        return lines
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every number as plain values (JSON-serialisable)."""
+        return {
+            "uptime_s": round(self.uptime_s, 3),
+            "run": self.run_name,
+            "target": self.target,
+            "received": self.received,
+            "decoded": self.decoded,
+            "unknown": self.unknown,
+            "errors": self.errors,
+            "sources": [
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "state": s.state,
+                    "received": s.received,
+                    "decoded": s.decoded,
+                    "unknown": s.unknown,
+                    "errors": s.errors,
+                    "reopens": s.reopens,
+                    "last_error": s.last_error,
+                }
+                for s in self.sources
+            ],
+            "ring": {
+                "capacity": self.ring.capacity,
+                "depth": self.ring.depth,
+                "high_water": self.ring.high_water,
+                "put": self.ring.put_count,
+                "got": self.ring.got,
+                "dropped": self.ring.dropped,
+            },
+            "flusher": {
+                "taken": self.flusher.taken,
+                "delivered": self.flusher.delivered,
+                "pending": self.flusher.pending,
+                "rejected": self.flusher.rejected,
+                "abandoned": self.flusher.abandoned,
+                "batches": self.flusher.batches,
+                "checkpoints": self.flusher.checkpoints,
+                "failures": self.flusher.failures,
+                "retries": self.flusher.retries,
+                "lazy_flows": self.flusher.lazy_flows,
+                "latency_p50_ms": self.flusher.latency_p50_ms,
+                "latency_p99_ms": self.flusher.latency_p99_ms,
+            },
+            "balanced": self.balanced,
+        }
+
+
+def format_count(value: float) -> str:
+    """A count or rate in 4 significant characters: ``987``, ``12.3k``, ``4.56M``."""
+    if value < 1000:
+        return f"{value:.0f}"
+    if value < 1_000_000:
+        return f"{value / 1000:.1f}k"
+    return f"{value / 1_000_000:.2f}M"
+
+
+def _fmt_duration(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600:d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def monotonic() -> float:
+    """The clock of :attr:`AgentStatus.time_s`."""
+    return time.monotonic()
