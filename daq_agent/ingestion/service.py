@@ -284,20 +284,17 @@ class IngestionService:
         self.try_create_flow(*flow_configs)
 
     def create_flow(self, *flow_config: FlowConfig) -> None:
-        """Like :meth:`try_create_flow`, but a flow whose name exists is skipped without error.
+        """Like :meth:`try_create_flow`, but a flow whose name exists raises no error.
+
+        A flow known to the service but not yet registered with the API (lazy flow creation) is
+        registered now, with the service's config of it.
 
         Raises:
             IngestionValidationError: when a flow has two channels of the same name.
             RpcStatusError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
-        with self._flows_lock:
-            new: dict[str, FlowConfig] = {}
-            for flow in flow_config:
-                if flow.name not in self.flow_configs_by_name and flow.name not in new:
-                    _check_flow(flow)
-                    new[flow.name] = flow
-            self._add_flows(list(new.values()))
+        self.register_flows(flow_config)
 
     def create_flows(self, *flow_configs: FlowConfig) -> None:
         """See :meth:`create_flow`.
@@ -307,7 +304,29 @@ class IngestionService:
             RpcStatusError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
-        self.create_flow(*flow_configs)
+        self.register_flows(flow_configs)
+
+    def register_flows(self, flows: Iterable[FlowConfig]) -> None:
+        """Make sure ``flows`` are registered with the API (:meth:`create_flows` on a sequence).
+
+        Flows the service does not know are added to :attr:`flow_configs_by_name`; flows already
+        registered cost nothing; ``ALREADY_EXISTS`` from the API counts as registered.
+
+        Raises:
+            IngestionValidationError: when a new flow has two channels of the same name.
+            RpcStatusError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        with self._flows_lock:
+            todo: dict[str, FlowConfig] = {}
+            for flow in flows:
+                if flow.name in todo or flow.name in self._registered:
+                    continue
+                known = self.flow_configs_by_name.get(flow.name)
+                if known is None:
+                    _check_flow(flow)
+                todo[flow.name] = known or flow
+            self._add_flows(list(todo.values()))
 
     def _add_flows(self, flows: Sequence[FlowConfig]) -> None:
         # Called with _flows_lock held. Flows created explicitly are registered now, lazy or not.
@@ -315,7 +334,7 @@ class IngestionService:
             return
         self._register_flows(flows)
         for flow in flows:
-            self.flow_configs_by_name[flow.name] = flow
+            self.flow_configs_by_name.setdefault(flow.name, flow)
 
     def _register_lazily(self, requests: Iterable[IngestWithConfigDataStreamRequest]) -> None:
         pending: dict[str, FlowConfig] = {}
