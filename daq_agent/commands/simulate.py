@@ -1,0 +1,217 @@
+"""``daq-agent simulate``: generate CAN or serial traffic as its own process.
+
+``simulate can --dbc FILE [--dbc FILE ...] --interface udp_multicast|virtual|... [--channel CH]
+[--rate N | --cycle-times] [--duration S] [--count N] [--seed N]`` sends periodic frames generated
+from the databases (see :mod:`daq_agent.sim.can`) and prints how many frames of each message it sent
+when it stops (duration, count, SIGINT or SIGTERM).
+
+``simulate serial ...`` is delegated to ``daq_agent.sim.serial``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from daq_agent.errors import ConfigError, ReaderError
+
+log = logging.getLogger(__name__)
+
+EXIT_UNAVAILABLE = 3
+
+
+def add_subparser(subparsers: Any) -> None:
+    """Register ``simulate`` with its ``can`` and ``serial`` subcommands."""
+    parser = subparsers.add_parser(
+        "simulate",
+        help="generate CAN or serial traffic (runs until stopped)",
+        description="Generate realistic CAN or serial traffic as its own process.",
+    )
+    kinds = parser.add_subparsers(dest="sim_kind", metavar="KIND")
+    parser.set_defaults(func=_do_missing_kind)
+
+    can_parser = kinds.add_parser(
+        "can",
+        help="send frames generated from DBC (or KCD, ARXML, SYM) databases",
+        description="Send periodic frames whose signals follow waveforms within their ranges.",
+    )
+    can_parser.add_argument(
+        "--dbc", action="append", required=True, type=Path, metavar="FILE", help="database file"
+    )
+    can_parser.add_argument(
+        "--interface", default="udp_multicast", help="python-can interface (udp_multicast)"
+    )
+    can_parser.add_argument(
+        "--channel",
+        default=None,
+        help="channel (udp_multicast: a multicast group, default 239.74.163.2)",
+    )
+    can_parser.add_argument("--bitrate", type=int, default=None, help="nominal bit rate")
+    can_parser.add_argument(
+        "--bus-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra python-can bus option, value as JSON if it parses (repeatable)",
+    )
+    pace = can_parser.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--rate", type=float, default=None, metavar="N", help="total frames/s over all messages"
+    )
+    pace.add_argument(
+        "--cycle-times",
+        action="store_true",
+        help="each message at its GenMsgCycleTime (default)",
+    )
+    can_parser.add_argument(
+        "--default-cycle-ms",
+        type=float,
+        default=100.0,
+        help="period of messages without a cycle time (100)",
+    )
+    can_parser.add_argument("--duration", type=float, default=None, metavar="S", help="seconds")
+    can_parser.add_argument("--count", type=int, default=None, metavar="N", help="frames in all")
+    can_parser.add_argument("--seed", type=int, default=0, help="waveform seed (0)")
+    can_parser.add_argument(
+        "--message", action="append", default=None, metavar="NAME", help="only these messages"
+    )
+    can_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    can_parser.set_defaults(func=_do_simulate_can)
+
+    try:
+        serial_sim = importlib.import_module("daq_agent.sim.serial")
+    except ImportError as exc:
+        # Accept (and ignore) any arguments so the user gets the real reason, not a usage error.
+        unavailable = kinds.add_parser(
+            "serial", help="(unavailable) send serial frames", prefix_chars="\x00", add_help=False
+        )
+        unavailable.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+        unavailable.set_defaults(func=_serial_unavailable(exc))
+    else:
+        serial_parser = kinds.add_parser(
+            "serial",
+            help="send serial frames from frame definitions",
+            description="Send serial frames generated from frame definitions.",
+        )
+        serial_sim.add_arguments(serial_parser)
+        serial_parser.set_defaults(func=serial_sim.run)
+
+
+def _do_missing_kind(_args: argparse.Namespace) -> int:
+    print("daq-agent simulate: choose a kind: can or serial", file=sys.stderr)
+    return 2
+
+
+def _serial_unavailable(exc: ImportError) -> Any:
+    def run(_args: argparse.Namespace) -> int:
+        print(f"daq-agent simulate serial: serial simulation unavailable ({exc})", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+    return run
+
+
+def _parse_bus_options(items: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--bus-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options
+
+
+def _load_databases(paths: list[Path]) -> list[Any]:
+    from daq_agent.decode.dbc import load_database
+
+    return [load_database(path) for path in paths]
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGINT/SIGTERM for the duration (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("simulate: %s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _do_simulate_can(args: argparse.Namespace) -> int:
+    import can
+
+    from daq_agent.sim.can import CanSimulator
+
+    if args.count is not None and args.count < 0:
+        raise ConfigError(f"--count must be >= 0, got {args.count}")
+    if args.duration is not None and args.duration < 0:
+        raise ConfigError(f"--duration must be >= 0, got {args.duration}")
+    databases = _load_databases(args.dbc)
+    bus_kwargs: dict[str, Any] = {"interface": args.interface}
+    if args.channel is not None:
+        bus_kwargs["channel"] = args.channel
+    elif args.interface == "udp_multicast":
+        bus_kwargs["channel"] = "239.74.163.2"
+    if args.bitrate is not None:
+        bus_kwargs["bitrate"] = args.bitrate
+    bus_kwargs.update(_parse_bus_options(args.bus_option))
+    simulator = CanSimulator(
+        databases,
+        rate=args.rate,
+        default_cycle_s=args.default_cycle_ms / 1000.0,
+        seed=args.seed,
+        messages=args.message,
+    )
+    try:
+        bus = can.Bus(**bus_kwargs)
+    except (can.CanError, OSError, ValueError, TypeError) as exc:
+        raise ReaderError(f"cannot open {bus_kwargs}: {exc}") from exc
+    stop = threading.Event()
+    log.info(
+        "simulate: %d messages, %.0f frames/s nominal on %s",
+        len(simulator.plans),
+        simulator.frames_per_second,
+        bus_kwargs,
+    )
+    try:
+        simulator.bus = bus
+        with _stop_on_signals(stop):
+            summary = simulator.run(duration=args.duration, count=args.count, stop=stop)
+    finally:
+        bus.shutdown()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "frames": summary.frames,
+                    "errors": summary.errors,
+                    "elapsed_s": round(summary.elapsed_s, 3),
+                    "per_message": summary.per_message,
+                }
+            )
+        )
+    else:
+        print(summary.render())
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,241 @@
+"""ReplayReader: a recorded CAN log played as a bus, at its recorded pace or as fast as possible.
+
+Any format python-can's ``can.LogReader`` reads works: BLF, ASC, candump ``.log``, TRC, CSV, the
+SQLite ``.db`` and MF4 (when asammdf is installed), also gzip-compressed (``.asc.gz``). Frames are
+counted and decoded exactly like a live bus (see :mod:`daq_agent.readers.can`); when the log is
+exhausted the reader becomes ``ended`` so the agent can finish the run once everything is delivered.
+
+Timestamps (``time_base``):
+
+* ``"recorded"``: the log's own timestamps, converted to ns;
+* ``"now"``: shifted so the first frame is stamped with the host time the replay started;
+* ``"auto"`` (default): recorded, unless the log's timestamps are relative (before 2001, e.g. an ASC
+  log without a date or a log starting at 0.0), then shifted like ``"now"``.
+
+Pacing: with ``realtime=True`` a frame is emitted when its recorded offset from the first frame
+(divided by ``speed``) has elapsed on the monotonic clock; idle gaps longer than ``max_gap``
+seconds are skipped. The wait is interruptible by :meth:`stop`. If the file fails mid-way, the
+reader reopens it and skips the frames it already emitted, so nothing is emitted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Final, Literal, get_args
+
+import can
+
+from daq_agent.errors import ConfigError
+from daq_agent.pipeline.clock import HostClock, host_clock, seconds_to_ns
+from daq_agent.readers.base import BackoffPolicy, ErrorCallback, ReaderABC, Sink
+from daq_agent.readers.can import CanReader, FrameDecoder, MessageProcessor
+
+__all__ = ["ReplayReader", "TimeBase"]
+
+log = logging.getLogger(__name__)
+
+TimeBase = Literal["auto", "recorded", "now"]
+_TIME_BASES: Final = get_args(TimeBase)
+_RELATIVE_BEFORE_S: Final = 1_000_000_000.0  # 2001-09-09: earlier timestamps are log-relative
+_MAX_BURST: Final = 4096
+
+
+class ReplayReader(ReaderABC):
+    """Plays a recorded CAN log through a decoder into a sink.
+
+    Args:
+        name: the bus alias; the thread is ``daq-reader[<name>]``.
+        path: the log file; its suffix selects the format.
+        decoder: decodes a frame into a sample (None for an unknown id).
+        sink: receives every sample, on the reader thread.
+        realtime: play at the recorded pace (True) or as fast as possible (False).
+        speed: pace multiplier with ``realtime`` (2.0 plays twice as fast).
+        time_base: ``"auto"``, ``"recorded"`` or ``"now"`` (see the module docstring).
+        channel: only frames recorded on this channel (None: every frame).
+        max_gap: with ``realtime``, idle gaps longer than this many seconds are skipped.
+        log_kwargs: extra keyword arguments for ``can.LogReader``.
+        on_error: called with (reader, error) whenever reading the log fails.
+        backoff: delays between reopen attempts.
+        poll_interval: the longest one ``_read`` call lasts, seconds.
+        timestamp_resolution_ns: resolution of the recorded timestamps (1000: microseconds).
+        clock: host clock for ``time_base="now"`` and frames without a timestamp.
+        key_limit: the most distinct ids held in each per-id map.
+
+    Raises:
+        ConfigError: an argument is invalid.
+
+    Counters: those of :class:`~daq_agent.readers.can.CanReader`, plus ``other_channel`` (frames
+    of other channels, skipped and not counted as received).
+    """
+
+    kind: ClassVar[str] = "replay"
+    COUNTERS: ClassVar[tuple[str, ...]] = (*CanReader.COUNTERS, "other_channel")
+    KEYED_COUNTERS: ClassVar[tuple[str, ...]] = CanReader.KEYED_COUNTERS
+
+    def __init__(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        decoder: FrameDecoder,
+        sink: Sink,
+        *,
+        realtime: bool = True,
+        speed: float = 1.0,
+        time_base: TimeBase = "auto",
+        channel: str | int | None = None,
+        max_gap: float = 60.0,
+        log_kwargs: dict[str, Any] | None = None,
+        on_error: ErrorCallback | None = None,
+        backoff: BackoffPolicy | None = None,
+        poll_interval: float = 0.1,
+        timestamp_resolution_ns: int = 1000,
+        clock: HostClock | None = None,
+        key_limit: int = 1024,
+    ) -> None:
+        super().__init__(
+            name,
+            sink,
+            on_error=on_error,
+            backoff=backoff,
+            poll_interval=poll_interval,
+            key_limit=key_limit,
+        )
+        if speed <= 0:
+            raise ConfigError(f"replay {name!r}: speed must be > 0, got {speed}")
+        if time_base not in _TIME_BASES:
+            raise ConfigError(
+                f"replay {name!r}: time_base must be one of {', '.join(_TIME_BASES)}, "
+                f"got {time_base!r}"
+            )
+        if max_gap <= 0:
+            raise ConfigError(f"replay {name!r}: max_gap must be > 0, got {max_gap}")
+        self.path = Path(path)
+        self.realtime = realtime
+        self.speed = speed
+        self.time_base: TimeBase = time_base
+        self.channel = channel
+        self.max_gap = max_gap
+        self.log_kwargs = dict(log_kwargs or {})
+        self._clock = clock or host_clock()
+        self._resolution_ns = timestamp_resolution_ns
+        self._processor = MessageProcessor(self, decoder, self._clock, timestamp_resolution_ns)
+        self._log: can.io.generic.MessageReader | None = None
+        self._messages: Iterator[can.Message] | None = None
+        self._pending: can.Message | None = None
+        self._pending_due = 0.0
+        self._position = 0  # frames taken from the log so far (kept across reopens)
+        # timing, fixed by the first frame
+        self._offset_ns: int | None = None
+        self._first_s = 0.0
+        self._start_mono = 0.0
+        self._prev_s = 0.0
+        self._skipped_s = 0.0
+
+    @property
+    def position(self) -> int:
+        """How many frames of the log were taken so far."""
+        return self._position
+
+    @property
+    def last_decode_error(self) -> str:
+        """The text of the most recent decode failure ("" if none)."""
+        return self._processor.last_decode_error
+
+    def _open(self) -> None:
+        if not self.path.is_file():
+            raise ConfigError(f"replay {self.name!r}: no such log file: {self.path}")
+        kwargs = dict(self.log_kwargs)
+        suffixes = [s.lower() for s in self.path.suffixes]
+        if ".asc" in suffixes[-2:]:
+            kwargs.setdefault("relative_timestamp", False)
+        try:
+            reader = can.LogReader(self.path, **kwargs)
+        except (ValueError, ImportError) as exc:  # unknown suffix, asammdf missing for MF4
+            raise ConfigError(f"replay {self.name!r}: cannot read {self.path}: {exc}") from exc
+        self._log = reader
+        messages = iter(reader)
+        for _ in range(self._position):  # after a failure mid-file: skip what was emitted
+            if next(messages, None) is None:
+                break
+        self._messages = messages
+        self._pending = None
+        log.info("reader %s: replaying %s from frame %d", self.name, self.path, self._position)
+
+    def _close(self) -> None:
+        reader, self._log = self._log, None
+        self._messages = None
+        self._pending = None
+        if reader is not None:
+            reader.stop()
+
+    def _read(self, timeout: float) -> bool:
+        messages = self._messages
+        if messages is None:
+            raise ConfigError("replay log is not open")
+        deadline = time.monotonic() + timeout
+        process = self._processor.process
+        for _ in range(_MAX_BURST):
+            msg = self._pending
+            if msg is None:
+                msg = next(messages, None)
+                if msg is None:
+                    log.info(
+                        "reader %s: end of %s (%d frames)", self.name, self.path, self._position
+                    )
+                    return False
+                if self.channel is not None and msg.channel != self.channel:
+                    self._position += 1
+                    self.counters.add("other_channel")
+                    continue
+                if self.realtime:
+                    self._pending_due = self._due(msg)
+            if self.realtime:
+                wait = self._pending_due - time.monotonic()
+                if wait > 0:
+                    self._pending = msg
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return True
+                    if self._stop.wait(min(wait, remaining)) or wait > remaining:
+                        return True
+            self._pending = None
+            self._position += 1
+            process(msg, self._timestamp_ns(msg))
+        return True
+
+    def _due(self, msg: can.Message) -> float:
+        """The monotonic time at which ``msg`` is due (fixing the pacing origin on first use)."""
+        ts = float(msg.timestamp or 0.0)
+        if self._offset_ns is None:
+            self._fix_origin(ts)
+        gap = ts - self._prev_s
+        if gap > self.max_gap:
+            self._skipped_s += gap
+        if ts > self._prev_s:
+            self._prev_s = ts
+        return self._start_mono + (ts - self._first_s - self._skipped_s) / self.speed
+
+    def _fix_origin(self, first_s: float) -> None:
+        self._first_s = first_s
+        self._prev_s = first_s
+        self._start_mono = time.monotonic()
+        now_ns = self._clock.now_ns()
+        relative = first_s < _RELATIVE_BEFORE_S
+        if self.time_base == "now" or (self.time_base == "auto" and relative):
+            self._offset_ns = now_ns - seconds_to_ns(first_s, self._resolution_ns)
+        else:
+            self._offset_ns = 0
+
+    def _timestamp_ns(self, msg: can.Message) -> int:
+        ts = float(msg.timestamp or 0.0)
+        if self._offset_ns is None:
+            self._fix_origin(ts)
+        assert self._offset_ns is not None
+        try:
+            return seconds_to_ns(ts, self._resolution_ns) + self._offset_ns
+        except ValueError:
+            return self._clock.now_ns()
