@@ -1,0 +1,581 @@
+"""CAN databases → flows, and the decoder compiled once per message.
+
+:class:`CanDecoder` turns the messages of one bus's databases into flows (one per message, one
+channel per signal) and compiles, for every message, a small Python function that decodes a payload
+with integer operations on ``int.from_bytes`` of the payload. Decoding a frame costs one dict lookup
+(keyed by ``(is_extended, frame_id)`` folded into one int) and one call; cantools is not called per
+frame. The values equal cantools' ``decode_message(..., decode_choices=False, scaling=True)``.
+
+Channel types follow the signal definition:
+
+* float signals, and scaled signals whose scale or offset is not an integer → ``DOUBLE``;
+* signals with a value table (choices, ≤ 32 bits) → ``ENUM``; a negative key is sent as its 32-bit
+  two's complement with ``is_signed`` set, and the sample carries that same key;
+* 1-bit signals without a value table or scaling → ``BOOL``;
+* other integers → ``UINT_32``/``UINT_64`` when the scaled raw range is non-negative, else
+  ``INT_32``/``INT_64``; a range no integer type holds → ``DOUBLE``.
+
+Multiplexed messages are one flow with every signal; a signal absent from a frame is ``None``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from daq_agent.errors import ConfigError, DecodeError
+from daq_agent.ingestion.config import (
+    ChannelConfig,
+    ChannelDataType,
+    ChannelEnumType,
+    FlowConfig,
+)
+from daq_agent.pipeline.sample import Sample
+
+__all__ = [
+    "DEFAULT_FLOW_NAME_TEMPLATE",
+    "CanDecoder",
+    "CompiledMessage",
+    "derive_flows",
+    "derive_flows_fingerprint",
+    "frame_key",
+]
+
+log = logging.getLogger("daq_agent.decode")
+
+DEFAULT_FLOW_NAME_TEMPLATE = "{bus}.{message}"
+"""Flow names know ``{bus}``, ``{message}`` and ``{frame_id}`` (an int: ``{frame_id:X}``)."""
+
+_EXTENDED_FLAG = 0x80000000
+_U32 = 0xFFFFFFFF
+_FLOAT_FORMATS = {16: ">e", 32: ">f", 64: ">d"}
+
+DecodeFunction = Callable[[bytes, int], Sample]
+ValuesFunction = Callable[[bytes], tuple[Any, ...]]
+
+
+def frame_key(frame_id: int, is_extended: bool) -> int:
+    """The lookup key of a frame: the id, with bit 31 set for 29-bit ids."""
+    return frame_id | _EXTENDED_FLAG if is_extended else frame_id
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledMessage:
+    """One message compiled for decoding.
+
+    Attributes:
+        name: the message name in its database.
+        frame_id: the CAN id (without the extended flag).
+        is_extended: True for a 29-bit id.
+        is_fd: True for a CAN FD message.
+        length: the payload length in bytes the database declares.
+        flow: the flow config derived from the message.
+        signal_names: the database's signal names, in flow channel order.
+        decode: ``decode(data, timestamp_ns) -> Sample`` (raises DecodeError).
+        values: ``values(data) -> tuple`` of cantools-equal scaled values per signal (enum
+            signals numeric, absent multiplexed signals None; raises DecodeError).
+        source: the generated Python source, for inspection.
+    """
+
+    name: str
+    frame_id: int
+    is_extended: bool
+    is_fd: bool
+    length: int
+    flow: FlowConfig
+    signal_names: tuple[str, ...]
+    decode: DecodeFunction
+    values: ValuesFunction
+    source: str
+
+    def signals(self, data: bytes) -> dict[str, Any]:
+        """The scaled values of the signals present in ``data``, by database signal name.
+
+        Raises:
+            DecodeError: the payload is too short or its multiplexer value is not defined.
+        """
+        return {
+            name: value
+            for name, value in zip(self.signal_names, self.values(data), strict=True)
+            if value is not None
+        }
+
+
+class CanDecoder:
+    """Decodes the frames of one bus with its databases.
+
+    Args:
+        bus: the bus alias, part of every flow name.
+        databases: cantools databases (see :func:`daq_agent.decode.dbc.load_database`). When two
+            messages share ``(is_extended, frame_id)``, the last one wins, as in cantools.
+        flow_name_template: how flow names are built (``{bus}``, ``{message}``, ``{frame_id}``).
+
+    Attributes:
+        bus: the bus alias.
+        flows: one flow per message, in database order.
+        messages: the compiled messages, in database order.
+        warnings: what was worked around while compiling (also logged).
+
+    Raises:
+        ConfigError: the flow name template is invalid.
+    """
+
+    __slots__ = ("_table", "bus", "flows", "messages", "warnings")
+
+    def __init__(
+        self,
+        bus: str,
+        databases: Sequence[Any],
+        *,
+        flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+    ) -> None:
+        self.bus = bus
+        self.warnings: list[str] = []
+        by_key: dict[int, Any] = {}
+        for database in databases:
+            for message in database.messages:
+                if getattr(message, "is_container", False):
+                    self._warn(f"message {message.name!r} is a container message; not decoded")
+                    continue
+                key = frame_key(message.frame_id, message.is_extended_frame)
+                previous = by_key.pop(key, None)
+                if previous is not None:
+                    self._warn(
+                        f"messages {previous.name!r} and {message.name!r} share frame id "
+                        f"{_id_text(message.frame_id, message.is_extended_frame)}; "
+                        f"{message.name!r} is used"
+                    )
+                by_key[key] = message
+        compiled: list[CompiledMessage] = []
+        used_names: set[str] = set()
+        for key, message in by_key.items():
+            flow_name = _flow_name(flow_name_template, bus, message)
+            if flow_name in used_names:
+                unique = f"{flow_name}_0x{message.frame_id:X}"
+                self._warn(
+                    f"flow name {flow_name!r} is taken; message {message.name!r} "
+                    f"({_id_text(message.frame_id, message.is_extended_frame)}) "
+                    f"becomes {unique!r}"
+                )
+                flow_name = unique
+            used_names.add(flow_name)
+            compiled.append(_compile(message, flow_name, key, self._warn))
+        self.messages = compiled
+        self.flows = [c.flow for c in compiled]
+        self._table: dict[int, DecodeFunction] = {
+            frame_key(c.frame_id, c.is_extended): c.decode for c in compiled
+        }
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        log.warning("bus %s: %s", self.bus, text)
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | None:
+        """Decode one frame into a sample of its flow.
+
+        Args:
+            frame_id: the CAN id.
+            is_extended: True for a 29-bit id (an extended id ≤ 0x7FF is a different frame than
+                the standard id of the same number).
+            data: the payload; longer than the message is accepted (the excess ignored).
+            timestamp_ns: the frame's time, nanoseconds since the Unix epoch.
+
+        Returns:
+            The sample, or None when no database defines the id.
+
+        Raises:
+            DecodeError: the payload is shorter than the message, or a multiplexer value is not
+                defined by the database.
+        """
+        function = self._table.get(frame_id | _EXTENDED_FLAG if is_extended else frame_id)
+        if function is None:
+            return None
+        return function(data, timestamp_ns)
+
+    def message(self, frame_id: int, is_extended: bool) -> CompiledMessage | None:
+        """The compiled message for an id, or None."""
+        key = frame_key(frame_id, is_extended)
+        for compiled in self.messages:
+            if frame_key(compiled.frame_id, compiled.is_extended) == key:
+                return compiled
+        return None
+
+    def lookup_table(self) -> dict[int, CompiledMessage]:
+        """A fresh ``frame_key → CompiledMessage`` map (for tools that need names per frame)."""
+        return {frame_key(c.frame_id, c.is_extended): c for c in self.messages}
+
+
+def derive_flows(
+    bus: str,
+    databases: Sequence[Any],
+    *,
+    flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+) -> list[FlowConfig]:
+    """The flows of one bus (as :attr:`CanDecoder.flows`).
+
+    Raises:
+        ConfigError: the flow name template is invalid.
+    """
+    return CanDecoder(bus, databases, flow_name_template=flow_name_template).flows
+
+
+def derive_flows_fingerprint(flows: Iterable[FlowConfig]) -> str:
+    """A stable hash (64 hex digits) of flow and channel names, types, units and enum keys.
+
+    Independent of the order of the flows; channel order counts (it is the order of the values).
+    Descriptions do not count, so editing a comment keeps the ingestion client key.
+    """
+    canonical = sorted(
+        [
+            flow.name,
+            [
+                [
+                    channel.name,
+                    int(channel.data_type),
+                    channel.unit or "",
+                    [[e.name, e.key, e.is_signed] for e in channel.enum_types],
+                    [[b.name, b.index, b.bit_count] for b in channel.bit_field_elements],
+                ]
+                for channel in flow.channels
+            ],
+        ]
+        for flow in flows
+    )
+    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+# --- compilation ---------------------------------------------------------------------------
+
+
+def _id_text(frame_id: int, is_extended: bool) -> str:
+    return f"0x{frame_id:08X} (extended)" if is_extended else f"0x{frame_id:03X}"
+
+
+def _flow_name(template: str, bus: str, message: Any) -> str:
+    try:
+        return template.format(bus=bus, message=message.name, frame_id=message.frame_id)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"invalid flow name template {template!r}: {exc!r} "
+            "(known fields: {bus}, {message}, {frame_id})",
+            key="flow_name_template",
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where a signal's raw bits are, and how to turn them into values."""
+
+    name: str
+    source: str  # "v" (little-endian int of the payload) or "b" (big-endian int)
+    shift: int
+    length: int
+    is_signed: bool
+    is_float: bool
+    scale: Any
+    offset: Any
+    identity: bool
+    fits: bool
+
+
+def _is_integral(value: Any) -> bool:
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _layout(signal: Any, message_length: int) -> _Layout:
+    total_bits = 8 * message_length
+    length = int(signal.length)
+    if signal.byte_order == "big_endian":
+        msb = 8 * (signal.start // 8) + (7 - signal.start % 8)
+        shift = total_bits - msb - length
+        source = "b"
+        fits = shift >= 0 and msb >= 0
+    else:
+        shift = int(signal.start)
+        source = "v"
+        fits = shift + length <= total_bits
+    conversion = signal.conversion
+    scale = conversion.scale
+    offset = conversion.offset
+    return _Layout(
+        name=signal.name,
+        source=source,
+        shift=shift,
+        length=length,
+        is_signed=bool(signal.is_signed),
+        is_float=bool(conversion.is_float),
+        scale=scale,
+        offset=offset,
+        identity=scale == 1 and offset == 0,
+        fits=fits and length > 0,
+    )
+
+
+def _channel(signal: Any, layout: _Layout, name: str) -> tuple[ChannelConfig, str]:
+    """The channel of a signal and the kind of its sample value: double, int, bool or enum."""
+    description = signal.comment if isinstance(signal.comment, str) and signal.comment else None
+    unit = signal.unit or None
+    choices = signal.conversion.choices
+    if layout.is_float:
+        return ChannelConfig(name, ChannelDataType.DOUBLE, description, unit), "double"
+    if choices and layout.length <= 32:
+        enum_types = [
+            ChannelEnumType(str(text), int(key) & _U32, is_signed=int(key) < 0)
+            for key, text in sorted(choices.items(), key=lambda item: int(item[0]))
+        ]
+        return (
+            ChannelConfig(name, ChannelDataType.ENUM, description, unit, enum_types=enum_types),
+            "enum",
+        )
+    if layout.length == 1 and layout.identity:
+        return ChannelConfig(name, ChannelDataType.BOOL, description, unit), "bool"
+    if not (_is_integral(layout.scale) and _is_integral(layout.offset)):
+        return ChannelConfig(name, ChannelDataType.DOUBLE, description, unit), "double"
+    if layout.is_signed:
+        low, high = -(1 << (layout.length - 1)), (1 << (layout.length - 1)) - 1
+    else:
+        low, high = 0, (1 << layout.length) - 1
+    scale, offset = int(layout.scale), int(layout.offset)
+    ends = (low * scale + offset, high * scale + offset)
+    lowest, highest = min(ends), max(ends)
+    if lowest >= 0:
+        if highest <= _U32:
+            data_type = ChannelDataType.UINT_32
+        elif highest < 1 << 64:
+            data_type = ChannelDataType.UINT_64
+        else:
+            data_type = ChannelDataType.DOUBLE
+    elif lowest >= -(1 << 31) and highest < 1 << 31:
+        data_type = ChannelDataType.INT_32
+    elif lowest >= -(1 << 63) and highest < 1 << 63:
+        data_type = ChannelDataType.INT_64
+    else:
+        data_type = ChannelDataType.DOUBLE
+    kind = "double_int" if data_type is ChannelDataType.DOUBLE else "int"
+    return ChannelConfig(name, data_type, description, unit), kind
+
+
+def _literal(value: Any, constants: dict[str, Any]) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        name = f"_k{len(constants)}"
+        constants[name] = value
+        return name
+    if isinstance(value, float) and not math.isfinite(value):
+        name = f"_k{len(constants)}"
+        constants[name] = value
+        return name
+    return f"({value!r})"
+
+
+def _compile(
+    message: Any, flow_name: str, key: int, warn: Callable[[str], None]
+) -> CompiledMessage:
+    length = int(message.length)
+    signals = list(message.signals)
+    constants: dict[str, Any] = {
+        "_from_bytes": int.from_bytes,
+        "_Sample": Sample,
+        "_DecodeError": DecodeError,
+        "_flow": flow_name,
+    }
+    channels: list[ChannelConfig] = []
+    kinds: list[str] = []
+    layouts: list[_Layout] = []
+    seen: set[str] = set()
+    for signal in signals:
+        layout = _layout(signal, length)
+        if not layout.fits:
+            warn(
+                f"signal {signal.name!r} of message {message.name!r} lies outside its "
+                f"{length}-byte payload; it is always empty"
+            )
+        if layout.is_float and layout.length not in _FLOAT_FORMATS:
+            warn(
+                f"float signal {signal.name!r} of message {message.name!r} has "
+                f"{layout.length} bits; it is always empty"
+            )
+            layout = _replace_fits(layout)
+        name = signal.name
+        if name in seen:
+            number = 2
+            while f"{name}_{number}" in seen:
+                number += 1
+            warn(
+                f"message {message.name!r} has two signals named {name!r}; "
+                f"the second is channel {name}_{number}"
+            )
+            name = f"{name}_{number}"
+        seen.add(name)
+        channel, kind = _channel(signal, layout, name)
+        channels.append(channel)
+        kinds.append(kind)
+        layouts.append(layout)
+
+    mux_valid: dict[str, set[int]] = {}
+    for signal in signals:
+        if signal.is_multiplexer:
+            ids: set[int] = set()
+            for child in signals:
+                if child.multiplexer_signal == signal.name and child.multiplexer_ids:
+                    ids.update(int(i) for i in child.multiplexer_ids)
+            if signal.conversion.choices:
+                ids.update(int(k) for k in signal.conversion.choices)
+            mux_valid[signal.name] = ids
+
+    lines: list[str] = []
+    emit = lines.append
+    if length:
+        emit(f"    if len(data) != {length}:")
+        emit(f"        if len(data) < {length}:")
+        emit(
+            f"            raise _DecodeError({message.name!r} + ': ' + str(len(data)) + "
+            f"' bytes, expected {length}')"
+        )
+        emit(f"        data = data[:{length}]")
+    if any(lay.source == "v" and lay.fits for lay in layouts):
+        emit("    v = _from_bytes(data, 'little')")
+    if any(lay.source == "b" and lay.fits for lay in layouts):
+        emit("    b = _from_bytes(data, 'big')")
+
+    done: set[int] = set()
+
+    def emit_signal(i: int, indent: str) -> None:
+        layout = layouts[i]
+        raw = f"r{i}"
+        if not layout.fits:
+            emit(f"{indent}{raw} = s{i} = None")
+            return
+        mask = (1 << layout.length) - 1
+        expr = f"{layout.source} >> {layout.shift}" if layout.shift else layout.source
+        emit(f"{indent}{raw} = ({expr}) & 0x{mask:X}")
+        if layout.is_float:
+            unpack = f"_unpack{layout.length}"
+            constants[unpack] = struct.Struct(_FLOAT_FORMATS[layout.length]).unpack
+            emit(f"{indent}{raw} = {unpack}({raw}.to_bytes({layout.length // 8}, 'big'))[0]")
+        elif layout.is_signed:
+            sign = 1 << (layout.length - 1)
+            emit(f"{indent}{raw} = ({raw} ^ 0x{sign:X}) - 0x{sign:X}")
+        if layout.identity:
+            emit(f"{indent}s{i} = {raw}")
+        else:
+            scale = _literal(layout.scale, constants)
+            offset = _literal(layout.offset, constants)
+            emit(f"{indent}s{i} = {raw} * {scale} + {offset}")
+
+    def emit_absent(i: int, indent: str) -> None:
+        emit(f"{indent}r{i} = s{i} = None")
+        if signals[i].is_multiplexer:
+            for j, child in enumerate(signals):
+                if child.multiplexer_signal == signals[i].name and j != i:
+                    emit_absent(j, indent)
+
+    def emit_group(parent: str | None, indent: str) -> None:
+        for i, signal in enumerate(signals):
+            if i in done or signal.multiplexer_signal != parent:
+                continue
+            done.add(i)
+            emit_signal(i, indent)
+            if signal.is_multiplexer:
+                emit_mux(i, indent)
+
+    def emit_mux(i: int, indent: str) -> None:
+        name = signals[i].name
+        selector = f"m{i}"
+        if layouts[i].identity and not layouts[i].is_float:
+            emit(f"{indent}{selector} = s{i}")
+        else:
+            emit(f"{indent}{selector} = int(s{i})")
+        valid = sorted(mux_valid.get(name, set()))
+        valid_name = f"_valid{i}"
+        constants[valid_name] = frozenset(valid)
+        emit(f"{indent}if {selector} not in {valid_name}:")
+        prefix = f"{message.name}: multiplexer {name} = "
+        emit(f"{indent}    raise _DecodeError({prefix!r} + str({selector}) + ' is not defined')")
+        for j, child in enumerate(signals):
+            if child.multiplexer_signal != name or j in done:
+                continue
+            done.add(j)
+            ids = sorted(int(x) for x in (child.multiplexer_ids or []))
+            ids_name = f"_ids{j}"
+            constants[ids_name] = frozenset(ids)
+            emit(f"{indent}if {selector} in {ids_name}:")
+            emit_signal(j, indent + "    ")
+            if child.is_multiplexer:
+                emit_mux(j, indent + "    ")
+            emit(f"{indent}else:")
+            emit_absent(j, indent + "    ")
+
+    emit_group(None, "    ")
+    for i, signal in enumerate(signals):
+        if i not in done:
+            # a signal multiplexed by a signal that is not in the message
+            warn(
+                f"signal {signal.name!r} of message {message.name!r} is multiplexed by "
+                f"{signal.multiplexer_signal!r}, which is not a multiplexer of the message; "
+                "it is always empty"
+            )
+            done.add(i)
+            emit(f"    r{i} = s{i} = None")
+
+    sample_values = []
+    for i, kind in enumerate(kinds):
+        if kind == "enum":
+            expr = f"r{i} & 0x{_U32:X}" if layouts[i].is_signed else f"r{i}"
+        elif kind == "bool":
+            expr = f"r{i} != 0"
+        elif kind == "double_int":
+            expr = f"float(s{i})"
+        else:
+            sample_values.append(f"s{i}")  # None when absent already
+            continue
+        always = not signals[i].multiplexer_signal and layouts[i].fits
+        sample_values.append(expr if always else f"(None if r{i} is None else {expr})")
+    body = "\n".join(lines)
+    samples = f"({', '.join(sample_values)},)" if sample_values else "()"
+    scaled = f"({', '.join(f's{i}' for i in range(len(signals)))},)" if signals else "()"
+    defaults = ", ".join(f"{k}={k}" for k in constants)
+    source = (
+        f"def decode(data, timestamp_ns, {defaults}):\n{body}\n"
+        f"    return _Sample(_flow, timestamp_ns, {samples})\n\n"
+        f"def values(data, {defaults}):\n{body}\n"
+        f"    return {scaled}\n"
+    )
+    namespace: dict[str, Any] = dict(constants)
+    code = compile(source, f"<daq_agent.decode {flow_name}>", "exec")
+    exec(code, namespace)  # our own source, built from numbers and repr()-quoted names
+    return CompiledMessage(
+        name=message.name,
+        frame_id=int(message.frame_id),
+        is_extended=bool(message.is_extended_frame),
+        is_fd=bool(getattr(message, "is_fd", False)),
+        length=length,
+        flow=FlowConfig(flow_name, channels),
+        signal_names=tuple(signal.name for signal in signals),
+        decode=namespace["decode"],
+        values=namespace["values"],
+        source=source,
+    )
+
+
+def _replace_fits(layout: _Layout) -> _Layout:
+    return _Layout(
+        layout.name,
+        layout.source,
+        layout.shift,
+        layout.length,
+        layout.is_signed,
+        layout.is_float,
+        layout.scale,
+        layout.offset,
+        layout.identity,
+        False,
+    )
