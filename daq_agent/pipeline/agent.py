@@ -1,0 +1,530 @@
+"""The agent: owns every part of the pipeline, starts them in order and stops them in reverse.
+
+::
+
+    Agent(config)          loads the databases, derives the flows and the client key (no I/O
+                           beyond reading files: `daq-agent check` stops here)
+      .start()             local server (if the target is local) → channel → IngestionService
+                           (get-or-create config; lazy flow creation when the flows do not fit one
+                           message) → run → ring → flusher → readers
+      .wait(timeout)       until stop is requested, or every source is finite and has ended and
+                           everything read is delivered
+      .stop()              readers → ring closed → flusher drains and checkpoints → run stopped →
+                           channel → local server
+
+:meth:`Agent.request_stop` is safe from a signal handler (it only sets an event).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, cast
+
+from daq_agent import methods
+from daq_agent._proto.sift.runs.v2 import runs_pb2
+from daq_agent.config import AgentConfig, LocalTarget, SiftTarget
+from daq_agent.decode.can_decoder import CanDecoder, derive_flows_fingerprint
+from daq_agent.decode.dbc import DatabaseWarning, load_database
+from daq_agent.errors import ConfigError, DaqError
+from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
+from daq_agent.ingestion.encode import RequestEncoder
+from daq_agent.pipeline.flusher import (
+    DataStream,
+    Flusher,
+    FlusherSettings,
+    GrpcDataStream,
+    SampleEncoder,
+)
+from daq_agent.pipeline.ring_buffer import RingBuffer
+from daq_agent.pipeline.sample import Sample
+from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
+from daq_agent.readers.base import ReaderABC, ReaderState, Sink
+
+__all__ = ["Agent", "AgentPlan", "SourcePlan", "plan_agent"]
+
+log = logging.getLogger(__name__)
+
+_ERROR_COUNTERS = (
+    "decode_errors",
+    "error_frames",
+    "remote_frames",
+    # serial readers (issue 4)
+    "checksum_errors",
+    "framing_errors",
+    "unknown_frames",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePlan:
+    """One source of the agent, with its decoder built.
+
+    Attributes:
+        name: the reader's name.
+        kind: ``can`` or ``replay``.
+        bus: the bus alias (flow names).
+        decoder: the bus's decoder.
+        databases: the database files.
+        options: the reader's settings (bus kwargs, or the replay's path and pace).
+    """
+
+    name: str
+    kind: str
+    bus: str
+    decoder: CanDecoder
+    databases: tuple[Path, ...]
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPlan:
+    """What the agent will run, derived from a config without starting anything.
+
+    Attributes:
+        config: the config.
+        sources: the sources, each with its decoder.
+        flows: every flow, de-duplicated by name, in source order.
+        client_key: the ingestion client key (named in the config, or derived).
+        fingerprint: the hash of the flows.
+        warnings: what loading the databases and deriving the flows worked around.
+    """
+
+    config: AgentConfig
+    sources: tuple[SourcePlan, ...]
+    flows: tuple[FlowConfig, ...]
+    client_key: str
+    fingerprint: str
+    warnings: tuple[str, ...]
+
+
+def plan_agent(config: AgentConfig) -> AgentPlan:
+    """Load the databases, derive every flow and the ingestion client key.
+
+    Raises:
+        ConfigError: a database does not load, two sources give one flow name different
+            channels, or serial devices are configured (not wired into the agent yet).
+    """
+    warnings: list[str] = []
+    loaded: dict[Path, Any] = {}
+
+    def databases(paths: Sequence[Path]) -> list[Any]:
+        out = []
+        for path in paths:
+            if path not in loaded:
+                found: list[DatabaseWarning] = []
+                loaded[path] = load_database(path, warnings=found)
+                warnings.extend(str(w) for w in found)
+            out.append(loaded[path])
+        return out
+
+    template = config.naming.can_flow
+    sources: list[SourcePlan] = []
+    decoders: dict[tuple[str, tuple[Path, ...]], CanDecoder] = {}
+
+    def decoder(bus: str, paths: tuple[Path, ...]) -> CanDecoder:
+        key = (bus, paths)
+        if key not in decoders:
+            made = CanDecoder(bus, databases(paths), flow_name_template=template)
+            warnings.extend(f"bus {bus}: {w}" for w in made.warnings)
+            decoders[key] = made
+        return decoders[key]
+
+    for bus in config.buses:
+        sources.append(
+            SourcePlan(
+                name=bus.name,
+                kind="can",
+                bus=bus.name,
+                decoder=decoder(bus.name, bus.databases),
+                databases=bus.databases,
+                options=bus.bus_kwargs(),
+            )
+        )
+    for replay in config.replay:
+        sources.append(
+            SourcePlan(
+                name=replay.name,
+                kind="replay",
+                bus=replay.bus,
+                decoder=decoder(replay.bus, replay.databases),
+                databases=replay.databases,
+                options={"path": replay.path, "realtime": replay.realtime},
+            )
+        )
+    if config.serial:
+        raise ConfigError(
+            "serial devices are not wired into the agent yet (issue 4)",
+            source=str(config.source) if config.source else None,
+            key="serial",
+        )
+    flows: dict[str, FlowConfig] = {}
+    owners: dict[str, str] = {}
+    for source in sources:
+        for flow in source.decoder.flows:
+            previous = flows.get(flow.name)
+            if previous is None:
+                flows[flow.name] = flow
+                owners[flow.name] = source.name
+            elif derive_flows_fingerprint([previous]) != derive_flows_fingerprint([flow]):
+                raise ConfigError(
+                    f"flow {flow.name!r} of {source.name!r} differs from the flow of that name "
+                    f"of {owners[flow.name]!r}; give the sources different bus names",
+                    source=str(config.source) if config.source else None,
+                )
+    fingerprint = derive_flows_fingerprint(flows.values())
+    client_key = config.ingestion_client_key or f"{config.asset}-{fingerprint[:16]}"
+    return AgentPlan(
+        config=config,
+        sources=tuple(sources),
+        flows=tuple(flows.values()),
+        client_key=client_key,
+        fingerprint=fingerprint,
+        warnings=tuple(warnings),
+    )
+
+
+class _LocalServer(Protocol):
+    port: int
+
+    def start(self) -> None: ...
+
+    def stop(self, grace: float | None = None) -> Any: ...
+
+
+class Agent:
+    """The running agent: local server, channel, ingestion service, run, ring, flusher, readers.
+
+    Args:
+        config: the validated config.
+        plan: a plan made earlier from the same config (default: made now).
+        env: the environment the API key variable is read from (default ``os.environ``).
+        flusher_settings: override the flusher settings derived from the config.
+        reader_factory: builds a reader for a source (tests; default: the registered kinds).
+        force_lazy_flow_creation: register flows when first seen whatever their size.
+
+    Raises:
+        ConfigError: see :func:`plan_agent`.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        plan: AgentPlan | None = None,
+        env: Mapping[str, str] | None = None,
+        flusher_settings: FlusherSettings | None = None,
+        force_lazy_flow_creation: bool = False,
+    ) -> None:
+        self.config = config
+        self.plan = plan or plan_agent(config)
+        self._env = env
+        self._force_lazy = force_lazy_flow_creation
+        flush = config.flush
+        self.flusher_settings = flusher_settings or FlusherSettings(
+            max_batch=flush.max_batch,
+            max_age_s=flush.max_age_ms / 1000.0,
+            checkpoint_seconds=flush.checkpoint_seconds,
+            checkpoint_records=flush.checkpoint_records,
+            retry_initial_s=flush.retry_initial_s,
+            retry_max_s=flush.retry_max_s,
+        )
+        self.server: _LocalServer | None = None
+        self.channel: Any = None
+        self.service: Any = None
+        self.run_id = ""
+        self.run_name = ""
+        self.ring: RingBuffer[Sample] = RingBuffer(config.ring.capacity, config.ring.policy)
+        self.flusher: Flusher | None = None
+        self.readers: list[ReaderABC] = []
+        self._stop_requested = threading.Event()
+        self._started_at = time.monotonic()
+        self._started = False
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def target_uri(self) -> str:
+        """Where the data goes, for humans (``local:/path/db.sqlite @127.0.0.1:port``)."""
+        target = self.config.target
+        if isinstance(target, LocalTarget):
+            port = self.server.port if self.server is not None else target.port
+            return f"local:{target.db_path} @{target.host}:{port}"
+        return f"sift:{target.uri}"
+
+    @property
+    def lazy_flow_creation(self) -> bool:
+        """Whether flows are registered when first seen (known once started)."""
+        return bool(self.service is not None and self.service.lazy_flow_creation)
+
+    @property
+    def finite(self) -> bool:
+        """True when every source is a recorded log."""
+        return bool(self.readers) and all(r.kind == "replay" for r in self.readers)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every part, in order; on failure, stop what was started.
+
+        Raises:
+            ConfigError: the API key cannot be read, or a reader cannot be built.
+            TransportError: the ingestion API cannot be reached or refuses the config or the run.
+        """
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self._started_at = time.monotonic()
+        try:
+            self._start()
+        except BaseException:
+            self._shutdown(drain=False)
+            raise
+
+    def _start(self) -> None:
+        from daq_agent.ingestion import IngestionService, use_sift_channel
+
+        config = self.config
+        target = config.target
+        if isinstance(target, LocalTarget):
+            from daq_agent.server.local import make_server
+
+            target.db_path.parent.mkdir(parents=True, exist_ok=True)
+            server = make_server(target.db_path, host=target.host, port=target.port)
+            server.start()
+            self.server = server
+            host = "127.0.0.1" if target.host in ("0.0.0.0", "") else target.host
+            channel_config: dict[str, Any] = {
+                "uri": f"{host}:{server.port}",
+                "apikey": "",
+                "use_ssl": False,
+            }
+            log.info("local ingestion server on %s:%d, store %s", host, server.port, target.db_path)
+        else:
+            assert isinstance(target, SiftTarget)
+            channel_config = {
+                "uri": target.uri,
+                "apikey": target.api_key(self._env),
+                "use_ssl": target.use_ssl,
+            }
+        self.channel = use_sift_channel(channel_config)  # type: ignore[arg-type]
+        telemetry = TelemetryConfig(
+            asset_name=config.asset,
+            ingestion_client_key=self.plan.client_key,
+            flows=list(self.plan.flows),
+        )
+        self.service = IngestionService(
+            self.channel, telemetry, force_lazy_flow_creation=self._force_lazy
+        )
+        if self.service.lazy_flow_creation:
+            log.info(
+                "%d flows do not fit one message: flows are registered when first seen",
+                len(self.plan.flows),
+            )
+        if config.run is not None:
+            self.run_name = config.run.render_name(config.asset)
+            self.service.attach_run(
+                self.channel,
+                self.run_name,
+                description=config.run.description or None,
+                tags=list(config.run.tags) or None,
+                metadata=dict(config.run.metadata) or None,
+            )
+            self.run_id = self.service.run_id or ""
+            log.info("run %r (%s)", self.run_name, self.run_id)
+        self.flusher = Flusher(
+            self.ring,
+            self._stream_opener(),
+            self._encoder(),
+            settings=self.flusher_settings,
+            register_flows=self._register_flows if self.service.lazy_flow_creation else None,
+            flows_by_name={f.name: f for f in self.plan.flows},
+        )
+        self.flusher.start()
+        for source in self.plan.sources:
+            self.readers.append(self._make_reader(source))
+        for reader in self.readers:
+            reader.start()
+
+    def _encoder(self) -> SampleEncoder:
+        config_id = self.service.ingestion_config.ingestion_config_id
+        return RequestEncoder(
+            config_id,
+            list(self.plan.flows),
+            run_id=self.run_id,
+            organization_id=self.service.organization_id or "",
+        )
+
+    def _stream_opener(self) -> Callable[[], DataStream]:
+        service = self.service
+        open_stream = getattr(service, "open_stream", None)
+        if callable(open_stream):
+            return open_stream  # type: ignore[no-any-return]
+        channel = self.channel
+
+        def opener() -> DataStream:
+            return GrpcDataStream(channel)
+
+        return opener
+
+    def _register_flows(self, flows: Sequence[FlowConfig]) -> None:
+        """Register flows first seen (lazy flow creation) through the service.
+
+        Raises:
+            TransportError: the API refused or could not be reached (the flusher retries).
+        """
+        self.service.register_flows(flows)
+
+    def _make_reader(self, source: SourcePlan) -> ReaderABC:
+        sink = cast(Sink, self.ring.put)  # put's bool (enqueued?) is counted by the ring
+        if source.kind == "can":
+            from daq_agent.readers.can import CanReader
+
+            return CanReader(source.name, source.options, source.decoder, sink)
+        if source.kind == "replay":
+            from daq_agent.readers.replay import ReplayReader
+
+            return ReplayReader(
+                source.name,
+                source.options["path"],
+                source.decoder,
+                sink,
+                realtime=bool(source.options["realtime"]),
+            )
+        raise ConfigError(f"unknown source kind {source.kind!r}", key=source.name)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`wait` to return (safe from a signal handler)."""
+        self._stop_requested.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        return self._stop_requested.is_set()
+
+    def sources_done(self) -> bool:
+        """True when every source is finite and has ended (or failed for good)."""
+        finals = (ReaderState.ENDED, ReaderState.FAILED, ReaderState.STOPPED)
+        return self.finite and all(r.state in finals for r in self.readers)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until a stop is requested or every (finite) source has ended.
+
+        Returns:
+            True if the agent should stop now, False on timeout.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._stop_requested.is_set() or self.sources_done():
+                return True
+            if self.flusher is not None and not self.flusher.is_alive() and self._started:
+                log.error("the flusher ended unexpectedly: %s", self.flusher.error)
+                return True
+            remaining = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if remaining <= 0:
+                return False
+            self._stop_requested.wait(remaining)
+
+    def stop(self, *, drain: bool = True) -> AgentStatus:
+        """Stop everything in reverse order; with ``drain``, deliver everything read first.
+
+        Idempotent. Returns the final status.
+        """
+        return self._shutdown(drain=drain)
+
+    def _shutdown(self, *, drain: bool) -> AgentStatus:
+        with self._lock:
+            if self._stopped:
+                return self.status()
+            self._stopped = True
+        self._stop_requested.set()
+        for reader in self.readers:
+            reader.stop()
+        self.ring.close()
+        if self.flusher is not None:
+            self.flusher.stop(drain=drain)
+        self._stop_run()
+        final = self.status()
+        if self.channel is not None:
+            self.channel.close()
+        if self.server is not None:
+            self.server.stop()
+        return final
+
+    def _stop_run(self) -> None:
+        if not self.run_id or self.channel is None:
+            return
+        try:
+            call = self.channel.unary_unary(
+                methods.STOP_RUN,
+                request_serializer=runs_pb2.StopRunRequest.SerializeToString,
+                response_deserializer=runs_pb2.StopRunResponse.FromString,
+            )
+            with self.channel.map_errors(methods.STOP_RUN):
+                call(runs_pb2.StopRunRequest(run_id=self.run_id), timeout=10.0)
+        except (DaqError, AttributeError) as exc:
+            log.warning("could not stop run %r: %s", self.run_name, exc)
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop(drain=exc_type is None or issubclass(exc_type, KeyboardInterrupt))
+
+    def __del__(self) -> None:
+        if getattr(self, "_started", False) and not getattr(self, "_stopped", True):
+            log.warning("agent was not properly shut down")
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def status(self) -> AgentStatus:
+        """A snapshot of every counter."""
+        sources = []
+        for reader in self.readers:
+            c = reader.counters
+            sources.append(
+                SourceStats(
+                    name=reader.name,
+                    kind=reader.kind,
+                    state=reader.state.value,
+                    received=c.get("received"),
+                    decoded=c.get("decoded"),
+                    unknown=c.get("unknown"),
+                    errors=sum(c.get(n) for n in _ERROR_COUNTERS),
+                    reopens=c.get("reopens"),
+                    last_error=c.last_error,
+                    counters=c.snapshot(),
+                )
+            )
+        rs = self.ring.stats()
+        flusher = self.flusher.stats() if self.flusher is not None else None
+        return AgentStatus(
+            time_s=time.monotonic(),
+            uptime_s=time.monotonic() - self._started_at,
+            sources=tuple(sources),
+            ring=RingStats(
+                capacity=rs.capacity,
+                depth=rs.depth,
+                high_water=rs.high_water,
+                put_count=rs.put_count,
+                got=rs.got,
+                dropped=rs.dropped,
+            ),
+            flusher=flusher or FlusherStats(),
+            run_name=self.run_name,
+            target=self.target_uri,
+        )
