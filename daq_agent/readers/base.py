@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Self
 
 from daq_agent.errors import ConfigError, ReaderError
 from daq_agent.pipeline.sample import Sample
@@ -48,8 +48,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[Sample], None]
-"""Where a reader hands its decoded samples (in practice ``RingBuffer.put``)."""
+Sink = Callable[[Sample], object]
+"""Where a reader hands its decoded samples (``RingBuffer.put``); its result is ignored."""
 
 ErrorCallback = Callable[["ReaderABC", BaseException], None]
 """Called from the reader thread with the reader and the error whenever the source fails."""
@@ -388,7 +388,7 @@ class ReaderABC(abc.ABC):
         self.wait_state(ReaderState.ENDED, ReaderState.FAILED, ReaderState.STOPPED, timeout=timeout)
         return self.ended
 
-    def __enter__(self) -> ReaderABC:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -1,0 +1,354 @@
+"""CanReader on a real python-can virtual bus: decoding, fault counting, timestamps, reopen."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import can
+import cantools
+import pytest
+
+from daq_agent.errors import DecodeError, ReaderError
+from daq_agent.pipeline.ring_buffer import RingBuffer
+from daq_agent.pipeline.sample import Sample
+from daq_agent.readers import BACKENDS, CanReader, ReaderABC, ReaderState, get_reader_class
+from daq_agent.readers.base import BackoffPolicy
+
+pytestmark = pytest.mark.integration
+
+DBC = """VERSION ""
+NS_ :
+BS_:
+BU_: ECU BMS
+
+BO_ 256 Engine: 8 ECU
+ SG_ Speed : 0|16@1+ (0.1,0) [0|6553.5] "km/h" BMS
+ SG_ Temp : 16|8@1- (1,-40) [-40|87] "degC" BMS
+ SG_ Mode : 24|2@1+ (1,0) [0|3] "" BMS
+ SG_ Enabled : 26|1@1+ (1,0) [0|1] "" BMS
+
+BO_ 2566848513 ExtStatus: 8 BMS
+ SG_ Counter : 0|32@1+ (1,0) [0|0] "" ECU
+ SG_ Voltage : 32|16@1+ (0.01,0) [0|400] "V" ECU
+
+BO_ 1 StdOne: 2 BMS
+ SG_ Word : 0|16@1+ (1,0) [0|0] "" ECU
+
+BO_ 768 FdData: 64 BMS
+ SG_ Big : 0|32@1+ (1,0) [0|100000] "" ECU
+ SG_ Last : 500|8@1+ (1,0) [0|255] "" ECU
+
+BA_DEF_ BO_ "VFrameFormat" ENUM "StandardCAN","ExtendedCAN","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","StandardCAN_FD","ExtendedCAN_FD";
+BA_DEF_DEF_ "VFrameFormat" "StandardCAN";
+BA_ "VFrameFormat" BO_ 768 14;
+VAL_ 256 Mode 0 "Off" 1 "Idle" 2 "Run" 3 "Fault" ;
+"""  # noqa: E501
+
+
+class CantoolsDecoder:
+    """A minimal decoder with the CanDecoder interface, built on cantools (reference values)."""
+
+    def __init__(self, db: Any) -> None:
+        self.by_id = {(m.frame_id, bool(m.is_extended_frame)): m for m in db.messages}
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | None:
+        """Decode with cantools; None for an unknown id, DecodeError for a bad frame."""
+        message = self.by_id.get((frame_id, is_extended))
+        if message is None:
+            return None
+        try:
+            values = message.decode(data, decode_choices=False)
+        except Exception as exc:
+            raise DecodeError(f"{message.name}: {exc}") from exc
+        return Sample(
+            message.name, timestamp_ns, tuple(values.get(s.name) for s in message.signals)
+        )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return predicate()
+
+
+@pytest.fixture
+def db() -> Any:
+    """The test database."""
+    return cantools.database.load_string(DBC, database_format="dbc")
+
+
+@pytest.fixture
+def channel() -> str:
+    """A virtual channel name no other test uses."""
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a reader thread running."""
+    yield
+    leaked = [t.name for t in threading.enumerate() if t.name.startswith("daq-reader[")]
+    assert not leaked, f"leaked reader threads: {leaked}"
+
+
+@pytest.fixture
+def sender(channel: str) -> Iterator[can.BusABC]:
+    """A bus on the test channel that keeps the timestamps it is given."""
+    with can.Bus(channel, interface="virtual", preserve_timestamps=True) as bus:
+        yield bus
+
+
+def make_reader(channel: str, db: Any, ring: RingBuffer[Sample], **kwargs: Any) -> CanReader:
+    """A CanReader on the virtual test channel feeding ``ring``."""
+    return CanReader(
+        "bus0",
+        {"interface": "virtual", "channel": channel},
+        CantoolsDecoder(db),
+        ring.put,
+        **kwargs,
+    )
+
+
+def test_every_frame_arrives_once_with_cantools_values(db: Any, channel: str, sender: Any) -> None:
+    """Each frame sent arrives once, in order, with cantools' values and the driver timestamp."""
+    ring: RingBuffer[Sample] = RingBuffer(10_000, "block")
+    rng = random.Random(7)
+    sent: list[tuple[str, int, dict[str, Any]]] = []
+    messages = list(db.messages)
+    base_ts = 1_700_000_000.0
+    with make_reader(channel, db, ring) as reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        for i in range(600):
+            message = messages[i % len(messages)]
+            raw = {
+                s.name: rng.randint(0, (1 << s.length) - 1)
+                if not s.is_signed
+                else rng.randint(-(1 << (s.length - 1)), (1 << (s.length - 1)) - 1)
+                for s in message.signals
+            }
+            data = message.encode(raw, scaling=False, strict=False)
+            ts = base_ts + i * 0.001 + 0.000123
+            sender.send(
+                can.Message(
+                    timestamp=ts,
+                    arbitration_id=message.frame_id,
+                    is_extended_id=message.is_extended_frame,
+                    is_fd=message.is_fd,
+                    data=data,
+                )
+            )
+            sent.append((message.name, round(ts * 1e6) * 1000, message.decode(data, False)))
+        assert wait_for(lambda: reader.counters.get("received") == 600)
+    got = ring.get_batch(10_000, timeout=0)
+    assert len(got) == 600
+    for sample, (name, ts_ns, values) in zip(got, sent, strict=True):
+        assert sample.flow == name
+        assert sample.timestamp_ns == ts_ns
+        message = db.get_message_by_name(name)
+        assert sample.values == tuple(values[s.name] for s in message.signals)
+    counters = reader.counters
+    assert counters.get("decoded") == 600
+    assert counters.get("unknown") == counters.get("decode_errors") == 0
+    assert reader.state is ReaderState.STOPPED
+
+
+def test_faulty_frames_are_counted_and_never_decoded(db: Any, channel: str, sender: Any) -> None:
+    """Unknown ids, error, remote and short frames are counted per id and never emitted."""
+    ring: RingBuffer[Sample] = RingBuffer(100)
+    engine = db.get_message_by_name("Engine")
+    good = engine.encode({"Speed": 12.3, "Temp": 20, "Mode": 2, "Enabled": 1})
+    frames = [
+        can.Message(arbitration_id=0x7FF, is_extended_id=False, data=b"\x00" * 8),  # unknown
+        can.Message(arbitration_id=0x7FF, is_extended_id=False, data=b"\x01" * 8),  # unknown
+        # 0x100 extended is not the standard Engine frame 0x100
+        can.Message(arbitration_id=0x100, is_extended_id=True, data=good),
+        # id 1 extended is unknown, id 1 standard is StdOne
+        can.Message(arbitration_id=0x1, is_extended_id=True, data=b"\x00\x00"),
+        can.Message(arbitration_id=0x40 | 0x80, is_error_frame=True, data=b"\x00" * 8),
+        can.Message(arbitration_id=0x100, is_extended_id=False, is_remote_frame=True, dlc=8),
+        can.Message(arbitration_id=0x100, is_extended_id=False, data=good[:3]),  # short
+        can.Message(arbitration_id=0x100, is_extended_id=False, data=good),  # the one good frame
+    ]
+    with make_reader(channel, db, ring) as reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        for frame in frames:
+            sender.send(frame)
+        assert wait_for(lambda: reader.counters.get("received") == len(frames))
+    samples = ring.get_batch(100, timeout=0)
+    assert [s.flow for s in samples] == ["Engine"]
+    assert samples[0].values == (12.3, 20, 2, 1)
+    snap = reader.counters.snapshot()
+    assert snap["decoded"] == 1
+    assert snap["unknown"] == 4
+    assert snap["unknown_ids"] == {"7FF": 2, "00000100x": 1, "00000001x": 1}
+    assert snap["error_frames"] == 1
+    assert snap["error_classes"] == {"bus_off": 1, "bus_error": 1}
+    assert snap["remote_frames"] == 1
+    assert snap["remote_ids"] == {"100": 1}
+    assert snap["decode_errors"] == 1
+    assert snap["decode_error_ids"] == {"100": 1}
+    assert "Wrong data size" in reader.last_decode_error
+    assert snap["received"] == (
+        snap["decoded"]
+        + snap["unknown"]
+        + snap["decode_errors"]
+        + snap["error_frames"]
+        + snap["remote_frames"]
+    )
+
+
+def test_per_id_map_is_bounded(db: Any, channel: str, sender: Any) -> None:
+    """Beyond key_limit distinct unknown ids, the rest are counted under 'other'."""
+    ring: RingBuffer[Sample] = RingBuffer(10)
+    with make_reader(channel, db, ring, key_limit=4) as reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        for frame_id in range(0x600, 0x60A):
+            sender.send(can.Message(arbitration_id=frame_id, is_extended_id=False, data=b"\0"))
+        assert wait_for(lambda: reader.counters.get("received") == 10)
+    unknown = reader.counters.keyed("unknown_ids").snapshot()
+    assert len(unknown) == 5
+    assert unknown["other"] == 6
+    assert sum(unknown.values()) == 10
+
+
+def test_frame_without_driver_timestamp_gets_host_time(db: Any, channel: str, sender: Any) -> None:
+    """A frame with timestamp 0 is stamped from the host clock, in ns near now."""
+    ring: RingBuffer[Sample] = RingBuffer(10)
+    data = db.get_message_by_name("StdOne").encode({"Word": 513})
+    with make_reader(channel, db, ring) as reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        before = time.time_ns()
+        sender.send(can.Message(timestamp=0.0, arbitration_id=1, is_extended_id=False, data=data))
+        got = ring.get_batch(1, timeout=5)
+        after = time.time_ns()
+    assert len(got) == 1
+    assert got[0].values == (513,)
+    # the host clock is anchored once, so allow a little drift against time.time_ns()
+    assert before - 50_000_000 <= got[0].timestamp_ns <= after + 50_000_000
+
+
+def test_bus_shut_down_under_the_reader_is_reopened(db: Any, channel: str, sender: Any) -> None:
+    """When the bus goes away the reader reports it, backs off, reopens and keeps reading."""
+    ring: RingBuffer[Sample] = RingBuffer(100)
+    errors: list[BaseException] = []
+    data = db.get_message_by_name("StdOne").encode({"Word": 1})
+    frame = can.Message(arbitration_id=1, is_extended_id=False, data=data)
+    reader = make_reader(
+        channel,
+        db,
+        ring,
+        on_error=lambda _r, exc: errors.append(exc),
+        backoff=BackoffPolicy(initial=0.01, maximum=0.05),
+    )
+    with reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        sender.send(frame)
+        assert len(ring.get_batch(1, timeout=5)) == 1
+        bus = reader.bus
+        assert bus is not None
+        bus.shutdown()  # the interface disappears under the reader
+        assert wait_for(lambda: reader.counters.get("reopens") == 1)
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        sender.send(frame)
+        assert len(ring.get_batch(1, timeout=5)) == 1
+    assert len(errors) == 1
+    assert isinstance(errors[0], can.CanError)
+    assert reader.counters.get("failures") == 1
+    assert "closed bus" in reader.counters.last_error
+
+
+def test_interface_that_fails_to_open_is_retried_with_backoff(db: Any) -> None:
+    """An interface that cannot be opened is retried (failures counted) until the reader stops."""
+    ring: RingBuffer[Sample] = RingBuffer(10)
+    # No SocketCAN on this machine (or no such device): opening raises OSError every time.
+    reader = CanReader(
+        "absent",
+        {"interface": "socketcan", "channel": "daqabsent0"},
+        CantoolsDecoder(db),
+        ring.put,
+        backoff=BackoffPolicy(initial=0.01, maximum=0.02),
+    )
+    with reader:
+        assert wait_for(lambda: reader.counters.get("failures") >= 3)
+        assert reader.state in (ReaderState.BACKOFF, ReaderState.OPENING)
+    assert reader.wait_state(ReaderState.STOPPED, timeout=0)
+    assert reader.counters.get("opens") == 0
+    assert reader.counters.last_error.startswith("open: ")
+
+
+def test_unknown_interface_fails_without_retry(db: Any) -> None:
+    """An interface python-can does not know is a configuration error: the reader fails once."""
+    ring: RingBuffer[Sample] = RingBuffer(10)
+    reader = CanReader(
+        "bad", {"interface": "no-such-interface", "channel": "x"}, CantoolsDecoder(db), ring.put
+    )
+    with reader:
+        assert reader.wait_state(ReaderState.FAILED, timeout=5)
+    assert reader.counters.get("failures") == 1
+    assert not reader.ended
+    assert "no-such-interface" in reader.counters.last_error
+
+
+def test_stop_is_idempotent_and_prompt(db: Any, channel: str) -> None:
+    """stop() joins the named thread quickly, can be repeated, and the reader cannot restart."""
+    ring: RingBuffer[Sample] = RingBuffer(10)
+    reader = make_reader(channel, db, ring)
+    reader.start()
+    reader.start()  # no second thread
+    names = [t.name for t in threading.enumerate() if t.name == "daq-reader[bus0]"]
+    assert names == ["daq-reader[bus0]"]
+    assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+    started = time.monotonic()
+    assert reader.stop(timeout=5)
+    assert time.monotonic() - started < 2
+    assert reader.stop()
+    reader.shutdown()
+    assert not reader.is_alive()
+    assert reader.bus is None
+    with pytest.raises(ReaderError, match="shut down"):
+        reader.start()
+
+
+def test_sink_failure_is_counted_not_fatal(db: Any, channel: str, sender: Any) -> None:
+    """A sink that raises is counted in sink_errors; the reader keeps reading."""
+    seen: list[Sample] = []
+
+    def sink(sample: Sample) -> None:
+        seen.append(sample)
+        if len(seen) == 1:
+            raise RuntimeError("sink broke once")
+
+    data = db.get_message_by_name("StdOne").encode({"Word": 2})
+    reader = CanReader(
+        "bus0", {"interface": "virtual", "channel": channel}, CantoolsDecoder(db), sink
+    )
+    with reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        for _ in range(3):
+            sender.send(can.Message(arbitration_id=1, is_extended_id=False, data=data))
+        assert wait_for(lambda: len(seen) == 3)
+        assert reader.state is ReaderState.RUNNING
+    assert reader.counters.get("sink_errors") == 1
+
+
+def test_backend_registry_resolves_lazily() -> None:
+    """BACKENDS maps kinds to classes; a missing module becomes a ReaderError."""
+    assert get_reader_class("can") is CanReader
+    assert issubclass(get_reader_class("replay"), ReaderABC)
+    BACKENDS["broken-test-kind"] = "daq_agent.readers.no_such_module:Nope"
+    try:
+        with pytest.raises(ReaderError, match="broken-test-kind"):
+            get_reader_class("broken-test-kind")
+    finally:
+        del BACKENDS["broken-test-kind"]
