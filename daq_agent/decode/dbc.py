@@ -137,25 +137,37 @@ def _captured_cantools_logs(source: str, into: list[DatabaseWarning]) -> Iterato
 
 
 def _load_other(text: str, fmt: str | None, source: str) -> Database:
+    loaded: object
     try:
-        database = cantools.database.load_string(text, database_format=fmt, strict=False)
-    except textparser.ParseError as exc:
-        raise _syntax_error(exc, source) from exc
-    except XmlParseError as exc:
-        line, column = exc.position
-        raise ConfigError(
-            f"XML syntax error at column {column + 1}: {exc.msg}", source=source, line=line
-        ) from exc
+        if fmt is None:
+            loaded = cantools.database.load_string(text, strict=False)
+        else:
+            loaded = Database(strict=False)
+            getattr(loaded, f"add_{fmt}_string")(text)
     except UnsupportedDatabaseFormatError as exc:
         for inner in (exc.e_dbc, exc.e_sym, exc.e_kcd, exc.e_arxml):
-            if isinstance(inner, textparser.ParseError):
-                raise _syntax_error(inner, source) from exc
-        raise ConfigError(f"not a CAN database cantools can read: {exc}", source=source) from exc
+            if isinstance(inner, textparser.ParseError | XmlParseError):
+                raise _parse_error(inner, source) from exc
+        raise ConfigError(
+            f"not a CAN database cantools can read: {_one_line(exc)}", source=source
+        ) from exc
+    except (textparser.ParseError, XmlParseError) as exc:
+        raise _parse_error(exc, source) from exc
     except Exception as exc:  # cantools raises many types for a malformed file
         raise ConfigError(f"cannot load database: {_one_line(exc)}", source=source) from exc
-    if not isinstance(database, Database):
+    if not isinstance(loaded, Database):
         raise ConfigError("not a CAN database (a diagnostics database?)", source=source)
-    return database
+    return loaded
+
+
+def _parse_error(exc: textparser.ParseError | XmlParseError, source: str) -> ConfigError:
+    if isinstance(exc, textparser.ParseError):
+        return _syntax_error(exc, source)
+    line, column = exc.position
+    reason = str(exc).split(":")[0]
+    return ConfigError(
+        f"XML syntax error at column {column + 1}: {reason}", source=source, line=line
+    )
 
 
 def _one_line(exc: BaseException) -> str:
