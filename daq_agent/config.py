@@ -33,7 +33,7 @@ tuning of the ring buffer and the flusher::
     serial:
       - {name: gps, port: /dev/ttyUSB0, baudrate: 9600, defs: serial/gps.yaml}
     ring: {capacity: 65536, policy: drop_oldest}      # or block
-    flush: {max_batch: 2000, max_age_ms: 50, checkpoint_seconds: 5, checkpoint_records: 200000}
+    flush: {max_batch: 2000, max_age_ms: 50, checkpoint_seconds: 1, checkpoint_records: 200000}
 
 Relative paths resolve against the directory of the config file. API keys never appear in the YAML:
 ``sift.api_key_env`` names an environment variable, ``sift.api_key_file`` a file holding the key.
@@ -321,7 +321,7 @@ class FlushConfig:
 
     max_batch: int = 2000
     max_age_ms: int = 50
-    checkpoint_seconds: float = 5.0
+    checkpoint_seconds: float = 1.0
     checkpoint_records: int = 200_000
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
@@ -333,7 +333,7 @@ class NamingConfig:
 
     Attributes:
         can_flow: the flow name of a CAN message: ``{bus}``, ``{message}``, ``{frame_id}``
-            (hex, no prefix) are replaced.
+            (an int: ``{frame_id:X}``) are replaced.
         serial_flow: the flow name of a serial frame type: ``{device}``, ``{frame}``.
     """
 

@@ -1,0 +1,165 @@
+"""``daq-agent run CONFIG [--duration S]``: run the agent until stopped.
+
+On a terminal a one-line live status (frames/s in, decoded, unknown, queued, delivered) is
+refreshed about twice a second; otherwise the status is logged every ``--log-interval`` seconds.
+SIGINT and SIGTERM stop the readers and drain what was read before exiting; a second signal
+abandons the drain. When every source is a recorded log, the run ends by itself once they have
+ended and everything is delivered. A summary is printed at the end.
+
+Exit codes: 0 when everything read was delivered, 1 when samples were abandoned (the API never
+acknowledged them) or the API could not be reached, 2 for an invalid config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from daq_agent.config import load_config
+from daq_agent.errors import TransportError
+from daq_agent.pipeline.agent import Agent
+from daq_agent.pipeline.status import AgentStatus
+
+__all__ = ["add_subparser", "drive_agent", "stop_signals"]
+
+log = logging.getLogger("daq_agent.run")
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+
+
+def add_subparser(subparsers: Any) -> None:
+    """Register ``run``."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run the agent (until stopped, --duration, or the end of every replayed log)",
+        description="Read, decode and deliver frames as configured.",
+    )
+    parser.add_argument("config", type=Path, metavar="CONFIG", help="agent config (YAML)")
+    parser.add_argument(
+        "--duration", type=float, default=None, metavar="S", help="stop after S seconds"
+    )
+    parser.add_argument(
+        "--log-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="status log period when not on a terminal (10)",
+    )
+    parser.add_argument(
+        "--no-live", action="store_true", help="no live status line even on a terminal"
+    )
+    parser.set_defaults(func=_do_run)
+
+
+@contextlib.contextmanager
+def stop_signals(agent: Agent) -> Iterator[None]:
+    """While active, SIGINT/SIGTERM request a drained stop; a second one abandons the drain."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    count = 0
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        nonlocal count
+        count += 1
+        if count == 1:
+            agent.request_stop()
+        else:
+            if agent.flusher is not None:
+                agent.flusher.stop(drain=False, timeout=0)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def drive_agent(
+    agent: Agent,
+    *,
+    duration: float | None,
+    out: TextIO,
+    live: bool,
+    log_interval: float = 10.0,
+    refresh: float = 0.5,
+) -> AgentStatus:
+    """Wait until the agent should stop (duration, signal, finite sources ended), showing status.
+
+    The agent must be started; it is stopped (drained) before returning.
+
+    Returns:
+        The final status.
+    """
+    deadline = None if duration is None else time.monotonic() + duration
+    previous: AgentStatus | None = None
+    last_log = time.monotonic()
+    width = 0
+    try:
+        while True:
+            step = refresh if live else min(refresh * 2, 1.0)
+            if deadline is not None:
+                step = min(step, max(0.0, deadline - time.monotonic()))
+            if agent.wait(step):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            status = agent.status()
+            if live:
+                text = status.line(previous)
+                out.write("\r" + text.ljust(width))
+                out.flush()
+                width = len(text)
+                previous = status
+            elif time.monotonic() - last_log >= log_interval:
+                log.info("%s", status.line(previous))
+                previous = status
+                last_log = time.monotonic()
+    finally:
+        if live and width:
+            out.write("\r" + " " * width + "\r")
+            out.flush()
+        final = agent.stop()
+    return final
+
+
+def _do_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    agent = Agent(config)
+    for warning in agent.plan.warnings:
+        log.warning("%s", warning)
+    live = not args.no_live and sys.stdout.isatty()
+    with stop_signals(agent):
+        try:
+            agent.start()
+        except TransportError as exc:
+            print(f"daq-agent run: cannot reach the ingestion API: {exc}", file=sys.stderr)
+            return EXIT_INCOMPLETE
+        print(
+            f"daq-agent: asset {config.asset}, {len(agent.readers)} sources, "
+            f"{len(agent.plan.flows)} flows"
+            + (" (lazy flow creation)" if agent.lazy_flow_creation else "")
+            + f", run {agent.run_name or '(none)'} -> {agent.target_uri}",
+            flush=True,
+        )
+        final = drive_agent(
+            agent,
+            duration=args.duration,
+            out=sys.stdout,
+            live=live,
+            log_interval=args.log_interval,
+        )
+    for line in final.summary():
+        print(line)
+    return EXIT_OK if final.flusher.abandoned == 0 and final.balanced else EXIT_INCOMPLETE
