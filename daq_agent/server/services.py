@@ -1,0 +1,727 @@
+"""The local ingestion server's services: Sift's ingest, ingestion-config, run and ping RPCs.
+
+Handlers take and return serialized protobuf bytes (the seam in :mod:`daq_agent.server.rpc`) and
+run on the server's one thread, so the caches here need no lock.
+
+The ingest stream is the hot path (tens of thousands of requests per second). Each request is parsed
+once, with a *shadow* message that has the wire layout of ``IngestWithConfigDataStreamRequest`` but
+keeps ``channel_values`` as raw bytes: the first byte of each value is its oneof tag, so the types
+of all values are checked by comparing one ``bytes`` signature with the flow's cached accepted
+signatures. Anything the fast path does not accept is decided by the full, authoritative parse.
+The request is stored as received (see :mod:`daq_agent.server.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from google.protobuf.message import Message
+
+from daq_agent import methods
+from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
+from daq_agent._proto.sift.ingest.v1 import ingest_pb2
+from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
+from daq_agent._proto.sift.ping.v1 import ping_pb2
+from daq_agent._proto.sift.runs.v2 import runs_pb2
+from daq_agent.errors import DaqError
+from daq_agent.server.rpc import (
+    CallContext,
+    RpcError,
+    StreamHandler,
+    StreamHandlerFactory,
+    UnaryHandler,
+)
+from daq_agent.server.store import (
+    FlowRecord,
+    IngestionConfigRecord,
+    RunRecord,
+    SampleRow,
+    Store,
+    ValidationErrorRecord,
+)
+
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "LocalServices", "parse_filter"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 10_000
+PING_RESPONSE = "daq-agent local ingestion server"
+
+# Oneof tag byte ((field number << 3) | wire type) of each IngestWithConfigDataChannelValue field.
+_TAG_BY_FIELD = {
+    "string": 0x0A,
+    "double": 0x11,
+    "float": 0x1D,
+    "bool": 0x20,
+    "int32": 0x28,
+    "uint32": 0x30,
+    "int64": 0x38,
+    "uint64": 0x40,
+    "bit_field": 0x4A,
+    "enum": 0x50,
+    "empty": 0x5A,
+    "bytes": 0x62,
+}
+_EMPTY_TAG = _TAG_BY_FIELD["empty"]
+_FIELD_BY_TYPE = {
+    cdt.CHANNEL_DATA_TYPE_DOUBLE: "double",
+    cdt.CHANNEL_DATA_TYPE_STRING: "string",
+    cdt.CHANNEL_DATA_TYPE_ENUM: "enum",
+    cdt.CHANNEL_DATA_TYPE_BIT_FIELD: "bit_field",
+    cdt.CHANNEL_DATA_TYPE_BOOL: "bool",
+    cdt.CHANNEL_DATA_TYPE_FLOAT: "float",
+    cdt.CHANNEL_DATA_TYPE_INT_32: "int32",
+    cdt.CHANNEL_DATA_TYPE_UINT_32: "uint32",
+    cdt.CHANNEL_DATA_TYPE_INT_64: "int64",
+    cdt.CHANNEL_DATA_TYPE_UINT_64: "uint64",
+    cdt.CHANNEL_DATA_TYPE_BYTES: "bytes",
+}
+_MAX_SIGNATURES = 4096  # accepted value signatures cached per flow (multiplexed flows vary)
+
+
+def _shadow_request_class() -> Any:
+    """A message with the wire layout of IngestWithConfigDataStreamRequest, values kept as bytes."""
+    f = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(
+        name="daq_agent/server/shadow_ingest.proto", package="daq_agent.shadow", syntax="proto3"
+    )
+    ts = file.message_type.add(name="Timestamp")
+    ts.field.add(name="seconds", number=1, type=f.TYPE_INT64, label=f.LABEL_OPTIONAL)
+    ts.field.add(name="nanos", number=2, type=f.TYPE_INT32, label=f.LABEL_OPTIONAL)
+    req = file.message_type.add(name="Request")
+    for name, number, kind, label in (
+        ("ingestion_config_id", 1, f.TYPE_BYTES, f.LABEL_OPTIONAL),
+        ("flow", 2, f.TYPE_BYTES, f.LABEL_OPTIONAL),
+        ("timestamp", 3, f.TYPE_MESSAGE, f.LABEL_OPTIONAL),
+        ("channel_values", 4, f.TYPE_BYTES, f.LABEL_REPEATED),
+        ("run_id", 5, f.TYPE_BYTES, f.LABEL_OPTIONAL),
+        ("end_stream_on_validation_error", 6, f.TYPE_BOOL, f.LABEL_OPTIONAL),
+        ("organization_id", 7, f.TYPE_BYTES, f.LABEL_OPTIONAL),
+    ):
+        added = req.field.add(name=name, number=number, type=kind, label=label)
+        if kind == f.TYPE_MESSAGE:
+            added.type_name = ".daq_agent.shadow.Timestamp"
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("daq_agent.shadow.Request"))
+
+
+_ShadowRequest = _shadow_request_class()
+_parse_shadow: Callable[[bytes], Any] = _ShadowRequest.FromString
+_parse_request = ingest_pb2.IngestWithConfigDataStreamRequest.FromString
+_INGEST_RESPONSE = ingest_pb2.IngestWithConfigDataStreamResponse().SerializeToString()
+
+
+# -- filters and paging ------------------------------------------------------------------------
+
+_TERM = re.compile(
+    r"""\s*([A-Za-z_][A-Za-z0-9_.]*)\s*==\s*("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')\s*"""
+)
+_AND = re.compile(r"&&")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def parse_filter(text: str, allowed: frozenset[str]) -> dict[str, str]:
+    """Parse a CEL-like filter: ``field == "value"`` terms joined by ``&&``; empty means all.
+
+    Raises:
+        RpcError: INVALID_ARGUMENT for a syntax error or a field not in ``allowed``.
+    """
+    terms: dict[str, str] = {}
+    if not text.strip():
+        return terms
+    pos = 0
+    while True:
+        match = _TERM.match(text, pos)
+        if match is None:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f'unsupported filter {text!r} at offset {pos}: expected field == "value"',
+            )
+        name, quoted = match.groups()
+        if name not in allowed:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"cannot filter on {name!r} (supported: {', '.join(sorted(allowed))})",
+            )
+        terms[name] = _ESCAPE.sub(r"\1", quoted[1:-1])
+        pos = match.end()
+        if pos == len(text):
+            return terms
+        more = _AND.match(text, pos)
+        if more is None:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unsupported filter {text!r} at offset {pos}: expected &&",
+            )
+        pos = more.end()
+
+
+def _page(page_size: int, page_token: str) -> tuple[int, int]:
+    """(limit, after pk) from a request's paging fields."""
+    limit = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+    if not page_token:
+        return limit, 0
+    if not page_token.isdigit():
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token {page_token!r}")
+    return limit, int(page_token)
+
+
+def _next_token(pks: list[int], limit: int) -> str:
+    return str(pks[limit - 1]) if len(pks) > limit else ""
+
+
+def _parse(message_class: type[Message], data: bytes) -> Any:
+    try:
+        return message_class.FromString(data)
+    except ProtobufDecodeError as exc:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}") from exc
+
+
+def _timestamp_ns(message: Any, name: str) -> int | None:
+    if not message.HasField(name):
+        return None
+    ts = getattr(message, name)
+    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
+
+
+def _set_timestamp(target: Any, ns: int) -> None:
+    target.seconds, target.nanos = divmod(ns, 1_000_000_000)
+
+
+# -- ingestion cache ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Flow:
+    """A flow as the ingest path needs it."""
+
+    pk: int
+    name: str
+    ingestion_config_id: str
+    channel_names: tuple[str, ...]
+    fields: tuple[str, ...]
+    """The value oneof field of each channel, in order."""
+    expected: bytes
+    """The value signature with no empty value."""
+    accepted: set[bytes] = field(default_factory=set)
+
+    @classmethod
+    def from_record(cls, record: FlowRecord) -> _Flow:
+        channels = record.flow_config().channels
+        fields = tuple(_FIELD_BY_TYPE.get(c.data_type, "?") for c in channels)
+        expected = bytes(_TAG_BY_FIELD.get(f, 0) for f in fields)
+        return cls(
+            pk=record.pk,
+            name=record.name,
+            ingestion_config_id=record.ingestion_config_id,
+            channel_names=tuple(c.name for c in channels),
+            fields=fields,
+            expected=expected,
+            accepted={expected},
+        )
+
+
+class _IngestStream:
+    """One IngestWithConfigDataStream call."""
+
+    __slots__ = ("_ctx", "_index", "_services")
+
+    def __init__(self, services: LocalServices, ctx: CallContext) -> None:
+        self._services = services
+        self._ctx = ctx
+        self._index = 0
+
+    def on_messages(self, messages: list[bytes]) -> None:
+        """Validate and write a batch of requests (committed at the end or periodically).
+
+        Raises:
+            RpcError: INVALID_ARGUMENT for a malformed request, or for an invalid one that asks
+                to end the stream on validation errors.
+        """
+        services = self._services
+        flows = services.flows
+        runs = services.runs
+        rows: list[SampleRow] = []
+        append = rows.append
+        index = self._index
+        try:
+            for raw in messages:
+                try:
+                    request = _parse_shadow(raw)
+                except ProtobufDecodeError as exc:
+                    raise RpcError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed request {index}: {exc}"
+                    ) from exc
+                flow = flows.get((request.ingestion_config_id, request.flow))
+                run_id = request.run_id
+                run_pk = runs.get(run_id) if run_id else 0
+                signature = None
+                try:
+                    signature = bytes([value[0] for value in request.channel_values])
+                except IndexError:
+                    pass  # a value with no type: decided by the slow path
+                ts = request.timestamp
+                timestamp_ns = ts.seconds * 1_000_000_000 + ts.nanos
+                if (
+                    flow is None
+                    or run_pk is None
+                    or signature not in flow.accepted
+                    or timestamp_ns <= 0
+                ):
+                    accepted = services.check_request(raw, request, index, self._ctx)
+                    if accepted is None:
+                        index += 1
+                        continue
+                    flow, run_pk = accepted
+                append((flow.pk, run_pk, timestamp_ns, raw))
+                index += 1
+        finally:
+            self._index = index
+            services.write(rows)
+
+    def on_end(self) -> bytes:
+        """Commit everything written so far and answer OK."""
+        self._services.store.commit()
+        return _INGEST_RESPONSE
+
+    def on_abort(self) -> None:
+        """Commit what the stream delivered before it broke (a re-send is deduplicated)."""
+        self._services.store.commit()
+
+
+# -- the services ------------------------------------------------------------------------------
+
+
+class LocalServices:
+    """Every RPC of the local ingestion server, over one :class:`Store`.
+
+    Args:
+        store: the writable store; the services commit to it.
+        commit_interval: seconds between commits while streams are open (a stream's end always
+            commits).
+        commit_rows: sample rows after which a commit happens regardless of time.
+    """
+
+    def __init__(
+        self, store: Store, *, commit_interval: float = 1.0, commit_rows: int = 200_000
+    ) -> None:
+        self.store = store
+        self.commit_interval = commit_interval
+        self.commit_rows = commit_rows
+        self.flows: dict[tuple[bytes, bytes], _Flow] = {}
+        self.runs: dict[bytes, int] = {}
+        self._last_commit = time.monotonic()
+        self.validation_errors = 0
+
+    def unary_handlers(self) -> dict[str, UnaryHandler]:
+        """The unary handlers by method path."""
+        return {
+            methods.GET_INGESTION_CONFIG: self.get_ingestion_config,
+            methods.CREATE_INGESTION_CONFIG: self.create_ingestion_config,
+            methods.LIST_INGESTION_CONFIGS: self.list_ingestion_configs,
+            methods.CREATE_INGESTION_CONFIG_FLOWS: self.create_ingestion_config_flows,
+            methods.LIST_INGESTION_CONFIG_FLOWS: self.list_ingestion_config_flows,
+            methods.GET_RUN: self.get_run,
+            methods.LIST_RUNS: self.list_runs,
+            methods.CREATE_RUN: self.create_run,
+            methods.STOP_RUN: self.stop_run,
+            methods.PING: self.ping,
+        }
+
+    def stream_handlers(self) -> dict[str, StreamHandlerFactory]:
+        """The client-streaming handler factories by method path."""
+        return {methods.INGEST_WITH_CONFIG_DATA_STREAM: self.ingest_stream}
+
+    def ingest_stream(self, ctx: CallContext) -> StreamHandler:
+        """Start one IngestWithConfigDataStream call."""
+        return _IngestStream(self, ctx)
+
+    # -- ingest internals ----------------------------------------------------------------------
+
+    def write(self, rows: list[SampleRow]) -> None:
+        """Write accepted samples; commit when the interval or the row budget is reached."""
+        store = self.store
+        store.insert_samples(rows)
+        now = time.monotonic()
+        if store.pending >= self.commit_rows or (
+            store.pending and now - self._last_commit >= self.commit_interval
+        ):
+            store.commit()
+            self._last_commit = now
+
+    def check_request(
+        self, raw: bytes, shadow: Any, index: int, ctx: CallContext
+    ) -> tuple[_Flow, int] | None:
+        """The slow path: resolve and validate one request; (flow, run pk), or None if refused.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT when the request is invalid and asks to end the stream.
+        """
+        try:
+            request = _parse_request(raw)
+        except ProtobufDecodeError as exc:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed request {index}: {exc}"
+            ) from exc
+        reason, flow, run_pk = self._validate(request, shadow)
+        if reason is None:
+            assert flow is not None
+            return flow, run_pk
+        self.validation_errors += 1
+        self.store.insert_validation_errors(
+            [
+                ValidationErrorRecord(
+                    time_ns=time.time_ns(),
+                    ingestion_config_id=request.ingestion_config_id,
+                    flow=request.flow,
+                    run_id=request.run_id,
+                    request_index=index,
+                    reason=reason,
+                    peer=ctx.peer,
+                )
+            ]
+        )
+        if self.validation_errors <= 10 or self.validation_errors % 1000 == 0:
+            log.warning(
+                "validation error #%d from %s: %s", self.validation_errors, ctx.peer, reason
+            )
+        if request.end_stream_on_validation_error:
+            self.store.commit()
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, reason)
+        return None
+
+    def _validate(
+        self, request: ingest_pb2.IngestWithConfigDataStreamRequest, shadow: Any
+    ) -> tuple[str | None, _Flow | None, int]:
+        config_id = request.ingestion_config_id
+        flow_name = request.flow
+        flow = self.flows.get((shadow.ingestion_config_id, shadow.flow))
+        if flow is None:
+            if self.store.get_ingestion_config(config_id) is None:
+                return f"unknown ingestion config {config_id!r}", None, 0
+            record = self.store.get_flow(config_id, flow_name)
+            if record is None:
+                return f"unknown flow {flow_name!r} in ingestion config {config_id!r}", None, 0
+            flow = _Flow.from_record(record)
+            self.flows[(shadow.ingestion_config_id, shadow.flow)] = flow
+        run_pk = 0
+        if request.run_id:
+            cached = self.runs.get(shadow.run_id)
+            if cached is None:
+                run = self.store.get_run(request.run_id)
+                if run is None:
+                    return f"unknown run {request.run_id!r}", flow, 0
+                cached = self.runs[shadow.run_id] = run.pk
+            run_pk = cached
+        if not request.HasField("timestamp"):
+            return f"request for flow {flow_name!r} has no timestamp", flow, run_pk
+        timestamp_ns = _timestamp_ns(request, "timestamp")
+        if timestamp_ns is None or timestamp_ns <= 0:
+            return f"request for flow {flow_name!r} has a timestamp before 1970", flow, run_pk
+        values = request.channel_values
+        if len(values) != len(flow.fields):
+            return (
+                (
+                    f"flow {flow_name!r} has {len(flow.fields)} channels,"
+                    f" the request has {len(values)} values"
+                ),
+                flow,
+                run_pk,
+            )
+        for i, value in enumerate(values):
+            kind = value.WhichOneof("type")
+            if kind != flow.fields[i] and kind != "empty":
+                return (
+                    (
+                        f"value {i} of flow {flow_name!r} (channel {flow.channel_names[i]!r})"
+                        f" is {kind or 'not set'}, expected {flow.fields[i]}"
+                    ),
+                    flow,
+                    run_pk,
+                )
+        try:
+            signature = bytes([v[0] for v in shadow.channel_values])
+        except IndexError:
+            signature = b""
+        if (
+            len(flow.accepted) < _MAX_SIGNATURES
+            and all(
+                got in (want, _EMPTY_TAG)
+                for got, want in zip(signature, flow.expected, strict=False)
+            )
+            and len(signature) == len(flow.expected)
+        ):
+            flow.accepted.add(signature)
+        return None, flow, run_pk
+
+    # -- ingestion configs ---------------------------------------------------------------------
+
+    def _config_or_404(self, ingestion_config_id: str) -> IngestionConfigRecord:
+        record = self.store.get_ingestion_config(ingestion_config_id)
+        if record is None:
+            raise RpcError(
+                grpc.StatusCode.NOT_FOUND, f"ingestion config {ingestion_config_id!r} not found"
+            )
+        return record
+
+    @staticmethod
+    def _config_pb(record: IngestionConfigRecord) -> ic_pb2.IngestionConfig:
+        return ic_pb2.IngestionConfig(
+            ingestion_config_id=record.ingestion_config_id,
+            asset_id=record.asset_id,
+            client_key=record.client_key,
+        )
+
+    @staticmethod
+    def _check_flows(flows: Any) -> list[tuple[str, bytes]]:
+        seen: set[str] = set()
+        checked: list[tuple[str, bytes]] = []
+        for i, flow in enumerate(flows):
+            if not flow.name:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"flows[{i}]: name is empty")
+            if flow.name in seen:
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"flow {flow.name!r} appears twice"
+                )
+            seen.add(flow.name)
+            channels: set[str] = set()
+            for j, channel in enumerate(flow.channels):
+                where = f"flow {flow.name!r} channels[{j}]"
+                if not channel.name:
+                    raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: name is empty")
+                if channel.name in channels:
+                    raise RpcError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{where}: channel {channel.name!r} appears twice",
+                    )
+                channels.add(channel.name)
+                if channel.data_type not in _FIELD_BY_TYPE:
+                    raise RpcError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{where}: invalid data type {channel.data_type}",
+                    )
+            checked.append((flow.name, flow.SerializeToString()))
+        return checked
+
+    def create_ingestion_config(self, data: bytes, ctx: CallContext) -> bytes:
+        """CreateIngestionConfig: a new config (its asset created by name if new) and its flows.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (no asset name, bad flows), ALREADY_EXISTS (client key).
+        """
+        request: ic_pb2.CreateIngestionConfigRequest = _parse(
+            ic_pb2.CreateIngestionConfigRequest, data
+        )
+        if not request.asset_name:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "asset_name is required")
+        flows = self._check_flows(request.flows)
+        if request.client_key and self.store.list_ingestion_configs(
+            {"client_key": request.client_key}, limit=1
+        ):
+            raise RpcError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"an ingestion config with client key {request.client_key!r} exists",
+            )
+        try:
+            record = self.store.create_ingestion_config(
+                asset_name=request.asset_name,
+                client_key=request.client_key,
+                organization_id=request.organization_id,
+            )
+            if flows:
+                self.store.add_flows(record.pk, flows)
+        except DaqError as exc:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        log.info(
+            "created ingestion config %s (asset %r, %d flows)",
+            record.ingestion_config_id,
+            record.asset_name,
+            len(flows),
+        )
+        return ic_pb2.CreateIngestionConfigResponse(
+            ingestion_config=self._config_pb(record)
+        ).SerializeToString()
+
+    def get_ingestion_config(self, data: bytes, ctx: CallContext) -> bytes:
+        """GetIngestionConfig.
+
+        Raises:
+            RpcError: NOT_FOUND.
+        """
+        request: ic_pb2.GetIngestionConfigRequest = _parse(ic_pb2.GetIngestionConfigRequest, data)
+        record = self._config_or_404(request.ingestion_config_id)
+        return ic_pb2.GetIngestionConfigResponse(
+            ingestion_config=self._config_pb(record)
+        ).SerializeToString()
+
+    def list_ingestion_configs(self, data: bytes, ctx: CallContext) -> bytes:
+        """ListIngestionConfigs with ``client_key``/``ingestion_config_id``/``asset_id`` filters.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT for a bad filter or page token.
+        """
+        request: ic_pb2.ListIngestionConfigsRequest = _parse(
+            ic_pb2.ListIngestionConfigsRequest, data
+        )
+        filters = parse_filter(
+            request.filter, frozenset({"client_key", "ingestion_config_id", "asset_id"})
+        )
+        limit, after = _page(request.page_size, request.page_token)
+        records = self.store.list_ingestion_configs(filters, after=after, limit=limit + 1)
+        return ic_pb2.ListIngestionConfigsResponse(
+            ingestion_configs=[self._config_pb(r) for r in records[:limit]],
+            next_page_token=_next_token([r.pk for r in records], limit),
+        ).SerializeToString()
+
+    def create_ingestion_config_flows(self, data: bytes, ctx: CallContext) -> bytes:
+        """CreateIngestionConfigFlows: all flows are added, or none.
+
+        Raises:
+            RpcError: NOT_FOUND (config), ALREADY_EXISTS (a flow name exists in the config),
+                INVALID_ARGUMENT (bad flows).
+        """
+        request: ic_pb2.CreateIngestionConfigFlowsRequest = _parse(
+            ic_pb2.CreateIngestionConfigFlowsRequest, data
+        )
+        record = self._config_or_404(request.ingestion_config_id)
+        flows = self._check_flows(request.flows)
+        existing = self.store.flow_names(record.pk)
+        taken = [name for name, _ in flows if name in existing]
+        if taken:
+            raise RpcError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"flow {taken[0]!r} already exists in ingestion config"
+                f" {record.ingestion_config_id!r}",
+            )
+        try:
+            self.store.add_flows(record.pk, flows)
+        except DaqError as exc:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        return ic_pb2.CreateIngestionConfigFlowsResponse().SerializeToString()
+
+    def list_ingestion_config_flows(self, data: bytes, ctx: CallContext) -> bytes:
+        """ListIngestionConfigFlows with a ``name`` filter.
+
+        Raises:
+            RpcError: NOT_FOUND (config), INVALID_ARGUMENT (filter, page token).
+        """
+        request: ic_pb2.ListIngestionConfigFlowsRequest = _parse(
+            ic_pb2.ListIngestionConfigFlowsRequest, data
+        )
+        record = self._config_or_404(request.ingestion_config_id)
+        filters = parse_filter(request.filter, frozenset({"name"}))
+        limit, after = _page(request.page_size, request.page_token)
+        flows = self.store.list_flows(record.pk, filters, after=after, limit=limit + 1)
+        return ic_pb2.ListIngestionConfigFlowsResponse(
+            flows=[f.flow_config() for f in flows[:limit]],
+            next_page_token=_next_token([f.pk for f in flows], limit),
+        ).SerializeToString()
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _run_pb(record: RunRecord) -> runs_pb2.Run:
+        run = runs_pb2.Run.FromString(record.metadata) if record.metadata else runs_pb2.Run()
+        run.run_id = record.run_id
+        run.name = record.name
+        run.description = record.description
+        run.tags.extend(record.tags)
+        run.organization_id = record.organization_id
+        run.is_stopped = record.is_stopped
+        if record.client_key is not None:
+            run.client_key = record.client_key
+        _set_timestamp(run.created_date, record.created_ns)
+        _set_timestamp(run.modified_date, record.modified_ns)
+        if record.start_ns is not None:
+            _set_timestamp(run.start_time, record.start_ns)
+        if record.stop_ns is not None:
+            _set_timestamp(run.stop_time, record.stop_ns)
+        return run
+
+    def create_run(self, data: bytes, ctx: CallContext) -> bytes:
+        """CreateRun.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (no name), ALREADY_EXISTS (client key taken).
+        """
+        request: runs_pb2.CreateRunRequest = _parse(runs_pb2.CreateRunRequest, data)
+        if not request.name:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
+        client_key = request.client_key if request.HasField("client_key") else None
+        if client_key and self.store.list_runs({"client_key": client_key}, limit=1):
+            raise RpcError(
+                grpc.StatusCode.ALREADY_EXISTS, f"a run with client key {client_key!r} exists"
+            )
+        metadata = (
+            runs_pb2.Run(metadata=request.metadata).SerializeToString() if request.metadata else b""
+        )
+        try:
+            record = self.store.create_run(
+                name=request.name,
+                description=request.description,
+                tags=list(request.tags),
+                metadata=metadata,
+                client_key=client_key,
+                organization_id=request.organization_id,
+                start_ns=_timestamp_ns(request, "start_time"),
+                stop_ns=_timestamp_ns(request, "stop_time"),
+            )
+        except DaqError as exc:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        log.info("created run %s (%r)", record.run_id, record.name)
+        return runs_pb2.CreateRunResponse(run=self._run_pb(record)).SerializeToString()
+
+    def get_run(self, data: bytes, ctx: CallContext) -> bytes:
+        """GetRun.
+
+        Raises:
+            RpcError: NOT_FOUND.
+        """
+        request: runs_pb2.GetRunRequest = _parse(runs_pb2.GetRunRequest, data)
+        record = self.store.get_run(request.run_id)
+        if record is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found")
+        return runs_pb2.GetRunResponse(run=self._run_pb(record)).SerializeToString()
+
+    def list_runs(self, data: bytes, ctx: CallContext) -> bytes:
+        """ListRuns with ``name``/``run_id``/``client_key`` filters, by creation.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT for a bad filter or page token.
+        """
+        request: runs_pb2.ListRunsRequest = _parse(runs_pb2.ListRunsRequest, data)
+        filters = parse_filter(request.filter, frozenset({"name", "run_id", "client_key"}))
+        limit, after = _page(request.page_size, request.page_token)
+        records = self.store.list_runs(filters, after=after, limit=limit + 1)
+        return runs_pb2.ListRunsResponse(
+            runs=[self._run_pb(r) for r in records[:limit]],
+            next_page_token=_next_token([r.pk for r in records], limit),
+        ).SerializeToString()
+
+    def stop_run(self, data: bytes, ctx: CallContext) -> bytes:
+        """StopRun: sets the stop time to now and ``is_stopped``.
+
+        Raises:
+            RpcError: NOT_FOUND.
+        """
+        request: runs_pb2.StopRunRequest = _parse(runs_pb2.StopRunRequest, data)
+        if self.store.stop_run(request.run_id) is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found")
+        return runs_pb2.StopRunResponse().SerializeToString()
+
+    # -- ping ----------------------------------------------------------------------------------
+
+    def ping(self, data: bytes, ctx: CallContext) -> bytes:
+        """Ping."""
+        _parse(ping_pb2.PingRequest, data)
+        return ping_pb2.PingResponse(response=PING_RESPONSE).SerializeToString()

@@ -1,0 +1,794 @@
+"""The local ingestion server's SQLite store: assets, configs, flows, runs and samples in one file.
+
+Layout (schema version 1)::
+
+    assets              id, asset_id (uuid), name (unique)
+    ingestion_configs   id, ingestion_config_id (uuid), asset -> assets, client_key (unique), org
+    flows               id, config -> ingestion_configs, name, definition (serialized FlowConfig);
+                        (config, name) unique
+    runs                id, run_id (uuid), name, description, tags (JSON), metadata (serialized),
+                        client_key (unique), start/stop ns, is_stopped, created/modified ns
+    samples             (flow, run, timestamp_ns) primary key, WITHOUT ROWID; data = the serialized
+                        IngestWithConfigDataStreamRequest exactly as received (decoded on read)
+    validation_errors   time ns, ingestion config id, flow, run id, request index, reason, peer
+
+One sample is one (ingestion config, flow, run, timestamp ns): the flow row belongs to one config,
+``run`` is 0 when the request names no run. Samples are written with ``INSERT OR IGNORE``, so a
+re-sent stream is stored once. Timestamps are integer nanoseconds since the Unix epoch throughout.
+
+The writer (:meth:`Store.open`) runs in WAL mode, so readers opened with ``readonly=True`` on other
+threads or processes see every committed sample while the server keeps writing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+
+from daq_agent._proto.sift.ingest.v1 import ingest_pb2
+from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2
+from daq_agent.errors import DaqError
+
+__all__ = [
+    "ChannelInfo",
+    "FlowRecord",
+    "IngestionConfigRecord",
+    "RunRecord",
+    "SampleRow",
+    "Store",
+    "StoredSample",
+    "ValidationErrorRecord",
+    "Value",
+]
+
+SCHEMA_VERSION = 1
+PAGE_SIZE = 65536
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assets (
+    id INTEGER PRIMARY KEY,
+    asset_id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingestion_configs (
+    id INTEGER PRIMARY KEY,
+    ingestion_config_id TEXT NOT NULL UNIQUE,
+    asset INTEGER NOT NULL REFERENCES assets(id),
+    client_key TEXT UNIQUE,
+    organization_id TEXT NOT NULL DEFAULT '',
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flows (
+    id INTEGER PRIMARY KEY,
+    config INTEGER NOT NULL REFERENCES ingestion_configs(id),
+    name TEXT NOT NULL,
+    definition BLOB NOT NULL,
+    created_ns INTEGER NOT NULL,
+    UNIQUE (config, name)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]',
+    metadata BLOB NOT NULL DEFAULT x'',
+    client_key TEXT UNIQUE,
+    organization_id TEXT NOT NULL DEFAULT '',
+    start_ns INTEGER,
+    stop_ns INTEGER,
+    is_stopped INTEGER NOT NULL DEFAULT 0,
+    created_ns INTEGER NOT NULL,
+    modified_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_name ON runs (name);
+CREATE TABLE IF NOT EXISTS samples (
+    flow INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    timestamp_ns INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (flow, run, timestamp_ns)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS validation_errors (
+    id INTEGER PRIMARY KEY,
+    time_ns INTEGER NOT NULL,
+    ingestion_config_id TEXT NOT NULL,
+    flow TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    request_index INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    peer TEXT NOT NULL DEFAULT ''
+);
+"""
+
+Value = float | int | bool | str | bytes | None
+"""A decoded channel value; None for ``empty``. Enums are their integer key, bit fields bytes."""
+
+SampleRow = tuple[int, int, int, bytes]
+"""A sample as written: (flow pk, run pk or 0, timestamp ns, serialized request)."""
+
+# Rows per multi-row INSERT statement: one statement per chunk costs far less than one per row.
+_INSERT_CHUNK = 256
+_INSERT_SQL = "INSERT OR IGNORE INTO samples (flow, run, timestamp_ns, data) VALUES "
+
+
+class StoredSample(NamedTuple):
+    """One stored sample: ``(flow, timestamp_ns, {channel name: value})``."""
+
+    flow: str
+    timestamp_ns: int
+    values: dict[str, Value]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    """A channel of a stored flow."""
+
+    name: str
+    data_type: int
+    """The wire ``ChannelDataType`` value."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestionConfigRecord:
+    """A stored ingestion config."""
+
+    pk: int
+    ingestion_config_id: str
+    asset_id: str
+    asset_name: str
+    client_key: str
+    organization_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """A stored flow of an ingestion config."""
+
+    pk: int
+    config_pk: int
+    ingestion_config_id: str
+    name: str
+    definition: bytes
+    """The serialized ``ingestion_configs.v2.FlowConfig``."""
+
+    def flow_config(self) -> ingestion_configs_pb2.FlowConfig:
+        """The flow's wire message."""
+        return ingestion_configs_pb2.FlowConfig.FromString(self.definition)
+
+    def channels(self) -> tuple[ChannelInfo, ...]:
+        """The flow's channels, in value order."""
+        return tuple(ChannelInfo(c.name, c.data_type) for c in self.flow_config().channels)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A stored run."""
+
+    pk: int
+    run_id: str
+    name: str
+    description: str
+    tags: tuple[str, ...]
+    metadata: bytes
+    """Serialized ``runs.v2.Run`` carrying only the ``metadata`` field."""
+    client_key: str | None
+    organization_id: str
+    start_ns: int | None
+    stop_ns: int | None
+    is_stopped: bool
+    created_ns: int
+    modified_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationErrorRecord:
+    """A request the server refused, as recorded."""
+
+    time_ns: int
+    ingestion_config_id: str
+    flow: str
+    run_id: str
+    request_index: int
+    """0-based index of the request in its stream."""
+    reason: str
+    peer: str
+
+
+_CONFIG_SELECT = (
+    "SELECT c.id, c.ingestion_config_id, a.asset_id, a.name, coalesce(c.client_key, ''),"
+    " c.organization_id FROM ingestion_configs c JOIN assets a ON a.id = c.asset"
+)
+_FLOW_SELECT = (
+    "SELECT f.id, f.config, c.ingestion_config_id, f.name, f.definition"
+    " FROM flows f JOIN ingestion_configs c ON c.id = f.config"
+)
+_RUN_SELECT = (
+    "SELECT id, run_id, name, description, tags, metadata, client_key, organization_id,"
+    " start_ns, stop_ns, is_stopped, created_ns, modified_ns FROM runs"
+)
+_CONFIG_COLUMNS = {
+    "ingestion_config_id": "c.ingestion_config_id",
+    "client_key": "c.client_key",
+    "asset_id": "a.asset_id",
+    "asset_name": "a.name",
+    "organization_id": "c.organization_id",
+}
+_FLOW_COLUMNS = {"name": "f.name"}
+_RUN_COLUMNS = {
+    "run_id": "run_id",
+    "name": "name",
+    "client_key": "client_key",
+    "organization_id": "organization_id",
+}
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _config(row: Sequence[object]) -> IngestionConfigRecord:
+    pk, config_id, asset_id, asset_name, client_key, org = row
+    return IngestionConfigRecord(
+        int(pk),  # type: ignore[call-overload]
+        str(config_id),
+        str(asset_id),
+        str(asset_name),
+        str(client_key),
+        str(org),
+    )
+
+
+def _flow(row: Sequence[object]) -> FlowRecord:
+    pk, config_pk, config_id, name, definition = row
+    return FlowRecord(
+        int(pk),  # type: ignore[call-overload]
+        int(config_pk),  # type: ignore[call-overload]
+        str(config_id),
+        str(name),
+        bytes(definition),  # type: ignore[call-overload]
+    )
+
+
+def _run(row: Sequence[object]) -> RunRecord:
+    (pk, run_id, name, description, tags, metadata, client_key, org, start, stop, stopped,
+     created, modified) = row  # fmt: skip
+    return RunRecord(
+        pk=int(pk),  # type: ignore[call-overload]
+        run_id=str(run_id),
+        name=str(name),
+        description=str(description),
+        tags=tuple(json.loads(str(tags))),
+        metadata=bytes(metadata),  # type: ignore[call-overload]
+        client_key=None if client_key is None else str(client_key),
+        organization_id=str(org),
+        start_ns=None if start is None else int(start),  # type: ignore[call-overload]
+        stop_ns=None if stop is None else int(stop),  # type: ignore[call-overload]
+        is_stopped=bool(stopped),
+        created_ns=int(created),  # type: ignore[call-overload]
+        modified_ns=int(modified),  # type: ignore[call-overload]
+    )
+
+
+def _where(filters: Mapping[str, str], columns: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    clauses: list[str] = []
+    params: list[str] = []
+    for field, value in filters.items():
+        column = columns.get(field)
+        if column is None:
+            raise DaqError(f"cannot filter on {field!r}")
+        clauses.append(f"{column} = ?")
+        params.append(value)
+    return clauses, params
+
+
+def decode_values(data: bytes) -> list[Value]:
+    """Decode the channel values of a stored request, in flow-channel order.
+
+    Raises:
+        DaqError: when ``data`` is not a serialized ``IngestWithConfigDataStreamRequest``.
+    """
+    try:
+        request = ingest_pb2.IngestWithConfigDataStreamRequest.FromString(data)
+    except ProtobufDecodeError as exc:
+        raise DaqError(f"stored sample cannot be decoded: {exc}") from exc
+    values: list[Value] = []
+    for value in request.channel_values:
+        kind = value.WhichOneof("type")
+        values.append(None if kind is None or kind == "empty" else getattr(value, kind))
+    return values
+
+
+class Store:
+    """The SQLite file of the local ingestion server.
+
+    A store opened for writing is used by one thread at a time (the server's); every method holds an
+    internal lock, so an occasional call from another thread is safe but sees uncommitted writes.
+    Readers on other threads open their own ``Store.open(path, readonly=True)``.
+    """
+
+    __slots__ = ("_conn", "_lock", "_pending", "_readonly", "path")
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, readonly: bool) -> None:
+        """Wrap an open connection; use :meth:`open` instead."""
+        self._conn = conn
+        self._lock = threading.RLock()
+        self._readonly = readonly
+        self._pending = 0
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path, *, readonly: bool = False, durable: bool = True) -> Store:
+        """Open (and for writing, create and migrate) the store at ``path``.
+
+        Args:
+            path: the SQLite file.
+            readonly: open an existing file for reading only.
+            durable: fsync the write-ahead log at every commit (``synchronous=FULL``); with False a
+                commit survives a process crash but not a power loss.
+
+        Raises:
+            DaqError: when the file is missing (read-only), is not a database of this schema, or
+                cannot be opened.
+        """
+        path = Path(path)
+        try:
+            if readonly:
+                if not path.is_file():
+                    raise DaqError(f"no database at {path}")
+                conn = sqlite3.connect(
+                    f"{path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                # Large pages make appending samples markedly cheaper (fewer b-tree splits); the
+                # size applies only when the file is created.
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                conn.execute("PRAGMA cache_size=-65536")
+                conn.executescript(_SCHEMA)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            conn.execute("PRAGMA busy_timeout=5000")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.Error as exc:
+            raise DaqError(f"cannot open database {path}: {exc}") from exc
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            conn.close()
+            raise DaqError(f"{path}: not a daq-agent database of schema {SCHEMA_VERSION}")
+        return cls(conn, path, readonly=readonly)
+
+    def close(self) -> None:
+        """Commit what is pending and close; idempotent."""
+        with self._lock:
+            try:
+                self.commit()
+                self._conn.close()
+            except sqlite3.ProgrammingError:
+                pass  # already closed
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Commit the open transaction, if any (samples become visible and durable)."""
+        with self._lock:
+            if self._conn.in_transaction:
+                self._conn.execute("COMMIT")
+            self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Sample rows written since the last commit."""
+        return self._pending
+
+    def _begin(self) -> None:
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN")
+
+    # -- samples -----------------------------------------------------------------------------
+
+    def insert_samples(self, rows: Sequence[SampleRow]) -> None:
+        """Write samples in the open transaction (begun if needed); duplicates are ignored.
+
+        Nothing is durable until :meth:`commit`.
+        """
+        if not rows:
+            return
+        with self._lock:
+            self._begin()
+            execute = self._conn.execute
+            full_sql = _INSERT_SQL + ",".join(["(?,?,?,?)"] * _INSERT_CHUNK)
+            count = len(rows)
+            start = 0
+            while count - start >= _INSERT_CHUNK:
+                params: list[object] = []
+                extend = params.extend
+                for row in rows[start : start + _INSERT_CHUNK]:
+                    extend(row)
+                execute(full_sql, params)
+                start += _INSERT_CHUNK
+            rest = count - start
+            if rest:
+                params = []
+                extend = params.extend
+                for row in rows[start:]:
+                    extend(row)
+                execute(_INSERT_SQL + ",".join(["(?,?,?,?)"] * rest), params)
+            self._pending += count
+
+    def count_samples(self, *, run_id: str | None = None, flow: str | None = None) -> int:
+        """Samples (on the writer also uncommitted ones), optionally of one run and/or flow."""
+        sql = "SELECT count(*) FROM samples s"
+        clauses, params = self._sample_filters(run_id=run_id, flows=[flow] if flow else None)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        with self._lock:
+            return int(self._conn.execute(sql, params).fetchone()[0])
+
+    def flow_counts(self, *, run_id: str | None = None) -> dict[str, int]:
+        """Samples per flow name (summed over ingestion configs), optionally of one run."""
+        sql = "SELECT f.name, count(*) FROM samples s JOIN flows f ON f.id = s.flow"
+        clauses, params = self._sample_filters(run_id=run_id)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " GROUP BY f.name ORDER BY f.name"
+        with self._lock:
+            return {str(name): int(n) for name, n in self._conn.execute(sql, params)}
+
+    def iter_samples(
+        self,
+        *,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        flows: Iterable[str] | None = None,
+        ingestion_config_id: str | None = None,
+    ) -> Iterator[StoredSample]:
+        """Stored samples in timestamp order, decoded: ``(flow, timestamp_ns, {channel: value})``.
+
+        Args:
+            run_id: only samples of this run.
+            run_name: only samples of runs with this name.
+            flows: only these flow names.
+            ingestion_config_id: only samples of this ingestion config.
+
+        Raises:
+            DaqError: when a stored sample cannot be decoded.
+        """
+        clauses, params = self._sample_filters(
+            run_id=run_id, run_name=run_name, flows=flows, ingestion_config_id=ingestion_config_id
+        )
+        sql = "SELECT s.flow, s.timestamp_ns, s.data FROM samples s"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY s.timestamp_ns, s.flow, s.run"
+        names: dict[int, tuple[str, tuple[str, ...]]] = {}
+        with self._lock:
+            for pk, name, definition in self._conn.execute(
+                "SELECT id, name, definition FROM flows"
+            ):
+                channels = ingestion_configs_pb2.FlowConfig.FromString(definition).channels
+                names[int(pk)] = (str(name), tuple(c.name for c in channels))
+            cursor = self._conn.execute(sql, params)
+        while True:
+            with self._lock:
+                batch = cursor.fetchmany(1024)
+            if not batch:
+                return
+            for flow_pk, timestamp_ns, data in batch:
+                flow_name, channel_names = names[flow_pk]
+                values = decode_values(data)
+                yield StoredSample(
+                    flow_name, timestamp_ns, dict(zip(channel_names, values, strict=False))
+                )
+
+    def _sample_filters(
+        self,
+        *,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        flows: Iterable[str] | None = None,
+        ingestion_config_id: str | None = None,
+    ) -> tuple[list[str], list[object]]:
+        clauses: list[str] = []
+        params: list[object] = []
+        if run_id is not None:
+            clauses.append("s.run = (SELECT id FROM runs WHERE run_id = ?)")
+            params.append(run_id)
+        if run_name is not None:
+            clauses.append("s.run IN (SELECT id FROM runs WHERE name = ?)")
+            params.append(run_name)
+        if flows is not None:
+            names = list(flows)
+            marks = ",".join("?" * len(names))
+            clauses.append(f"s.flow IN (SELECT id FROM flows WHERE name IN ({marks}))")
+            params.extend(names)
+        if ingestion_config_id is not None:
+            clauses.append(
+                "s.flow IN (SELECT f.id FROM flows f JOIN ingestion_configs c ON c.id = f.config"
+                " WHERE c.ingestion_config_id = ?)"
+            )
+            params.append(ingestion_config_id)
+        return clauses, params
+
+    # -- validation errors -------------------------------------------------------------------
+
+    def insert_validation_errors(self, records: Iterable[ValidationErrorRecord]) -> None:
+        """Record refused requests in the open transaction (begun if needed)."""
+        rows = [
+            (r.time_ns, r.ingestion_config_id, r.flow, r.run_id, r.request_index, r.reason, r.peer)
+            for r in records
+        ]
+        if not rows:
+            return
+        with self._lock:
+            self._begin()
+            self._conn.executemany(
+                "INSERT INTO validation_errors (time_ns, ingestion_config_id, flow, run_id,"
+                " request_index, reason, peer) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def validation_errors(self, *, limit: int | None = None) -> list[ValidationErrorRecord]:
+        """Recorded validation errors, oldest first (the last ``limit`` of them if given)."""
+        sql = (
+            "SELECT time_ns, ingestion_config_id, flow, run_id, request_index, reason, peer"
+            " FROM validation_errors ORDER BY id"
+        )
+        params: list[object] = []
+        if limit is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY time_ns"
+            params.append(limit)
+        with self._lock:
+            return [
+                ValidationErrorRecord(
+                    int(t), str(c), str(f), str(r), int(i), str(reason), str(peer)
+                )
+                for t, c, f, r, i, reason, peer in self._conn.execute(sql, params)
+            ]
+
+    def count_validation_errors(self) -> int:
+        """Number of recorded validation errors."""
+        with self._lock:
+            return int(self._conn.execute("SELECT count(*) FROM validation_errors").fetchone()[0])
+
+    # -- assets and ingestion configs --------------------------------------------------------
+
+    def create_ingestion_config(
+        self, *, asset_name: str, client_key: str, organization_id: str = ""
+    ) -> IngestionConfigRecord:
+        """Create a config (and its asset if new) and commit. The caller checks the client key.
+
+        Raises:
+            DaqError: when the client key is already taken.
+        """
+        now = _now_ns()
+        with self._lock:
+            self._begin()
+            try:
+                row = self._conn.execute(
+                    "SELECT id, asset_id FROM assets WHERE name = ?", (asset_name,)
+                ).fetchone()
+                if row is None:
+                    asset_id = str(uuid.uuid4())
+                    asset_pk = self._conn.execute(
+                        "INSERT INTO assets (asset_id, name, created_ns) VALUES (?, ?, ?)",
+                        (asset_id, asset_name, now),
+                    ).lastrowid
+                else:
+                    asset_pk, asset_id = row
+                config_id = str(uuid.uuid4())
+                pk = self._conn.execute(
+                    "INSERT INTO ingestion_configs (ingestion_config_id, asset, client_key,"
+                    " organization_id, created_ns) VALUES (?, ?, ?, ?, ?)",
+                    (config_id, asset_pk, client_key or None, organization_id, now),
+                ).lastrowid
+            except sqlite3.IntegrityError as exc:
+                self._conn.execute("ROLLBACK")
+                self._pending = 0
+                raise DaqError(f"ingestion config client key {client_key!r} is taken") from exc
+            self.commit()
+        assert pk is not None
+        return IngestionConfigRecord(
+            pk, config_id, str(asset_id), asset_name, client_key, organization_id
+        )
+
+    def get_ingestion_config(self, ingestion_config_id: str) -> IngestionConfigRecord | None:
+        """The config with this id, or None."""
+        with self._lock:
+            row = self._conn.execute(
+                _CONFIG_SELECT + " WHERE c.ingestion_config_id = ?", (ingestion_config_id,)
+            ).fetchone()
+        return None if row is None else _config(row)
+
+    def list_ingestion_configs(
+        self, filters: Mapping[str, str] | None = None, *, after: int = 0, limit: int = 1000
+    ) -> list[IngestionConfigRecord]:
+        """Configs matching ``filters`` (field == value, all of them), by pk after ``after``.
+
+        Raises:
+            DaqError: for a filter field that does not exist.
+        """
+        clauses, params = _where(filters or {}, _CONFIG_COLUMNS)
+        clauses.append("c.id > ?")
+        sql = f"{_CONFIG_SELECT} WHERE {' AND '.join(clauses)} ORDER BY c.id LIMIT ?"
+        with self._lock:
+            return [_config(r) for r in self._conn.execute(sql, [*params, after, limit])]
+
+    # -- flows -------------------------------------------------------------------------------
+
+    def add_flows(self, config_pk: int, flows: Sequence[tuple[str, bytes]]) -> None:
+        """Add flows ``(name, serialized FlowConfig)`` to a config and commit, all or none.
+
+        Raises:
+            DaqError: when a flow name already exists in the config (nothing is added).
+        """
+        now = _now_ns()
+        with self._lock:
+            self._begin()
+            try:
+                self._conn.executemany(
+                    "INSERT INTO flows (config, name, definition, created_ns) VALUES (?, ?, ?, ?)",
+                    [(config_pk, name, definition, now) for name, definition in flows],
+                )
+            except sqlite3.IntegrityError as exc:
+                self._conn.execute("ROLLBACK")
+                self._pending = 0
+                raise DaqError(f"a flow already exists: {exc}") from exc
+            self.commit()
+
+    def get_flow(self, ingestion_config_id: str, name: str) -> FlowRecord | None:
+        """The flow ``name`` of a config, or None."""
+        with self._lock:
+            row = self._conn.execute(
+                _FLOW_SELECT + " WHERE c.ingestion_config_id = ? AND f.name = ?",
+                (ingestion_config_id, name),
+            ).fetchone()
+        return None if row is None else _flow(row)
+
+    def flow_names(self, config_pk: int) -> set[str]:
+        """Names of the flows of a config."""
+        with self._lock:
+            rows = self._conn.execute("SELECT name FROM flows WHERE config = ?", (config_pk,))
+            return {str(name) for (name,) in rows}
+
+    def list_flows(
+        self,
+        config_pk: int | None = None,
+        filters: Mapping[str, str] | None = None,
+        *,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[FlowRecord]:
+        """Flows (of one config if given) matching ``filters``, by pk after ``after``.
+
+        Raises:
+            DaqError: for a filter field that does not exist.
+        """
+        clauses, params = _where(filters or {}, _FLOW_COLUMNS)
+        args: list[object] = list(params)
+        if config_pk is not None:
+            clauses.append("f.config = ?")
+            args.append(config_pk)
+        clauses.append("f.id > ?")
+        args.append(after)
+        sql = f"{_FLOW_SELECT} WHERE {' AND '.join(clauses)} ORDER BY f.id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            return [_flow(r) for r in self._conn.execute(sql, args)]
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        name: str,
+        description: str = "",
+        tags: Sequence[str] = (),
+        metadata: bytes = b"",
+        client_key: str | None = None,
+        organization_id: str = "",
+        start_ns: int | None = None,
+        stop_ns: int | None = None,
+    ) -> RunRecord:
+        """Create a run and commit.
+
+        Raises:
+            DaqError: when the client key is already taken.
+        """
+        now = _now_ns()
+        run_id = str(uuid.uuid4())
+        with self._lock:
+            self._begin()
+            try:
+                pk = self._conn.execute(
+                    "INSERT INTO runs (run_id, name, description, tags, metadata, client_key,"
+                    " organization_id, start_ns, stop_ns, is_stopped, created_ns, modified_ns)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        name,
+                        description,
+                        json.dumps(list(tags)),
+                        metadata,
+                        client_key,
+                        organization_id,
+                        start_ns,
+                        stop_ns,
+                        0,
+                        now,
+                        now,
+                    ),
+                ).lastrowid
+            except sqlite3.IntegrityError as exc:
+                self._conn.execute("ROLLBACK")
+                self._pending = 0
+                raise DaqError(f"run client key {client_key!r} is taken") from exc
+            self.commit()
+        assert pk is not None
+        return RunRecord(
+            pk, run_id, name, description, tuple(tags), metadata, client_key, organization_id,
+            start_ns, stop_ns, False, now, now,
+        )  # fmt: skip
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with this id, or None."""
+        with self._lock:
+            row = self._conn.execute(_RUN_SELECT + " WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else _run(row)
+
+    def list_runs(
+        self, filters: Mapping[str, str] | None = None, *, after: int = 0, limit: int = 1000
+    ) -> list[RunRecord]:
+        """Runs matching ``filters``, by pk after ``after``.
+
+        Raises:
+            DaqError: for a filter field that does not exist.
+        """
+        clauses, params = _where(filters or {}, _RUN_COLUMNS)
+        clauses.append("id > ?")
+        sql = f"{_RUN_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"
+        with self._lock:
+            return [_run(r) for r in self._conn.execute(sql, [*params, after, limit])]
+
+    def stop_run(self, run_id: str, stop_ns: int | None = None) -> RunRecord | None:
+        """Mark a run stopped (stop time now unless given) and commit; None if it does not exist."""
+        now = _now_ns()
+        with self._lock:
+            self._begin()
+            cursor = self._conn.execute(
+                "UPDATE runs SET is_stopped = 1, stop_ns = ?, modified_ns = ? WHERE run_id = ?",
+                (now if stop_ns is None else stop_ns, now, run_id),
+            )
+            self.commit()
+            if cursor.rowcount == 0:
+                return None
+        return self.get_run(run_id)
