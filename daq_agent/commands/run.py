@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -94,10 +94,12 @@ def drive_agent(
     live: bool,
     log_interval: float = 10.0,
     refresh: float = 0.5,
+    before_stop: Callable[[], None] | None = None,
 ) -> AgentStatus:
     """Wait until the agent should stop (duration, signal, finite sources ended), showing status.
 
-    The agent must be started; it is stopped (drained) before returning.
+    The agent must be started; ``before_stop`` (if given) runs once the wait is over, then the
+    agent is stopped (drained) before returning.
 
     Returns:
         The final status.
@@ -130,7 +132,11 @@ def drive_agent(
         if live and width:
             out.write("\r" + " " * width + "\r")
             out.flush()
-        final = agent.stop()
+        try:
+            if before_stop is not None:
+                before_stop()
+        finally:
+            final = agent.stop()
     return final
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from daq_agent import methods
 from daq_agent._proto.sift.runs.v2 import runs_pb2
@@ -45,6 +45,9 @@ from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
 from daq_agent.readers.base import ReaderABC, ReaderState, Sink
+
+if TYPE_CHECKING:
+    from daq_agent.server.local import LocalIngestServer
 
 __all__ = ["Agent", "AgentPlan", "SourcePlan", "plan_agent"]
 
@@ -189,14 +192,6 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
     )
 
 
-class _LocalServer(Protocol):
-    port: int
-
-    def start(self) -> None: ...
-
-    def stop(self, grace: float | None = None) -> Any: ...
-
-
 class Agent:
     """The running agent: local server, channel, ingestion service, run, ring, flusher, readers.
 
@@ -234,7 +229,7 @@ class Agent:
             retry_initial_s=flush.retry_initial_s,
             retry_max_s=flush.retry_max_s,
         )
-        self.server: _LocalServer | None = None
+        self.server: LocalIngestServer | None = None
         self.channel: Any = None
         self.service: Any = None
         self.run_id = ""
