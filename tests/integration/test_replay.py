@@ -1,0 +1,247 @@
+"""ReplayReader on logs written by python-can's own loggers: values, timestamps, pacing, end."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import can
+import cantools
+import pytest
+
+from daq_agent.errors import DecodeError
+from daq_agent.pipeline.ring_buffer import RingBuffer
+from daq_agent.pipeline.sample import Sample
+from daq_agent.readers import ReaderState, ReplayReader, get_reader_class
+
+pytestmark = pytest.mark.integration
+
+DBC = """VERSION ""
+NS_ :
+BS_:
+BU_: ECU
+
+BO_ 256 Engine: 8 ECU
+ SG_ Speed : 0|16@1+ (0.1,0) [0|6553.5] "km/h" ECU
+ SG_ Temp : 16|8@1- (1,-40) [-40|87] "degC" ECU
+
+BO_ 2566848513 ExtStatus: 8 ECU
+ SG_ Counter : 0|32@1+ (1,0) [0|0] "" ECU
+
+BO_ 768 FdData: 64 ECU
+ SG_ Big : 0|32@1+ (1,0) [0|100000] "" ECU
+"""
+
+T0 = 1_700_000_000.123456
+
+
+class CantoolsDecoder:
+    """A minimal decoder with the CanDecoder interface, built on cantools (reference values)."""
+
+    def __init__(self, db: Any) -> None:
+        self.by_id = {(m.frame_id, bool(m.is_extended_frame)): m for m in db.messages}
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | None:
+        """Decode with cantools; None for an unknown id, DecodeError for a bad frame."""
+        message = self.by_id.get((frame_id, is_extended))
+        if message is None:
+            return None
+        try:
+            values = message.decode(data, decode_choices=False)
+        except Exception as exc:
+            raise DecodeError(f"{message.name}: {exc}") from exc
+        ordered = tuple(values.get(s.name) for s in message.signals)
+        return Sample(message.name, timestamp_ns, ordered)
+
+
+@pytest.fixture
+def db() -> Any:
+    """The test database."""
+    return cantools.database.load_string(DBC, database_format="dbc")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a reader thread running."""
+    yield
+    leaked = [t.name for t in threading.enumerate() if t.name.startswith("daq-reader[")]
+    assert not leaked, f"leaked reader threads: {leaked}"
+
+
+def write_log(path: Path, frames: Sequence[can.Message]) -> Path:
+    """Write ``frames`` with python-can's logger for the file's suffix."""
+    with can.Logger(path) as logger:
+        for frame in frames:
+            logger.on_message_received(frame)
+    return path
+
+
+def good_frames(db: Any, n: int, start: float = T0, step: float = 0.01) -> list[can.Message]:
+    """``n`` decodable frames cycling through the database's messages."""
+    messages = list(db.messages)
+    out = []
+    for i in range(n):
+        message = messages[i % len(messages)]
+        values = {s.name: (i * 7 + k) % 100 for k, s in enumerate(message.signals)}
+        out.append(
+            can.Message(
+                timestamp=start + i * step,
+                arbitration_id=message.frame_id,
+                is_extended_id=message.is_extended_frame,
+                is_fd=message.is_fd or message.length > 8,
+                data=message.encode(values, scaling=False),
+                channel="can0",
+            )
+        )
+    return out
+
+
+def replay(path: Path, db: Any, **kwargs: Any) -> tuple[ReplayReader, list[Sample]]:
+    """Replay ``path`` to its end; the reader (stopped) and the samples it emitted."""
+    ring: RingBuffer[Sample] = RingBuffer(100_000, "block")
+    reader = ReplayReader("replay0", path, CantoolsDecoder(db), ring.put, **kwargs)
+    with reader:
+        assert reader.wait_ended(timeout=30), reader.counters.last_error
+    return reader, ring.get_batch(100_000, timeout=0)
+
+
+@pytest.mark.parametrize("suffix", [".log", ".blf", ".csv", ".asc"])
+def test_fast_replay_decodes_every_frame_and_ends(db: Any, tmp_path: Path, suffix: str) -> None:
+    """Every recorded frame is decoded once with cantools' values; the reader ends at EOF."""
+    frames = good_frames(db, 300)
+    faults = [
+        can.Message(timestamp=T0 + 5, arbitration_id=0x7FF, is_extended_id=False, data=b"\0" * 8),
+        can.Message(timestamp=T0 + 5.1, arbitration_id=0x100, is_extended_id=False, data=b"\0\0\0"),
+        can.Message(
+            timestamp=T0 + 5.2,
+            arbitration_id=0x100,
+            is_extended_id=False,
+            is_remote_frame=True,
+            dlc=8,
+        ),
+    ]
+    path = write_log(tmp_path / f"rec{suffix}", [*frames, *faults])
+    reader, samples = replay(path, db, realtime=False)
+    assert reader.ended
+    assert reader.state is ReaderState.ENDED
+    assert reader.position == len(frames) + len(faults)
+    assert len(samples) == len(frames), reader.counters.snapshot()
+    for sample, frame in zip(samples, frames, strict=True):
+        message = next(
+            m
+            for m in db.messages
+            if m.frame_id == frame.arbitration_id and m.is_extended_frame == frame.is_extended_id
+        )
+        expected = message.decode(bytes(frame.data), decode_choices=False)
+        assert sample.flow == message.name
+        assert sample.values == tuple(expected[s.name] for s in message.signals)
+    snap = reader.counters.snapshot()
+    assert snap["received"] == len(frames) + len(faults)
+    assert snap["decoded"] == len(frames)
+    assert snap["unknown_ids"] == {"7FF": 1}
+    assert snap["decode_error_ids"] == {"100": 1}
+    assert snap["remote_frames"] == 1
+    stamps = [s.timestamp_ns for s in samples]
+    if suffix == ".asc":
+        # ASC stores times relative to a header date with millisecond resolution
+        assert abs(stamps[0] - round(T0 * 1e6) * 1000) < 2_000_000
+        assert [b - a for a, b in itertools.pairwise(stamps)] == [10_000_000] * 299
+    else:
+        assert stamps == [round(f.timestamp * 1e6) * 1000 for f in frames]
+
+
+def test_realtime_replay_keeps_the_recorded_pace(db: Any, tmp_path: Path) -> None:
+    """At recorded pace, frames 100 ms apart are emitted about 100 ms apart."""
+    path = write_log(tmp_path / "paced.log", good_frames(db, 6, step=0.1))
+    emitted: list[float] = []
+    reader = ReplayReader(
+        "paced", path, CantoolsDecoder(db), lambda _s: emitted.append(time.monotonic())
+    )
+    with reader:
+        assert reader.wait_ended(timeout=10)
+    assert len(emitted) == 6
+    span = emitted[-1] - emitted[0]
+    assert span >= 0.45
+    gaps = [b - a for a, b in itertools.pairwise(emitted)]
+    assert min(gaps) >= 0.08
+
+
+def test_fast_replay_ignores_recorded_pace(db: Any, tmp_path: Path) -> None:
+    """As fast as possible, a log spanning 100 s recorded plays in well under its duration."""
+    path = write_log(tmp_path / "long.log", good_frames(db, 101, step=1.0))
+    started = time.monotonic()
+    reader, samples = replay(path, db, realtime=False)
+    assert time.monotonic() - started < 10
+    assert len(samples) == 101
+    assert reader.ended
+
+
+def test_long_idle_gaps_are_skipped(db: Any, tmp_path: Path) -> None:
+    """At recorded pace, a gap longer than max_gap is skipped instead of waited for."""
+    frames = good_frames(db, 2, step=1000.0)
+    path = write_log(tmp_path / "gap.log", frames)
+    started = time.monotonic()
+    _reader, samples = replay(path, db, realtime=True, max_gap=0.05)
+    assert time.monotonic() - started < 10
+    assert [s.timestamp_ns for s in samples] == [round(f.timestamp * 1e6) * 1000 for f in frames]
+
+
+def test_relative_log_timestamps_are_rebased_to_now(db: Any, tmp_path: Path) -> None:
+    """A log whose timestamps start at 0 is stamped from the replay start, offsets kept."""
+    path = write_log(tmp_path / "rel.log", good_frames(db, 5, start=0.0, step=0.25))
+    before = time.time_ns()
+    _reader, samples = replay(path, db, realtime=False)
+    stamps = [s.timestamp_ns for s in samples]
+    assert abs(stamps[0] - before) < 5_000_000_000
+    assert [b - a for a, b in itertools.pairwise(stamps)] == [250_000_000] * 4
+    _reader, recorded = replay(path, db, realtime=False, time_base="recorded")
+    assert recorded[0].timestamp_ns == 0
+
+
+def test_channel_filter(db: Any, tmp_path: Path) -> None:
+    """With a channel, frames recorded on other channels are skipped and counted apart."""
+    frames = good_frames(db, 10)
+    for i, frame in enumerate(frames):
+        frame.channel = "can1" if i % 2 else "can0"
+    path = write_log(tmp_path / "two.log", frames)
+    reader, samples = replay(path, db, realtime=False, channel="can1")
+    assert len(samples) == 5
+    assert reader.counters.get("received") == 5
+    assert reader.counters.get("other_channel") == 5
+
+
+def test_stop_interrupts_a_paced_wait(db: Any, tmp_path: Path) -> None:
+    """stop() ends a replay waiting for a frame 30 s away promptly, without 'ended'."""
+    path = write_log(tmp_path / "slow.log", good_frames(db, 2, step=30.0))
+    emitted = threading.Event()
+    reader = ReplayReader("slow", path, CantoolsDecoder(db), lambda _s: emitted.set())
+    reader.start()
+    assert emitted.wait(10)
+    started = time.monotonic()
+    assert reader.stop(timeout=5)
+    assert time.monotonic() - started < 2
+    assert reader.state is ReaderState.STOPPED
+    assert not reader.ended
+    assert reader.position == 1
+
+
+@pytest.mark.parametrize(("name", "reason"), [("missing.log", "no such"), ("x.nope", "cannot")])
+def test_unreadable_log_fails_without_retry(
+    db: Any, tmp_path: Path, name: str, reason: str
+) -> None:
+    """A missing file or an unknown format fails once (no retry loop) with a clear error."""
+    path = tmp_path / name
+    if name.endswith(".nope"):
+        path.write_text("junk\n")
+    cls: Any = get_reader_class("replay")
+    reader = cls("bad", path, CantoolsDecoder(db), lambda _s: None)
+    with reader:
+        assert reader.wait_state(ReaderState.FAILED, timeout=5)
+    assert reader.counters.get("failures") == 1
+    assert reason in reader.counters.last_error
