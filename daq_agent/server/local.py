@@ -1,0 +1,178 @@
+"""The embedded local ingestion server: the gRPC server core, the services and the SQLite store.
+
+Build it with :func:`make_server` (unstarted, port already bound), then ``start()``/``stop()`` or
+use it as a context manager::
+
+    with make_server("local.sqlite") as server:
+        print(server.port)
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from pathlib import Path
+
+import grpc
+
+from daq_agent.h2grpc.server import GrpcH2Server
+from daq_agent.server.rpc import CallContext, RpcError
+from daq_agent.server.services import LocalServices
+from daq_agent.server.store import Store
+
+__all__ = ["LocalIngestServer", "make_server"]
+
+log = logging.getLogger(__name__)
+
+
+class LocalIngestServer:
+    """A started-on-demand local ingestion server over one SQLite file.
+
+    Attributes:
+        db_path: the SQLite file.
+        store: the server's own (writable) store; from other threads prefer :meth:`open_store`.
+        services: the RPC handlers.
+    """
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        durable: bool = True,
+    ) -> None:
+        """Open the store and bind the port; see :func:`make_server`.
+
+        Raises:
+            DaqError: the database cannot be opened.
+            OSError: the address cannot be bound.
+        """
+        self.db_path = Path(db_path)
+        self.store = Store.open(self.db_path, durable=durable)
+        self.services = LocalServices(self.store)
+        self._api_key = api_key.encode() if api_key else None
+        try:
+            self._server = GrpcH2Server(
+                host=host,
+                port=port,
+                unary=self.services.unary_handlers(),
+                streams=self.services.stream_handlers(),
+                authorize=self._authorize if self._api_key is not None else None,
+            )
+        except OSError:
+            self.store.close()
+            raise
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+
+    @property
+    def host(self) -> str:
+        """The address listened on."""
+        return self._server.host
+
+    @property
+    def port(self) -> int:
+        """The bound port (known before :meth:`start`)."""
+        return self._server.port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to give a client."""
+        return self._server.address
+
+    def start(self) -> None:
+        """Serve on the thread ``daq-server``; returns once connections are accepted.
+
+        Raises:
+            RuntimeError: already started or stopped.
+        """
+        with self._lock:
+            if self._started or self._stopped:
+                raise RuntimeError("local ingestion server already started or stopped")
+            self._started = True
+        self._server.start()
+        log.info(
+            "listening on %s (db %s%s)",
+            self.address,
+            self.db_path,
+            ", API key required" if self._api_key is not None else "",
+        )
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving (running calls get ``grace`` seconds), commit and close the store.
+
+        Idempotent; joins the server thread.
+        """
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._server.stop(grace)
+        self.store.close()
+        log.info("stopped %s (db %s)", self.address, self.db_path)
+
+    def open_store(self) -> Store:
+        """A new read-only store on the same file: sees committed data only; close it after use.
+
+        Raises:
+            DaqError: the file cannot be opened.
+        """
+        return Store.open(self.db_path, readonly=True)
+
+    def __enter__(self) -> LocalIngestServer:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if getattr(self, "_started", False) and not getattr(self, "_stopped", True):
+            log.warning("%r was not properly stopped", self)
+
+    def __repr__(self) -> str:
+        return f"LocalIngestServer({self.address}, db={str(self.db_path)!r})"
+
+    def _authorize(self, ctx: CallContext) -> None:
+        """Refuse a call without ``authorization: Bearer <key>`` (the key is never logged).
+
+        Raises:
+            RpcError: UNAUTHENTICATED.
+        """
+        assert self._api_key is not None
+        header = ctx.metadata.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self._api_key
+        ):
+            log.debug("refused %s from %s: missing or wrong API key", ctx.method, ctx.peer)
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+
+
+def make_server(
+    db_path: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    durable: bool = True,
+) -> LocalIngestServer:
+    """Build the local ingestion server, unstarted, with its port bound (``port=0``: any free one).
+
+    Args:
+        db_path: the SQLite file (created if missing).
+        host: the address to listen on; plain text, so keep it on loopback.
+        port: the port, 0 for a free one (read it from ``.port``).
+        api_key: when set, every call must carry ``authorization: Bearer <api_key>``.
+        durable: fsync at every commit (a stream's OK then survives a power loss).
+
+    Raises:
+        DaqError: the database cannot be opened.
+        OSError: the address cannot be bound.
+    """
+    return LocalIngestServer(db_path, host=host, port=port, api_key=api_key, durable=durable)

@@ -1,0 +1,590 @@
+"""Every RPC of the local ingestion server, called through grpcio on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+
+from daq_agent import methods
+from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
+from daq_agent._proto.sift.common.type.v1.channel_enum_type_pb2 import ChannelEnumType
+from daq_agent._proto.sift.ingest.v1 import ingest_pb2
+from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic
+from daq_agent._proto.sift.metadata.v1 import metadata_pb2
+from daq_agent._proto.sift.ping.v1 import ping_pb2
+from daq_agent._proto.sift.runs.v2 import runs_pb2
+from daq_agent.server.local import LocalIngestServer, make_server
+from daq_agent.server.services import PING_RESPONSE
+
+pytestmark = pytest.mark.integration
+
+M = TypeVar("M", bound=Message)
+Value = ingest_pb2.IngestWithConfigDataChannelValue
+Request = ingest_pb2.IngestWithConfigDataStreamRequest
+BASE_NS = 1_700_000_000_123_456_789
+
+
+def call(
+    channel: grpc.Channel,
+    path: str,
+    request: Message,
+    response_class: type[M],
+    metadata: Sequence[tuple[str, str]] | None = None,
+) -> M:
+    """One unary call with the generic grpcio API."""
+    method = channel.unary_unary(
+        path,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=response_class.FromString,
+    )
+    response: M = method(request, timeout=10, metadata=metadata)
+    return response
+
+
+def stream(
+    channel: grpc.Channel,
+    requests: Iterator[Request] | Sequence[Request],
+    metadata: Sequence[tuple[str, str]] | None = None,
+) -> ingest_pb2.IngestWithConfigDataStreamResponse:
+    """One IngestWithConfigDataStream call with the generic grpcio API."""
+    method = channel.stream_unary(
+        methods.INGEST_WITH_CONFIG_DATA_STREAM,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
+    )
+    response: ingest_pb2.IngestWithConfigDataStreamResponse = method(
+        iter(requests), timeout=10, metadata=metadata
+    )
+    return response
+
+
+def code_of(action: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of a call expected to fail."""
+    with pytest.raises(grpc.RpcError) as info:
+        action()
+    error: Any = info.value
+    return error.code(), error.details()
+
+
+def double_flow(name: str, count: int = 2) -> ic.FlowConfig:
+    """A flow of ``count`` double channels."""
+    return ic.FlowConfig(
+        name=name,
+        channels=[
+            ic.ChannelConfig(name=f"{name}.c{i}", data_type=cdt.CHANNEL_DATA_TYPE_DOUBLE)
+            for i in range(count)
+        ],
+    )
+
+
+def create_config(
+    channel: grpc.Channel, client_key: str, flows: Sequence[ic.FlowConfig], asset: str = "bench"
+) -> ic.IngestionConfig:
+    """Create an ingestion config and return it."""
+    request = ic.CreateIngestionConfigRequest(asset_name=asset, client_key=client_key, flows=flows)
+    return call(
+        channel, methods.CREATE_INGESTION_CONFIG, request, ic.CreateIngestionConfigResponse
+    ).ingestion_config
+
+
+def doubles(config_id: str, flow: str, ts: int, *values: float, run_id: str = "") -> Request:
+    """A request of double values."""
+    request = Request(ingestion_config_id=config_id, flow=flow, run_id=run_id)
+    request.timestamp.FromNanoseconds(ts)
+    for value in values:
+        request.channel_values.add(double=value)
+    return request
+
+
+def test_ping(grpc_channel: grpc.Channel) -> None:
+    """Ping answers with the server's name."""
+    response = call(grpc_channel, methods.PING, ping_pb2.PingRequest(), ping_pb2.PingResponse)
+    assert response.response == PING_RESPONSE
+
+
+def test_create_get_and_list_ingestion_configs(grpc_channel: grpc.Channel) -> None:
+    """A created config is returned by Get and found by a client_key filter."""
+    created = create_config(grpc_channel, "key-1", [double_flow("f")])
+    assert created.ingestion_config_id
+    assert created.asset_id
+    assert created.client_key == "key-1"
+    got = call(
+        grpc_channel,
+        methods.GET_INGESTION_CONFIG,
+        ic.GetIngestionConfigRequest(ingestion_config_id=created.ingestion_config_id),
+        ic.GetIngestionConfigResponse,
+    ).ingestion_config
+    assert got == created
+    create_config(grpc_channel, "key-2", [])
+    listed = call(
+        grpc_channel,
+        methods.LIST_INGESTION_CONFIGS,
+        ic.ListIngestionConfigsRequest(filter='client_key=="key-1"'),
+        ic.ListIngestionConfigsResponse,
+    )
+    assert list(listed.ingestion_configs) == [created]
+    assert listed.next_page_token == ""
+    by_id = call(
+        grpc_channel,
+        methods.LIST_INGESTION_CONFIGS,
+        ic.ListIngestionConfigsRequest(
+            filter=f"ingestion_config_id == '{created.ingestion_config_id}'"
+        ),
+        ic.ListIngestionConfigsResponse,
+    )
+    assert list(by_id.ingestion_configs) == [created]
+
+
+def test_same_asset_name_shares_the_asset(grpc_channel: grpc.Channel) -> None:
+    """Two configs of one asset name carry the same asset id."""
+    first = create_config(grpc_channel, "a", [], asset="rig")
+    second = create_config(grpc_channel, "b", [], asset="rig")
+    other = create_config(grpc_channel, "c", [], asset="other")
+    assert first.asset_id == second.asset_id != other.asset_id
+
+
+def test_list_ingestion_configs_pages(grpc_channel: grpc.Channel) -> None:
+    """page_size/page_token walk every config exactly once."""
+    keys = [f"k{i}" for i in range(5)]
+    for key in keys:
+        create_config(grpc_channel, key, [])
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = call(
+            grpc_channel,
+            methods.LIST_INGESTION_CONFIGS,
+            ic.ListIngestionConfigsRequest(page_size=2, page_token=token),
+            ic.ListIngestionConfigsResponse,
+        )
+        pages += 1
+        assert len(page.ingestion_configs) <= 2
+        seen.extend(c.client_key for c in page.ingestion_configs)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == keys
+    assert pages == 3
+
+
+def test_duplicate_client_key_is_already_exists(grpc_channel: grpc.Channel) -> None:
+    """A second config with a taken client key is refused with ALREADY_EXISTS."""
+    create_config(grpc_channel, "dup", [])
+    code, details = code_of(lambda: create_config(grpc_channel, "dup", []))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    assert "dup" in details
+
+
+def test_unknown_ingestion_config_is_not_found(grpc_channel: grpc.Channel) -> None:
+    """Get, CreateFlows and ListFlows of an unknown config answer NOT_FOUND."""
+    for path, request, response in (
+        (
+            methods.GET_INGESTION_CONFIG,
+            ic.GetIngestionConfigRequest(ingestion_config_id="nope"),
+            ic.GetIngestionConfigResponse,
+        ),
+        (
+            methods.CREATE_INGESTION_CONFIG_FLOWS,
+            ic.CreateIngestionConfigFlowsRequest(ingestion_config_id="nope"),
+            ic.CreateIngestionConfigFlowsResponse,
+        ),
+        (
+            methods.LIST_INGESTION_CONFIG_FLOWS,
+            ic.ListIngestionConfigFlowsRequest(ingestion_config_id="nope"),
+            ic.ListIngestionConfigFlowsResponse,
+        ),
+    ):
+        code, _ = code_of(lambda: call(grpc_channel, path, request, response))  # noqa: B023
+        assert code == grpc.StatusCode.NOT_FOUND, path
+
+
+def test_invalid_arguments(grpc_channel: grpc.Channel) -> None:
+    """A bad filter, page token or a config without asset name answer INVALID_ARGUMENT."""
+    for request in (
+        ic.ListIngestionConfigsRequest(filter="client_key ~ 'x'"),
+        ic.ListIngestionConfigsRequest(filter='colour == "red"'),
+        ic.ListIngestionConfigsRequest(page_token="not-a-token"),
+    ):
+        code, _ = code_of(
+            lambda: call(
+                grpc_channel,
+                methods.LIST_INGESTION_CONFIGS,
+                request,  # noqa: B023
+                ic.ListIngestionConfigsResponse,
+            )
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.CREATE_INGESTION_CONFIG,
+            ic.CreateIngestionConfigRequest(client_key="x"),
+            ic.CreateIngestionConfigResponse,
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_create_and_list_flows(grpc_channel: grpc.Channel) -> None:
+    """New flows are added; a taken name answers ALREADY_EXISTS and adds nothing."""
+    config = create_config(grpc_channel, "flows", [double_flow("a")])
+    config_id = config.ingestion_config_id
+    call(
+        grpc_channel,
+        methods.CREATE_INGESTION_CONFIG_FLOWS,
+        ic.CreateIngestionConfigFlowsRequest(
+            ingestion_config_id=config_id, flows=[double_flow("b"), double_flow("c", 3)]
+        ),
+        ic.CreateIngestionConfigFlowsResponse,
+    )
+    code, details = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.CREATE_INGESTION_CONFIG_FLOWS,
+            ic.CreateIngestionConfigFlowsRequest(
+                ingestion_config_id=config_id, flows=[double_flow("d"), double_flow("a")]
+            ),
+            ic.CreateIngestionConfigFlowsResponse,
+        )
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    assert "'a'" in details
+
+    def list_flows(**kwargs: Any) -> ic.ListIngestionConfigFlowsResponse:
+        return call(
+            grpc_channel,
+            methods.LIST_INGESTION_CONFIG_FLOWS,
+            ic.ListIngestionConfigFlowsRequest(ingestion_config_id=config_id, **kwargs),
+            ic.ListIngestionConfigFlowsResponse,
+        )
+
+    assert [f.name for f in list_flows().flows] == ["a", "b", "c"]
+    (c,) = list_flows(filter='name=="c"').flows
+    assert c == double_flow("c", 3)
+    first = list_flows(page_size=2)
+    second = list_flows(page_size=2, page_token=first.next_page_token)
+    assert [f.name for f in first.flows] == ["a", "b"]
+    assert [f.name for f in second.flows] == ["c"]
+    assert second.next_page_token == ""
+
+
+def test_runs(grpc_channel: grpc.Channel) -> None:
+    """CreateRun, GetRun, ListRuns by name and StopRun keep every field."""
+    metadata = metadata_pb2.MetadataValue(
+        key=metadata_pb2.MetadataKey(name="bench", type=metadata_pb2.METADATA_KEY_TYPE_STRING),
+        string_value="B7",
+    )
+    request = runs_pb2.CreateRunRequest(
+        name="run-1", description="first", tags=["a", "b"], client_key="rk", metadata=[metadata]
+    )
+    request.start_time.FromNanoseconds(BASE_NS)
+    run = call(grpc_channel, methods.CREATE_RUN, request, runs_pb2.CreateRunResponse).run
+    assert run.run_id
+    assert run.name == "run-1"
+    assert list(run.tags) == ["a", "b"]
+    assert run.client_key == "rk"
+    assert list(run.metadata) == [metadata]
+    assert run.start_time.ToNanoseconds() == BASE_NS
+    assert not run.HasField("stop_time")
+    assert not run.is_stopped
+    call(
+        grpc_channel,
+        methods.CREATE_RUN,
+        runs_pb2.CreateRunRequest(name="run-2"),
+        runs_pb2.CreateRunResponse,
+    )
+    got = call(
+        grpc_channel,
+        methods.GET_RUN,
+        runs_pb2.GetRunRequest(run_id=run.run_id),
+        runs_pb2.GetRunResponse,
+    ).run
+    assert got == run
+    listed = call(
+        grpc_channel,
+        methods.LIST_RUNS,
+        runs_pb2.ListRunsRequest(filter='name == "run-1"'),
+        runs_pb2.ListRunsResponse,
+    )
+    assert [r.run_id for r in listed.runs] == [run.run_id]
+    everything = call(
+        grpc_channel,
+        methods.LIST_RUNS,
+        runs_pb2.ListRunsRequest(page_size=1),
+        runs_pb2.ListRunsResponse,
+    )
+    assert len(everything.runs) == 1
+    assert everything.next_page_token
+    call(
+        grpc_channel,
+        methods.STOP_RUN,
+        runs_pb2.StopRunRequest(run_id=run.run_id),
+        runs_pb2.StopRunResponse,
+    )
+    stopped = call(
+        grpc_channel,
+        methods.GET_RUN,
+        runs_pb2.GetRunRequest(run_id=run.run_id),
+        runs_pb2.GetRunResponse,
+    ).run
+    assert stopped.is_stopped
+    assert stopped.HasField("stop_time")
+    assert stopped.stop_time.ToNanoseconds() >= stopped.created_date.ToNanoseconds()
+
+
+def test_run_errors(grpc_channel: grpc.Channel) -> None:
+    """Unknown run ids answer NOT_FOUND; a taken run client key ALREADY_EXISTS."""
+    code, _ = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.GET_RUN,
+            runs_pb2.GetRunRequest(run_id="x"),
+            runs_pb2.GetRunResponse,
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.STOP_RUN,
+            runs_pb2.StopRunRequest(run_id="x"),
+            runs_pb2.StopRunResponse,
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    request = runs_pb2.CreateRunRequest(name="r", client_key="same")
+    call(grpc_channel, methods.CREATE_RUN, request, runs_pb2.CreateRunResponse)
+    code, _ = code_of(
+        lambda: call(grpc_channel, methods.CREATE_RUN, request, runs_pb2.CreateRunResponse)
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_every_data_type_round_trips(
+    grpc_channel: grpc.Channel, local_server: LocalIngestServer
+) -> None:
+    """Every value type (empty, extremes, NaN, inf) is stored and read back at its ns timestamp."""
+    types = [
+        ("d", cdt.CHANNEL_DATA_TYPE_DOUBLE, "double"),
+        ("s", cdt.CHANNEL_DATA_TYPE_STRING, "string"),
+        ("e", cdt.CHANNEL_DATA_TYPE_ENUM, "enum"),
+        ("bf", cdt.CHANNEL_DATA_TYPE_BIT_FIELD, "bit_field"),
+        ("b", cdt.CHANNEL_DATA_TYPE_BOOL, "bool"),
+        ("f", cdt.CHANNEL_DATA_TYPE_FLOAT, "float"),
+        ("i32", cdt.CHANNEL_DATA_TYPE_INT_32, "int32"),
+        ("u32", cdt.CHANNEL_DATA_TYPE_UINT_32, "uint32"),
+        ("i64", cdt.CHANNEL_DATA_TYPE_INT_64, "int64"),
+        ("u64", cdt.CHANNEL_DATA_TYPE_UINT_64, "uint64"),
+        ("by", cdt.CHANNEL_DATA_TYPE_BYTES, "bytes"),
+    ]
+    flow = ic.FlowConfig(
+        name="all",
+        channels=[
+            ic.ChannelConfig(
+                name=name,
+                data_type=data_type,
+                enum_types=[ChannelEnumType(name="on", key=1)] if name == "e" else [],
+            )
+            for name, data_type, _ in types
+        ],
+    )
+    config = create_config(grpc_channel, "types", [flow])
+    rows: list[dict[str, Any]] = [
+        {
+            "d": math.inf,
+            "s": "héllo",
+            "e": 1,
+            "bf": b"\x01\x02",
+            "b": True,
+            "f": 0.5,
+            "i32": -(2**31),
+            "u32": 2**32 - 1,
+            "i64": -(2**63),
+            "u64": 2**64 - 1,
+            "by": b"\x00\xff",
+        },
+        {"d": -math.inf, "i64": 2**63 - 1, "u64": 0, "b": False, "f": math.nan},
+        {"d": math.nan},
+    ]
+    requests = []
+    for i, row in enumerate(rows):
+        request = Request(ingestion_config_id=config.ingestion_config_id, flow="all")
+        request.timestamp.FromNanoseconds(BASE_NS + i)
+        for name, _, field in types:
+            value = request.channel_values.add()
+            if name in row:
+                setattr(value, field, row[name])
+            else:
+                value.empty.SetInParent()
+        requests.append(request)
+    stream(grpc_channel, requests)
+    with local_server.open_store() as store:
+        stored = list(store.iter_samples())
+        assert store.count_validation_errors() == 0
+    assert [s.timestamp_ns for s in stored] == [BASE_NS, BASE_NS + 1, BASE_NS + 2]
+    assert all(s.flow == "all" for s in stored)
+    first = stored[0].values
+    assert first["d"] == math.inf
+    assert first["s"] == "héllo"
+    assert first["bf"] == b"\x01\x02"
+    assert first["i32"] == -(2**31)
+    assert first["u64"] == 2**64 - 1
+    assert first["i64"] == -(2**63)
+    assert first["by"] == b"\x00\xff"
+    assert first["b"] is True
+    assert first["e"] == 1
+    second = stored[1].values
+    assert second["d"] == -math.inf
+    assert math.isnan(second["f"])
+    assert second["b"] is False
+    assert second["s"] is None
+    assert second["by"] is None
+    assert second["u64"] == 0
+    third = stored[2].values
+    assert math.isnan(third["d"])
+    assert [k for k, v in third.items() if v is not None] == ["d"]
+
+
+def test_resent_stream_is_stored_once(
+    grpc_channel: grpc.Channel, local_server: LocalIngestServer
+) -> None:
+    """The same (config, flow, run, timestamp) sent twice is one sample; OK means committed."""
+    config = create_config(grpc_channel, "dedup", [double_flow("f", 2)])
+    run = call(
+        grpc_channel,
+        methods.CREATE_RUN,
+        runs_pb2.CreateRunRequest(name="r"),
+        runs_pb2.CreateRunResponse,
+    ).run
+    requests = [
+        doubles(config.ingestion_config_id, "f", BASE_NS + i, i, -i, run_id=run.run_id)
+        for i in range(1000)
+    ]
+    stream(grpc_channel, requests)
+    with local_server.open_store() as store:
+        assert store.count_samples() == 1000
+    stream(grpc_channel, [*requests[500:], doubles(config.ingestion_config_id, "f", BASE_NS, 0, 0)])
+    with local_server.open_store() as store:
+        assert store.count_samples() == 1001  # the last one has no run: another sample
+        assert store.count_samples(run_id=run.run_id) == 1000
+        assert store.flow_counts() == {"f": 1001}
+
+
+def test_validation_errors_are_recorded(
+    grpc_channel: grpc.Channel, local_server: LocalIngestServer
+) -> None:
+    """Invalid requests are recorded with their reason and index; the valid ones are stored."""
+    config = create_config(grpc_channel, "v", [double_flow("f", 2)])
+    cid = config.ingestion_config_id
+    wrong_type = doubles(cid, "f", BASE_NS + 3, 1.0)
+    wrong_type.channel_values.add(int32=3)
+    with_empty = doubles(cid, "f", BASE_NS + 7, 1.0)
+    with_empty.channel_values.add().empty.SetInParent()
+    requests = [
+        doubles(cid, "f", BASE_NS, 1, 2),
+        doubles("no-such-config", "f", BASE_NS + 1, 1, 2),
+        doubles(cid, "nope", BASE_NS + 2, 1, 2),
+        wrong_type,
+        doubles(cid, "f", BASE_NS + 4, 1),
+        doubles(cid, "f", BASE_NS + 5, 1, 2, run_id="no-such-run"),
+        doubles(cid, "f", BASE_NS + 6, 1, 2),
+        with_empty,
+    ]
+    stream(grpc_channel, requests)
+    with local_server.open_store() as store:
+        assert store.count_samples() == 3
+        errors = store.validation_errors()
+    assert [e.request_index for e in errors] == [1, 2, 3, 4, 5]
+    reasons = [e.reason for e in errors]
+    assert "unknown ingestion config" in reasons[0]
+    assert "unknown flow 'nope'" in reasons[1]
+    assert "is int32, expected double" in reasons[2]
+    assert "has 2 channels, the request has 1 values" in reasons[3]
+    assert "unknown run 'no-such-run'" in reasons[4]
+    assert errors[1].flow == "nope"
+    assert errors[0].ingestion_config_id == "no-such-config"
+
+
+def test_end_stream_on_validation_error(
+    grpc_channel: grpc.Channel, local_server: LocalIngestServer
+) -> None:
+    """With end_stream_on_validation_error the stream ends INVALID_ARGUMENT naming the problem."""
+    config = create_config(grpc_channel, "end", [double_flow("f", 2)])
+    bad = doubles(config.ingestion_config_id, "f", BASE_NS + 1, 1.0)
+    bad.end_stream_on_validation_error = True
+    good = doubles(config.ingestion_config_id, "f", BASE_NS, 1, 2)
+    code, details = code_of(lambda: stream(grpc_channel, [good, bad, good]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has 2 channels, the request has 1 values" in details
+    with local_server.open_store() as store:
+        assert store.count_validation_errors() == 1
+
+
+def test_api_key_is_required(tmp_path: Path) -> None:
+    """With an API key, calls without it or with a wrong one get UNAUTHENTICATED."""
+    with make_server(tmp_path / "auth.sqlite", api_key="s3cret") as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        try:
+            ping = ping_pb2.PingRequest()
+            for metadata in (
+                None,
+                [("authorization", "Bearer wrong")],
+                [("authorization", "s3cret")],
+            ):
+                code, _ = code_of(
+                    lambda: call(channel, methods.PING, ping, ping_pb2.PingResponse, metadata)  # noqa: B023
+                )
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+            code, _ = code_of(lambda: stream(channel, [], metadata=[("authorization", "Bearer x")]))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            ok = call(
+                channel,
+                methods.PING,
+                ping,
+                ping_pb2.PingResponse,
+                [("authorization", "Bearer s3cret")],
+            )
+            assert ok.response == PING_RESPONSE
+        finally:
+            channel.close()
+
+
+def test_stalled_stream_does_not_block_others(
+    grpc_channel: grpc.Channel, local_server: LocalIngestServer
+) -> None:
+    """A stream that is opened and never finished does not delay another stream's OK."""
+    config = create_config(grpc_channel, "stall", [double_flow("f", 1)])
+    cid = config.ingestion_config_id
+    release = threading.Event()
+    sent_first = threading.Event()
+
+    def stalled() -> Iterator[Request]:
+        yield doubles(cid, "f", BASE_NS, 1.0)
+        sent_first.set()
+        release.wait(30)
+
+    method = grpc_channel.stream_unary(
+        methods.INGEST_WITH_CONFIG_DATA_STREAM,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
+    )
+    pending = method.future(stalled(), timeout=30)
+    try:
+        assert sent_first.wait(10)
+        stream(grpc_channel, [doubles(cid, "f", BASE_NS + i, float(i)) for i in range(1, 101)])
+        with local_server.open_store() as store:
+            assert store.count_samples() >= 100
+        assert not pending.done()
+    finally:
+        release.set()
+    pending.result(timeout=10)
+    with local_server.open_store() as store:
+        assert store.count_samples() == 101
