@@ -1,0 +1,100 @@
+"""Checksums over a configurable span of a binary frame.
+
+CRCs come from crcmod's predefined catalogue (C extension); XOR and the 8-bit sum are one line
+each. :class:`FrameChecksum` is compiled once from a :class:`ChecksumDef`: it knows where the
+checksum sits in a frame of any length, which bytes it covers, and how it is stored.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable
+from typing import Final
+
+import crcmod.predefined
+
+from daq_agent.serialdefs.model import ChecksumDef, ChecksumKind
+
+__all__ = ["FrameChecksum", "checksum_function"]
+
+_CRCMOD_NAMES: Final = {
+    ChecksumKind.CRC8: "crc-8",
+    ChecksumKind.CRC16_CCITT_FALSE: "crc-ccitt-false",
+    ChecksumKind.CRC16_MODBUS: "modbus",
+    ChecksumKind.CRC16_XMODEM: "xmodem",
+    ChecksumKind.CRC32: "crc-32",
+}
+
+
+def _xor8(data: bytes) -> int:
+    return functools.reduce(operator.xor, data, 0)
+
+
+def _sum8(data: bytes) -> int:
+    return sum(data) & 0xFF
+
+
+def checksum_function(kind: ChecksumKind) -> Callable[[bytes], int]:
+    """The function computing ``kind`` over some bytes.
+
+    Args:
+        kind: the checksum kind.
+
+    Returns:
+        A function from bytes to the checksum as an unsigned integer.
+    """
+    if kind is ChecksumKind.XOR8:
+        return _xor8
+    if kind is ChecksumKind.SUM8:
+        return _sum8
+    function: Callable[[bytes], int] = crcmod.predefined.mkPredefinedCrcFun(_CRCMOD_NAMES[kind])
+    return function
+
+
+class FrameChecksum:
+    """A compiled checksum: verify a whole frame, or fill in the checksum of a frame.
+
+    Offsets are relative to the start of the frame as the framer delivers it (sync bytes
+    included; for COBS and SLIP, the decoded payload); negative offsets count from its end.
+    """
+
+    __slots__ = ("_at", "_end", "_function", "_order", "_start", "size")
+
+    def __init__(self, spec: ChecksumDef) -> None:
+        self._function = checksum_function(spec.kind)
+        self.size = spec.kind.size
+        self._at = spec.at if spec.at is not None else -self.size
+        self._start = spec.start
+        self._end = spec.end
+        self._order: Final = "little" if spec.byte_order.value == "little" else "big"
+
+    def _bounds(self, length: int) -> tuple[int, int, int] | None:
+        at = self._at if self._at >= 0 else length + self._at
+        start = self._start if self._start >= 0 else length + self._start
+        end = at if self._end is None else self._end if self._end >= 0 else length + self._end
+        if at < 0 or at + self.size > length or start < 0 or end > length or start > end:
+            return None
+        return at, start, end
+
+    def verify(self, frame: bytes) -> bool:
+        """True if ``frame`` carries the right checksum (False if too short to hold one)."""
+        bounds = self._bounds(len(frame))
+        if bounds is None:
+            return False
+        at, start, end = bounds
+        stored = int.from_bytes(frame[at : at + self.size], self._order)
+        return self._function(frame[start:end]) == stored
+
+    def apply(self, frame: bytearray) -> None:
+        """Write the checksum into its place in ``frame`` (the frame has room for it).
+
+        Raises:
+            ValueError: the frame is too short to hold the checksum or its span.
+        """
+        bounds = self._bounds(len(frame))
+        if bounds is None:
+            raise ValueError(f"a {len(frame)}-byte frame cannot hold this checksum")
+        at, start, end = bounds
+        value = self._function(bytes(frame[start:end]))
+        frame[at : at + self.size] = value.to_bytes(self.size, self._order)

@@ -1,0 +1,120 @@
+"""``daq-agent decode --defs FILE``: decode a captured serial byte stream, one frame per line.
+
+The same framer and decoder as the agent. A captured stream has no host times, so the timestamp
+printed is the device timestamp when the definitions declare one, else empty. Frames that do not
+decode are printed too (``!`` lines, or ``{"error": ...}`` with ``--json``), so the output
+accounts for the whole capture; a summary of the counters ends the text output.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import BinaryIO, TextIO
+
+from daq_agent.pipeline.sample import Value
+from daq_agent.serialdefs.codec import FrameFault, SerialCodec
+from daq_agent.serialdefs.loader import load_definitions
+
+__all__ = ["decode_stream"]
+
+_CHUNK = 65536
+
+
+def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) -> int:
+    """Decode every frame of ``stream`` with the definitions in ``defs_path``.
+
+    Args:
+        defs_path: the frame-definition YAML file.
+        stream: the captured bytes (a file opened in binary mode, or ``sys.stdin.buffer``).
+        out: where the decoded frames are printed, one per line.
+        as_json: print JSON objects
+            (``{"frame", "flow", "timestamp_ns", "fields": {name: value}}``; enum fields carry
+            their numeric key, bytes are base64) instead of text.
+
+    Returns:
+        0 if every frame decoded, 1 if some bytes or frames could not be decoded.
+
+    Raises:
+        ConfigError: the definition file is missing or invalid (file, line, key).
+    """
+    defs = load_definitions(defs_path)
+    codec = SerialCodec(defs, device=defs.name)
+    framer = codec.make_framer()
+    counts = {"frames": 0, "checksum": 0, "unknown_type": 0, "decode": 0}
+    checksum_before = 0
+    while True:
+        chunk = stream.read(_CHUNK)
+        if not chunk:
+            break
+        for frame, _ in framer.feed(chunk, 0):
+            result = codec.decode(frame)
+            if isinstance(result, FrameFault):
+                key = result.name.lower()
+                counts[key] += 1
+                _print_fault(out, result, frame, codec.last_unknown, as_json)
+                continue
+            compiled, values = result
+            counts["frames"] += 1
+            stamp = codec.device_time_ns(compiled, values)
+            fields = {c.name: v for c, v in zip(compiled.channels, values, strict=True)}
+            if as_json:
+                record = {
+                    "frame": compiled.name,
+                    "flow": compiled.flow,
+                    "timestamp_ns": stamp,
+                    "fields": {k: _jsonable(v) for k, v in fields.items()},
+                }
+                out.write(json.dumps(record) + "\n")
+            else:
+                when = f"{stamp} " if stamp is not None else ""
+                text = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+                out.write(f"{when}{compiled.name}: {text}\n")
+        # sync framings reject bad checksums while framing: report them as they happen
+        rejected = framer.checksum_errors - checksum_before
+        checksum_before = framer.checksum_errors
+        counts["checksum"] += rejected
+        for _ in range(rejected if not as_json else 0):
+            out.write("! checksum mismatch\n")
+        if as_json and rejected:
+            for _ in range(rejected):
+                out.write(json.dumps({"error": "checksum"}) + "\n")
+    if framer.buffered:
+        framer.framing_errors += 1
+        framer.dropped_bytes += framer.buffered
+    if not as_json:
+        out.write(
+            f"# {counts['frames']} frames decoded, {counts['checksum']} checksum errors, "
+            f"{framer.framing_errors} framing errors ({framer.dropped_bytes} bytes dropped), "
+            f"{counts['unknown_type']} unknown types, {counts['decode']} decode errors\n"
+        )
+    bad = counts["checksum"] + counts["unknown_type"] + counts["decode"] + framer.framing_errors
+    return 1 if bad else 0
+
+
+def _print_fault(
+    out: TextIO, fault: FrameFault, frame: bytes, unknown: object, as_json: bool
+) -> None:
+    detail = unknown if fault is FrameFault.UNKNOWN_TYPE else None
+    if as_json:
+        record: dict[str, object] = {"error": fault.name.lower(), "raw": frame.hex()}
+        if detail is not None:
+            record["id"] = detail if isinstance(detail, int | str) else str(detail)
+        out.write(json.dumps(record) + "\n")
+    else:
+        extra = f" (id {detail!r})" if detail is not None else ""
+        out.write(f"! {fault.name.lower().replace('_', ' ')}{extra}: {frame.hex(' ')}\n")
+
+
+def _jsonable(value: Value) -> object:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    return value
+
+
+def _text(value: Value) -> str:
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)

@@ -1,0 +1,986 @@
+"""The serial frame codec: definitions compiled once into flows, a decoder and an encoder.
+
+:class:`SerialCodec` turns :class:`~daq_agent.serialdefs.model.SerialDefinitions` into
+
+- flows: one per frame type, named from a template (``{device}``, ``{frame}``); one channel per
+  field (or per bit group of a field split into bits), typed like CAN signals: a value table →
+  ``ENUM``; a 1-bit group → ``BOOL``; float32 → ``FLOAT``; float64 and any non-integer scale or
+  offset → ``DOUBLE``; integers → the smallest of ``UINT_32``/``INT_32``/``UINT_64``/``INT_64``
+  holding the scaled range; strings → ``STRING``; bytes → ``BYTES``;
+- a decoder: binary frame layouts are compiled to one small Python function per frame type
+  (``struct`` formats precomputed, one ``unpack_from`` per run of fields of one byte order, scale
+  and bit extraction inlined), so decoding a frame is a checksum, a dict lookup and one call;
+- an encoder, the exact inverse, used by the simulator and the round-trip tests.
+
+Decoding never raises for a bad frame: :meth:`SerialCodec.decode` returns a :class:`FrameFault`
+that the caller counts.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from daq_agent.errors import ConfigError, DecodeError
+from daq_agent.ingestion.config import (
+    ChannelConfig,
+    ChannelDataType,
+    ChannelEnumType,
+    FlowConfig,
+)
+from daq_agent.pipeline.sample import Value
+from daq_agent.serialdefs.checksums import FrameChecksum
+from daq_agent.serialdefs.framing import Framer, make_framer
+from daq_agent.serialdefs.model import (
+    FIXED_SIZE_TYPES,
+    BitDef,
+    FieldDef,
+    FormatKind,
+    FrameDef,
+    FramingKind,
+    SerialDefinitions,
+)
+from daq_agent.serialdefs.nmea import nmea_checksum, parse_nmea_field, render_nmea_field
+
+__all__ = [
+    "DEFAULT_FLOW_NAME_TEMPLATE",
+    "ChannelSpec",
+    "CompiledFrame",
+    "FrameFault",
+    "SerialCodec",
+]
+
+DEFAULT_FLOW_NAME_TEMPLATE: Final = "{device}.{frame}"
+"""Flow names know ``{device}`` (the reader's name) and ``{frame}`` (the frame type name)."""
+
+_U32: Final = 0xFFFFFFFF
+_INT_TYPES: Final = frozenset(n for n in FIXED_SIZE_TYPES if "int" in n) | {"int", "uint"}
+_TEXT_INT_BITS: Final = {"int": 64, "uint": 64}
+
+
+class FrameFault(enum.IntEnum):
+    """Why a frame produced no sample."""
+
+    CHECKSUM = 1
+    """The checksum does not match."""
+    UNKNOWN_TYPE = 2
+    """The discriminator (id, sentence, pattern) matches no frame type."""
+    DECODE = 3
+    """The frame is too short, not text, or a field does not parse."""
+
+
+Decoded = tuple["CompiledFrame", tuple[Value, ...]]
+"""A decoded frame: its compiled frame type and its values in flow-channel order."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """One channel of a frame type, as decoded (also what the simulator generates).
+
+    Attributes:
+        name: the channel name.
+        field: the field it comes from.
+        bit: the bit group it comes from (None: the whole field).
+        config: the channel's flow config.
+        minimum: the lowest physical value the channel takes (declared or from the type).
+        maximum: the highest physical value.
+        keys: enum channels: the keys, in declaration order.
+    """
+
+    name: str
+    field: FieldDef
+    bit: BitDef | None
+    config: ChannelConfig
+    minimum: float
+    maximum: float
+    keys: tuple[int, ...] = ()
+
+
+class CompiledFrame:
+    """One frame type compiled for decoding and encoding.
+
+    Attributes:
+        definition: the frame definition.
+        flow: the flow name.
+        channels: the channels in flow order.
+        timestamp_index: index of the device-timestamp channel in the values (-1: none).
+    """
+
+    __slots__ = (
+        "_decode",
+        "channels",
+        "definition",
+        "flow",
+        "min_length",
+        "timestamp_index",
+    )
+
+    def __init__(
+        self,
+        definition: FrameDef,
+        flow: str,
+        channels: tuple[ChannelSpec, ...],
+        decode: Callable[[Any], tuple[Value, ...]],
+        min_length: int,
+        timestamp_index: int,
+    ) -> None:
+        self.definition = definition
+        self.flow = flow
+        self.channels = channels
+        self._decode = decode
+        self.min_length = min_length
+        self.timestamp_index = timestamp_index
+
+    @property
+    def name(self) -> str:
+        """The frame type name."""
+        return self.definition.name
+
+    def flow_config(self) -> FlowConfig:
+        """The flow of this frame type (a fresh object)."""
+        return FlowConfig(
+            name=self.flow,
+            channels=[
+                ChannelConfig(
+                    name=c.config.name,
+                    data_type=c.config.data_type,
+                    description=c.config.description,
+                    unit=c.config.unit,
+                    enum_types=list(c.config.enum_types),
+                )
+                for c in self.channels
+            ],
+        )
+
+    def __repr__(self) -> str:
+        return f"CompiledFrame({self.name!r}, flow={self.flow!r})"
+
+
+class SerialCodec:
+    """Frame definitions compiled into flows, a decoder and an encoder.
+
+    Args:
+        defs: the definitions.
+        device: the device name (``{device}`` in flow names).
+        flow_name_template: how flow names are built from ``{device}`` and ``{frame}``.
+
+    Raises:
+        ConfigError: the flow name template is invalid or gives two frames the same name.
+    """
+
+    __slots__ = (
+        "_by_id",
+        "_checksum",
+        "_disc",
+        "_only",
+        "_verify",
+        "defs",
+        "device",
+        "frames",
+        "last_unknown",
+    )
+
+    def __init__(
+        self,
+        defs: SerialDefinitions,
+        device: str = "serial",
+        flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+    ) -> None:
+        self.defs = defs
+        self.device = device
+        self._checksum = FrameChecksum(defs.checksum) if defs.checksum is not None else None
+        sync_framed = defs.framing.kind in (FramingKind.FIXED, FramingKind.SYNC_LENGTH)
+        # sync framings verify the checksum while framing (to resynchronise); do not repeat it
+        self._verify = None if sync_framed or self._checksum is None else self._checksum.verify
+        compiled: list[CompiledFrame] = []
+        names: set[str] = set()
+        for frame in defs.frames:
+            flow = _flow_name(flow_name_template, device, frame.name)
+            if flow in names:
+                raise ConfigError(f"flow name {flow!r} is not unique", key="flow_name_template")
+            names.add(flow)
+            compiled.append(self._compile(frame, flow))
+        self.frames: tuple[CompiledFrame, ...] = tuple(compiled)
+        self._by_id: dict[object, CompiledFrame] = {
+            c.definition.id: c for c in compiled if c.definition.id is not None
+        }
+        self._only = compiled[0] if len(compiled) == 1 else None
+        self._disc: Callable[[Any], object] | None = None
+        disc = defs.discriminator
+        if defs.format is FormatKind.BINARY and disc is not None:
+            code, _ = FIXED_SIZE_TYPES[disc.type]
+            unpack = struct.Struct(disc.byte_order.struct_prefix + code).unpack_from
+            at = disc.at
+            self._disc = lambda frame: unpack(frame, at)[0]
+            self._only = None
+        self.last_unknown: object = None
+        """The id of the last frame that matched no frame type (for per-id counting)."""
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def flows(self) -> list[FlowConfig]:
+        """One flow per frame type, in definition order."""
+        return [c.flow_config() for c in self.frames]
+
+    def frame(self, name: str) -> CompiledFrame:
+        """The compiled frame type ``name``.
+
+        Raises:
+            KeyError: there is none.
+        """
+        for compiled in self.frames:
+            if compiled.name == name:
+                return compiled
+        raise KeyError(name)
+
+    def make_framer(self, byte_ns: int = 0) -> Framer:
+        """A new framer for these definitions (checksum-aware for sync framings)."""
+        accept = self._checksum.verify if self._checksum is not None else None
+        return make_framer(self.defs.framing, accept=accept, byte_ns=byte_ns)
+
+    def device_time_ns(self, compiled: CompiledFrame, values: Sequence[Value]) -> int | None:
+        """The device timestamp of a decoded frame (None: the frame has none or it is empty)."""
+        index = compiled.timestamp_index
+        if index < 0:
+            return None
+        value = values[index]
+        if value is None or isinstance(value, str | bytes):
+            return None
+        spec = self.defs.timestamp
+        assert spec is not None
+        return spec.epoch_ns + round(float(value) * spec.unit_ns)
+
+    def decode(self, frame: bytes) -> Decoded | FrameFault:
+        """Decode one frame as delivered by the framer.
+
+        Returns:
+            (compiled frame type, values in flow-channel order), or why it could not be decoded;
+            for ``UNKNOWN_TYPE`` the id is left in :attr:`last_unknown`.
+        """
+        fmt = self.defs.format
+        if fmt is FormatKind.BINARY:
+            return self._decode_binary(frame)
+        try:
+            line = frame.decode(self.defs.text_encoding).strip()
+        except UnicodeDecodeError:
+            return FrameFault.DECODE
+        if fmt is FormatKind.NMEA:
+            return self._decode_nmea(line)
+        if fmt is FormatKind.CSV:
+            return self._decode_csv(line)
+        if fmt is FormatKind.KEY_VALUE:
+            return self._decode_kv(line)
+        return self._decode_regex(line)
+
+    def decode_or_raise(self, frame: bytes) -> Decoded:
+        """Like :meth:`decode` (checksum included) but raising on a bad frame.
+
+        Raises:
+            DecodeError: naming the fault.
+        """
+        if self._checksum is not None and self._verify is None and not self._checksum.verify(frame):
+            raise DecodeError("checksum mismatch")
+        result = self.decode(frame)
+        if isinstance(result, FrameFault):
+            detail = f" (id {self.last_unknown!r})" if result is FrameFault.UNKNOWN_TYPE else ""
+            raise DecodeError(f"{result.name.lower()}{detail}")
+        return result
+
+    def encode(self, frame_name: str, values: Mapping[str, Value]) -> bytes:
+        """The bytes on the wire for one frame (framing and checksum included).
+
+        Args:
+            frame_name: the frame type.
+            values: physical values by channel name (enum channels: the key; missing: 0/empty).
+
+        Returns:
+            The encoded frame, ready to write to a port.
+
+        Raises:
+            KeyError: no frame type is called ``frame_name``.
+            DecodeError: a value does not fit its field.
+        """
+        compiled = self.frame(frame_name)
+        payload = self.encode_frame(compiled, values)
+        return self._framer_for_encoding().encode(payload)
+
+    def encode_frame(self, compiled: CompiledFrame, values: Mapping[str, Value]) -> bytes:
+        """The frame as the framer delivers it (no COBS/SLIP/terminator), checksum included.
+
+        Raises:
+            DecodeError: a value does not fit its field.
+        """
+        try:
+            if self.defs.format is FormatKind.BINARY:
+                return self._encode_binary(compiled, values)
+            return self._encode_text(compiled, values).encode(self.defs.text_encoding)
+        except (struct.error, OverflowError, ValueError, TypeError, UnicodeEncodeError) as exc:
+            raise DecodeError(f"frame {compiled.name!r}: cannot encode: {exc}") from exc
+
+    # -- compile ------------------------------------------------------------------------------
+
+    def _compile(self, frame: FrameDef, flow: str) -> CompiledFrame:
+        channels: list[ChannelSpec] = []
+        for item in frame.fields:
+            if item.type == "skip":
+                continue
+            if item.bits:
+                channels.extend(_bit_channel(item, bit) for bit in item.bits)
+            else:
+                channels.append(_field_channel(item))
+        timestamp_index = -1
+        if self.defs.timestamp is not None:
+            for i, channel in enumerate(channels):
+                if channel.bit is None and channel.name == self.defs.timestamp.field:
+                    timestamp_index = i
+        if self.defs.format is FormatKind.BINARY:
+            decode, min_length = _compile_binary(frame, tuple(channels), self.defs)
+        else:
+            decode, min_length = _compile_text(frame, tuple(channels), self.defs), 0
+        return CompiledFrame(frame, flow, tuple(channels), decode, min_length, timestamp_index)
+
+    def _framer_for_encoding(self) -> Framer:
+        return make_framer(self.defs.framing)
+
+    # -- decode -------------------------------------------------------------------------------
+
+    def _decode_binary(self, frame: bytes) -> Decoded | FrameFault:
+        verify = self._verify
+        if verify is not None and not verify(frame):
+            return FrameFault.CHECKSUM
+        compiled = self._only
+        if compiled is None:
+            disc = self._disc
+            if disc is None:
+                return FrameFault.UNKNOWN_TYPE
+            try:
+                key = disc(frame)
+            except struct.error:
+                return FrameFault.DECODE
+            compiled = self._by_id.get(key)
+            if compiled is None:
+                self.last_unknown = key
+                return FrameFault.UNKNOWN_TYPE
+        if len(frame) < compiled.min_length:
+            return FrameFault.DECODE
+        length = compiled.definition.length
+        if length is not None and len(frame) != length:
+            return FrameFault.DECODE
+        return compiled, compiled._decode(frame)
+
+    def _decode_text_fields(self, compiled: CompiledFrame, parts: Any) -> Decoded | FrameFault:
+        try:
+            return compiled, compiled._decode(parts)
+        except (ValueError, IndexError, KeyError):
+            return FrameFault.DECODE
+
+    def _decode_nmea(self, line: str) -> Decoded | FrameFault:
+        start = max(line.rfind("$"), line.rfind("!"))
+        if start < 0:
+            return FrameFault.DECODE
+        body = line[start + 1 :]
+        star = body.rfind("*")
+        if star >= 0:
+            given = body[star + 1 : star + 3]
+            body = body[:star]
+            try:
+                if int(given, 16) != nmea_checksum(body):
+                    return FrameFault.CHECKSUM
+            except ValueError:
+                return FrameFault.CHECKSUM
+        elif self.defs.require_checksum:
+            return FrameFault.CHECKSUM
+        parts = body.split(",")
+        address = parts[0]
+        compiled = self._by_id.get(address) or self._by_id.get(address[2:])
+        if compiled is None:
+            self.last_unknown = address
+            return FrameFault.UNKNOWN_TYPE
+        return self._decode_text_fields(compiled, parts)
+
+    def _decode_csv(self, line: str) -> Decoded | FrameFault:
+        parts = line.split(self.defs.delimiter)
+        compiled = self._only
+        if compiled is None:
+            disc = self.defs.discriminator
+            if disc is None or disc.at >= len(parts):
+                return FrameFault.DECODE
+            compiled = self._by_id.get(parts[disc.at].strip())
+            if compiled is None:
+                self.last_unknown = parts[disc.at].strip()
+                return FrameFault.UNKNOWN_TYPE
+        return self._decode_text_fields(compiled, parts)
+
+    def _decode_kv(self, line: str) -> Decoded | FrameFault:
+        pairs: dict[str, str] = {}
+        sep = self.defs.kv_separator
+        for item in line.split(self.defs.pair_separator):
+            key, found, value = item.partition(sep)
+            if found:
+                pairs[key.strip()] = value.strip()
+            elif item.strip():
+                return FrameFault.DECODE
+        compiled = self._only
+        if compiled is None:
+            disc = self.defs.discriminator
+            if disc is None or disc.key not in pairs:
+                return FrameFault.DECODE
+            compiled = self._by_id.get(pairs[disc.key])
+            if compiled is None:
+                self.last_unknown = pairs[disc.key]
+                return FrameFault.UNKNOWN_TYPE
+        return self._decode_text_fields(compiled, pairs)
+
+    def _decode_regex(self, line: str) -> Decoded | FrameFault:
+        for compiled in self.frames:
+            match = _patterns(compiled).fullmatch(line)
+            if match is not None:
+                return self._decode_text_fields(compiled, match.groupdict())
+        self.last_unknown = None
+        return FrameFault.UNKNOWN_TYPE
+
+    # -- encode -------------------------------------------------------------------------------
+
+    def _encode_binary(self, compiled: CompiledFrame, values: Mapping[str, Value]) -> bytes:
+        defs = self.defs
+        frame = compiled.definition
+        size = _binary_frame_size(frame, defs)
+        buf = bytearray(size)
+        sync = defs.framing.sync
+        buf[: len(sync)] = sync
+        disc = defs.discriminator
+        if disc is not None:
+            code, _ = FIXED_SIZE_TYPES[disc.type]
+            struct.pack_into(disc.byte_order.struct_prefix + code, buf, disc.at, frame.id)
+        lf = defs.framing.length_field
+        if lf is not None:
+            code, _ = FIXED_SIZE_TYPES[lf.type]
+            struct.pack_into(lf.byte_order.struct_prefix + code, buf, lf.at, size - lf.adjust)
+        for item in frame.fields:
+            code = _struct_code(item)
+            fmt = item.byte_order.struct_prefix + code
+            if item.bits:
+                raw = 0
+                for bit in item.bits:
+                    bits = _raw_from_physical(values.get(bit.name), bit.scale, bit.offset, True)
+                    assert isinstance(bits, int)
+                    if not 0 <= bits < 1 << bit.length:
+                        raise ValueError(f"{bit.name}: {bits} does not fit {bit.length} bits")
+                    raw |= bits << bit.start
+                if not item.type.startswith("u") and raw >= 1 << (item.width * 8 - 1):
+                    raw -= 1 << (item.width * 8)
+                struct.pack_into(fmt, buf, item.at, raw)
+                continue
+            value = values.get(item.name)
+            if item.type in ("string", "bytes"):
+                if item.type == "string":
+                    if item.values:
+                        value = _string_for_key(item, value)
+                    data = str(value or "").encode(defs.text_encoding)
+                else:
+                    data = bytes(value) if isinstance(value, bytes | bytearray) else b""
+                struct.pack_into(fmt, buf, item.at, data)
+            elif item.type == "bool":
+                struct.pack_into(fmt, buf, item.at, bool(value))
+            else:
+                integer = item.type in _INT_TYPES
+                raw_value = _raw_from_physical(value, item.scale, item.offset, integer)
+                if integer and item.values and isinstance(raw_value, int) and raw_value > _I32_MAX:
+                    raw_value = _from_u32_key(raw_value, item)
+                struct.pack_into(fmt, buf, item.at, raw_value)
+        if self._checksum is not None:
+            self._checksum.apply(buf)
+        return bytes(buf)
+
+    def _encode_text(self, compiled: CompiledFrame, values: Mapping[str, Value]) -> str:
+        defs = self.defs
+        frame = compiled.definition
+        rendered: dict[str, tuple[int | str, list[str]]] = {}
+        for item in frame.fields:
+            if item.type == "skip":
+                rendered[item.name] = (item.at if item.key == "" else item.key, [""])
+                continue
+            if item.bits:
+                raw = 0
+                for bit in item.bits:
+                    bits = _raw_from_physical(values.get(bit.name), bit.scale, bit.offset, True)
+                    assert isinstance(bits, int)
+                    raw |= bits << bit.start
+                rendered[item.name] = (item.key or item.at, [str(raw)])
+                continue
+            rendered[item.name] = (item.key or item.at, _render_text(item, values.get(item.name)))
+        fmt = defs.format
+        if fmt in (FormatKind.CSV, FormatKind.NMEA):
+            width = max((int(pos) + len(parts) for pos, parts in rendered.values()), default=0)
+            columns = [""] * width
+            for pos, parts in rendered.values():
+                assert isinstance(pos, int)
+                columns[pos : pos + len(parts)] = parts
+            if fmt is FormatKind.CSV:
+                disc = defs.discriminator
+                if disc is not None and frame.id is not None:
+                    if disc.at >= len(columns):
+                        columns.extend([""] * (disc.at + 1 - len(columns)))
+                    columns[disc.at] = str(frame.id)
+                return defs.delimiter.join(columns)
+            assert isinstance(frame.id, str)
+            address = (
+                frame.id if len(frame.id) >= 5 or frame.id.startswith("P") else "GP" + frame.id
+            )
+            columns[0] = address
+            body = ",".join(columns)
+            return f"${body}*{nmea_checksum(body):02X}"
+        if fmt is FormatKind.KEY_VALUE:
+            sep = defs.kv_separator
+            pairs = []
+            disc = defs.discriminator
+            if disc is not None and frame.id is not None:
+                pairs.append(f"{disc.key}{sep}{frame.id}")
+            pairs.extend(f"{key}{sep}{parts[0]}" for key, parts in rendered.values())
+            return (defs.pair_separator or " ").join(pairs)
+        if not frame.render:
+            raise ValueError(f"regex frame {frame.name!r} has no render template to encode with")
+        return frame.render.format(**{str(key): parts[0] for key, parts in rendered.values()})
+
+
+_I32_MAX: Final = (1 << 31) - 1
+
+
+def _from_u32_key(key: int, item: FieldDef) -> int:
+    """An enum key sent as a 32-bit two's complement, back to the negative raw value."""
+    return key - (1 << 32) if not item.type.startswith("u") else key
+
+
+def _patterns(compiled: CompiledFrame) -> re.Pattern[str]:
+    return _compiled_patterns(compiled.definition.pattern)
+
+
+_PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled_patterns(pattern: str) -> re.Pattern[str]:
+    compiled = _PATTERN_CACHE.get(pattern)
+    if compiled is None:
+        compiled = _PATTERN_CACHE[pattern] = re.compile(pattern)
+    return compiled
+
+
+def _flow_name(template: str, device: str, frame: str) -> str:
+    try:
+        name = template.format(device=device, frame=frame)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"invalid flow name template {template!r}: {exc!r} (known: {{device}}, {{frame}})",
+            key="flow_name_template",
+        ) from None
+    if not name:
+        raise ConfigError("the flow name template gives an empty name", key="flow_name_template")
+    return name
+
+
+# -- channel types ------------------------------------------------------------------------------
+
+
+def _is_integral(value: float) -> bool:
+    return math.isfinite(value) and float(value).is_integer()
+
+
+def _raw_range(kind: str, bits: int | None = None) -> tuple[float, float]:
+    if bits is not None:
+        return 0, (1 << bits) - 1
+    if kind in ("int", "uint"):
+        width = 64
+        return (0, (1 << 64) - 1) if kind == "uint" else (-(1 << 63), (1 << 63) - 1)
+    if kind in FIXED_SIZE_TYPES and "int" in kind:
+        width = FIXED_SIZE_TYPES[kind][1] * 8
+        if kind.startswith("u"):
+            return 0, (1 << width) - 1
+        return -(1 << (width - 1)), (1 << (width - 1)) - 1
+    if kind == "float32":
+        return -3.4e38, 3.4e38
+    if kind == "lat":
+        return -90.0, 90.0
+    if kind == "lon":
+        return -180.0, 180.0
+    if kind == "time":
+        return 0.0, 86_400.0
+    if kind == "bool":
+        return 0, 1
+    return -1.7e308, 1.7e308
+
+
+def _numeric_type(
+    kind: str, scale: float, offset: float, bits: int | None
+) -> tuple[ChannelDataType, float, float]:
+    low, high = _raw_range(kind, bits)
+    ends = (low * scale + offset, high * scale + offset)
+    lowest, highest = min(ends), max(ends)
+    integer = bits is not None or kind in _INT_TYPES
+    if not integer:
+        if kind == "float32" and scale == 1.0 and offset == 0.0:
+            return ChannelDataType.FLOAT, lowest, highest
+        return ChannelDataType.DOUBLE, lowest, highest
+    if bits == 1 and scale == 1.0 and offset == 0.0:
+        return ChannelDataType.BOOL, 0, 1
+    if not (_is_integral(scale) and _is_integral(offset)):
+        return ChannelDataType.DOUBLE, lowest, highest
+    if lowest >= 0:
+        if highest <= _U32:
+            return ChannelDataType.UINT_32, lowest, highest
+        if highest < 1 << 64:
+            return ChannelDataType.UINT_64, lowest, highest
+    elif lowest >= -(1 << 31) and highest < 1 << 31:
+        return ChannelDataType.INT_32, lowest, highest
+    elif lowest >= -(1 << 63) and highest < 1 << 63:
+        return ChannelDataType.INT_64, lowest, highest
+    return ChannelDataType.DOUBLE, lowest, highest
+
+
+def _enum_config(
+    name: str, table: Sequence[tuple[int | str, str]], unit: str, description: str
+) -> tuple[ChannelConfig, tuple[int, ...]]:
+    enum_types: list[ChannelEnumType] = []
+    keys: list[int] = []
+    for index, (raw, label) in enumerate(table):
+        key = raw if isinstance(raw, int) else index
+        keys.append(key & _U32)
+        enum_types.append(ChannelEnumType(label, key & _U32, is_signed=key < 0))
+    config = ChannelConfig(
+        name, ChannelDataType.ENUM, description or None, unit or None, enum_types=enum_types
+    )
+    return config, tuple(keys)
+
+
+def _field_channel(item: FieldDef) -> ChannelSpec:
+    if item.values:
+        config, keys = _enum_config(item.name, item.values, item.unit, item.description)
+        return ChannelSpec(item.name, item, None, config, 0, max(len(keys) - 1, 0), keys)
+    if item.type in ("string", "date"):
+        data_type = ChannelDataType.STRING
+        low, high = 0.0, 0.0
+    elif item.type == "bytes":
+        data_type = ChannelDataType.BYTES
+        low, high = 0.0, 0.0
+    elif item.type == "bool":
+        data_type, low, high = ChannelDataType.BOOL, 0, 1
+    else:
+        data_type, low, high = _numeric_type(item.type, item.scale, item.offset, None)
+    config = ChannelConfig(item.name, data_type, item.description or None, item.unit or None)
+    low = item.minimum if item.minimum is not None else low
+    high = item.maximum if item.maximum is not None else high
+    return ChannelSpec(item.name, item, None, config, low, high)
+
+
+def _bit_channel(item: FieldDef, bit: BitDef) -> ChannelSpec:
+    if bit.values:
+        config, keys = _enum_config(bit.name, bit.values, bit.unit, bit.description)
+        return ChannelSpec(bit.name, item, bit, config, 0, max(len(keys) - 1, 0), keys)
+    data_type, low, high = _numeric_type(item.type, bit.scale, bit.offset, bit.length)
+    config = ChannelConfig(bit.name, data_type, bit.description or None, bit.unit or None)
+    low = bit.minimum if bit.minimum is not None else low
+    high = bit.maximum if bit.maximum is not None else high
+    return ChannelSpec(bit.name, item, bit, config, low, high)
+
+
+# -- binary compile -----------------------------------------------------------------------------
+
+
+def _struct_code(item: FieldDef) -> str:
+    if item.type in ("string", "bytes"):
+        return f"{item.size}s"
+    if item.type == "bool":
+        return "?"
+    return FIXED_SIZE_TYPES[item.type][0]
+
+
+def _binary_frame_size(frame: FrameDef, defs: SerialDefinitions) -> int:
+    if frame.length is not None:
+        return frame.length
+    if defs.framing.kind is FramingKind.FIXED:
+        return defs.framing.length
+    extent = len(defs.framing.sync)
+    lf = defs.framing.length_field
+    if lf is not None:
+        extent = max(extent, lf.at + lf.size)
+    disc = defs.discriminator
+    if disc is not None:
+        extent = max(extent, disc.at + FIXED_SIZE_TYPES[disc.type][1])
+    extent = max([extent, *(f.at + f.width for f in frame.fields)])
+    checksum = defs.checksum
+    if checksum is not None:
+        size = checksum.kind.size
+        if checksum.at is None or checksum.at < 0:
+            extent += size if checksum.at is None else max(0, -checksum.at)
+        else:
+            extent = max(extent, checksum.at + size)
+    return extent
+
+
+def _compile_binary(
+    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions
+) -> tuple[Callable[[Any], tuple[Value, ...]], int]:
+    """Generate ``decode(frame) -> values`` for one binary layout; also its minimum length."""
+    fields = [f for f in frame.fields if f.type != "skip"]
+    # runs of fields in offset order, one byte order, not overlapping → one Struct each
+    order = sorted(range(len(fields)), key=lambda i: fields[i].at)
+    runs: list[tuple[int, str, list[int]]] = []  # (start, format, field indexes)
+    run_end = -1
+    for i in order:
+        item = fields[i]
+        prefix = item.byte_order.struct_prefix if item.width > 1 else None
+        if runs:
+            start, fmt, members = runs[-1]
+            run_prefix = fmt[0]
+            if item.at >= run_end and (prefix is None or prefix == run_prefix):
+                gap = item.at - run_end
+                runs[-1] = (start, fmt + ("x" * gap) + _struct_code(item), [*members, i])
+                run_end = item.at + item.width
+                continue
+        runs.append((item.at, (prefix or "<") + _struct_code(item), [i]))
+        run_end = item.at + item.width
+    namespace: dict[str, Any] = {}
+    lines = ["def decode(frame):"]
+    slot: dict[int, str] = {}
+    for r, (start, fmt, members) in enumerate(runs):
+        namespace[f"_u{r}"] = struct.Struct(fmt).unpack_from
+        targets = [f"v{i}" for i in members]
+        lines.append(f"    {', '.join(targets)}, = _u{r}(frame, {start})")
+        for i in members:
+            slot[i] = f"v{i}"
+    expressions: list[str] = []
+    index_of = {id(f): i for i, f in enumerate(fields)}
+    for channel in channels:
+        item = channel.field
+        var = slot[index_of[id(item)]]
+        expressions.append(_binary_expression(channel, var, namespace, defs))
+    lines.append(f"    return ({', '.join(expressions)},)")
+    source = "\n".join(lines)
+    exec(compile(source, f"<serial frame {frame.name}>", "exec"), namespace)
+    min_length = max((f.at + f.width for f in fields), default=0)
+    return namespace["decode"], min_length
+
+
+def _const(value: object, namespace: dict[str, Any]) -> str:
+    name = f"_k{len(namespace)}"
+    namespace[name] = value
+    return name
+
+
+def _binary_expression(
+    channel: ChannelSpec, var: str, namespace: dict[str, Any], defs: SerialDefinitions
+) -> str:
+    item = channel.field
+    bit = channel.bit
+    data_type = channel.config.data_type
+    if bit is not None:
+        expr = f"(({var} >> {bit.start}) & {(1 << bit.length) - 1})"
+        if data_type is ChannelDataType.BOOL:
+            return f"{expr} != 0"
+        if data_type is ChannelDataType.ENUM:
+            return expr
+        return _scaled(expr, bit.scale, bit.offset, data_type)
+    if item.type == "string":
+        decode = _const(_string_decoder(defs.text_encoding), namespace)
+        if item.values:
+            table = _const({raw: i for i, (raw, _) in enumerate(item.values)}, namespace)
+            return f"{table}.get({decode}({var}))"
+        return f"{decode}({var})"
+    if item.type in ("bytes", "bool"):
+        return var
+    if data_type is ChannelDataType.ENUM:
+        return f"({var} & {_U32})" if not item.type.startswith("u") else var
+    return _scaled(var, item.scale, item.offset, data_type)
+
+
+def _scaled(expr: str, scale: float, offset: float, data_type: ChannelDataType) -> str:
+    if scale == 1.0 and offset == 0.0:
+        return expr
+    integer = data_type not in (ChannelDataType.DOUBLE, ChannelDataType.FLOAT)
+    if integer:
+        return f"({expr} * {int(scale)} + {int(offset)})"
+    return f"({expr} * {scale!r} + {offset!r})"
+
+
+def _string_decoder(encoding: str) -> Callable[[bytes], str]:
+    def decode(raw: bytes) -> str:
+        return raw.split(b"\x00", 1)[0].decode(encoding, errors="replace")
+
+    return decode
+
+
+def _string_for_key(item: FieldDef, key: Value) -> str:
+    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(item.values):
+        return str(item.values[key][0])
+    return ""
+
+
+def _raw_from_physical(value: Value, scale: float, offset: float, integer: bool) -> int | float:
+    if value is None:
+        return 0
+    if isinstance(value, str | bytes):
+        raise ValueError(f"expected a number, got {value!r}")
+    number = (float(value) - offset) / scale if (scale != 1.0 or offset != 0.0) else value
+    if integer:
+        if isinstance(number, bool):
+            return int(number)
+        if isinstance(number, int):
+            return number
+        return round(number)
+    return float(number)
+
+
+# -- text compile -------------------------------------------------------------------------------
+
+
+def _compile_text(
+    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions
+) -> Callable[[Any], tuple[Value, ...]]:
+    """``decode(parts) -> values``: parts is a column list (csv, nmea) or a str → str mapping."""
+    by_field: dict[int, list[ChannelSpec]] = {}
+    for channel in channels:
+        by_field.setdefault(id(channel.field), []).append(channel)
+    steps: list[tuple[int | str, Callable[[str], Value], tuple[Callable[[Any], Value], ...]]] = []
+    for item in frame.fields:
+        if item.type == "skip":
+            continue
+        position: int | str = (
+            item.key if defs.format in (FormatKind.KEY_VALUE, FormatKind.REGEX) else item.at
+        )
+        parse = _text_parser(item)
+        post = tuple(_bit_extractor(c) for c in by_field[id(item)]) if item.bits else ()
+        steps.append((position, parse, post))
+    nmea = defs.format is FormatKind.NMEA
+
+    def decode(parts: Any) -> tuple[Value, ...]:
+        out: list[Value] = []
+        mapping = isinstance(parts, Mapping)
+        count = 0 if mapping else len(parts)
+        for position, parse, post in steps:
+            if mapping:
+                text = parts.get(position)
+            else:
+                assert isinstance(position, int)
+                if position >= count:
+                    text = None
+                elif nmea and parse in _TWO_PART:
+                    text = (
+                        parts[position]
+                        + ","
+                        + (parts[position + 1] if position + 1 < count else "")
+                    )
+                else:
+                    text = parts[position]
+            if text is None or text == "" or text == ",":
+                value: Value = None
+            else:
+                value = parse(text)
+            if post:
+                out.extend(p(value) for p in post)
+            else:
+                out.append(value)
+        return tuple(out)
+
+    return decode
+
+
+def _parse_lat(text: str) -> Value:
+    return parse_nmea_field("lat", text)
+
+
+def _parse_lon(text: str) -> Value:
+    return parse_nmea_field("lon", text)
+
+
+_TWO_PART: Final = (_parse_lat, _parse_lon)
+"""NMEA parsers that read two fields (value, hemisphere)."""
+
+
+def _text_parser(item: FieldDef) -> Callable[[str], Value]:
+    kind = item.type
+    if kind in ("lat", "lon"):
+        return _parse_lat if kind == "lat" else _parse_lon
+    if kind in ("time", "date"):
+        return lambda text: parse_nmea_field(kind, text)
+    if kind == "string":
+        if item.values:
+            table = {str(raw): i for i, (raw, _) in enumerate(item.values)}
+            return lambda text: table.get(text.strip())
+        return lambda text: text
+    if kind == "bool":
+        return _parse_bool
+    integer = kind in _INT_TYPES
+    scale, offset = item.scale, item.offset
+    if integer:
+        if item.values:
+            return lambda text: int(text) & _U32
+        if _is_integral(scale) and _is_integral(offset):
+            iscale, ioffset = int(scale), int(offset)
+            if iscale == 1 and ioffset == 0:
+                return lambda text: int(text)
+            return lambda text: int(text) * iscale + ioffset
+        return lambda text: int(text) * scale + offset
+    if scale == 1.0 and offset == 0.0:
+        return lambda text: float(text)
+    return lambda text: float(text) * scale + offset
+
+
+def _parse_bool(text: str) -> Value:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _bit_extractor(channel: ChannelSpec) -> Callable[[Any], Value]:
+    bit = channel.bit
+    assert bit is not None
+    mask = (1 << bit.length) - 1
+    start = bit.start
+    data_type = channel.config.data_type
+    scale, offset = bit.scale, bit.offset
+
+    def extract(value: Any) -> Value:
+        if value is None:
+            return None
+        raw = (int(value) >> start) & mask
+        if data_type is ChannelDataType.BOOL:
+            return raw != 0
+        if (scale == 1.0 and offset == 0.0) or data_type is ChannelDataType.ENUM:
+            return raw
+        if data_type is ChannelDataType.DOUBLE:
+            return raw * scale + offset
+        return raw * int(scale) + int(offset)
+
+    return extract
+
+
+def _render_text(item: FieldDef, value: Value) -> list[str]:
+    kind = item.type
+    if kind in ("lat", "lon", "time", "date"):
+        return render_nmea_field(kind, value)
+    if value is None:
+        return [""]
+    if kind == "string":
+        if item.values:
+            return [_string_for_key(item, value)]
+        return [str(value)]
+    if kind == "bool":
+        return ["1" if value else "0"]
+    if isinstance(value, str | bytes):
+        raise ValueError(f"{item.name}: expected a number, got {value!r}")
+    integer = kind in _INT_TYPES
+    if integer and item.values:
+        key = int(value)
+        return [str(_from_u32_key(key, item) if key > _I32_MAX else key)]
+    raw = _raw_from_physical(value, item.scale, item.offset, integer)
+    if integer:
+        return [str(int(raw))]
+    return [repr(float(raw))]

@@ -1,0 +1,177 @@
+"""A JSON Schema (draft 2020-12) of the frame-definition language, for editors.
+
+The schema describes the shape (keys, types, enumerations); the loader additionally checks what a
+schema cannot say (positions inside the frame, unique names, the checksum span). Export it with::
+
+    python -c "import json, daq_agent.serialdefs as s; print(json.dumps(s.json_schema(), indent=2))"
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daq_agent.serialdefs.model import (
+    BINARY_FIELD_TYPES,
+    TEXT_FIELD_TYPES,
+    ChecksumKind,
+    FormatKind,
+    FramingKind,
+)
+
+__all__ = ["json_schema"]
+
+_BYTE_ORDER = {"enum": ["little", "big"]}
+_NAME = {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_.\-]*$"}
+_NUMBER = {"type": "number"}
+_BYTES = {
+    "description": "hex string like 'B5 62' or a list of byte values",
+    "oneOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+    ],
+}
+_VALUES = {
+    "description": "value table: raw value → name; the channel becomes an enum",
+    "type": "object",
+    "additionalProperties": {"type": "string", "minLength": 1},
+    "minProperties": 1,
+}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a frame-definition file."""
+    bit = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "start"],
+        "properties": {
+            "name": _NAME,
+            "start": {"type": "integer", "minimum": 0, "description": "LSB of the group"},
+            "length": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
+            "scale": _NUMBER,
+            "offset": _NUMBER,
+            "unit": {"type": "string"},
+            "description": {"type": "string"},
+            "values": _VALUES,
+            "min": _NUMBER,
+            "max": _NUMBER,
+        },
+    }
+    field = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "type"],
+        "properties": {
+            "name": _NAME,
+            "type": {"enum": sorted(BINARY_FIELD_TYPES | TEXT_FIELD_TYPES)},
+            "at": {"type": "integer", "minimum": 0, "description": "binary: byte offset"},
+            "size": {"type": "integer", "minimum": 1, "description": "binary string/bytes"},
+            "byte_order": _BYTE_ORDER,
+            "column": {"type": "integer", "minimum": 0, "description": "csv: column"},
+            "index": {"type": "integer", "minimum": 1, "description": "nmea: field index"},
+            "key": {"type": "string", "description": "key_value: the key"},
+            "group": {"type": "string", "description": "regex: the named group"},
+            "scale": _NUMBER,
+            "offset": _NUMBER,
+            "unit": {"type": "string"},
+            "description": {"type": "string"},
+            "values": _VALUES,
+            "bits": {"type": "array", "items": bit, "minItems": 1},
+            "min": _NUMBER,
+            "max": _NUMBER,
+        },
+    }
+    frame = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "fields"],
+        "properties": {
+            "name": _NAME,
+            "id": {"type": ["integer", "string"], "description": "discriminator value"},
+            "description": {"type": "string"},
+            "length": {"type": "integer", "minimum": 1},
+            "pattern": {"type": "string", "description": "regex: matched against the line"},
+            "render": {"type": "string", "description": "regex: str.format template"},
+            "fields": {"type": "array", "items": field, "minItems": 1},
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://daq-agent.invalid/schemas/serial-frames.json",
+        "title": "daq-agent serial frame definitions",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["format", "frames"],
+        "properties": {
+            "version": {"const": 1},
+            "name": _NAME,
+            "description": {"type": "string"},
+            "format": {"enum": [k.value for k in FormatKind]},
+            "byte_order": _BYTE_ORDER,
+            "framing": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["kind"],
+                "properties": {
+                    "kind": {"enum": [k.value for k in FramingKind]},
+                    "max_length": {"type": "integer", "minimum": 1},
+                    "terminator": {"type": "string"},
+                    "sync": _BYTES,
+                    "length": {"type": "integer", "minimum": 1},
+                    "length_field": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["at"],
+                        "properties": {
+                            "at": {"type": "integer", "minimum": 0},
+                            "type": {"enum": ["uint8", "uint16", "uint32"]},
+                            "byte_order": _BYTE_ORDER,
+                            "adjust": {"type": "integer"},
+                        },
+                    },
+                },
+            },
+            "checksum": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["kind"],
+                "properties": {
+                    "kind": {"enum": [k.value for k in ChecksumKind]},
+                    "at": {"type": "integer"},
+                    "byte_order": _BYTE_ORDER,
+                    "span": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"start": {"type": "integer"}, "end": {"type": "integer"}},
+                    },
+                },
+            },
+            "discriminator": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "at": {"type": "integer", "minimum": 0},
+                    "type": {"type": "string"},
+                    "byte_order": _BYTE_ORDER,
+                    "column": {"type": "integer", "minimum": 0},
+                    "key": {"type": "string"},
+                },
+            },
+            "timestamp": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "source": {"enum": ["host", "field"]},
+                    "field": {"type": "string"},
+                    "unit": {"enum": ["s", "ms", "us", "µs", "ns"]},
+                    "epoch": {"type": "string", "description": "unix, gps or ISO 8601"},
+                },
+            },
+            "delimiter": {"type": "string", "minLength": 1},
+            "pair_separator": {"type": "string", "minLength": 1},
+            "kv_separator": {"type": "string", "minLength": 1},
+            "require_checksum": {"type": "boolean"},
+            "text_encoding": {"type": "string"},
+            "frames": {"type": "array", "items": frame, "minItems": 1},
+        },
+    }
