@@ -80,12 +80,14 @@ class BufferedIngestionService:
         self._service = service
         self._on_error = on_error
         self._buffer: list[IngestWithConfigDataStreamRequest] = []
-        # _lock guards _buffer, _error, _last_flush and _closing; _cond wakes the flush thread.
+        # _lock guards _buffer, _in_flight, _error, _last_flush and _closing;
+        # _cond (on _lock) wakes the flush thread.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         # Serializes sends (held across the network call, never by a producer appending).
         self._send_lock = threading.Lock()
         self._error: BaseException | None = None
+        self._in_flight = 0
         self._last_flush = time.monotonic()
         self._closing = False
         self._closed = False
@@ -147,9 +149,9 @@ class BufferedIngestionService:
 
     @property
     def buffered(self) -> int:
-        """How many requests wait in the buffer."""
+        """How many requests are not delivered yet (buffered, or in a flush under way)."""
         with self._lock:
-            return len(self._buffer)
+            return len(self._buffer) + self._in_flight
 
     @property
     def last_error(self) -> BaseException | None:
@@ -170,6 +172,7 @@ class BufferedIngestionService:
         with self._send_lock:
             with self._lock:
                 batch, self._buffer = self._buffer, []
+                self._in_flight = len(batch)
                 self._last_flush = time.monotonic()
                 self._cond.notify_all()
             if not batch:
@@ -179,9 +182,11 @@ class BufferedIngestionService:
             except Exception as exc:
                 with self._lock:
                     self._buffer[:0] = batch
+                    self._in_flight = 0
                     self._error = exc
                 raise
             with self._lock:
+                self._in_flight = 0
                 # The requests of a failed flush were at the front of this batch: delivered now.
                 self._error = None
 

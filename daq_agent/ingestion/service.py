@@ -460,7 +460,9 @@ class IngestionService:
         _check_timestamp(timestamp)
         channels = flow.channels
         values: list[IngestWithConfigDataChannelValue]
-        if all(isinstance(v, IngestWithConfigDataChannelValue) for v in channel_values):
+        if channel_values and all(
+            isinstance(v, IngestWithConfigDataChannelValue) for v in channel_values
+        ):
             values = list(channel_values)  # type: ignore[arg-type]
             if len(values) != len(channels):
                 raise IngestionValidationError(
