@@ -14,7 +14,7 @@ A bad line is counted with its line number and skipped; parsing never raises on 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from daq_agent.errors import DecodeError
@@ -165,8 +165,17 @@ class CandumpParser:
     bad_lines: list[tuple[int, str]] = field(default_factory=list)
     keep_bad: int = 100
 
-    def parse(self, lines: Iterable[str | bytes]) -> Iterator[tuple[int, CandumpFrame]]:
-        """Yield ``(line number, frame)`` for every frame in ``lines``; bad lines are counted."""
+    def parse(
+        self,
+        lines: Iterable[str | bytes],
+        on_bad: Callable[[int, str], None] | None = None,
+    ) -> Iterator[tuple[int, CandumpFrame]]:
+        """Yield ``(line number, frame)`` for every frame in ``lines``; bad lines are counted.
+
+        Args:
+            lines: the log lines (text or bytes).
+            on_bad: called with ``(line number, reason)`` for each bad line, as it is met.
+        """
         for line in lines:
             self.lines += 1
             text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
@@ -176,6 +185,8 @@ class CandumpParser:
                 self.bad += 1
                 if len(self.bad_lines) < self.keep_bad:
                     self.bad_lines.append((self.lines, str(exc)))
+                if on_bad is not None:
+                    on_bad(self.lines, str(exc))
                 continue
             if frame is None:
                 continue

@@ -1,0 +1,267 @@
+"""``daq-agent decode``: decode a candump log (or a serial capture) with the agent's decoder.
+
+``decode --dbc FILE [--dbc FILE ...] [--bus NAME] [--json] [FILE|-]`` reads candump log lines
+(``(1700000000.123456) can0 1F0#0102030405060708``, FD as ``##``) and prints one decoded frame per
+line. With ``--json`` each line is ``{"bus", "message", "frame_id", "timestamp_ns", "flow",
+"signals": {"<DBC signal name>": value}}``: values scaled, enum signals numeric, absent multiplexed
+signals left out (a NaN or infinite float is written as the string ``"nan"``, ``"inf"``,
+``"-inf"``). Unknown ids, bad lines and undecodable frames go to stderr, then a count summary.
+Exit status: 0, or 1 when a line or frame could not be decoded (unknown ids do not count).
+
+``decode --defs FILE [--json] [FILE|-]`` decodes a serial capture with frame definitions instead
+(``daq_agent.serialdefs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from daq_agent.decode.can_decoder import (
+    DEFAULT_FLOW_NAME_TEMPLATE,
+    CanDecoder,
+    CompiledMessage,
+    frame_key,
+)
+from daq_agent.decode.candump import CandumpParser
+from daq_agent.decode.dbc import load_database
+from daq_agent.errors import ConfigError, DecodeError
+
+__all__ = ["DecodeSummary", "add_subparser", "decode_candump"]
+
+EXIT_UNAVAILABLE = 3
+_REPORT_LIMIT = 20
+
+
+def add_subparser(subparsers: Any) -> None:
+    """Register ``decode``."""
+    parser = subparsers.add_parser(
+        "decode",
+        help="decode a candump log (or a serial capture) and print the frames",
+        description="Decode candump log lines with CAN databases (--dbc), or a serial capture "
+        "with frame definitions (--defs), using the agent's own decoder.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--dbc", action="append", type=Path, metavar="FILE", help="CAN database (repeatable)"
+    )
+    source.add_argument("--defs", type=Path, metavar="FILE", help="serial frame definitions (YAML)")
+    parser.add_argument(
+        "--bus", default=None, help="bus alias for flow names (default: the interface of each line)"
+    )
+    parser.add_argument(
+        "--flow-name-template",
+        default=DEFAULT_FLOW_NAME_TEMPLATE,
+        metavar="T",
+        help="flow names from {bus}, {message}, {frame_id} (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per frame")
+    parser.add_argument("input", nargs="?", default="-", help="log file, or - for stdin (default)")
+    parser.set_defaults(func=_do_decode)
+
+
+@dataclass(slots=True)
+class DecodeSummary:
+    """What ``decode`` saw.
+
+    Attributes:
+        lines: input lines.
+        decoded: frames decoded and printed.
+        unknown: frames whose id no database defines, by ``(bus, frame key)``.
+        errors: frames that could not be decoded (short payload, undefined multiplexer value).
+        bad_lines: lines that are not candump log lines.
+        remote: remote frames (not decoded).
+        error_frames: error frames (not decoded).
+    """
+
+    lines: int = 0
+    decoded: int = 0
+    unknown: Counter[tuple[str, int]] = field(default_factory=Counter)
+    errors: int = 0
+    bad_lines: int = 0
+    remote: int = 0
+    error_frames: int = 0
+
+    def render(self) -> str:
+        """One line for stderr."""
+        unknown = sum(self.unknown.values())
+        text = (
+            f"{self.lines} lines: {self.decoded} decoded, {unknown} unknown id, "
+            f"{self.errors} decode errors, {self.bad_lines} bad lines, {self.remote} remote, "
+            f"{self.error_frames} error frames"
+        )
+        if self.unknown:
+            top = ", ".join(
+                f"{bus} {_id_text(key)} x{count}"
+                for (bus, key), count in self.unknown.most_common(5)
+            )
+            text += f" (unknown: {top})"
+        return text
+
+
+def _id_text(key: int) -> str:
+    if key & 0x80000000:
+        return f"0x{key & 0x1FFFFFFF:08X}"
+    return f"0x{key:03X}"
+
+
+def decode_candump(
+    databases: Sequence[Any],
+    lines: Iterable[str | bytes],
+    out: TextIO,
+    err: TextIO,
+    *,
+    as_json: bool = False,
+    bus: str | None = None,
+    flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+) -> DecodeSummary:
+    """Decode candump lines and print one frame per line to ``out``; problems go to ``err``.
+
+    Args:
+        databases: cantools databases.
+        lines: candump log lines.
+        out: where the frames are printed.
+        err: where unknown ids, bad lines and decode errors are reported (the first few of each).
+        as_json: print JSON objects instead of text.
+        bus: the bus alias for every frame; by default the interface named on each line.
+        flow_name_template: as for the agent.
+
+    Returns:
+        The counts; the caller prints :meth:`DecodeSummary.render`.
+
+    Raises:
+        ConfigError: the flow name template is invalid.
+    """
+    summary = DecodeSummary()
+    parser = CandumpParser()
+    tables: dict[str, dict[int, CompiledMessage]] = {}
+    reported: Counter[str] = Counter()
+
+    def report(kind: str, text: str) -> None:
+        reported[kind] += 1
+        if reported[kind] <= _REPORT_LIMIT:
+            err.write(text + "\n")
+        elif reported[kind] == _REPORT_LIMIT + 1:
+            err.write(f"(further {kind} messages suppressed)\n")
+
+    def bad_line(number: int, reason: str) -> None:
+        report("bad line", f"line {number}: {reason}")
+
+    for number, frame in parser.parse(lines, bad_line):
+        name = bus or frame.channel
+        if frame.is_remote:
+            summary.remote += 1
+            continue
+        if frame.is_error:
+            summary.error_frames += 1
+            continue
+        table = tables.get(name)
+        if table is None:
+            decoder = CanDecoder(name, databases, flow_name_template=flow_name_template)
+            table = tables[name] = decoder.lookup_table()
+        key = frame_key(frame.frame_id, frame.is_extended)
+        message = table.get(key)
+        if message is None:
+            summary.unknown[name, key] += 1
+            report("unknown id", f"line {number}: unknown id {_id_text(key)} on {name}")
+            continue
+        try:
+            values = message.signals(frame.data)
+        except DecodeError as exc:
+            summary.errors += 1
+            report("decode error", f"line {number}: {exc}")
+            continue
+        summary.decoded += 1
+        if as_json:
+            record = {
+                "bus": name,
+                "message": message.name,
+                "frame_id": message.frame_id,
+                "timestamp_ns": frame.timestamp_ns,
+                "flow": message.flow.name,
+                "signals": {k: _json_value(v) for k, v in values.items()},
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            units = dict(
+                zip(
+                    message.signal_names, (c.unit or "" for c in message.flow.channels), strict=True
+                )
+            )
+            seconds, nanos = divmod(frame.timestamp_ns, 1_000_000_000)
+            text = " ".join(
+                f"{k}={_text_value(v)}{(' ' + units[k]) if units[k] else ''}"
+                for k, v in values.items()
+            )
+            out.write(f"({seconds}.{nanos:09d}) {name} {message.name} {text}\n")
+    summary.lines = parser.lines
+    summary.bad_lines = parser.bad
+    return summary
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    return str(value)
+
+
+def _do_decode(args: argparse.Namespace) -> int:
+    if args.defs is not None:
+        return _decode_serial(args)
+    databases = [load_database(path) for path in args.dbc]
+    if args.input == "-":
+        summary = _run(databases, sys.stdin, args)
+    else:
+        try:
+            handle = open(args.input, encoding="utf-8", errors="replace")  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}", source=args.input) from exc
+        with handle:
+            summary = _run(databases, handle, args)
+    sys.stderr.write(f"daq-agent decode: {summary.render()}\n")
+    return 1 if summary.errors or summary.bad_lines else 0
+
+
+def _run(databases: Sequence[Any], lines: Iterable[str], args: argparse.Namespace) -> DecodeSummary:
+    return decode_candump(
+        databases,
+        lines,
+        sys.stdout,
+        sys.stderr,
+        as_json=args.json,
+        bus=args.bus,
+        flow_name_template=args.flow_name_template,
+    )
+
+
+def _decode_serial(args: argparse.Namespace) -> int:
+    try:
+        serial_cli = importlib.import_module("daq_agent.serialdefs.cli")
+        decode_stream = serial_cli.decode_stream
+    except (ImportError, AttributeError) as exc:
+        print(f"daq-agent decode: serial decoding unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.input == "-":
+        code: int = decode_stream(str(args.defs), sys.stdin.buffer, sys.stdout, args.json)
+        return code
+    try:
+        handle = open(args.input, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=args.input) from exc
+    with handle:
+        code = decode_stream(str(args.defs), handle, sys.stdout, args.json)
+    return code
