@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -48,6 +49,55 @@ _THREAD_NAME = "daq-buffer-flush"
 _JOIN_TIMEOUT_SEC = 30.0
 
 _log = logging.getLogger(__name__)
+
+
+class _Timer:
+    """The periodic flush's schedule, shared by the service and its thread."""
+
+    __slots__ = ("closing", "cond", "last_flush", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.last_flush = time.monotonic()
+        self.closing = False
+
+    def restart(self) -> None:
+        """A flush happened: the next periodic one is an interval from now (lock held)."""
+        self.last_flush = time.monotonic()
+        self.cond.notify_all()
+
+    def stop(self) -> None:
+        """Tell the thread to end."""
+        with self.lock:
+            self.closing = True
+            self.cond.notify_all()
+
+    def wait_due(self, interval: float) -> bool:
+        """Block until a periodic flush is due (True) or the timer is stopped (False)."""
+        with self.lock:
+            while not self.closing:
+                remaining = self.last_flush + interval - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self.cond.wait(remaining)
+            return False
+
+
+def _run_periodic(
+    ref: weakref.ref[BufferedIngestionService], timer: _Timer, interval: float
+) -> None:
+    while timer.wait_due(interval):
+        service = ref()
+        if service is None:
+            return
+        try:
+            service._flush()
+        except Exception as exc:
+            # Kept by _flush for the producer; the requests wait for the next interval.
+            _log.warning("periodic flush failed, retrying in %.3g s: %s", interval, exc)
+        # Dropped outside any lock: the last reference may go here and run __del__.
+        del service
 
 
 class BufferedIngestionService:
@@ -80,21 +130,24 @@ class BufferedIngestionService:
         self._service = service
         self._on_error = on_error
         self._buffer: list[IngestWithConfigDataStreamRequest] = []
-        # _lock guards _buffer, _in_flight, _error, _last_flush and _closing;
-        # _cond (on _lock) wakes the flush thread.
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        # _lock guards _buffer, _in_flight, _error and the timer's fields; the timer's condition
+        # (on _lock) wakes the flush thread.
+        self._timer = _Timer()
+        self._lock = self._timer.lock
         # Serializes sends (held across the network call, never by a producer appending).
         self._send_lock = threading.Lock()
         self._error: BaseException | None = None
         self._in_flight = 0
-        self._last_flush = time.monotonic()
-        self._closing = False
         self._closed = False
         self._thread: threading.Thread | None = None
         if flush_interval_sec is not None:
+            # The thread holds only a weak reference, so an instance never closed can still be
+            # collected (its __del__ then stops the thread).
             self._thread = threading.Thread(
-                target=self._run_periodic, name=_THREAD_NAME, daemon=True
+                target=_run_periodic,
+                args=(weakref.ref(self), self._timer, flush_interval_sec),
+                name=_THREAD_NAME,
+                daemon=True,
             )
             self._thread.start()
 
@@ -173,8 +226,7 @@ class BufferedIngestionService:
             with self._lock:
                 batch, self._buffer = self._buffer, []
                 self._in_flight = len(batch)
-                self._last_flush = time.monotonic()
-                self._cond.notify_all()
+                self._timer.restart()
             if not batch:
                 return
             try:
@@ -190,30 +242,10 @@ class BufferedIngestionService:
                 # The requests of a failed flush were at the front of this batch: delivered now.
                 self._error = None
 
-    def _run_periodic(self) -> None:
-        interval = self.flush_interval_sec
-        assert interval is not None
-        while True:
-            with self._lock:
-                while not self._closing:
-                    remaining = self._last_flush + interval - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                if self._closing:
-                    return
-            try:
-                self._flush()
-            except Exception as exc:
-                # Kept by _flush for the producer; the requests wait for the next interval.
-                _log.warning("periodic flush failed, retrying in %.3g s: %s", interval, exc)
-
     # -- lifetime -------------------------------------------------------------------------------
 
     def _stop_thread(self) -> None:
-        with self._lock:
-            self._closing = True
-            self._cond.notify_all()
+        self._timer.stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(_JOIN_TIMEOUT_SEC)
@@ -238,10 +270,11 @@ class BufferedIngestionService:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            _log.warning("BufferedIngestionService was not properly closed")
-            with self._lock:
-                self._closing = True
-                self._cond.notify_all()
+            _log.warning(
+                "BufferedIngestionService was not properly closed: %d requests not sent",
+                len(self._buffer),
+            )
+            self._timer.stop()
 
     def __enter__(self) -> BufferedIngestionService:
         return self

@@ -25,8 +25,9 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -594,7 +595,7 @@ class IngestionService:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _errors(self, method: str) -> Any:
+    def _errors(self, method: str) -> AbstractContextManager[None]:
         channel = self.transport_channel
         if isinstance(channel, SiftChannel):
             return channel.map_errors(method)

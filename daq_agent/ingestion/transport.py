@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
 from typing import Any, NamedTuple, NotRequired, TypedDict
 
@@ -236,7 +236,7 @@ class SiftChannel(grpc.Channel):
         """The metadata sent on every call (authorization included; never log it)."""
         return self._metadata
 
-    def map_errors(self, method: str = "") -> Any:
+    def map_errors(self, method: str = "") -> AbstractContextManager[None]:
         """:func:`map_rpc_errors` for a call on this channel, with the API key scrubbed."""
         return map_rpc_errors(method, secret=self.config.get("apikey") or None)
 

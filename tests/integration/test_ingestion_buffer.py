@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -305,3 +307,19 @@ def test_close_without_with_block(server: _Server, service: IngestionService) ->
     buffered.close()
     assert server.count() == 2
     assert _flush_threads() == []
+
+
+def test_unclosed_instance_stops_its_thread(
+    service: IngestionService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance dropped without close() is collected, stops its thread and logs a warning."""
+    buffered: BufferedIngestionService | None = service.buffered_ingestion(flush_interval_sec=30)
+    assert buffered is not None
+    buffered.ingest_flows(*_flows(2))
+    (thread,) = _flush_threads()
+    with caplog.at_level(logging.WARNING, logger="daq_agent.ingestion.buffer"):
+        buffered = None
+        gc.collect()
+        thread.join(_WAIT_SEC)
+    assert not thread.is_alive()
+    assert "not properly closed: 2 requests not sent" in caplog.text

@@ -18,6 +18,8 @@ _KEY = "k3y-that-must-never-leak"
 _ECHO = "/test.Echo/Headers"
 _STREAM = "/test.Echo/Count"
 _FAIL = "/test.Echo/Fail"
+_SPLIT = "/test.Echo/Split"
+_ECHO_ALL = "/test.Echo/EchoAll"
 
 
 def _identity(data: bytes) -> bytes:
@@ -35,7 +37,21 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             return grpc.stream_unary_rpc_method_handler(self._count)
         if method == _FAIL:
             return grpc.unary_unary_rpc_method_handler(self._fail)
+        if method == _SPLIT:
+            return grpc.unary_stream_rpc_method_handler(self._split)
+        if method == _ECHO_ALL:
+            return grpc.stream_stream_rpc_method_handler(self._echo_all)
         return None
+
+    @staticmethod
+    def _split(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from (bytes([b]) for b in request)
+
+    @staticmethod
+    def _echo_all(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        auth = next((v for k, v in context.invocation_metadata() if k == "authorization"), "")
+        assert auth == f"Bearer {_KEY}"
+        yield from requests
 
     @staticmethod
     def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -89,6 +105,14 @@ def test_stream_call_carries_bearer_key(channel: SiftChannel) -> None:
     """A client-streaming call carries the key and delivers every message."""
     call = channel.stream_unary(_STREAM, _identity, _identity)
     assert call(iter([b"a"] * 5), timeout=10) == f"5 Bearer {_KEY}".encode()
+
+
+def test_streaming_calls_are_delegated(channel: SiftChannel) -> None:
+    """unary_stream and stream_stream calls reach the server with the key and stream back."""
+    split = channel.unary_stream(_SPLIT, _identity, _identity)
+    assert list(split(b"abc", timeout=10)) == [b"a", b"b", b"c"]
+    echo_all = channel.stream_stream(_ECHO_ALL, _identity, _identity)
+    assert list(echo_all(iter([b"x", b"y"]), timeout=10)) == [b"x", b"y"]
 
 
 @pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK])
