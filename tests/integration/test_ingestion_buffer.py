@@ -29,7 +29,7 @@ from daq_agent.ingestion import (
     double_value,
     use_sift_channel,
 )
-from daq_agent.server.local import make_server
+from daq_agent.server.local import LocalIngestServer, make_server
 from daq_agent.server.store import Store
 
 pytestmark = pytest.mark.integration
@@ -50,6 +50,16 @@ class _Server:
         self.port: int = self.server.port
         self.running = True
 
+    @classmethod
+    def wrap(cls, started: LocalIngestServer) -> _Server:
+        """Wrap a server started elsewhere (the conftest fixture, which also stops it)."""
+        wrapper = cls.__new__(cls)
+        wrapper.db_path = started.db_path
+        wrapper.server = started
+        wrapper.port = started.port
+        wrapper.running = True
+        return wrapper
+
     def count(self) -> int:
         with Store.open(self.db_path, readonly=True) as store:
             return store.count_samples()
@@ -61,13 +71,9 @@ class _Server:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[_Server]:
-    """The local ingestion server on 127.0.0.1 port 0, storing into a fresh file."""
-    running = _Server(tmp_path / "store.db")
-    try:
-        yield running
-    finally:
-        running.stop()
+def server(local_server: LocalIngestServer) -> _Server:
+    """The shared local_server fixture, with helpers to read its store back."""
+    return _Server.wrap(local_server)
 
 
 @pytest.fixture

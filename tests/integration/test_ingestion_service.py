@@ -43,7 +43,7 @@ from daq_agent.ingestion import (
     uint64_value,
     use_sift_channel,
 )
-from daq_agent.server.local import make_server
+from daq_agent.server.local import LocalIngestServer, make_server
 from daq_agent.server.store import Store, StoredSample
 
 pytestmark = pytest.mark.integration
@@ -91,6 +91,15 @@ class _Server:
         self.server.start()
         self.port: int = self.server.port
 
+    @classmethod
+    def wrap(cls, started: LocalIngestServer) -> _Server:
+        """Wrap a server started elsewhere (the conftest fixture, which also stops it)."""
+        wrapper = cls.__new__(cls)
+        wrapper.db_path = started.db_path
+        wrapper.server = started
+        wrapper.port = started.port
+        return wrapper
+
     def samples(self, **filters: Any) -> list[StoredSample]:
         with Store.open(self.db_path, readonly=True) as store:
             return list(store.iter_samples(**filters))
@@ -108,13 +117,9 @@ class _Server:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[_Server]:
-    """The local ingestion server on 127.0.0.1 port 0, storing into a fresh file."""
-    running = _Server(tmp_path / "store.db")
-    try:
-        yield running
-    finally:
-        running.stop()
+def server(local_server: LocalIngestServer) -> _Server:
+    """The shared local_server fixture, with helpers to read its store back."""
+    return _Server.wrap(local_server)
 
 
 @pytest.fixture
