@@ -15,7 +15,6 @@ Two sources of time reach the pipeline:
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import Final
@@ -43,13 +42,13 @@ def seconds_to_ns(seconds: float, resolution_ns: int = 1) -> int:
     Raises:
         ValueError: ``seconds`` is not finite.
     """
-    if not math.isfinite(seconds):
-        raise ValueError(f"timestamp is not finite: {seconds!r}")
-    whole = math.floor(seconds)
-    frac_ns = round((seconds - whole) * NS_PER_S)  # seconds - whole is exact for doubles
-    if resolution_ns > 1:
-        frac_ns = round(frac_ns / resolution_ns) * resolution_ns
-    return int(whole) * NS_PER_S + frac_ns
+    try:
+        whole = int(seconds)  # exact; seconds - whole is then exact too
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"timestamp is not finite: {seconds!r}") from exc
+    if resolution_ns <= 1:
+        return whole * NS_PER_S + round((seconds - whole) * NS_PER_S)
+    return whole * NS_PER_S + round((seconds - whole) * (NS_PER_S / resolution_ns)) * resolution_ns
 
 
 class HostClock:

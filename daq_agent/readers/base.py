@@ -244,6 +244,13 @@ class ReaderCounters:
         """Count ``n`` more under ``name`` (created at 0 if new)."""
         self._values[name] = self._values.get(name, 0) + n
 
+    @property
+    def values(self) -> dict[str, int]:
+        """The live dict of named counters, for hot paths on the reader thread only
+        (``counters.values["received"] += 1``); other threads use :meth:`get` or :meth:`snapshot`.
+        """
+        return self._values
+
     def get(self, name: str) -> int:
         """The value of counter ``name`` (0 if never counted)."""
         return self._values.get(name, 0)

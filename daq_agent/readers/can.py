@@ -90,6 +90,8 @@ class MessageProcessor:
         timestamp_resolution_ns: int,
     ) -> None:
         self._counters = reader.counters
+        for name in ("received", "decoded", "unknown", "decode_errors"):
+            reader.counters.values.setdefault(name, 0)
         self._emit = reader._emit
         self._decoder = decoder
         self._clock = clock
@@ -109,7 +111,8 @@ class MessageProcessor:
     def process(self, msg: can.Message, timestamp_ns: int | None = None) -> None:
         """Count, decode and emit one frame; never raises for a bad frame."""
         counters = self._counters
-        counters.add("received")
+        values = counters.values
+        values["received"] += 1
         if msg.is_error_frame:
             counters.add("error_frames")
             classes = msg.arbitration_id & 0x1FF
@@ -147,7 +150,7 @@ class MessageProcessor:
             counters.add("unknown")
             counters.add_key("unknown_ids", frame_key(frame_id, extended))
             return
-        counters.add("decoded")
+        values["decoded"] += 1
         self._emit(sample)
 
 
