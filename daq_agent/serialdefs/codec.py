@@ -266,6 +266,12 @@ class SerialCodec:
         fmt = self.defs.format
         if fmt is FormatKind.BINARY:
             return self._decode_binary(frame)
+        if fmt is FormatKind.NMEA:
+            # a sentence starts at its last '$' (or '!'): line noise before it is ignored
+            start = max(frame.rfind(b"$"), frame.rfind(b"!"))
+            if start < 0:
+                return FrameFault.DECODE
+            frame = frame[start:]
         try:
             line = frame.decode(self.defs.text_encoding).strip()
         except UnicodeDecodeError:
@@ -619,7 +625,11 @@ def _numeric_type(
     kind: str, scale: float, offset: float, bits: int | None
 ) -> tuple[ChannelDataType, float, float]:
     low, high = _raw_range(kind, bits)
-    ends = (low * scale + offset, high * scale + offset)
+    if _is_integral(scale) and _is_integral(offset) and isinstance(low, int):
+        iscale, ioffset = int(scale), int(offset)
+        ends: tuple[float, float] = (low * iscale + ioffset, high * iscale + ioffset)
+    else:
+        ends = (low * scale + offset, high * scale + offset)
     lowest, highest = min(ends), max(ends)
     integer = bits is not None or kind in _INT_TYPES
     if not integer:

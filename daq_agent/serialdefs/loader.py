@@ -844,14 +844,20 @@ class _Parser:
         self, checksum: ChecksumDef, frames: tuple[FrameDef, ...], framing: FramingDef
     ) -> None:
         size = checksum.kind.size
-        if checksum.at is not None and checksum.at >= 0:
-            for i, frame in enumerate(frames):
-                for j, item in enumerate(frame.fields):
-                    if item.at < checksum.at + size and checksum.at < item.at + item.width:
-                        raise ConfigError(
-                            f"overlaps the checksum at byte {checksum.at}",
-                            key=f"frames[{i}].fields[{j}]",
-                        )
+        for i, frame in enumerate(frames):
+            length = frame.length
+            if length is None and framing.kind is FramingKind.FIXED:
+                length = framing.length
+            at = checksum.at if checksum.at is not None else -size
+            if at < 0:
+                if length is None:
+                    continue  # placed after the last field of each frame
+                at += length
+            for j, item in enumerate(frame.fields):
+                if item.at < at + size and at < item.at + item.width:
+                    raise ConfigError(
+                        f"overlaps the checksum at byte {at}", key=f"frames[{i}].fields[{j}]"
+                    )
         if framing.kind is FramingKind.FIXED and framing.length < size:
             raise ConfigError("the fixed frame is shorter than its checksum", key="checksum")
 
