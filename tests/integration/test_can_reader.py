@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -352,3 +353,59 @@ def test_backend_registry_resolves_lazily() -> None:
             get_reader_class("broken-test-kind")
     finally:
         del BACKENDS["broken-test-kind"]
+
+
+class FlakyVirtualReader(CanReader):
+    """A CanReader whose first ``fail_opens`` opens fail, like an adapter not plugged in yet."""
+
+    def __init__(self, *args: Any, fail_opens: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_opens = fail_opens
+        self.open_times: list[float] = []
+
+    def _open(self) -> None:
+        self.open_times.append(time.monotonic())
+        if len(self.open_times) <= self.fail_opens:
+            raise OSError(f"adapter absent (attempt {len(self.open_times)})")
+        super()._open()
+
+
+def test_failed_opens_back_off_exponentially_then_read(db: Any, channel: str, sender: Any) -> None:
+    """Failed opens are retried with growing delays; once open, frames flow and no reopen counts."""
+    ring: RingBuffer[Sample] = RingBuffer(10)
+    errors: list[BaseException] = []
+    reader = FlakyVirtualReader(
+        "flaky",
+        {"interface": "virtual", "channel": channel},
+        CantoolsDecoder(db),
+        ring.put,
+        fail_opens=3,
+        on_error=lambda _r, exc: errors.append(exc),
+        backoff=BackoffPolicy(initial=0.02, maximum=1.0, multiplier=2.0, jitter=0.0),
+    )
+    data = db.get_message_by_name("StdOne").encode({"Word": 9})
+    with reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=10)
+        sender.send(can.Message(arbitration_id=1, is_extended_id=False, data=data))
+        assert [s.values for s in ring.get_batch(5, timeout=5)] == [(9,)]
+    gaps = [b - a for a, b in itertools.pairwise(reader.open_times)]
+    assert len(gaps) == 3
+    assert gaps[0] >= 0.02
+    assert gaps[1] >= 0.04
+    assert gaps[2] >= 0.08
+    assert [str(e) for e in errors] == [f"adapter absent (attempt {i})" for i in (1, 2, 3)]
+    assert reader.counters.get("failures") == 3
+    assert reader.counters.get("opens") == 1
+    assert reader.counters.get("reopens") == 0
+
+
+def test_backoff_policy_is_capped_with_bounded_jitter() -> None:
+    """Delays double from the initial value up to the cap; jitter stays within its fraction."""
+    policy = BackoffPolicy(initial=0.1, maximum=5.0, multiplier=2.0, jitter=0.0)
+    assert [policy.delay(n) for n in range(1, 9)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    jittered = BackoffPolicy(initial=1.0, maximum=5.0, jitter=0.2)
+    rng = random.Random(1)
+    delays = [jittered.delay(1, rng) for _ in range(200)]
+    assert min(delays) >= 0.8
+    assert max(delays) <= 1.2
+    assert len(set(delays)) > 100
