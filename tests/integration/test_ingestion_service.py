@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -533,6 +535,9 @@ def test_lazy_flow_creation_for_a_config_over_4_mib(server: _Server, channel: Si
     # A restart with the same client key finds the config and its registered flows.
     again = IngestionService(channel, _config(*flows, key="big"))
     assert again.ingestion_config.ingestion_config_id == config_id
+    assert again.lazy_flow_creation is False
+    # Not lazy: the missing flows were created up front, in batches under 4 MiB each.
+    assert len(_server_flows(channel, config_id)) == 3000
 
 
 # -- runs -------------------------------------------------------------------------------------
@@ -585,8 +590,9 @@ def test_attach_run_refuses_bad_metadata(channel: SiftChannel) -> None:
 # -- authentication ---------------------------------------------------------------------------
 
 
-def test_wrong_api_key_is_unauthenticated(tmp_path: Path) -> None:
+def test_wrong_api_key_is_unauthenticated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """With the server's key the service works; with another it fails UNAUTHENTICATED."""
+    caplog.set_level(logging.DEBUG)
     secured = _Server(tmp_path / "secured.db", api_key="right-key")
     try:
         uri = f"127.0.0.1:{secured.port}"
@@ -601,3 +607,69 @@ def test_wrong_api_key_is_unauthenticated(tmp_path: Path) -> None:
         assert secured.count() == 2
     finally:
         secured.stop()
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("daq_agent")]
+    assert ours  # the server logged its start, refusals…
+    assert not [m for m in ours if "wrong-key" in m or "right-key" in m]
+
+
+def test_existing_flows_are_listed_page_by_page(channel: SiftChannel) -> None:
+    """A service on an existing config with 2,500 flows lists them all and adds only the new."""
+    flows = [FlowConfig(f"f{i}", [ChannelConfig("x", ChannelDataType.DOUBLE)]) for i in range(2500)]
+    first = IngestionService(channel, _config(*flows, key="paged"))
+    assert not first.lazy_flow_creation
+    newest = FlowConfig("newest", [ChannelConfig("y", ChannelDataType.INT_32)])
+    second = IngestionService(channel, _config(*flows, newest, key="paged"))
+    config_id = first.ingestion_config.ingestion_config_id
+    assert second.ingestion_config.ingestion_config_id == config_id
+    assert len(_server_flows(channel, config_id)) == 2501
+    second.try_ingest_flows(
+        {
+            "flow_name": "newest",
+            "timestamp": _T0,
+            "channel_values": [{"channel_name": "y", "value": int32_value(1)}],
+        }
+    )
+
+
+def test_lazy_registration_from_many_threads(server: _Server, channel: SiftChannel) -> None:
+    """Threads ingesting at once in lazy mode register each flow once and lose nothing."""
+    flows = [FlowConfig(f"t{i}", [ChannelConfig("x", ChannelDataType.DOUBLE)]) for i in range(8)]
+    service = IngestionService(channel, _config(*flows), force_lazy_flow_creation=True)
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for n in range(5):
+                batch: list[FlowOrderedChannelValues] = [
+                    {
+                        "flow_name": f.name,
+                        "timestamp": _T0 + worker * 100 + n,
+                        "channel_values": [double_value(n)],
+                    }
+                    for f in flows
+                ]
+                service.ingest_flows(*batch)
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,), name=f"test-ingest-{w}") for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert server.count() == 4 * 5 * 8
+    config_id = service.ingestion_config.ingestion_config_id
+    assert _server_flows(channel, config_id) == {f.name for f in flows}
+
+
+def test_component_names_a_channel(channel: SiftChannel) -> None:
+    """A ChannelValue with a component addresses the channel named component.name."""
+    flow = FlowConfig("motor", [ChannelConfig("left.rpm", ChannelDataType.DOUBLE)])
+    service = IngestionService(channel, _config(flow))
+    values: list[ChannelValue] = [
+        {"channel_name": "rpm", "component": "left", "value": double_value(1200.0)}
+    ]
+    request = service.try_create_ingestion_request("motor", _T0, values)
+    assert request.channel_values[0].double == 1200.0
