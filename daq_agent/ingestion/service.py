@@ -139,6 +139,24 @@ class IngestionService:
             response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
         )
         client_key = config.ingestion_client_key or str(uuid.uuid4())
+        request = ic_pb2.CreateIngestionConfigRequest(
+            asset_name=config.asset_name,
+            organization_id=config.organization_id or "",
+            client_key=client_key,
+        )
+        if not self.lazy_flow_creation:
+            # The same config gets the same mode on every start, whether it exists yet or not.
+            request.flows.extend(flow.as_pb() for flow in config.flows)
+            size = request.ByteSize()
+            if size > MAX_MESSAGE_BYTES:
+                _log.info(
+                    "ingestion config of %d flows is %d bytes (> %d): lazy flow creation",
+                    len(config.flows),
+                    size,
+                    MAX_MESSAGE_BYTES,
+                )
+                self.lazy_flow_creation = True
+                del request.flows[:]
         existing = self._find_ingestion_config(client_key)
         if existing is not None:
             self.ingestion_config = existing
@@ -147,7 +165,12 @@ class IngestionService:
             if missing and not self.lazy_flow_creation:
                 self._register_flows(missing)
         else:
-            self.ingestion_config = self._create_ingestion_config(config, client_key)
+            response = self._unary(
+                methods.CREATE_INGESTION_CONFIG, request, ic_pb2.CreateIngestionConfigResponse
+            )
+            self.ingestion_config = response.ingestion_config
+            if not self.lazy_flow_creation:
+                self._registered = {flow.name for flow in config.flows}
 
     # -- ingestion config and flows -------------------------------------------------------------
 
@@ -162,33 +185,6 @@ class IngestionService:
             if found.client_key == client_key:
                 return found
         return None
-
-    def _create_ingestion_config(
-        self, config: TelemetryConfig, client_key: str
-    ) -> ic_pb2.IngestionConfig:
-        request = ic_pb2.CreateIngestionConfigRequest(
-            asset_name=config.asset_name,
-            organization_id=config.organization_id or "",
-            client_key=client_key,
-        )
-        if not self.lazy_flow_creation:
-            request.flows.extend(flow.as_pb() for flow in config.flows)
-            size = request.ByteSize()
-            if size > MAX_MESSAGE_BYTES:
-                _log.info(
-                    "ingestion config of %d flows is %d bytes (> %d): lazy flow creation",
-                    len(config.flows),
-                    size,
-                    MAX_MESSAGE_BYTES,
-                )
-                self.lazy_flow_creation = True
-                del request.flows[:]
-        response = self._unary(
-            methods.CREATE_INGESTION_CONFIG, request, ic_pb2.CreateIngestionConfigResponse
-        )
-        if not self.lazy_flow_creation:
-            self._registered = {flow.name for flow in config.flows}
-        return response.ingestion_config
 
     def _list_flow_names(self) -> set[str]:
         names: set[str] = set()

@@ -535,8 +535,10 @@ def test_lazy_flow_creation_for_a_config_over_4_mib(server: _Server, channel: Si
     # A restart with the same client key finds the config and its registered flows.
     again = IngestionService(channel, _config(*flows, key="big"))
     assert again.ingestion_config.ingestion_config_id == config_id
-    assert again.lazy_flow_creation is False
-    # Not lazy: the missing flows were created up front, in batches under 4 MiB each.
+    assert again.lazy_flow_creation is True
+    assert _server_flows(channel, config_id) == {"message_0007", "message_2999"}
+    # Explicitly created flows are registered now, in batches under 4 MiB each.
+    again.create_flows(*flows)
     assert len(_server_flows(channel, config_id)) == 3000
 
 
