@@ -28,6 +28,7 @@ from daq_agent.config import load_config
 from daq_agent.errors import TransportError
 from daq_agent.pipeline.agent import Agent
 from daq_agent.pipeline.status import AgentStatus
+from daq_agent.readers.base import ReaderState
 
 __all__ = ["add_subparser", "drive_agent", "stop_signals"]
 
@@ -152,6 +153,11 @@ def _do_run(args: argparse.Namespace) -> int:
         except TransportError as exc:
             print(f"daq-agent run: cannot reach the ingestion API: {exc}", file=sys.stderr)
             return EXIT_INCOMPLETE
+        for reader in agent.readers:  # so that "started" means the buses are listening
+            if not reader.wait_state(ReaderState.RUNNING, ReaderState.ENDED, timeout=5.0):
+                log.warning(
+                    "source %s is not open yet: %s", reader.name, reader.counters.last_error
+                )
         print(
             f"daq-agent: asset {config.asset}, {len(agent.readers)} sources, "
             f"{len(agent.plan.flows)} flows"
