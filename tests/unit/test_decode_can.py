@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import struct
@@ -23,6 +24,7 @@ from daq_agent.decode.can_decoder import (
 from daq_agent.decode.dbc import load_database
 from daq_agent.errors import ConfigError, DecodeError
 from daq_agent.ingestion.config import ChannelDataType, ChannelEnumType, TelemetryConfig
+from daq_agent.pipeline.sample import Sample
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "dbc" / "bench.dbc"
@@ -315,7 +317,10 @@ def _messages(draw: st.DrawFn) -> Message:
     signals = []
     while position < total and len(signals) < 12:
         is_float = draw(st.integers(0, 5)) == 0
-        size = draw(st.sampled_from([32, 64])) if is_float else draw(st.integers(1, 64))
+        if is_float:
+            size = draw(st.sampled_from([32, 64]))
+        else:
+            size = draw(st.one_of(st.sampled_from([8, 16, 32, 64]), st.integers(1, 64)))
         if position + size > total:
             break
         scale, offset = draw(st.sampled_from(_SCALES))
@@ -335,6 +340,8 @@ def _messages(draw: st.DrawFn) -> Message:
             )
         )
         position += size + draw(st.integers(0, 9))
+        if draw(st.booleans()):  # byte-aligned fields take the decoder's struct path
+            position = (position + 7) // 8 * 8
     extended = draw(st.booleans())
     frame_id = draw(st.integers(0, 0x1FFFFFFF if extended else 0x7FF))
     return Message(
@@ -426,3 +433,13 @@ def test_bench_values_encoded_by_cantools_decode_back_equal(which: int, seed: in
 
 _BENCH_DB = load_database(BENCH)
 _BENCH_DECODER = CanDecoder("can0", [_BENCH_DB])
+
+
+def test_decoded_sample_is_a_real_frozen_sample(decoder: CanDecoder) -> None:
+    """The hot path's samples equal constructed Samples and stay immutable."""
+    sample = decoder.decode(0x103, False, bytes(range(8)), 42)
+    assert isinstance(sample, Sample)
+    assert sample == Sample(sample.flow, 42, sample.values)
+    assert hash(sample) == hash(Sample(sample.flow, 42, sample.values))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sample.flow = "other"  # type: ignore[misc]
