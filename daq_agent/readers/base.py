@@ -429,6 +429,7 @@ class ReaderABC(abc.ABC):
             False once a finite source is exhausted (the reader becomes ``ended``), else True.
 
         Raises:
+            ConfigError: the source can never be read further (not retried: the reader fails).
             Exception: the source failed; it is closed, reported and reopened.
         """
 
@@ -496,13 +497,16 @@ class ReaderABC(abc.ABC):
                     self.counters.add("reopens")
                 self.counters.add("opens")
                 self._set_state(ReaderState.RUNNING)
-                exhausted = False
+                exhausted = fatal = False
                 try:
                     while not self._stop.is_set():
                         if not self._read(self.poll_interval):
                             exhausted = True
                             break
                         failures = 0
+                except ConfigError as exc:
+                    self._report(exc, "read")
+                    fatal = True
                 except Exception as exc:
                     self._report(exc, "read")
                     failures += 1
@@ -511,8 +515,8 @@ class ReaderABC(abc.ABC):
                         self._close()
                     except Exception as exc:
                         log.warning("reader %s: close failed: %s", self.name, exc)
-                if exhausted:
-                    final = ReaderState.ENDED
+                if exhausted or fatal:
+                    final = ReaderState.ENDED if exhausted else ReaderState.FAILED
                     return
                 if failures:
                     self._back_off(failures)

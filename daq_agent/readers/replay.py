@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Final, Literal, get_args
 
 import can
 
-from daq_agent.errors import ConfigError
+from daq_agent.errors import ConfigError, ReaderError
 from daq_agent.pipeline.clock import HostClock, host_clock, seconds_to_ns
 from daq_agent.readers.base import BackoffPolicy, ErrorCallback, ReaderABC, Sink
 from daq_agent.readers.can import CanReader, FrameDecoder, MessageProcessor
@@ -69,11 +69,13 @@ class ReplayReader(ReaderABC):
         ConfigError: an argument is invalid.
 
     Counters: those of :class:`~daq_agent.readers.can.CanReader`, plus ``other_channel`` (frames
-    of other channels, skipped and not counted as received).
+    of other channels, skipped and not counted as received) and ``log_errors`` (failed reads of
+    the log: the first is retried from the same frame; a second at the same frame means a corrupt
+    log, and the reader fails with everything before it emitted).
     """
 
     kind: ClassVar[str] = "replay"
-    COUNTERS: ClassVar[tuple[str, ...]] = (*CanReader.COUNTERS, "other_channel")
+    COUNTERS: ClassVar[tuple[str, ...]] = (*CanReader.COUNTERS, "other_channel", "log_errors")
     KEYED_COUNTERS: ClassVar[tuple[str, ...]] = CanReader.KEYED_COUNTERS
 
     def __init__(
@@ -128,6 +130,7 @@ class ReplayReader(ReaderABC):
         self._pending: can.Message | None = None
         self._pending_due = 0.0
         self._position = 0  # frames taken from the log so far (kept across reopens)
+        self._failed_at: int | None = None  # the position where reading last failed
         # timing, fixed by the first frame
         self._offset_ns: int | None = None
         self._first_s = 0.0
@@ -158,9 +161,16 @@ class ReplayReader(ReaderABC):
             raise ConfigError(f"replay {self.name!r}: cannot read {self.path}: {exc}") from exc
         self._log = reader
         messages = iter(reader)
-        for _ in range(self._position):  # after a failure mid-file: skip what was emitted
-            if next(messages, None) is None:
-                break
+        try:
+            for _ in range(self._position):  # after a failure mid-file: skip what was emitted
+                if next(messages, None) is None:
+                    break
+        except Exception as exc:
+            reader.stop()
+            raise ConfigError(
+                f"replay {self.name!r}: {self.path} changed: cannot skip to frame "
+                f"{self._position}: {exc}"
+            ) from exc
         self._messages = messages
         self._pending = None
         log.info("reader %s: replaying %s from frame %d", self.name, self.path, self._position)
@@ -181,7 +191,7 @@ class ReplayReader(ReaderABC):
         for _ in range(_MAX_BURST):
             msg = self._pending
             if msg is None:
-                msg = next(messages, None)
+                msg = self._next(messages)
                 if msg is None:
                     log.info(
                         "reader %s: end of %s (%d frames)", self.name, self.path, self._position
@@ -206,6 +216,23 @@ class ReplayReader(ReaderABC):
             self._position += 1
             process(msg, self._timestamp_ns(msg))
         return True
+
+    def _next(self, messages: Iterator[can.Message]) -> can.Message | None:
+        """The next frame of the log, None at its end.
+
+        Raises:
+            ReaderError: the log could not be read here (retried: the file is reopened).
+            ConfigError: it failed at the same frame again (a corrupt log; not retried).
+        """
+        try:
+            return next(messages, None)
+        except Exception as exc:
+            self.counters.add("log_errors")
+            where = f"{self.path} after frame {self._position}"
+            if self._failed_at == self._position:
+                raise ConfigError(f"replay {self.name!r}: corrupt log: {where}: {exc}") from exc
+            self._failed_at = self._position
+            raise ReaderError(f"cannot read {where}: {exc}") from exc
 
     def _due(self, msg: can.Message) -> float:
         """The monotonic time at which ``msg`` is due (fixing the pacing origin on first use)."""

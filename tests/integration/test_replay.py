@@ -16,7 +16,7 @@ import pytest
 from daq_agent.errors import DecodeError
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
-from daq_agent.readers import ReaderState, ReplayReader, get_reader_class
+from daq_agent.readers import BackoffPolicy, ReaderState, ReplayReader, get_reader_class
 
 pytestmark = pytest.mark.integration
 
@@ -245,3 +245,35 @@ def test_unreadable_log_fails_without_retry(
         assert reader.wait_state(ReaderState.FAILED, timeout=5)
     assert reader.counters.get("failures") == 1
     assert reason in reader.counters.last_error
+
+
+def test_corrupt_log_line_fails_after_one_retry_keeping_what_came_before(
+    db: Any, tmp_path: Path
+) -> None:
+    """A corrupt line is retried once from the same frame, then the reader fails (no loop)."""
+    good = db.get_message_by_name("Engine").encode({"Speed": 1.0, "Temp": 2}).hex().upper()
+    path = tmp_path / "bad.log"
+    path.write_text(
+        f"(1700000000.000000) can0 100#{good}\n"
+        f"(1700000000.100000) can0 100#{good}\n"
+        "(1700000000.2) can0 zzz#garbage\n"
+        f"(1700000000.300000) can0 100#{good}\n"
+    )
+    errors: list[BaseException] = []
+    ring: RingBuffer[Sample] = RingBuffer(10)
+    reader = ReplayReader(
+        "bad",
+        path,
+        CantoolsDecoder(db),
+        ring.put,
+        realtime=False,
+        on_error=lambda _r, exc: errors.append(exc),
+        backoff=BackoffPolicy(initial=0.01, maximum=0.02),
+    )
+    with reader:
+        assert reader.wait_state(ReaderState.FAILED, timeout=10)
+    assert len(ring.get_batch(10, timeout=0)) == 2  # the frames before the bad line, once each
+    assert reader.counters.get("log_errors") == 2
+    assert reader.counters.get("opens") == 2
+    assert "corrupt log" in reader.counters.last_error
+    assert [type(e).__name__ for e in errors] == ["ReaderError", "ConfigError"]
