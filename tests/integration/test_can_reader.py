@@ -409,3 +409,24 @@ def test_backoff_policy_is_capped_with_bounded_jitter() -> None:
     assert min(delays) >= 0.8
     assert max(delays) <= 1.2
     assert len(set(delays)) > 100
+
+
+@pytest.mark.hardware
+def test_socketcan_vcan_round_trip(db: Any) -> None:
+    """On a SocketCAN vcan interface, frames arrive with kernel timestamps (needs vcan0)."""
+    import os
+
+    if os.environ.get("DAQ_HARDWARE") != "1" or not os.path.exists("/sys/class/net/vcan0"):
+        pytest.skip("needs DAQ_HARDWARE=1 and a vcan0 interface")
+    ring: RingBuffer[Sample] = RingBuffer(100)
+    data = db.get_message_by_name("StdOne").encode({"Word": 77})
+    reader = CanReader(
+        "vcan", {"interface": "socketcan", "channel": "vcan0"}, CantoolsDecoder(db), ring.put
+    )
+    with reader, can.Bus("vcan0", interface="socketcan") as bus:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        before = time.time_ns()
+        bus.send(can.Message(arbitration_id=1, is_extended_id=False, data=data))
+        got = ring.get_batch(1, timeout=5)
+    assert [s.values for s in got] == [(77,)]
+    assert abs(got[0].timestamp_ns - before) < 1_000_000_000
