@@ -430,3 +430,14 @@ def test_socketcan_vcan_round_trip(db: Any) -> None:
         got = ring.get_batch(1, timeout=5)
     assert [s.values for s in got] == [(77,)]
     assert abs(got[0].timestamp_ns - before) < 1_000_000_000
+
+
+def test_public_surface_is_sorted_and_resolves() -> None:
+    """daq_agent.readers exports a sorted __all__ whose names all resolve (lazily for readers)."""
+    import daq_agent.readers as readers
+
+    assert readers.__all__ == sorted(readers.__all__)
+    for name in readers.__all__:
+        assert getattr(readers, name) is not None
+    with pytest.raises(AttributeError):
+        _ = readers.NoSuchReader
