@@ -85,6 +85,7 @@ _FIELD_BY_TYPE = {
     cdt.CHANNEL_DATA_TYPE_UINT_64: "uint64",
     cdt.CHANNEL_DATA_TYPE_BYTES: "bytes",
 }
+_WRITE_ROWS = 1024  # accepted samples buffered before one multi-row INSERT
 _MAX_SIGNATURES = 4096  # accepted value signatures cached per flow (multiplexed flows vary)
 
 
@@ -251,8 +252,7 @@ class _IngestStream:
         services = self._services
         flows = services.flows
         runs = services.runs
-        rows: list[SampleRow] = []
-        append = rows.append
+        append = services.rows.append
         index = self._index
         try:
             for raw in messages:
@@ -287,16 +287,16 @@ class _IngestStream:
                 index += 1
         finally:
             self._index = index
-            services.write(rows)
+            services.after_batch()
 
     def on_end(self) -> bytes:
-        """Commit everything written so far and answer OK."""
-        self._services.store.commit()
+        """Commit everything received so far and answer OK."""
+        self._services.commit()
         return _INGEST_RESPONSE
 
     def on_abort(self) -> None:
         """Commit what the stream delivered before it broke (a re-send is deduplicated)."""
-        self._services.store.commit()
+        self._services.commit()
 
 
 # -- the services ------------------------------------------------------------------------------
@@ -318,6 +318,8 @@ class LocalServices:
         self.store = store
         self.commit_interval = commit_interval
         self.commit_rows = commit_rows
+        self.rows: list[SampleRow] = []
+        """Accepted samples not yet written to the store (written in chunks)."""
         self.flows: dict[tuple[bytes, bytes], _Flow] = {}
         self.runs: dict[bytes, int] = {}
         self._last_commit = time.monotonic()
@@ -348,16 +350,25 @@ class LocalServices:
 
     # -- ingest internals ----------------------------------------------------------------------
 
-    def write(self, rows: list[SampleRow]) -> None:
-        """Write accepted samples; commit when the interval or the row budget is reached."""
+    def after_batch(self) -> None:
+        """Write buffered samples in chunks; commit when the interval or row budget is reached."""
+        rows = self.rows
+        if len(rows) >= _WRITE_ROWS:
+            self.store.insert_samples(rows)
+            rows.clear()
         store = self.store
-        store.insert_samples(rows)
-        now = time.monotonic()
         if store.pending >= self.commit_rows or (
-            store.pending and now - self._last_commit >= self.commit_interval
+            (store.pending or rows) and time.monotonic() - self._last_commit >= self.commit_interval
         ):
-            store.commit()
-            self._last_commit = now
+            self.commit()
+
+    def commit(self) -> None:
+        """Write every buffered sample and commit: all of it is then durable in the file."""
+        if self.rows:
+            self.store.insert_samples(self.rows)
+            self.rows.clear()
+        self.store.commit()
+        self._last_commit = time.monotonic()
 
     def check_request(
         self, raw: bytes, shadow: Any, index: int, ctx: CallContext
@@ -396,7 +407,7 @@ class LocalServices:
                 "validation error #%d from %s: %s", self.validation_errors, ctx.peer, reason
             )
         if request.end_stream_on_validation_error:
-            self.store.commit()
+            self.commit()
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, reason)
         return None
 
