@@ -239,8 +239,12 @@ format: regex
 framing: {kind: line, terminator: ";"}
 frames:
   - name: env
-    pattern: 'ENV T=(?P<temperature>\S+) H=(?P<humidity>\S+) C=(?P<count>-?\d+) D=(?P<code>\d+) K=(?P<ok>[01]) S=(?P<state>\w*) N=(?P<note>\w*) F=(?P<flags>\d+)'
-    render: 'ENV T={temperature} H={humidity} C={count} D={code} K={ok} S={state} N={note} F={flags}'
+    pattern: >-
+      ENV T=(?P<temperature>\S+) H=(?P<humidity>\S+) C=(?P<count>-?\d+) D=(?P<code>\d+)
+      K=(?P<ok>[01]) S=(?P<state>\w*) N=(?P<note>\w*) F=(?P<flags>\d+)
+    render: >-
+      ENV T={temperature} H={humidity} C={count} D={code}
+      K={ok} S={state} N={note} F={flags}
     fields:
       - {name: temperature, type: float}
       - {name: humidity, type: float32}
@@ -360,7 +364,8 @@ def test_nmea_round_trip(
     wire = codec.encode("gga", values) + codec.encode(
         "rmc", {"utc_time": t, "status": 1, "date": iso}
     )
-    assert wire.startswith(b"$GPGGA,") and b"*" in wire
+    assert wire.startswith(b"$GPGGA,")
+    assert b"*" in wire
     stream = FrameStream(codec)
     gga, rmc = stream.feed(wire, 1)
     got = dict(zip([c.name for c in codec.frame("gga").channels], gga.values, strict=True))
@@ -467,7 +472,7 @@ def test_nmea_recovers_after_line_noise(garbage: list[bytes], cut: int) -> None:
 @settings(max_examples=50, deadline=None)
 @given(noise=st.binary(max_size=400), cut=st.integers(1, 64))
 def test_pure_noise_never_crashes_and_buffers_stay_bounded(noise: bytes, cut: int) -> None:
-    """Any byte sequence, in any chunking, is absorbed; the partial frame never exceeds the bound."""
+    """Any bytes, in any chunking, are absorbed; the partial frame never exceeds the bound."""
     for framing in FRAMINGS:
         codec = binary_codec(framing, "crc16_modbus")
         stream = FrameStream(codec)
