@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import struct
+import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -102,10 +103,9 @@ class CompiledMessage:
         length: the payload length in bytes the database declares.
         flow: the flow config derived from the message.
         signal_names: the database's signal names, in flow channel order.
-        decode: ``decode(data, timestamp_ns) -> Sample`` (raises DecodeError).
-        values: ``values(data) -> tuple`` of cantools-equal scaled values per signal (enum
-            signals numeric, absent multiplexed signals None; raises DecodeError).
-        source: the generated Python source, for inspection.
+
+    The decoding functions (:attr:`decode`, :attr:`values`) are generated and compiled on first
+    use, once: a database of thousands of messages costs nothing for the messages never seen.
     """
 
     name: str
@@ -115,9 +115,27 @@ class CompiledMessage:
     length: int
     flow: FlowConfig
     signal_names: tuple[str, ...]
-    decode: DecodeFunction
-    values: ValuesFunction
-    source: str
+    _unit: _CodeUnit = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def decode(self) -> DecodeFunction:
+        """``decode(data, timestamp_ns) -> Sample`` (raises DecodeError)."""
+        return self._unit.decode or self._unit.build()[0]
+
+    @property
+    def values(self) -> ValuesFunction:
+        """``values(data) -> tuple`` of cantools-equal scaled values per signal.
+
+        Enum signals are numeric, absent multiplexed signals None; the function raises
+        DecodeError like :attr:`decode`.
+        """
+        return self._unit.values or self._unit.build()[1]
+
+    @property
+    def source(self) -> str:
+        """The generated Python source, for inspection."""
+        self._unit.build()
+        return self._unit.source
 
     def signals(self, data: bytes) -> dict[str, Any]:
         """The scaled values of the signals present in ``data``, by database signal name.
@@ -194,8 +212,24 @@ class CanDecoder:
         self.messages = compiled
         self.flows = [c.flow for c in compiled]
         self._table: dict[int, DecodeFunction] = {
-            frame_key(c.frame_id, c.is_extended): c.decode for c in compiled
+            frame_key(c.frame_id, c.is_extended): self._first_use(c) for c in compiled
         }
+
+    def _first_use(self, message: CompiledMessage) -> DecodeFunction:
+        """A table entry that compiles the message, replaces itself, and decodes."""
+        key = frame_key(message.frame_id, message.is_extended)
+
+        def decode_first(data: bytes, timestamp_ns: int) -> Sample:
+            function = message.decode
+            self._table[key] = function
+            return function(data, timestamp_ns)
+
+        return decode_first
+
+    def compile_all(self) -> None:
+        """Compile every message now rather than on its first frame."""
+        for message in self.messages:
+            self._table[frame_key(message.frame_id, message.is_extended)] = message.decode
 
     def _warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -422,16 +456,9 @@ def _literal(value: Any, constants: dict[str, Any]) -> str:
 def _compile(
     message: Any, flow_name: str, key: int, warn: Callable[[str], None]
 ) -> CompiledMessage:
+    """Derive the flow of a message now; its decoding functions are generated on first use."""
     length = int(message.length)
     signals = list(message.signals)
-    constants: dict[str, Any] = {
-        "_from_bytes": int.from_bytes,
-        "_Sample": Sample,
-        "_DecodeError": DecodeError,
-        "_flow": flow_name,
-    }
-    if _FAST_SAMPLE is not None:
-        constants.update(_FAST_SAMPLE)
     channels: list[ChannelConfig] = []
     kinds: list[str] = []
     layouts: list[_Layout] = []
@@ -465,6 +492,74 @@ def _compile(
         kinds.append(kind)
         layouts.append(layout)
 
+    multiplexers = {signal.name for signal in signals if signal.is_multiplexer}
+    for signal in signals:
+        if signal.multiplexer_signal is not None and signal.multiplexer_signal not in multiplexers:
+            warn(
+                f"signal {signal.name!r} of message {message.name!r} is multiplexed by "
+                f"{signal.multiplexer_signal!r}, which is not a multiplexer of the message; "
+                "it is always empty"
+            )
+    unit = _CodeUnit(message, flow_name, signals, layouts, kinds)
+    return CompiledMessage(
+        name=message.name,
+        frame_id=int(message.frame_id),
+        is_extended=bool(message.is_extended_frame),
+        is_fd=bool(getattr(message, "is_fd", False)),
+        length=length,
+        flow=FlowConfig(flow_name, channels),
+        signal_names=tuple(signal.name for signal in signals),
+        _unit=unit,
+    )
+
+
+class _CodeUnit:
+    """The generated decoding functions of one message, built once, on first use."""
+
+    __slots__ = ("_args", "_lock", "decode", "source", "values")
+
+    def __init__(
+        self,
+        message: Any,
+        flow_name: str,
+        signals: list[Any],
+        layouts: list[_Layout],
+        kinds: list[str],
+    ) -> None:
+        self._args = (message, flow_name, signals, layouts, kinds)
+        self._lock = threading.Lock()
+        self.source = ""
+        self.decode: DecodeFunction | None = None
+        self.values: ValuesFunction | None = None
+
+    def build(self) -> tuple[DecodeFunction, ValuesFunction]:
+        """Generate and compile the functions (once; later calls return them)."""
+        with self._lock:
+            decode, values = self.decode, self.values
+            if decode is None or values is None:
+                source, namespace = _generate(*self._args)
+                decode, values = namespace["decode"], namespace["values"]
+                self.source, self.decode, self.values = source, decode, values
+            return decode, values
+
+
+def _generate(
+    message: Any,
+    flow_name: str,
+    signals: list[Any],
+    layouts: list[_Layout],
+    kinds: list[str],
+) -> tuple[str, dict[str, Any]]:
+    """The source of ``decode`` and ``values`` for one message, and its executed namespace."""
+    length = int(message.length)
+    constants: dict[str, Any] = {
+        "_from_bytes": int.from_bytes,
+        "_Sample": Sample,
+        "_DecodeError": DecodeError,
+        "_flow": flow_name,
+    }
+    if _FAST_SAMPLE is not None:
+        constants.update(_FAST_SAMPLE)
     mux_valid: dict[str, set[int]] = {}
     for signal in signals:
         if signal.is_multiplexer:
@@ -577,14 +672,8 @@ def _compile(
             emit_absent(j, indent + "    ")
 
     emit_group(None, "    ")
-    for i, signal in enumerate(signals):
-        if i not in done:
-            # a signal multiplexed by a signal that is not in the message
-            warn(
-                f"signal {signal.name!r} of message {message.name!r} is multiplexed by "
-                f"{signal.multiplexer_signal!r}, which is not a multiplexer of the message; "
-                "it is always empty"
-            )
+    for i in range(len(signals)):
+        if i not in done:  # multiplexed by a signal that is not a multiplexer (warned about)
             done.add(i)
             emit(f"    r{i} = s{i} = None")
 
@@ -623,18 +712,7 @@ def _compile(
     namespace: dict[str, Any] = dict(constants)
     code = compile(source, f"<daq_agent.decode {flow_name}>", "exec")
     exec(code, namespace)  # our own source, built from numbers and repr()-quoted names
-    return CompiledMessage(
-        name=message.name,
-        frame_id=int(message.frame_id),
-        is_extended=bool(message.is_extended_frame),
-        is_fd=bool(getattr(message, "is_fd", False)),
-        length=length,
-        flow=FlowConfig(flow_name, channels),
-        signal_names=tuple(signal.name for signal in signals),
-        decode=namespace["decode"],
-        values=namespace["values"],
-        source=source,
-    )
+    return source, namespace
 
 
 def _replace_fits(layout: _Layout) -> _Layout:

@@ -443,3 +443,25 @@ def test_decoded_sample_is_a_real_frozen_sample(decoder: CanDecoder) -> None:
     assert hash(sample) == hash(Sample(sample.flow, 42, sample.values))
     with pytest.raises(dataclasses.FrozenInstanceError):
         sample.flow = "other"  # type: ignore[misc]
+
+
+def test_lazy_compilation_gives_the_same_samples(bench: Database) -> None:
+    """Decoding on first use, after compile_all, and from a bytearray all give equal samples."""
+    lazy = CanDecoder("can0", [bench])
+    eager = CanDecoder("can0", [bench])
+    eager.compile_all()
+    data = bytes(range(1, 65))
+    for message in bench.messages:
+        payload = data[: message.length]
+        if message.is_multiplexed():
+            payload = b"\x02" + payload[1:]
+        first = lazy.decode(message.frame_id, message.is_extended_frame, payload, 5)
+        again = lazy.decode(message.frame_id, message.is_extended_frame, payload, 5)
+        compiled = eager.decode(message.frame_id, message.is_extended_frame, payload, 5)
+        from_array = eager.decode(
+            message.frame_id, message.is_extended_frame, bytearray(payload), 5
+        )
+        assert first == again == compiled == from_array
+    source = lazy.messages[0].source
+    assert source.startswith("def decode(data, timestamp_ns")
+    assert "cantools" not in source
