@@ -58,6 +58,9 @@ def add_subparser(subparsers: Any) -> None:
         "--channel", default=None, help="override the bus channel (a multicast group)"
     )
     parser.add_argument(
+        "--port", type=int, default=None, help="override the udp_multicast port of the bus"
+    )
+    parser.add_argument(
         "--rate", type=float, default=None, metavar="N", help="simulator frames/s (cycle times)"
     )
     parser.add_argument("--no-live", action="store_true", help="no live status line")
@@ -153,6 +156,8 @@ def _simulator_command(config: AgentConfig, rate: float | None, duration: float)
         command += ["--dbc", str(database)]
     if bus.channel is not None:
         command += ["--channel", str(bus.channel)]
+    for key, value in bus.options.items():  # e.g. the udp_multicast port
+        command += ["--bus-option", f"{key}={json.dumps(value)}"]
     if rate is not None:
         command += ["--rate", str(rate)]
     else:
@@ -265,8 +270,12 @@ def _do_demo(args: argparse.Namespace) -> int:
     if args.state_dir is not None:
         env["DAQ_AGENT_STATE_DIR"] = str(args.state_dir)
     config = load_config(find_demo_config(args.config), env=env)
-    if args.channel is not None and config.buses:
-        bus = dataclasses.replace(config.buses[0], channel=args.channel)
+    if (args.channel is not None or args.port is not None) and config.buses:
+        bus = config.buses[0]
+        if args.channel is not None:
+            bus = dataclasses.replace(bus, channel=args.channel)
+        if args.port is not None:
+            bus = dataclasses.replace(bus, options={**bus.options, "port": args.port})
         config = dataclasses.replace(config, buses=(bus, *config.buses[1:]))
     live = not args.no_live and sys.stdout.isatty()
     result = run_demo(config, duration=args.duration, rate=args.rate, live=live)

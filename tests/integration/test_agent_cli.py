@@ -1,0 +1,155 @@
+"""``daq-agent check`` and ``daq-agent run`` as processes: exit codes, errors, SIGTERM drains."""
+
+from __future__ import annotations
+
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import can
+import pytest
+
+from daq_agent.server.store import Store
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_DBC = REPO / "dbc" / "bench.dbc"
+
+
+def daq_agent(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run the command line in a new interpreter and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "daq_agent.cli", "-q", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_check_prints_flows_of_the_demo_config() -> None:
+    """``check`` on the demo config exits 0 and lists its bus, flows and derived client key."""
+    result = daq_agent("check", str(REPO / "configs" / "demo.yaml"), "--flows")
+    assert result.returncode == 0, result.stderr
+    assert "can     can0: 17 flows" in result.stdout
+    assert "can0.BMS_PackStatus" in result.stdout
+    assert "ingestion client key bench-demo-" in result.stdout
+
+
+def test_config_error_exits_2_naming_file_line_and_key(tmp_path: Path) -> None:
+    """An invalid value makes ``check`` and ``run`` exit 2 with file:line: key: reason."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "asset: a\n"
+        "buses:\n"
+        f"  - {{name: c, interface: virtual, dbc: {BENCH_DBC}}}\n"
+        "ring:\n"
+        "  policy: newest\n"
+    )
+    for command in ("check", "run"):
+        result = daq_agent(command, str(path))
+        assert result.returncode == 2
+        assert f"{path}:5: ring.policy: must be one of drop_oldest, block" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_broken_database_is_one_line_with_file_and_line(tmp_path: Path) -> None:
+    """A DBC syntax error is reported on one line naming the database file and line."""
+    dbc = tmp_path / "broken.dbc"
+    dbc.write_text(
+        'VERSION ""\nNS_ :\nBS_:\nBU_: ECU\nBO_ 256 Msg: 8 ECU\n'
+        ' SG_ Sig : 0|8@1+ (1,0) [0|255] "" ECU\nBO_ 257 Other: eight ECU\n'
+    )
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"asset: a\nbuses:\n  - {{name: c, interface: virtual, dbc: {dbc}}}\n")
+    result = daq_agent("check", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{dbc}:7: syntax error" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def _multicast() -> tuple[str, int]:
+    """A multicast group and port no concurrent test is likely to use."""
+    rng = random.Random()
+    return f"239.{rng.randrange(1, 255)}.{rng.randrange(1, 255)}.{rng.randrange(1, 255)}", (
+        rng.randrange(20000, 40000)
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_drains_before_exit(tmp_path: Path) -> None:
+    """SIGTERM to ``daq-agent run`` stops the readers, delivers what was read, exits 0."""
+    group, port = _multicast()
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "asset: sigterm\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        "buses:\n"
+        f"  - {{name: can0, interface: udp_multicast, channel: '{group}', fd: true,"
+        f" options: {{port: {port}}}, dbc: {BENCH_DBC}}}\n"
+        "flush: {checkpoint_seconds: 60}\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daq_agent.cli", "run", str(path), "--log-interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    errors: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            errors.put(line)
+
+    pumper = threading.Thread(target=pump, name="test-stderr-pump")
+    pumper.start()
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()  # printed once the bus listens
+        assert banner.startswith("daq-agent: asset sigterm"), banner
+        sent = 0
+        with can.Bus(interface="udp_multicast", channel=group, port=port) as bus:
+            for i in range(400):
+                bus.send(
+                    can.Message(
+                        arbitration_id=0x100, data=bytes([i % 256] + [0] * 7), is_extended_id=False
+                    )
+                )
+                sent += 1
+        # the periodic status log says when every frame was received
+        deadline = time.monotonic() + 20
+        while True:
+            line = errors.get(timeout=max(0.1, deadline - time.monotonic()))
+            if "rx 400 " in line:
+                break
+            assert time.monotonic() < deadline, "the agent never reported 400 frames"
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out = process.stdout.read()
+        process.wait(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        pumper.join(timeout=10)
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert process.returncode == 0, "".join(errors.queue)
+    assert elapsed < 10.0
+    assert "frames received 400, decoded 400" in out, out
+    assert "delivered 400," in out
+    assert "accounting: balanced" in out
+    db = tmp_path / "state" / "local.sqlite"
+    with Store.open(db, readonly=True) as store:
+        assert store.count_samples() == sent
