@@ -105,6 +105,8 @@ class RingBuffer(Generic[T]):
         "_not_empty",
         "_not_full",
         "_put",
+        "_waiting_consumers",
+        "_waiting_producers",
         "block_timeout",
         "capacity",
         "policy",
@@ -137,6 +139,9 @@ class RingBuffer(Generic[T]):
         self._dropped = 0
         self._dropped_closed = 0
         self._high_water = 0
+        # notify() only when someone waits: a Condition.notify costs as much as the put itself
+        self._waiting_consumers = 0
+        self._waiting_producers = 0
 
     # -- producers ----------------------------------------------------------------------------
 
@@ -169,7 +174,8 @@ class RingBuffer(Generic[T]):
             depth = len(items)
             if depth > self._high_water:
                 self._high_water = depth
-            self._not_empty.notify()
+            if self._waiting_consumers:
+                self._not_empty.notify()
             return True
 
     def put_many(self, items: Iterable[T]) -> int:
@@ -203,7 +209,8 @@ class RingBuffer(Generic[T]):
             depth = len(queue)
             if depth > self._high_water:
                 self._high_water = depth
-            self._not_empty.notify_all()
+            if self._waiting_consumers:
+                self._not_empty.notify_all()
             return len(batch)
 
     def _wait_for_space(self, n: int) -> bool | None:
@@ -214,12 +221,16 @@ class RingBuffer(Generic[T]):
             if self._closed:
                 return None
             if deadline is None:
-                self._not_full.wait()
+                remaining = None
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
+            self._waiting_producers += 1
+            try:
                 self._not_full.wait(remaining)
+            finally:
+                self._waiting_producers -= 1
         return None if self._closed else True
 
     # -- consumers ----------------------------------------------------------------------------
@@ -237,17 +248,20 @@ class RingBuffer(Generic[T]):
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         with self._lock:
             items = self._items
-            if not items and not self._closed:
-                if timeout is None:
+            if not items and not self._closed and (timeout is None or timeout > 0):
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self._waiting_consumers += 1
+                try:
                     while not items and not self._closed:
-                        self._not_empty.wait()
-                elif timeout > 0:
-                    deadline = time.monotonic() + timeout
-                    while not items and not self._closed:
+                        if deadline is None:
+                            self._not_empty.wait()
+                            continue
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             break
                         self._not_empty.wait(remaining)
+                finally:
+                    self._waiting_consumers -= 1
             n = min(max_items, len(items))
             if n == 0:
                 return []
@@ -258,7 +272,7 @@ class RingBuffer(Generic[T]):
                 popleft = items.popleft
                 out = [popleft() for _ in range(n)]
             self._got += n
-            if self.policy == "block":
+            if self._waiting_producers:
                 self._not_full.notify(n)
             return out
 
