@@ -3,7 +3,9 @@
 The same framer and decoder as the agent. A captured stream has no host times, so the timestamp
 printed is the device timestamp when the definitions declare one, else empty. Frames that do not
 decode are printed too (``!`` lines, or ``{"error": ...}`` with ``--json``), so the output
-accounts for the whole capture; a summary of the counters ends the text output.
+accounts for the whole capture (faults found by the framer, like garbage between frames, are
+reported after the frames of the 64 KiB chunk they were found in); a summary of the counters ends
+the text output.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) 
     codec = SerialCodec(defs, device=defs.name)
     framer = codec.make_framer()
     counts = {"frames": 0, "checksum": 0, "unknown_type": 0, "decode": 0}
-    checksum_before = 0
+    checksum_before = framing_before = dropped_before = 0
     while True:
         chunk = stream.read(_CHUNK)
         if not chunk:
@@ -70,15 +72,22 @@ def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) 
                 when = f"{stamp} " if stamp is not None else ""
                 text = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
                 out.write(f"{when}{compiled.name}: {text}\n")
-        # sync framings reject bad checksums while framing: report them as they happen
+        # faults found by the framer (garbage, bad encodings; checksums of sync framings)
         rejected = framer.checksum_errors - checksum_before
         checksum_before = framer.checksum_errors
         counts["checksum"] += rejected
-        for _ in range(rejected if not as_json else 0):
-            out.write("! checksum mismatch\n")
-        if as_json and rejected:
-            for _ in range(rejected):
-                out.write(json.dumps({"error": "checksum"}) + "\n")
+        garbage = framer.framing_errors - framing_before
+        framing_before = framer.framing_errors
+        dropped = framer.dropped_bytes - dropped_before
+        dropped_before = framer.dropped_bytes
+        for _ in range(rejected):
+            out.write(json.dumps({"error": "checksum"}) + "\n" if as_json else "! checksum\n")
+        if garbage:
+            if as_json:
+                record = {"error": "framing", "count": garbage, "dropped_bytes": dropped}
+                out.write(json.dumps(record) + "\n")
+            else:
+                out.write(f"! framing: {garbage} error(s), {dropped} bytes dropped\n")
     if framer.buffered:
         framer.framing_errors += 1
         framer.dropped_bytes += framer.buffered

@@ -805,6 +805,12 @@ class _Parser:
                 raise ConfigError("raw values of an integer field must be integers", key=at)
             if not integer and not isinstance(key, str | int):
                 raise ConfigError("raw values must be strings", key=at)
+            if isinstance(name, bool):
+                raise ConfigError(
+                    f"the name must be a string, not {name} (quote it: YAML reads "
+                    "yes/no/on/off/true/false as booleans)",
+                    key=at,
+                )
             if not isinstance(name, str) or not name:
                 raise ConfigError("the name must be a non-empty string", key=at)
             if name in names:

@@ -1,0 +1,258 @@
+"""Serial frame definitions: loading the shipped examples, precise validation errors, the JSON
+Schema export, checksum catalogue values and ``decode --defs``."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from daq_agent.errors import ConfigError
+from daq_agent.serialdefs import (
+    ChecksumKind,
+    FormatKind,
+    FramingKind,
+    SerialCodec,
+    checksum_function,
+    json_schema,
+    load_definitions,
+    loads_definitions,
+)
+from daq_agent.serialdefs.cli import decode_stream
+from daq_agent.serialdefs.loader import _TOP_KEYS
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "serial"
+
+
+def test_shipped_examples_load() -> None:
+    """The GPS and IMU examples load, with the frame types and channels the docs promise."""
+    gps = load_definitions(CONFIGS / "gps_nmea.yaml")
+    assert gps.format is FormatKind.NMEA
+    assert [f.name for f in gps.frames] == ["gga", "rmc", "vtg"]
+    imu = load_definitions(CONFIGS / "imu_cobs.yaml")
+    assert imu.framing.kind is FramingKind.COBS
+    assert imu.checksum is not None
+    assert imu.checksum.kind is ChecksumKind.CRC16_CCITT_FALSE
+    imu_frame = imu.frame("imu")
+    assert len(imu_frame.fields) + 1 == 12  # eleven fields plus the type discriminator
+    codec = SerialCodec(imu, device="imu0")
+    assert [f.name for f in codec.flows] == ["imu0.imu", "imu0.status"]
+    assert len(codec.flows[0].channels) == 15
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("format: binary\nframes: []\n", ":1: framing: is required for the binary format"),
+        (
+            "format: csv\nframes:\n  - name: a\n    fields:\n      - {name: x, type: uint12}\n",
+            ":5: frames[0].fields[0].type: unknown value 'uint12'",
+        ),
+        (
+            (
+                "format: binary\nframing: {kind: cobs}\nframes:\n  - name: a\n    fields:\n"
+                "      - {name: x, type: uint8}\n      - {name: x, type: uint8}\n"
+            ),
+            ":7: frames[0].fields[1]: duplicate channel name 'x'",
+        ),
+        (
+            (
+                "format: binary\nframing: {kind: cobs}\nframes:\n"
+                "  - {name: a, id: 1, fields: [{name: x, type: uint8}]}\n"
+                "  - {name: b, id: 2, fields: [{name: y, type: uint8}]}\n"
+            ),
+            ":1: discriminator: several frame types need a discriminator",
+        ),
+        (
+            (
+                "format: binary\nframing: {kind: cobs}\nchecksum: {kind: crc17}\nframes:\n"
+                "  - {name: a, fields: [{name: x, type: uint8}]}\n"
+            ),
+            ":3: checksum.kind: unknown value 'crc17'",
+        ),
+        (
+            (
+                "format: binary\nframing: {kind: fixed, length: 4}\n"
+                "checksum: {kind: crc16_modbus}\nframes:\n"
+                "  - {name: a, fields: [{name: x, type: uint32}]}\n"
+            ),
+            "frames[0].fields[0]: overlaps the checksum at byte 2",
+        ),
+        (
+            (
+                "format: binary\nframing: {kind: cobs}\nframes:\n  - name: a\n    fields:\n"
+                "      - name: s\n        type: uint8\n        bits:\n"
+                "          - {name: b, start: 6, length: 3}\n"
+            ),
+            ":9: frames[0].fields[0].bits[0].length: bits 6..8 exceed the 8-bit field",
+        ),
+        (
+            (
+                "format: binary\nframing: {kind: cobs}\nframes:\n  - name: a\n    fields:\n"
+                "      - {name: m, type: uint8, scale: 2, values: {0: idle}}\n"
+            ),
+            ":6: frames[0].fields[0].values: a field with a value table cannot be scaled",
+        ),
+        (
+            (
+                "format: regex\nframes:\n  - name: a\n    pattern: 'T=(?P<t>\\d+)'\n"
+                "    fields: [{name: temp, type: int}]\n"
+            ),
+            "frames[0].fields[0].name: the pattern has no group named 'temp'",
+        ),
+        (
+            "format: nmea\nframes:\n  - name: a\n    fields: [{name: t, type: time}]\n",
+            ":3: frames[0].id: is required (the sentence id",
+        ),
+        (
+            (
+                "format: binary\nframing: {kind: sync_length, sync: 'ZZ', length_field: {at: 2}}\n"
+                "frames:\n  - {name: a, fields: [{name: x, type: uint8}]}\n"
+            ),
+            ":2: framing.sync: not a hex byte string",
+        ),
+        (
+            (
+                "format: binary\nframing: {kind: cobs}\ntimestamp: {field: nope}\nframes:\n"
+                "  - {name: a, fields: [{name: x, type: uint8}]}\n"
+            ),
+            ":3: timestamp.field: no frame has a field named 'nope'",
+        ),
+        (
+            (
+                "format: csv\nchecksum: {kind: crc8}\nframes:\n"
+                "  - {name: a, fields: [{name: x, type: int}]}\n"
+            ),
+            ":2: checksum: only for the binary format",
+        ),
+        ("format: csv\nframes: [\n", "invalid YAML"),
+        (
+            (
+                "format: csv\nframes:\n  - name: a\n    fields:\n"
+                "      - {name: m, type: int, values: {0: off}}\n"
+            ),
+            ":5: frames[0].fields[0].values.0: the name must be a string, not False (quote it",
+        ),
+        (
+            "format: csv\nframes:\n  - {name: a, fields: [{name: x, type: int, colour: red}]}\n",
+            "frames[0].fields[0].colour: unknown key",
+        ),
+    ],
+)
+def test_errors_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
+    """Each invalid definition raises one ConfigError naming the file, line, key path and reason."""
+    path = tmp_path / "device.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_definitions(path)
+    rendered = str(info.value)
+    assert rendered.startswith(str(path)), rendered
+    assert message in rendered, rendered
+    assert "\n" not in rendered
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    """A definition file that does not exist is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
+        load_definitions(tmp_path / "nope.yaml")
+
+
+def test_defaults_fill_positions() -> None:
+    """Fields without a position follow the header (sync, length, discriminator) and each other."""
+    defs = loads_definitions(
+        "format: binary\nbyte_order: big\n"
+        "framing: {kind: sync_length, sync: 'AA 55', length_field: {at: 2, type: uint16}}\n"
+        "discriminator: {at: 4, type: uint8}\n"
+        "frames:\n  - name: a\n    id: 1\n    fields:\n"
+        "      - {name: x, type: uint16}\n      - {name: y, type: float32}\n"
+        "      - {name: z, type: uint8, at: 20}\n      - {name: w, type: int8}\n"
+    )
+    fields = defs.frame("a").fields
+    assert [(f.at, f.byte_order.value) for f in fields] == [
+        (5, "big"),
+        (7, "big"),
+        (20, "big"),
+        (21, "big"),
+    ]
+
+
+def test_json_schema_covers_the_loader() -> None:
+    """The JSON Schema is JSON, closed, and knows every top-level key the loader accepts."""
+    schema = json_schema()
+    json.dumps(schema)
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == set(_TOP_KEYS)
+    field_types = schema["properties"]["frames"]["items"]["properties"]["fields"]["items"]
+    assert "uint64" in field_types["properties"]["type"]["enum"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "check"),
+    [
+        ("crc8", 0xF4),
+        ("crc16_ccitt_false", 0x29B1),
+        ("crc16_modbus", 0x4B37),
+        ("crc16_xmodem", 0x31C3),
+        ("crc32", 0xCBF43926),
+        ("xor8", 0x31),
+        ("sum8", 0xDD),
+    ],
+)
+def test_checksum_catalogue_check_values(kind: str, check: int) -> None:
+    """Every checksum gives its catalogue check value over b'123456789'."""
+    assert checksum_function(ChecksumKind(kind))(b"123456789") == check
+
+
+def test_decode_stream_text_and_json(tmp_path: Path) -> None:
+    """decode --defs prints one line per frame (faults included) and a JSON object per frame."""
+    defs_path = CONFIGS / "imu_cobs.yaml"
+    codec = SerialCodec(load_definitions(defs_path), device="imu")
+    capture = (
+        codec.encode("imu", {"seq": 7, "mode": 3, "filter_state": 1})
+        + b"\x00garbage\x00"
+        + codec.encode(
+            "status", {"uptime": 9, "firmware": "v1.0", "serial_number": b"\x01\x02\x03\x04"}
+        )
+    )
+    out = io.StringIO()
+    assert decode_stream(str(defs_path), io.BytesIO(capture), out, as_json=False) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("imu: seq=7 ")
+    assert "mode=3" in lines[0]
+    assert lines[1].startswith("status: uptime=9 ")
+    assert "serial_number=01020304" in lines[1]
+    assert lines[2] == "! framing: 1 error(s), 7 bytes dropped"  # reported per chunk read
+    assert lines[-1].startswith("# 2 frames decoded")
+    out = io.StringIO()
+    clean = codec.encode("imu", {"seq": 1}) + codec.encode("imu", {"seq": 2})
+    assert decode_stream(str(defs_path), io.BytesIO(clean), out, as_json=True) == 0
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["fields"]["seq"] for r in records] == [1, 2]
+    assert records[0]["frame"] == "imu"
+    assert records[0]["timestamp_ns"] is None
+
+
+def test_decode_stream_nmea_json(tmp_path: Path) -> None:
+    """NMEA captures decode to JSON with empty fields as null and checksum faults reported."""
+    capture = (
+        b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
+        b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*00\r\n"
+    )
+    out = io.StringIO()
+    code = decode_stream(str(CONFIGS / "gps_nmea.yaml"), io.BytesIO(capture), out, as_json=True)
+    assert code == 1
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["flow"] == "gps.gga"
+    assert first["fields"]["satellites"] == 8
+    assert first["fields"]["dgps_age"] is None
+    assert second == {"error": "checksum", "raw": second["raw"]}
+
+
+def test_decode_stream_bad_defs_raise(tmp_path: Path) -> None:
+    """decode --defs with an invalid definition raises ConfigError (the CLI maps it to exit 2)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("format: nope\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:1: format"):
+        decode_stream(str(bad), io.BytesIO(b""), io.StringIO(), as_json=False)
