@@ -191,11 +191,7 @@ def decode_candump(
             }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
-            units = dict(
-                zip(
-                    message.signal_names, (c.unit or "" for c in message.flow.channels), strict=True
-                )
-            )
+            units = {c.name: c.unit or "" for c in message.flow.channels}
             seconds, nanos = divmod(frame.timestamp_ns, 1_000_000_000)
             text = " ".join(
                 f"{k}={_text_value(v)}{(' ' + units[k]) if units[k] else ''}"

@@ -118,6 +118,11 @@ class CompiledMessage:
     _unit: _CodeUnit = dataclasses.field(repr=False, compare=False)
 
     @property
+    def channel_names(self) -> tuple[str, ...]:
+        """The flow's channel names, in order (unique, unlike signal names in a messy DBC)."""
+        return tuple(channel.name for channel in self.flow.channels)
+
+    @property
     def decode(self) -> DecodeFunction:
         """``decode(data, timestamp_ns) -> Sample`` (raises DecodeError)."""
         return self._unit.decode or self._unit.build()[0]
@@ -138,14 +143,17 @@ class CompiledMessage:
         return self._unit.source
 
     def signals(self, data: bytes) -> dict[str, Any]:
-        """The scaled values of the signals present in ``data``, by database signal name.
+        """The scaled values of the signals present in ``data``, by channel name.
+
+        The channel name is the database's signal name, numbered (``Speed_2``) only when a
+        message defines a signal name twice.
 
         Raises:
             DecodeError: the payload is too short or its multiplexer value is not defined.
         """
         return {
             name: value
-            for name, value in zip(self.signal_names, self.values(data), strict=True)
+            for name, value in zip(self.channel_names, self.values(data), strict=True)
             if value is not None
         }
 

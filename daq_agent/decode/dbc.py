@@ -260,9 +260,13 @@ def _as_int(token: str) -> int | None:
 
 
 def _scan_messages(
-    text: str,
+    text: str, duplicate_signals: list[tuple[int, str, str]] | None = None
 ) -> tuple[dict[int, _DbcMessage], list[_Statement], list[tuple[_Statement, _DbcMessage]]]:
-    """The messages (by DBC id), the statements that start a line, and each BO_ statement."""
+    """The messages (by DBC id), the statements that start a line, and each BO_ statement.
+
+    A signal defined twice in one message is appended to ``duplicate_signals`` as
+    ``(line, message, signal)``.
+    """
     messages: dict[int, _DbcMessage] = {}
     statements: list[_Statement] = []
     definitions: list[tuple[_Statement, _DbcMessage]] = []
@@ -281,6 +285,8 @@ def _scan_messages(
             if messages[dbc_id] is not current:
                 current.signals = messages[dbc_id].signals  # same id: cantools merges lookups
         elif keyword == "SG_" and current is not None and statement.tokens:
+            if statement.tokens[0] in current.signals and duplicate_signals is not None:
+                duplicate_signals.append((statement.line, current.name, statement.tokens[0]))
             current.signals.add(statement.tokens[0])
         else:
             current = None
@@ -318,8 +324,18 @@ def _frame_id_token(text: str, statement: _Statement) -> tuple[int, int] | None:
 
 def _load_dbc(text: str, source: str, warnings: list[DatabaseWarning]) -> Database:
     text = _extend_high_standard_ids(text, source, warnings)
-    messages, statements, definitions = _scan_messages(text)
+    duplicate_signals: list[tuple[int, str, str]] = []
+    messages, statements, definitions = _scan_messages(text, duplicate_signals)
     _warn_duplicates(definitions, source, warnings)
+    for line, message_name, signal_name in duplicate_signals:
+        warnings.append(
+            DatabaseWarning(
+                source,
+                line,
+                f"message {message_name!r} defines signal {signal_name!r} twice; "
+                "the second becomes a channel with a numbered name",
+            )
+        )
     orphans: list[_Statement] = []
     for statement in statements:
         if statement.keyword not in ("VAL_", "SIG_VALTYPE_") or len(statement.tokens) < 2:

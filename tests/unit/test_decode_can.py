@@ -465,3 +465,21 @@ def test_lazy_compilation_gives_the_same_samples(bench: Database) -> None:
     source = lazy.messages[0].source
     assert source.startswith("def decode(data, timestamp_ns")
     assert "cantools" not in source
+
+
+def test_a_signal_name_defined_twice_becomes_two_channels(tmp_path: Path) -> None:
+    """A message defining one signal name twice keeps both, the second numbered, with warnings."""
+    path = tmp_path / "dup.dbc"
+    path.write_text(
+        'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: A\n\n'
+        "BO_ 16 Dup: 4 A\n"
+        ' SG_ Speed : 0|16@1+ (1,0) [0|0] "" A\n'
+        ' SG_ Speed : 16|16@1+ (0.5,0) [0|0] "" A\n',
+        encoding="utf-8",
+    )
+    warnings: list[Any] = []
+    decoder = CanDecoder("b", [load_database(path, warnings=warnings)])
+    assert [w.line for w in warnings] == [11]
+    assert [c.name for c in decoder.flows[0].channels] == ["Speed", "Speed_2"]
+    assert decoder.messages[0].signals(bytes([1, 0, 4, 0])) == {"Speed": 1, "Speed_2": 2.0}
+    assert any("Speed_2" in w for w in decoder.warnings)
