@@ -469,7 +469,8 @@ class ReaderABC(abc.ABC):
         counters.add("failures")
         counters.last_error = f"{during}: {type(exc).__name__}: {exc}"
         counters.last_error_time_ns = time.time_ns()
-        log.warning("reader %s: %s failed: %s", self.name, during, exc)
+        # log text, not the exception: a record holding it would keep the traceback's frames alive
+        log.warning("reader %s: %s failed: %s", self.name, during, str(exc))
         if self._on_error is not None:
             try:
                 self._on_error(self, exc)

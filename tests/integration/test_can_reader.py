@@ -441,3 +441,19 @@ def test_public_surface_is_sorted_and_resolves() -> None:
         assert getattr(readers, name) is not None
     with pytest.raises(AttributeError):
         _ = readers.NoSuchReader
+
+
+def test_reader_dropped_without_shutdown_logs_it(db: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A started reader garbage-collected without stop() logs 'was not properly shut down'."""
+    import gc
+
+    reader = CanReader(
+        "forgotten", {"interface": "no-such-interface"}, CantoolsDecoder(db), lambda _s: None
+    )
+    reader.start()
+    assert reader.wait_state(ReaderState.FAILED, timeout=5)
+    assert wait_for(lambda: not reader.is_alive())
+    with caplog.at_level("WARNING", logger="daq_agent.readers.base"):
+        del reader
+        gc.collect()
+    assert "forgotten was not properly shut down" in caplog.text
