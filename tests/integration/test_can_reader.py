@@ -452,7 +452,10 @@ def test_reader_dropped_without_shutdown_logs_it(db: Any, caplog: pytest.LogCapt
     )
     reader.start()
     assert reader.wait_state(ReaderState.FAILED, timeout=5)
-    assert wait_for(lambda: not reader.is_alive())
+    deadline = time.monotonic() + 5
+    while reader.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not reader.is_alive()
     with caplog.at_level("WARNING", logger="daq_agent.readers.base"):
         del reader
         gc.collect()
