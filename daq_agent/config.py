@@ -167,10 +167,9 @@ class ReplayConfig:
         name: the reader's name (default: ``replay-<file stem>``).
         path: the log file (absolute).
         bus: the bus alias its frames belong to (flow names); a configured bus of that name lends
-            its databases and filters.
+            its databases.
         realtime: play at the recorded pace (True) or as fast as possible (False).
         databases: the databases decoding it (absolute).
-        filters: receive filters (empty: everything).
     """
 
     name: str
@@ -178,7 +177,6 @@ class ReplayConfig:
     bus: str
     realtime: bool = False
     databases: tuple[Path, ...] = ()
-    filters: tuple[IdFilter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -856,7 +854,7 @@ class _Parser:
         self, top: Mapping[str, Any], buses: Mapping[str, BusConfig]
     ) -> tuple[ReplayConfig, ...]:
         out: list[ReplayConfig] = []
-        allowed = frozenset({"name", "path", "bus", "realtime", "databases", "dbc", "filters"})
+        allowed = frozenset({"name", "path", "bus", "realtime", "databases", "dbc"})
         for i, item in enumerate(self.sequence(top, "replay", "")):
             where = f"replay[{i}]"
             entry = self.mapping(item, where, allowed)
@@ -864,10 +862,8 @@ class _Parser:
             bus_name = self.name(entry, "bus", where, None)
             lender = buses.get(bus_name)
             databases = self.databases(entry, where, required=lender is None)
-            filters = self.filters(entry, where)
             if lender is not None:
                 databases = databases or lender.databases
-                filters = filters or lender.filters
             stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", path.stem) or "log"
             out.append(
                 ReplayConfig(
@@ -876,7 +872,6 @@ class _Parser:
                     bus=bus_name,
                     realtime=self.boolean(entry, "realtime", where, False),
                     databases=databases,
-                    filters=filters,
                 )
             )
         return tuple(out)
