@@ -177,7 +177,7 @@ class CanDecoder:
         ConfigError: the flow name template is invalid.
     """
 
-    __slots__ = ("_table", "bus", "flows", "messages", "warnings")
+    __slots__ = ("_by_key", "_table", "bus", "flows", "messages", "warnings")
 
     def __init__(
         self,
@@ -205,10 +205,14 @@ class CanDecoder:
                 by_key[key] = message
         compiled: list[CompiledMessage] = []
         used_names: set[str] = set()
-        for key, message in by_key.items():
+        for message in by_key.values():
             flow_name = _flow_name(flow_name_template, bus, message)
             if flow_name in used_names:
-                unique = f"{flow_name}_0x{message.frame_id:X}"
+                width = 8 if message.is_extended_frame else 3
+                base = f"{flow_name}_0x{message.frame_id:0{width}X}"
+                unique, number = base, 2
+                while unique in used_names:
+                    unique, number = f"{base}_{number}", number + 1
                 self._warn(
                     f"flow name {flow_name!r} is taken; message {message.name!r} "
                     f"({_id_text(message.frame_id, message.is_extended_frame)}) "
@@ -216,11 +220,12 @@ class CanDecoder:
                 )
                 flow_name = unique
             used_names.add(flow_name)
-            compiled.append(_compile(message, flow_name, key, self._warn))
+            compiled.append(_compile(message, flow_name, self._warn))
         self.messages = compiled
         self.flows = [c.flow for c in compiled]
+        self._by_key = {frame_key(c.frame_id, c.is_extended): c for c in compiled}
         self._table: dict[int, DecodeFunction] = {
-            frame_key(c.frame_id, c.is_extended): self._first_use(c) for c in compiled
+            key: self._first_use(c) for key, c in self._by_key.items()
         }
 
     def _first_use(self, message: CompiledMessage) -> DecodeFunction:
@@ -269,15 +274,11 @@ class CanDecoder:
 
     def message(self, frame_id: int, is_extended: bool) -> CompiledMessage | None:
         """The compiled message for an id, or None."""
-        key = frame_key(frame_id, is_extended)
-        for compiled in self.messages:
-            if frame_key(compiled.frame_id, compiled.is_extended) == key:
-                return compiled
-        return None
+        return self._by_key.get(frame_key(frame_id, is_extended))
 
     def lookup_table(self) -> dict[int, CompiledMessage]:
         """A fresh ``frame_key → CompiledMessage`` map (for tools that need names per frame)."""
-        return {frame_key(c.frame_id, c.is_extended): c for c in self.messages}
+        return dict(self._by_key)
 
 
 def derive_flows(
@@ -461,9 +462,7 @@ def _literal(value: Any, constants: dict[str, Any]) -> str:
     return f"({value!r})"
 
 
-def _compile(
-    message: Any, flow_name: str, key: int, warn: Callable[[str], None]
-) -> CompiledMessage:
+def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> CompiledMessage:
     """Derive the flow of a message now; its decoding functions are generated on first use."""
     length = int(message.length)
     signals = list(message.signals)
