@@ -507,6 +507,11 @@ def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> Compi
                 f"{signal.multiplexer_signal!r}, which is not a multiplexer of the message; "
                 "it is always empty"
             )
+    for first, second in _overlaps(signals, layouts, length):
+        warn(
+            f"signals {first!r} and {second!r} of message {message.name!r} overlap; each is "
+            "decoded from its own bits (cantools cannot unpack such a message)"
+        )
     unit = _CodeUnit(message, flow_name, signals, layouts, kinds)
     return CompiledMessage(
         name=message.name,
@@ -518,6 +523,36 @@ def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> Compi
         signal_names=tuple(signal.name for signal in signals),
         _unit=unit,
     )
+
+
+def _bits(layout: _Layout, length: int) -> int:
+    """The payload bits of a signal as a mask over the little-endian integer of the payload."""
+    mask = (1 << layout.length) - 1
+    if layout.source == "v":
+        return mask << layout.shift
+    # big-endian: the signal is a contiguous run in the big-endian integer; map its bytes back
+    big = (mask << layout.shift).to_bytes(length, "big")
+    return int.from_bytes(big, "little")
+
+
+def _overlaps(signals: list[Any], layouts: list[_Layout], length: int) -> list[tuple[str, str]]:
+    """Pairs of signals that share bits and can be present in the same frame."""
+    if len(signals) < 2:
+        return []
+    masks = [_bits(lay, length) if lay.fits else 0 for lay in layouts]
+    found = []
+    for i in range(len(signals)):
+        for j in range(i + 1, len(signals)):
+            if not masks[i] & masks[j]:
+                continue
+            a, b = signals[i], signals[j]
+            if a.multiplexer_signal or b.multiplexer_signal:
+                if a.multiplexer_signal != b.multiplexer_signal:
+                    continue  # a selector and its branch, or different selectors: not judged here
+                if not set(a.multiplexer_ids or ()) & set(b.multiplexer_ids or ()):
+                    continue  # different branches of one multiplexer may share bits
+            found.append((a.name, b.name))
+    return found
 
 
 class _CodeUnit:

@@ -299,6 +299,30 @@ def test_overlapping_signals_decode_each_from_its_own_bits() -> None:
     assert message is not None
     values = message.signals(bytes([50, 0x34, 0x12, 0b10, 0, 0, 0, 0]))
     assert values == {"OilTemp": 10, "Pressure": 0x1234 * 0.5, "PressureLowByte": 0x34, "Mode": 2}
+    assert [w for w in decoder.warnings if "overlap" in w] == [
+        (
+            "signals 'Pressure' and 'PressureLowByte' of message 'Engine' overlap; each is decoded "
+            "from its own bits (cantools cannot unpack such a message)"
+        )
+    ]
+
+
+def test_big_endian_overlaps_are_found_by_their_bytes(tmp_path: Path) -> None:
+    """Motorola signals sharing a byte are reported; neighbours are not."""
+    path = tmp_path / "be.dbc"
+    path.write_text(
+        'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: A\n\n'
+        "BO_ 1 Be: 4 A\n"
+        ' SG_ Wide : 7|16@0+ (1,0) [0|0] "" A\n'
+        ' SG_ Inside : 15|8@0+ (1,0) [0|0] "" A\n'
+        ' SG_ Next : 23|8@0+ (1,0) [0|0] "" A\n'
+        ' SG_ Tail : 24|8@1+ (1,0) [0|0] "" A\n',
+        encoding="utf-8",
+    )
+    decoder = CanDecoder("b", [load_database(path)])
+    overlaps = [w for w in decoder.warnings if "overlap" in w]
+    assert len(overlaps) == 1
+    assert "'Wide' and 'Inside'" in overlaps[0]
 
 
 # --- property: whatever cantools encodes, we decode equal -----------------------------------
@@ -375,6 +399,7 @@ def test_random_layouts_round_trip_through_cantools_encode(data: st.DataObject) 
     raw = {s.name: _raw_value(data.draw, s) for s in message.signals}
     payload = message.encode(raw, scaling=False, strict=False)
     decoder = CanDecoder("p", [_database_of(message)])
+    assert not [w for w in decoder.warnings if "overlap" in w]
     _assert_matches_cantools(decoder, message, payload)
     compiled = decoder.message(message.frame_id, message.is_extended_frame)
     assert compiled is not None
