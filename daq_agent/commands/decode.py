@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -216,6 +217,14 @@ def _text_value(value: Any) -> str:
 
 
 def _do_decode(args: argparse.Namespace) -> int:
+    try:
+        return _decode(args)
+    except BrokenPipeError:  # `daq-agent decode ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
     if args.defs is not None:
         return _decode_serial(args)
     databases = [load_database(path) for path in args.dbc]

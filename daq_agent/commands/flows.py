@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -68,8 +69,15 @@ def flows_as_json(flows: list[FlowConfig]) -> list[dict[str, Any]]:
     ]
 
 
-def _do_flows(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
+def _do_flows(args: argparse.Namespace) -> int:
+    try:
+        return _print_flows(args, sys.stdout)
+    except BrokenPipeError:  # `daq-agent flows ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _print_flows(args: argparse.Namespace, out: TextIO) -> int:
     databases = [load_database(path) for path in args.dbc]
     decoder = CanDecoder(args.bus, databases, flow_name_template=args.flow_name_template)
     if args.json:
