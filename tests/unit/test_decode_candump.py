@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import can
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -112,3 +115,41 @@ def test_parser_never_raises_on_arbitrary_text(text: str) -> None:
     frames = list(parser.parse(text.splitlines()))
     assert parser.frames == len(frames)
     assert parser.frames + parser.bad <= parser.lines
+
+
+def test_reads_what_python_can_writes(tmp_path: Path) -> None:
+    """Logs written by python-can's candump writer parse back to the same frames."""
+    messages = [
+        can.Message(
+            timestamp=1.5, arbitration_id=0x100, data=bytes(range(8)), is_extended_id=False
+        ),
+        can.Message(timestamp=1.6, arbitration_id=0x100, data=b"\x01", is_extended_id=True),
+        can.Message(
+            timestamp=1.7,
+            arbitration_id=0x18FF60E5,
+            data=bytes(range(64)),
+            is_fd=True,
+            bitrate_switch=True,
+        ),
+        can.Message(timestamp=1.8, arbitration_id=0x123, is_remote_frame=True, dlc=4),
+        can.Message(timestamp=1.9, arbitration_id=0x80, is_error_frame=True, data=bytes(8)),
+    ]
+    path = tmp_path / "written.log"
+    with can.io.CanutilsLogWriter(str(path), channel="can0") as writer:
+        for message in messages:
+            writer.on_message_received(message)
+    parser = CandumpParser()
+    with path.open() as lines:
+        frames = [frame for _, frame in parser.parse(lines)]
+    assert parser.bad == 0
+    assert [(f.frame_id, f.is_extended) for f in frames[:3]] == [
+        (0x100, False),
+        (0x100, True),
+        (0x18FF60E5, True),
+    ]
+    assert frames[2].is_fd
+    assert frames[2].bitrate_switch
+    assert frames[2].data == bytes(range(64))
+    assert frames[3].is_remote
+    assert frames[4].is_error
+    assert [f.timestamp_ns for f in frames] == [1_500_000_000 + i * 100_000_000 for i in range(5)]
