@@ -65,7 +65,7 @@ def load_database(path: str | Path, *, warnings: list[DatabaseWarning] | None = 
     """Load a CAN database, tolerating the usual real-world mess.
 
     The format follows the file extension (``.dbc``, ``.kcd``, ``.arxml``/``.xml``, ``.sym``);
-    anything else is tried as DBC first and then left to cantools' detection.
+    any other file is read as DBC when it looks like one, else left to cantools' detection.
 
     Args:
         path: the database file.
