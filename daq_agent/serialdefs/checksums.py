@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 import crcmod.predefined
 
@@ -59,7 +59,7 @@ class FrameChecksum:
     included; for COBS and SLIP, the decoded payload); negative offsets count from its end.
     """
 
-    __slots__ = ("_at", "_end", "_function", "_order", "_start", "size")
+    __slots__ = ("_at", "_end", "_function", "_order", "_start", "size", "verify")
 
     def __init__(self, spec: ChecksumDef) -> None:
         self._function = checksum_function(spec.kind)
@@ -67,7 +67,25 @@ class FrameChecksum:
         self._at = spec.at if spec.at is not None else -self.size
         self._start = spec.start
         self._end = spec.end
-        self._order: Final = "little" if spec.byte_order.value == "little" else "big"
+        self._order: Final[Literal["little", "big"]] = (
+            "little" if spec.byte_order.value == "little" else "big"
+        )
+        self.verify: Callable[[bytes], bool] = self._verify
+        """True if a frame carries the right checksum (False if too short to hold one)."""
+        if self._at == -self.size and self._start == 0 and self._end is None:
+            self.verify = self._trailing_verifier()
+
+    def _trailing_verifier(self) -> Callable[[bytes], bool]:
+        """The common case: the checksum ends the frame and covers everything before it."""
+        function, size, order = self._function, self.size, self._order
+        from_bytes = int.from_bytes
+
+        def verify(frame: bytes) -> bool:
+            return len(frame) >= size and function(frame[:-size]) == from_bytes(
+                frame[-size:], order
+            )
+
+        return verify
 
     def _bounds(self, length: int) -> tuple[int, int, int] | None:
         at = self._at if self._at >= 0 else length + self._at
@@ -77,8 +95,7 @@ class FrameChecksum:
             return None
         return at, start, end
 
-    def verify(self, frame: bytes) -> bool:
-        """True if ``frame`` carries the right checksum (False if too short to hold one)."""
+    def _verify(self, frame: bytes) -> bool:
         bounds = self._bounds(len(frame))
         if bounds is None:
             return False

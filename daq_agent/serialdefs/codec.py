@@ -256,6 +256,12 @@ class SerialCodec:
         assert spec is not None
         return spec.epoch_ns + round(float(value) * spec.unit_ns)
 
+    def decoder(self) -> Callable[[bytes], Decoded | FrameFault]:
+        """The fastest equivalent of :meth:`decode` for these definitions (no format dispatch)."""
+        if self.defs.format is FormatKind.BINARY:
+            return self._decode_binary
+        return self.decode
+
     def decode(self, frame: bytes) -> Decoded | FrameFault:
         """Decode one frame as delivered by the framer.
 

@@ -65,7 +65,7 @@ class FrameStream:
 
     def __init__(self, codec: SerialCodec, *, byte_ns: int = 0, unknown_limit: int = 256) -> None:
         self._codec = codec
-        self._decode = codec.decode
+        self._decode = codec.decoder()
         self._framer: Framer = codec.make_framer(byte_ns)
         self._has_device_time = any(c.timestamp_index >= 0 for c in codec.frames)
         self._unknown_limit = unknown_limit
