@@ -250,6 +250,12 @@ def _float(raw: Mapping[str, Any], key: str, where: str, default: float | None) 
     value = raw.get(key)
     if value is None:
         return default
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-7 (no dot) as a string; accept what is clearly a number
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"must be a number, not {value!r}", key=_join(where, key)) from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"must be a number, not {_type_name(value)}", key=_join(where, key))
     if not math.isfinite(value):

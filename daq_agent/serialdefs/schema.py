@@ -3,7 +3,7 @@
 The schema describes the shape (keys, types, enumerations); the loader additionally checks what a
 schema cannot say (positions inside the frame, unique names, the checksum span). Export it with::
 
-    python -c "import json, daq_agent.serialdefs as s; print(json.dumps(s.json_schema(), indent=2))"
+    python -m daq_agent.serialdefs > serial-frames.schema.json
 """
 
 from __future__ import annotations
