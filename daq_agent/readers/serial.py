@@ -198,6 +198,49 @@ class SerialReader(ReaderABC):
         self._seen: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._seen_unknown: dict[object, int] = {}
 
+    @classmethod
+    def from_config(
+        cls,
+        device: Any,
+        sink: Sink,
+        *,
+        flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+        **kwargs: Any,
+    ) -> SerialReader:
+        """Build a reader from an agent-config serial device (``daq_agent.config.SerialConfig``).
+
+        Args:
+            device: has ``name``, ``port``, ``defs`` and the line settings ``baudrate``,
+                ``bytesize``, ``parity``, ``stopbits``, ``rtscts``, ``xonxoff``.
+            sink: receives every sample.
+            flow_name_template: the config's ``naming.serial_flow``.
+            **kwargs: further :class:`SerialReader` keyword arguments (``on_error``, ``backoff``…).
+
+        Returns:
+            The reader, not started.
+
+        Raises:
+            ConfigError: invalid line settings, definitions or template (naming the device).
+        """
+        options = {
+            key: getattr(device, key) for key in sorted(SERIAL_OPTIONS) if hasattr(device, key)
+        }
+        try:
+            return cls(
+                name=device.name,
+                url=device.port,
+                serial_options=options,
+                defs=device.defs,
+                sink=sink,
+                flow_name_template=flow_name_template,
+                **kwargs,
+            )
+        except ConfigError as exc:
+            if exc.source is not None:
+                raise
+            key = f"serial[{device.name}].{exc.key}" if exc.key else f"serial[{device.name}]"
+            raise ConfigError(exc.reason, key=key) from exc
+
     @property
     def codec(self) -> SerialCodec:
         """The compiled frame definitions."""

@@ -209,7 +209,8 @@ class SerialCodec:
         self._by_id: dict[object, CompiledFrame] = {
             c.definition.id: c for c in compiled if c.definition.id is not None
         }
-        self._only = compiled[0] if len(compiled) == 1 else None
+        single = len(compiled) == 1 and defs.discriminator is None
+        self._only = compiled[0] if single else None
         self._disc: Callable[[Any], object] | None = None
         disc = defs.discriminator
         if defs.format is FormatKind.BINARY and disc is not None:

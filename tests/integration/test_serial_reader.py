@@ -283,3 +283,25 @@ def test_invalid_serial_options_are_config_errors() -> None:
         SerialReader("x", "loop://", {"speed": 9600}, IMU, Collector())
     with pytest.raises(ConfigError, match=r"serial_options\.stopbits"):
         SerialReader("x", "loop://", {"stopbits": 3}, IMU, Collector())
+
+
+def test_from_agent_config(pty_port: Pty) -> None:
+    """A reader built from the agent config's serial device reads its port with its settings."""
+    from daq_agent.config import SerialConfig
+
+    device = SerialConfig(name="gnss", port=pty_port.path, defs=GPS, baudrate=4800, parity="E")
+    sink = Collector()
+    reader = SerialReader.from_config(device, sink, flow_name_template="bench/{device}/{frame}")
+    assert reader.options["baudrate"] == 4800
+    assert reader.options["parity"] == "E"
+    assert [f.name for f in reader.flows] == ["bench/gnss/gga", "bench/gnss/rmc", "bench/gnss/vtg"]
+    codec = SerialCodec(load_definitions(GPS), device="gnss")
+    with reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        pty_port.write(codec.encode("vtg", {"course_true": 1.5}))
+        assert sink.wait_for(1)
+    assert sink.samples[0].flow == "bench/gnss/vtg"
+    with pytest.raises(ConfigError, match=r"serial\[gnss\]\.serial_options\.stopbits"):
+        SerialReader.from_config(
+            SerialConfig(name="gnss", port="loop://", defs=GPS, stopbits=3), Collector()
+        )

@@ -571,3 +571,73 @@ def test_channel_types_follow_the_definition() -> None:
     ]
     assert "packed" not in types
     assert [f.name for f in codec.flows] == ["x.everything", "x.small"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    garbage=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=4),
+    cut=st.integers(1, 50),
+)
+def test_csv_garbage_lines_never_lose_the_next_line(garbage: list[bytes], cut: int) -> None:
+    """Garbage lines between CSV lines are counted (decode error or unknown type), never
+    decoded as data, and every valid line is recovered."""
+    codec = SerialCodec(loads_definitions(TEXT_DEFS["csv"]), device="c")
+    good = codec.encode("other", {"x": -42})
+    data = b"".join(g + b"\n" + good for g in garbage) + good
+    stream = FrameStream(codec)
+    samples = [s for i in range(0, len(data), cut) for s in stream.feed(data[i : i + cut], 0)]
+    valid = [s for s in samples if s.values == (-42,)]
+    assert len(valid) == len(garbage) + 1
+    assert all(s.flow in ("c.other", "c.env") for s in samples)
+
+
+@settings(max_examples=40, deadline=None)
+@given(noise=st.binary(min_size=1, max_size=20), value=st.integers(0, 2**32 - 1))
+def test_fixed_frames_without_sync_are_found_by_their_checksum(noise: bytes, value: int) -> None:
+    """Fixed-length frames without sync bytes resynchronise by sliding until the CRC-32 matches."""
+    codec = SerialCodec(
+        loads_definitions(
+            "format: binary\nframing: {kind: fixed, length: 9}\nchecksum: {kind: crc32}\n"
+            "frames:\n  - {name: a, fields: [{name: v, type: uint32}, {name: k, type: uint8}]}\n"
+        )
+    )
+    frames = [codec.encode("a", {"v": (value + i) % 2**32, "k": i}) for i in range(4)]
+    stream = FrameStream(codec)
+    samples = stream.feed(noise + b"".join(frames), 0)
+    assert [s.values for s in samples][-4:] == [((value + i) % 2**32, i) for i in range(4)]
+    assert stream.counters()["frames"] == len(samples)
+
+
+def test_slip_escapes_survive() -> None:
+    """SLIP escapes END and ESC bytes inside a frame; a bad escape is a framing error."""
+    codec = SerialCodec(
+        loads_definitions(
+            "format: binary\nframing: {kind: slip}\nchecksum: {kind: xor8}\n"
+            "frames:\n  - {name: a, fields: [{name: raw, type: bytes, size: 4}]}\n"
+        )
+    )
+    payload = b"\xc0\xdb\xdc\xdd"
+    wire = codec.encode("a", {"raw": payload})
+    assert wire.count(b"\xc0") == 2  # only the delimiters
+    stream = FrameStream(codec)
+    assert [s.values for s in stream.feed(wire + b"\xc0\x01\xdb\x02\xc0" + wire, 0)] == [
+        (payload,),
+        (payload,),
+    ]
+    assert stream.counters()["framing_errors"] == 1
+
+
+def test_key_value_separators() -> None:
+    """key=value frames honour custom pair and key separators; a missing key is empty."""
+    codec = SerialCodec(
+        loads_definitions(
+            "format: key_value\npair_separator: ';'\nkv_separator: ':'\n"
+            "frames:\n  - name: a\n    fields:\n      - {name: t, type: float}\n"
+            "      - {name: n, key: count, type: int}\n      - {name: s, type: string}\n"
+        )
+    )
+    (sample,) = FrameStream(codec).feed(b"t: 1.5; count:7\n", 0)
+    assert sample.values == (1.5, 7, None)
+    stream = FrameStream(codec)
+    assert stream.feed(b"t:abc;count:1\nnot a pair\n", 0) == []
+    assert stream.counters()["decode_errors"] == 2
