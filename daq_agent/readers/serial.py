@@ -25,9 +25,12 @@ Building one from the agent config::
     flows = reader.flows          # register these with the ingestion API
     reader.start(); ...; reader.stop()
 
-Counters (``reader.counters``): ``bytes``, ``frames``, ``checksum_errors``, ``framing_errors``,
-``unknown_types``, ``decode_errors``, ``dropped_bytes`` and the per-id map ``unknown_ids``, plus
-the base reader's ``opens``, ``reopens``, ``failures`` and ``sink_errors``.
+Counters (``reader.counters``), named like the CAN reader's where they mean the same:
+``received`` (= ``decoded`` + ``unknown`` + ``checksum_errors`` + ``framing_errors`` +
+``decode_errors``; a framing error is one run of bytes that was not a frame), ``decoded``,
+``unknown`` (frame types no definition knows; per id in the bounded map ``unknown_ids``),
+``bytes``, ``dropped_bytes``, plus the base reader's ``opens``, ``reopens``, ``failures`` and
+``sink_errors``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,15 @@ _STOPBITS: Final = {
     2.0: serial.STOPBITS_TWO,
 }
 _MAX_READ: Final = 65536
+_READER_COUNTER: Final = {name: name for name in COUNTER_NAMES} | {
+    "frames": "decoded",
+    "unknown_types": "unknown",
+}
+"""FrameStream counter → reader counter."""
+_FRAME_OUTCOMES: Final = frozenset(
+    {"frames", "unknown_types", "checksum_errors", "framing_errors", "decode_errors"}
+)
+"""The stream counters that together make ``received``."""
 
 
 def normalize_serial_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -153,7 +165,20 @@ class SerialReader(ReaderABC):
     """
 
     kind: ClassVar[str] = "serial"
-    COUNTERS: ClassVar[tuple[str, ...]] = ReaderABC.COUNTERS + COUNTER_NAMES
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        *ReaderABC.COUNTERS,
+        "received",
+        "decoded",
+        "unknown",
+        "checksum_errors",
+        "framing_errors",
+        "decode_errors",
+        "bytes",
+        "dropped_bytes",
+    )
+    """``received = decoded + unknown + checksum_errors + framing_errors + decode_errors``
+    (a framing error is one run of bytes that was not a frame); the names match the CAN reader's
+    where they mean the same."""
     KEYED_COUNTERS: ClassVar[tuple[str, ...]] = ("unknown_ids",)
 
     def __init__(
@@ -308,12 +333,17 @@ class SerialReader(ReaderABC):
         stream = self._stream
         seen = self._seen
         counters = self.counters
+        received = 0
         for name in COUNTER_NAMES:
             value = getattr(stream, name)
             delta = value - seen[name]
             if delta:
-                counters.add(name, delta)
+                counters.add(_READER_COUNTER[name], delta)
                 seen[name] = value
+                if name in _FRAME_OUTCOMES:
+                    received += delta
+        if received:
+            counters.add("received", received)
         if stream.unknown_ids != self._seen_unknown:
             for key, count in stream.unknown_ids.items():
                 delta = count - self._seen_unknown.get(key, 0)

@@ -127,10 +127,12 @@ def test_pty_end_to_end_with_garbage(pty_port: Pty) -> None:
     assert first.values[9] == 2  # mode: running (the enum key)
     assert first.values[10] is True
     counters = reader.counters
-    assert counters.get("frames") == count
+    assert counters.get("decoded") == count
     assert counters.get("framing_errors") == 6  # each burst is isolated by COBS delimiters
     assert counters.get("dropped_bytes") == 6 * 39
     assert counters.get("checksum_errors") == 0
+    outcomes = ("decoded", "unknown", "checksum_errors", "framing_errors", "decode_errors")
+    assert counters.get("received") == sum(counters.get(n) for n in outcomes) == count + 6
     assert counters.get("bytes") == sum(len(c) for c in chunks)
     assert [f.name for f in reader.flows] == ["imu0.imu", "imu0.status"]
 
