@@ -178,6 +178,7 @@ class SerialCodec:
         "_checksum",
         "_disc",
         "_only",
+        "_regexes",
         "_verify",
         "defs",
         "device",
@@ -211,6 +212,9 @@ class SerialCodec:
         }
         single = len(compiled) == 1 and defs.discriminator is None
         self._only = compiled[0] if single else None
+        self._regexes = [
+            (re.compile(c.definition.pattern), c) for c in compiled if c.definition.pattern
+        ]
         self._disc: Callable[[Any], object] | None = None
         disc = defs.discriminator
         if defs.format is FormatKind.BINARY and disc is not None:
@@ -451,8 +455,8 @@ class SerialCodec:
         return self._decode_text_fields(compiled, pairs)
 
     def _decode_regex(self, line: str) -> Decoded | FrameFault:
-        for compiled in self.frames:
-            match = _patterns(compiled).fullmatch(line)
+        for pattern, compiled in self._regexes:
+            match = pattern.fullmatch(line)
             if match is not None:
                 return self._decode_text_fields(compiled, match.groupdict())
         self.last_unknown = None
@@ -568,20 +572,6 @@ _I32_MAX: Final = (1 << 31) - 1
 def _from_u32_key(key: int, item: FieldDef) -> int:
     """An enum key sent as a 32-bit two's complement, back to the negative raw value."""
     return key - (1 << 32) if not item.type.startswith("u") else key
-
-
-def _patterns(compiled: CompiledFrame) -> re.Pattern[str]:
-    return _compiled_patterns(compiled.definition.pattern)
-
-
-_PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
-
-
-def _compiled_patterns(pattern: str) -> re.Pattern[str]:
-    compiled = _PATTERN_CACHE.get(pattern)
-    if compiled is None:
-        compiled = _PATTERN_CACHE[pattern] = re.compile(pattern)
-    return compiled
 
 
 def _flow_name(template: str, device: str, frame: str) -> str:
