@@ -56,6 +56,7 @@ class Framer(abc.ABC):
         "dropped_bytes",
         "framing_errors",
         "max_length",
+        "prev_t",
     )
 
     def __init__(self, max_length: int, byte_ns: int = 0) -> None:
@@ -68,6 +69,8 @@ class Framer(abc.ABC):
         self.checksum_errors = 0
         self._buf = b""
         self._buf_t = 0
+        self.prev_t = 0
+        """The read time of the previous chunk: no interpolated time goes before it."""
 
     @abc.abstractmethod
     def feed(self, data: bytes, t_ns: int) -> Frames:
@@ -115,8 +118,10 @@ class DelimitedFramer(Framer):
             data = self._buf + data
         total = len(data)
         byte_ns = self.byte_ns
-        # the time of byte i (i >= old) is t_last - (total - 1 - i) * byte_ns
-        t_first_new = t_ns - (total - 1 - old) * byte_ns if byte_ns else t_ns
+        floor, self.prev_t = self.prev_t, t_ns
+        # the time of byte i (i >= old) is t_last - (total - 1 - i) * byte_ns, but the bytes of
+        # this chunk were not there at the previous read
+        t_first_new = max(floor, t_ns - (total - 1 - old) * byte_ns) if byte_ns else t_ns
         buf_t = self._buf_t if old else t_first_new
         delim = self._delim
         dlen = len(delim)
@@ -142,7 +147,7 @@ class DelimitedFramer(Framer):
                         if pos < old:
                             t = buf_t
                         elif byte_ns:
-                            t = t_ns - (total - 1 - pos) * byte_ns
+                            t = max(floor, t_ns - (total - 1 - pos) * byte_ns)
                         else:
                             t = t_ns
                         out.append((frame, t))
@@ -160,7 +165,7 @@ class DelimitedFramer(Framer):
         else:
             self._buf = data[pos:] if pos else data
             if pos >= old:
-                self._buf_t = t_ns - (total - 1 - pos) * byte_ns if byte_ns else t_ns
+                self._buf_t = max(floor, t_ns - (total - 1 - pos) * byte_ns) if byte_ns else t_ns
             elif pos == 0 and old:
                 self._buf_t = buf_t
         return out
@@ -292,6 +297,7 @@ class SyncFramer(Framer):
             data = self._buf + data
         total = len(data)
         byte_ns = self.byte_ns
+        floor, self.prev_t = self.prev_t, t_ns
         buf_t = self._buf_t
         sync = self._sync
         accept = self._accept
@@ -339,7 +345,7 @@ class SyncFramer(Framer):
             if start < old:
                 t = buf_t
             elif byte_ns:
-                t = t_ns - (total - 1 - start) * byte_ns
+                t = max(floor, t_ns - (total - 1 - start) * byte_ns)
             else:
                 t = t_ns
             out.append((frame, t))
@@ -348,7 +354,7 @@ class SyncFramer(Framer):
             self._buf = b""
         else:
             if keep >= old:
-                self._buf_t = t_ns - (total - 1 - keep) * byte_ns if byte_ns else t_ns
+                self._buf_t = max(floor, t_ns - (total - 1 - keep) * byte_ns) if byte_ns else t_ns
             else:
                 self._buf_t = buf_t
             self._buf = data[keep:]

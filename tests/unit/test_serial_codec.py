@@ -516,6 +516,9 @@ def test_frame_times_come_from_the_first_byte() -> None:
     # each frame's first byte follows its leading 0x00 delimiter
     assert first.timestamp_ns == 50_000 - (2 * n - 1 - 1) * 100
     assert second.timestamp_ns == 50_000 - (n - 1 - 1) * 100
+    # a chunk holding more bytes than the line carried since the last read: never before it
+    (late,) = timed.feed(wire, 50_500)
+    assert late.timestamp_ns == 50_000
 
 
 def test_device_timestamp_field() -> None:
