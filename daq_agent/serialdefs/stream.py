@@ -54,6 +54,7 @@ class FrameStream:
         "_decode",
         "_framer",
         "_has_device_time",
+        "_last_t",
         "_unknown_limit",
         "bytes",
         "decode_errors",
@@ -69,6 +70,7 @@ class FrameStream:
         self._framer: Framer = codec.make_framer(byte_ns)
         self._has_device_time = any(c.timestamp_index >= 0 for c in codec.frames)
         self._unknown_limit = unknown_limit
+        self._last_t = 0
         self.bytes = 0
         self.frames = 0
         self.unknown_types = 0
@@ -112,6 +114,9 @@ class FrameStream:
     def feed(self, data: bytes, t_ns: int) -> list[Sample]:
         """Add bytes read at host time ``t_ns``; return the samples of the frames they complete.
 
+        Host times of successive samples strictly increase (frames read in one chunk are 1 ns
+        apart), because a sample is identified by its flow and timestamp downstream.
+
         Args:
             data: the bytes read.
             t_ns: the host time they were read (ns since the epoch).
@@ -123,18 +128,27 @@ class FrameStream:
         out: list[Sample] = []
         decode = self._decode
         device_time = self._codec.device_time_ns if self._has_device_time else None
+        last = self._last_t
         for frame, t in self._framer.feed(data, t_ns):
             result = decode(frame)
             if type(result) is tuple:
                 compiled: CompiledFrame = result[0]
                 values = result[1]
+                stamp = None
                 if device_time is not None and compiled.timestamp_index >= 0:
                     stamp = device_time(compiled, values)
-                    if stamp is not None:
-                        t = stamp
+                if stamp is not None:
+                    t = stamp
+                else:
+                    # frames read in one chunk share its time; a sample is identified by
+                    # (flow, timestamp), so host times strictly increase, 1 ns apart at least
+                    if t <= last:
+                        t = last + 1
+                    last = t
                 out.append(Sample(compiled.flow, t, values))
             else:
                 self._count_fault(result)  # type: ignore[arg-type]  # narrowed by the type check
+        self._last_t = last
         self.frames += len(out)
         return out
 
