@@ -3,11 +3,15 @@ Schema export, checksum catalogue values and ``decode --defs``."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daq_agent.errors import ConfigError
 from daq_agent.serialdefs import (
@@ -19,6 +23,7 @@ from daq_agent.serialdefs import (
     json_schema,
     load_definitions,
     loads_definitions,
+    parse_definitions,
 )
 from daq_agent.serialdefs.cli import decode_stream
 from daq_agent.serialdefs.loader import _TOP_KEYS
@@ -256,3 +261,57 @@ def test_decode_stream_bad_defs_raise(tmp_path: Path) -> None:
     bad.write_text("format: nope\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"bad\.yaml:1: format"):
         decode_stream(str(bad), io.BytesIO(b""), io.StringIO(), as_json=False)
+
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-5, 300), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+def _paths(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out.extend(_paths(value, (*prefix, key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out.extend(_paths(value, (*prefix, i)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["imu_cobs.yaml", "gps_nmea.yaml"])
+def test_mutated_definitions_fail_only_with_config_errors(name: str) -> None:
+    """Any value anywhere in a definition is either accepted or a ConfigError, never a crash."""
+    original = yaml.safe_load((CONFIGS / name).read_text(encoding="utf-8"))
+    paths = [p for p in _paths(original) if p]
+
+    @settings(max_examples=150, deadline=None)
+    @given(data=st.data())
+    def check(data: st.DataObject) -> None:
+        document = copy.deepcopy(original)
+        for _ in range(data.draw(st.integers(1, 3))):
+            path = data.draw(st.sampled_from(paths))
+            node = document
+            try:
+                for key in path[:-1]:
+                    node = node[key]
+                node[path[-1]] = data.draw(_JUNK)
+            except (KeyError, IndexError, TypeError):
+                continue  # an earlier mutation removed that branch
+        error: ConfigError | None = None
+        try:
+            defs = parse_definitions(document, source="mutated.yaml")
+        except ConfigError as exc:
+            error = exc
+        if error is not None:
+            assert error.key, str(error)  # every error names the key it is about
+            return
+        SerialCodec(defs, device="x")  # whatever loads also compiles
+
+    check()
