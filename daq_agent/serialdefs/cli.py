@@ -14,11 +14,12 @@ import base64
 import json
 from typing import BinaryIO, TextIO
 
+from daq_agent.ingestion.config import FlowConfig
 from daq_agent.pipeline.sample import Value
-from daq_agent.serialdefs.codec import FrameFault, SerialCodec
+from daq_agent.serialdefs.codec import DEFAULT_FLOW_NAME_TEMPLATE, FrameFault, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions
 
-__all__ = ["decode_stream"]
+__all__ = ["decode_stream", "serial_flows"]
 
 _CHUNK = 65536
 
@@ -99,6 +100,30 @@ def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) 
         )
     bad = counts["checksum"] + counts["unknown_type"] + counts["decode"] + framer.framing_errors
     return 1 if bad else 0
+
+
+def serial_flows(
+    defs_path: str,
+    device: str | None = None,
+    flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+) -> list[FlowConfig]:
+    """The flows a device with these definitions gets (for ``daq-agent flows --defs``).
+
+    Args:
+        defs_path: the frame-definition YAML file.
+        device: the device name (``{device}``; default: the definitions' name).
+        flow_name_template: flow names from ``{device}`` and ``{frame}``.
+
+    Returns:
+        One flow per frame type, in definition order.
+
+    Raises:
+        ConfigError: the file or the template is invalid.
+    """
+    defs = load_definitions(defs_path)
+    return SerialCodec(
+        defs, device=device or defs.name, flow_name_template=flow_name_template
+    ).flows
 
 
 def _print_fault(

@@ -25,7 +25,7 @@ from daq_agent.serialdefs import (
     loads_definitions,
     parse_definitions,
 )
-from daq_agent.serialdefs.cli import decode_stream
+from daq_agent.serialdefs.cli import decode_stream, serial_flows
 from daq_agent.serialdefs.loader import _TOP_KEYS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "serial"
@@ -315,3 +315,17 @@ def test_mutated_definitions_fail_only_with_config_errors(name: str) -> None:
         SerialCodec(defs, device="x")  # whatever loads also compiles
 
     check()
+
+
+def test_serial_flows_for_the_flows_command() -> None:
+    """serial_flows names flows from the device and template, with typed channels."""
+    flows = serial_flows(str(CONFIGS / "gps_nmea.yaml"), "rover", "{device}/{frame}")
+    assert [f.name for f in flows] == ["rover/gga", "rover/rmc", "rover/vtg"]
+    quality = next(c for c in flows[0].channels if c.name == "fix_quality")
+    assert [(e.name, e.key) for e in quality.enum_types][:2] == [("invalid", 0), ("gps", 1)]
+    assert [f.name for f in serial_flows(str(CONFIGS / "imu_cobs.yaml"))] == [
+        "imu.imu",
+        "imu.status",
+    ]
+    with pytest.raises(ConfigError, match="flow_name_template"):
+        serial_flows(str(CONFIGS / "imu_cobs.yaml"), "x", "{bus}.{frame}")
