@@ -35,6 +35,8 @@ Counters (``reader.counters``), named like the CAN reader's where they mean the 
 
 from __future__ import annotations
 
+import os
+import select
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -51,6 +53,17 @@ from daq_agent.serialdefs.model import SerialDefinitions
 from daq_agent.serialdefs.stream import COUNTER_NAMES, FrameStream
 
 __all__ = ["SERIAL_OPTIONS", "SerialReader", "normalize_serial_options"]
+
+try:
+    import termios
+
+    _TERMIOS_ERRORS: tuple[type[Exception], ...] = (termios.error,)
+except ImportError:  # not POSIX
+    _TERMIOS_ERRORS = ()
+_PORT_ERRORS: tuple[type[Exception], ...] = (serial.SerialException, OSError, *_TERMIOS_ERRORS)
+"""What pyserial raises when a port fails (termios.error is not an OSError)."""
+_READ_ERRORS: tuple[type[Exception], ...] = (*_PORT_ERRORS, ValueError)
+"""Also ValueError: pyserial's read on a port closed under it."""
 
 SERIAL_OPTIONS: Final = frozenset(
     {"baudrate", "bytesize", "parity", "stopbits", "rtscts", "xonxoff", "dsrdtr", "exclusive"}
@@ -220,6 +233,7 @@ class SerialReader(ReaderABC):
         self._stream = FrameStream(self._codec, byte_ns=byte_time_ns, unknown_limit=key_limit)
         self._clock = clock or host_clock().now_ns
         self._port: serial.SerialBase | None = None
+        self._fd: int | None = None
         self._seen: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._seen_unknown: dict[object, int] = {}
 
@@ -282,13 +296,31 @@ class SerialReader(ReaderABC):
     # -- hooks ---------------------------------------------------------------------------------
 
     def _open(self) -> None:
+        # A device path or socket:// has a descriptor: wait for data with select() and read
+        # what has arrived without blocking (timeout 0), one read per burst whatever the
+        # handler's in_waiting says (socket:// reports 0 or 1). Other handlers (loop://,
+        # rfc2217://…) block in read() for up to the poll interval.
+        selectable = os.name == "posix" and (
+            "://" not in self.url or self.url.startswith("socket://")
+        )
+        timeout = 0 if selectable else self.poll_interval
         try:
-            port = serial.serial_for_url(self.url, timeout=self.poll_interval, **self.options)
+            port = serial.serial_for_url(self.url, timeout=timeout, **self.options)
         except ValueError as exc:  # pyserial: unknown URL scheme or invalid line settings
             raise ConfigError(f"cannot open {self.url!r}: {exc}", key="port") from exc
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             raise ReaderError(f"cannot open {self.url!r}: {exc}") from exc
+        fd = None
+        if selectable:
+            try:
+                fd = port.fileno()
+            except (OSError, AttributeError, ValueError):
+                fd = None
+            if not isinstance(fd, int) or fd < 0:
+                port.close()
+                raise ReaderError(f"{self.url!r} has no file descriptor to wait on")
         self._port = port
+        self._fd = fd
         self._stream.reset()
 
     def _read(self, timeout: float) -> bool:
@@ -296,12 +328,21 @@ class SerialReader(ReaderABC):
         if port is None:
             raise ReaderError(f"{self.url!r} is not open")
         try:
-            if port.timeout != timeout:
-                port.timeout = timeout
-            # every pyserial backend has in_waiting; the stubs' SerialBase does not declare it
-            waiting: int = port.in_waiting  # type: ignore[attr-defined]
-            data = port.read(min(waiting, _MAX_READ) if waiting > 0 else 1)
-        except (serial.SerialException, OSError) as exc:
+            fd = self._fd
+            if fd is not None:
+                ready, _, _ = select.select([fd], [], [], timeout)
+                if not ready:
+                    return True
+                data = port.read(_MAX_READ)  # non-blocking: what has arrived
+                if not data:
+                    return True
+            else:
+                if port.timeout != timeout:
+                    port.timeout = timeout
+                # every pyserial backend has in_waiting; the stubs' SerialBase does not declare it
+                waiting: int = port.in_waiting  # type: ignore[attr-defined]
+                data = port.read(min(waiting, _MAX_READ) if waiting > 0 else 1)
+        except _READ_ERRORS as exc:
             raise ReaderError(f"{self.url!r}: {exc}") from exc
         if data:
             now = self._clock()
@@ -312,6 +353,7 @@ class SerialReader(ReaderABC):
 
     def _close(self) -> None:
         port, self._port = self._port, None
+        self._fd = None
         if port is not None:
             try:
                 port.close()
