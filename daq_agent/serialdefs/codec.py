@@ -459,7 +459,7 @@ class SerialCodec:
             match = pattern.fullmatch(line)
             if match is not None:
                 return self._decode_text_fields(compiled, match.groupdict())
-        self.last_unknown = None
+        self.last_unknown = "<no pattern matched>"
         return FrameFault.UNKNOWN_TYPE
 
     # -- encode -------------------------------------------------------------------------------
