@@ -5,9 +5,11 @@ run on the server's one thread, so the caches here need no lock.
 
 The ingest stream is the hot path (tens of thousands of requests per second). Each request is parsed
 once, with a *shadow* message that has the wire layout of ``IngestWithConfigDataStreamRequest`` but
-keeps ``channel_values`` as raw bytes: the first byte of each value is its oneof tag, so the types
-of all values are checked by comparing one ``bytes`` signature with the flow's cached accepted
-signatures. Anything the fast path does not accept is decided by the full, authoritative parse.
+keeps ``channel_values`` as raw bytes. The types of all values are then checked in one C call: a
+per-flow compiled pattern over the canonical serialization of the request (flows with only fixed
+and varint types), or else a signature of the values' oneof tags (the first byte of each value)
+looked up in the flow's set of accepted signatures. Anything the fast path does not accept is
+decided by the full, authoritative parse (``WhichOneof`` per value).
 The request is stored as received (see :mod:`daq_agent.server.store`).
 """
 
@@ -214,6 +216,9 @@ class _Flow:
     """The value oneof field of each channel, in order."""
     expected: bytes
     """The value signature with no empty value."""
+    match: Callable[[bytes], object] | None
+    """Matches a canonically serialized valid request of this flow; None when the flow has a
+    length-delimited type (string, bytes, bit field) that a pattern cannot check."""
     accepted: set[bytes] = field(default_factory=set)
 
     @classmethod
@@ -221,6 +226,7 @@ class _Flow:
         channels = record.flow_config().channels
         fields = tuple(_FIELD_BY_TYPE.get(c.data_type, "?") for c in channels)
         expected = bytes(_TAG_BY_FIELD.get(f, 0) for f in fields)
+        pattern = _request_pattern(record.ingestion_config_id, record.name, fields)
         return cls(
             pk=record.pk,
             name=record.name,
@@ -228,8 +234,77 @@ class _Flow:
             channel_names=tuple(c.name for c in channels),
             fields=fields,
             expected=expected,
+            match=None if pattern is None else pattern.match,
             accepted={expected},
         )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varint_pattern(length: int) -> bytes:
+    """A varint of exactly ``length`` bytes."""
+    return rb"[\x80-\xff]{%d}[\x00-\x7f]" % (length - 1)
+
+
+_EMPTY_PATTERN = re.escape(b"\x22\x02\x5a\x00")
+# Seconds since 1970 as a 5-byte varint (1978..3058), nanos absent or 1..5 varint bytes.
+_TIMESTAMP_PATTERN = (
+    rb"\x1a(?:\x06\x08"
+    + _varint_pattern(5)
+    + b"|"
+    + b"|".join(
+        re.escape(bytes([8 + n - 1, 0x08])) + _varint_pattern(5) + rb"\x10" + _varint_pattern(n)
+        for n in range(1, 6)
+    )
+    + b")"
+)
+_VARINT_FIELDS = frozenset({"bool", "int32", "uint32", "int64", "uint64", "enum"})
+
+
+def _value_pattern(field_name: str) -> bytes | None:
+    """The serialized channel value (field 4 entry) of one type, or None if not checkable."""
+    tag = bytes([_TAG_BY_FIELD[field_name]])
+    if field_name == "double":
+        return re.escape(b"\x22\x09" + tag) + rb"[\x00-\xff]{8}"
+    if field_name == "float":
+        return re.escape(b"\x22\x05" + tag) + rb"[\x00-\xff]{4}"
+    if field_name in _VARINT_FIELDS:
+        options = (re.escape(bytes([0x22, 1 + n]) + tag) + _varint_pattern(n) for n in range(1, 11))
+        return b"(?:" + b"|".join(options) + b")"
+    return None
+
+
+def _request_pattern(
+    ingestion_config_id: str, flow: str, fields: tuple[str, ...]
+) -> re.Pattern[bytes] | None:
+    """A pattern matching exactly the canonical serializations of valid requests of a flow.
+
+    Canonical order (every protobuf serializer's): config id, flow, timestamp, the values, then
+    run id / end-stream flag / organization. Anchored at the start with the config id and flow
+    as literals, every field boundary up to the last value is pinned, so a match proves the type
+    of every value (or ``empty``); the caller also checks the number of values.
+    """
+    values = []
+    for name in fields:
+        value = _value_pattern(name) if name in _TAG_BY_FIELD else None
+        if value is None:
+            return None
+        values.append(b"(?:" + value + b"|" + _EMPTY_PATTERN + b")")
+    config = ingestion_config_id.encode()
+    flow_bytes = flow.encode()
+    prefix = (
+        b"\x0a" + _varint(len(config)) + config + b"\x12" + _varint(len(flow_bytes)) + flow_bytes
+    )
+    return re.compile(
+        re.escape(prefix) + _TIMESTAMP_PATTERN + b"".join(values) + rb"(?=[\x2a\x30\x3a]|\Z)"
+    )
 
 
 class _IngestStream:
@@ -265,25 +340,26 @@ class _IngestStream:
                 flow = flows.get((request.ingestion_config_id, request.flow))
                 run_id = request.run_id
                 run_pk = runs.get(run_id) if run_id else 0
-                signature = None
-                try:
-                    signature = bytes([value[0] for value in request.channel_values])
-                except IndexError:
-                    pass  # a value with no type: decided by the slow path
                 ts = request.timestamp
                 timestamp_ns = ts.seconds * 1_000_000_000 + ts.nanos
-                if (
-                    flow is None
-                    or run_pk is None
-                    or signature not in flow.accepted
-                    or timestamp_ns <= 0
-                ):
+                if flow is None or run_pk is None or timestamp_ns <= 0:
+                    valid = False
+                elif flow.match is not None:
+                    valid = flow.match(raw) is not None and len(request.channel_values) == len(
+                        flow.fields
+                    )
+                else:
+                    try:
+                        valid = bytes([v[0] for v in request.channel_values]) in flow.accepted
+                    except IndexError:
+                        valid = False  # a value with no type
+                if not valid:
                     accepted = services.check_request(raw, request, index, self._ctx)
                     if accepted is None:
                         index += 1
                         continue
                     flow, run_pk = accepted
-                append((flow.pk, run_pk, timestamp_ns, raw))
+                append((flow.pk, run_pk, timestamp_ns, raw))  # type: ignore[union-attr,arg-type]
                 index += 1
         finally:
             self._index = index
