@@ -163,7 +163,7 @@ class H2Channel:
         try:
             raw = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
         except OSError as exc:
-            raise TransportError(f"cannot connect to {self.authority}: {exc}") from exc
+            raise self._unavailable(f"cannot connect to {self.authority}: {exc}") from exc
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock: socket.socket = raw
@@ -172,11 +172,11 @@ class H2Channel:
                 context.set_alpn_protocols(["h2"])
                 sock = context.wrap_socket(raw, server_hostname=self.host)
                 if sock.selected_alpn_protocol() != "h2":
-                    raise TransportError(f"{self.authority} does not speak HTTP/2 (ALPN)")
+                    raise self._unavailable(f"{self.authority} does not speak HTTP/2 (ALPN)")
             sock.settimeout(None)
         except (OSError, ssl.SSLError) as exc:
             raw.close()
-            raise TransportError(f"TLS handshake with {self.authority} failed: {exc}") from exc
+            raise self._unavailable(f"TLS handshake with {self.authority} failed: {exc}") from exc
         except TransportError:
             raw.close()
             raise
@@ -200,6 +200,11 @@ class H2Channel:
         self._reader.start()
         return conn
 
+    @staticmethod
+    def _unavailable(reason: str) -> RpcStatusError:
+        """A connection failure, reported like grpcio does (UNAVAILABLE: worth retrying)."""
+        return RpcStatusError(grpc.StatusCode.UNAVAILABLE, reason)
+
     def _write_locked(self) -> None:
         """Send what h2 has queued (lock held); the socket write happens in h2's order."""
         assert self._h2 is not None
@@ -207,19 +212,25 @@ class H2Channel:
         if not data:
             return
         sock = self._sock
+        # Lock order: _lock, then _send_lock. Taking _send_lock before letting go of _lock keeps
+        # the bytes in h2's order; never take _lock again while holding _send_lock.
         self._send_lock.acquire()
         self._lock.release()
+        error: OSError | None = None
         try:
             if sock is None:
-                raise TransportError("not connected")
-            sock.sendall(data)
+                error = OSError("not connected")
+            else:
+                sock.sendall(data)
         except OSError as exc:
-            self._lock.acquire()
+            error = exc
+        finally:
             self._send_lock.release()
-            self._fail_locked(f"connection to {self.authority} lost: {exc}")
-            raise TransportError(f"connection to {self.authority} lost: {exc}") from exc
-        self._lock.acquire()
-        self._send_lock.release()
+            self._lock.acquire()
+        if error is not None:
+            reason = f"connection to {self.authority} lost: {error}"
+            self._fail_locked(reason)
+            raise TransportError(reason) from error
 
     def _fail_locked(self, reason: str) -> None:
         if self._failure is None:

@@ -75,13 +75,13 @@ def _wrap(inner: bytes) -> bytes:
 def _double(value: Value) -> bytes:
     if value is None:
         return _EMPTY
-    return b"\x22\x09\x11" + _DOUBLE(value)  # type: ignore[arg-type]
+    return b"\x22\x09\x11" + _DOUBLE(value)
 
 
 def _float(value: Value) -> bytes:
     if value is None:
         return _EMPTY
-    return b"\x22\x05\x1d" + _FLOAT(value)  # type: ignore[arg-type]
+    return b"\x22\x05\x1d" + _FLOAT(value)
 
 
 def _bool(value: Value) -> bytes:
@@ -97,7 +97,7 @@ def _varint_encoder(tag: int, low: int, high: int, name: str) -> _ValueEncoder:
     def encode(value: Value) -> bytes:
         if value is None:
             return _EMPTY
-        number = int(value)  # type: ignore[arg-type]
+        number = int(value)
         if 0 <= number < 0x80:
             return small[number]
         if not low <= number <= high:

@@ -47,6 +47,7 @@ from daq_agent.ingestion.channel import (
     is_data_type,
 )
 from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
+from daq_agent.ingestion.stream import GrpcioIngestStream, H2IngestStream, IngestStream
 from daq_agent.ingestion.transport import SiftChannel, map_rpc_errors
 
 if TYPE_CHECKING:
@@ -133,11 +134,6 @@ class IngestionService:
         # threads never register the same flow twice.
         self._flows_lock = threading.Lock()
         self._registered: set[str] = set()
-        self._ingest_call = channel.stream_unary(
-            methods.INGEST_WITH_CONFIG_DATA_STREAM,
-            request_serializer=IngestWithConfigDataStreamRequest.SerializeToString,
-            response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
-        )
         client_key = config.ingestion_client_key or str(uuid.uuid4())
         request = ic_pb2.CreateIngestionConfigRequest(
             asset_name=config.asset_name,
@@ -577,17 +573,42 @@ class IngestionService:
             for f in flows
         ]
 
+    def open_stream(self, timeout: float | None = None) -> IngestStream:
+        """Open a long-lived data stream for serialized requests (the agent's fast path).
+
+        Send with ``send_serialized(payloads)``; ``close()`` returns once the API answered OK,
+        which acknowledges every request of the stream. Flows must be registered first (see
+        :meth:`register_flows`). On a :class:`SiftChannel` the stream travels on a coalescing
+        HTTP/2 connection; on any other ``grpc.Channel`` through grpcio.
+
+        Args:
+            timeout: a deadline for the whole stream, in seconds (None: no deadline).
+
+        Raises:
+            TransportError: when the API cannot be reached.
+        """
+        channel = self.transport_channel
+        if isinstance(channel, SiftChannel):
+            with channel.map_errors(methods.INGEST_WITH_CONFIG_DATA_STREAM):
+                return H2IngestStream(channel.h2_channel(), timeout=timeout)
+        return GrpcioIngestStream(channel, timeout=timeout)
+
     def _stream(self, requests: Sequence[IngestWithConfigDataStreamRequest]) -> None:
         """Send ``requests`` on one client stream; return when the API answered OK.
 
-        The only path data takes to the API.
+        The only path :meth:`ingest` data takes to the API.
 
         Raises:
             RpcStatusError: when the stream ends with a status other than OK.
             TransportError: when the API cannot be reached.
         """
-        with self._errors(methods.INGEST_WITH_CONFIG_DATA_STREAM):
-            self._ingest_call(iter(requests))
+        stream = self.open_stream()
+        try:
+            stream.send_serialized([request.SerializeToString() for request in requests])
+        except BaseException:
+            stream.cancel()
+            raise
+        stream.close()
 
     # -- plumbing -------------------------------------------------------------------------------
 

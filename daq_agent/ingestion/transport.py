@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
@@ -26,6 +27,7 @@ from typing import Any, NamedTuple, NotRequired, TypedDict
 import grpc
 
 from daq_agent.errors import ConfigError, RpcStatusError, TransportError
+from daq_agent.h2grpc.client import H2Channel
 
 __all__ = [
     "STATUS_ERRORS",
@@ -226,6 +228,8 @@ class SiftChannel(grpc.Channel):
         self._metadata = tuple(metadata)
         self._inner = inner
         self._closed = False
+        self._h2: H2Channel | None = None
+        self._h2_lock = threading.Lock()
 
     @property
     def target(self) -> str:
@@ -305,11 +309,34 @@ class SiftChannel(grpc.Channel):
         """Whether :meth:`close` was called."""
         return self._closed
 
+    def h2_channel(self) -> H2Channel:
+        """The HTTP/2 connection that carries data streams (opened on first use, then shared).
+
+        Data streams bypass grpcio: this connection packs many requests into each HTTP/2 DATA
+        frame. It goes to the same address, with the same TLS setting and metadata.
+
+        Raises:
+            TransportError: the channel is closed.
+        """
+        with self._h2_lock:
+            if self._closed:
+                raise TransportError("channel closed")
+            if self._h2 is None:
+                self._h2 = H2Channel(
+                    self.host, self.port, use_ssl=self.use_ssl, metadata=self._metadata
+                )
+            return self._h2
+
     def close(self) -> None:
         """Close the channel, cancelling its active calls; calling it again does nothing."""
-        if not self._closed:
+        with self._h2_lock:
+            if self._closed:
+                return
             self._closed = True
-            self._inner.close()
+            h2, self._h2 = self._h2, None
+        if h2 is not None:
+            h2.close()
+        self._inner.close()
 
     def __enter__(self) -> SiftChannel:
         return self
