@@ -531,7 +531,9 @@ class _Parser:
         framing: FramingDef,
     ) -> FrameDef:
         spec = _mapping(
-            raw, where, {"name", "id", "description", "length", "fields", "pattern", "render"}
+            raw,
+            where,
+            {"name", "id", "description", "length", "fields", "pattern", "render", "rate"},
         )
         name = _name(spec, where)
         frame_id = spec.get("id")
@@ -626,9 +628,13 @@ class _Parser:
                     f"fields extend to byte {extent}, beyond the fixed length {framing.length}",
                     key=f"{where}.fields",
                 )
+        rate = _float(spec, "rate", where, None)
+        if rate is not None and rate <= 0:
+            raise ConfigError(f"must be > 0, got {rate}", key=f"{where}.rate")
         return FrameDef(
             name=name,
             id=frame_id,
+            rate=rate,
             fields=tuple(fields),
             description=_str(spec, "description", where, ""),
             length=length,

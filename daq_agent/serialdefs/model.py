@@ -238,6 +238,7 @@ class FrameDef:
         length: binary: the exact frame length in bytes (None: at least the layout's extent).
         pattern: regex: the pattern (named groups are fields), matched against the whole line.
         render: regex: a ``str.format`` template to encode a frame (simulator, tests).
+        rate: how many of these frames the device sends per second (the simulator's schedule).
         line: the line in the definition file, for error messages.
     """
 
@@ -248,6 +249,7 @@ class FrameDef:
     length: int | None = None
     pattern: str = ""
     render: str = ""
+    rate: float | None = None
     line: int | None = None
 
 

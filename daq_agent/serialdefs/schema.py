@@ -92,6 +92,11 @@ def json_schema() -> dict[str, Any]:
             "length": {"type": "integer", "minimum": 1},
             "pattern": {"type": "string", "description": "regex: matched against the line"},
             "render": {"type": "string", "description": "regex: str.format template"},
+            "rate": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "frames per second the device sends (simulator schedule)",
+            },
             "fields": {"type": "array", "items": field, "minItems": 1},
         },
     }

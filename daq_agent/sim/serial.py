@@ -8,7 +8,9 @@ makes a stable symlink to it), and writes frames encoded by the same codec the a
   ``counter``…) count; integer time fields (unit s/ms/us/ns, or the definitions' device timestamp
   field) carry the elapsed or absolute time; 1-bit channels toggle; enum channels cycle through
   their value table; NMEA ``time``/``date`` fields carry the current UTC time and date;
-* frame types take turns, ``--rate`` frames per second in total;
+* each frame type is sent at its declared ``rate`` (frames/s; frame types without one get the
+  mean of the declared rates); ``--rate`` scales the schedule to that many frames per second in
+  total (default: the declared rates, or 50 frames/s when none is declared);
 * ``--corrupt RATE`` damages that fraction of the frames: a flipped bit, a truncation, or a burst
   of garbage before the frame.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import errno
+import heapq
 import math
 import os
 import random
@@ -59,6 +62,7 @@ CORRUPTIONS: Final = ("bit_flip", "truncation", "garbage")
 _COUNTER_NAMES: Final = ("seq", "sequence", "counter", "count", "packet_counter")
 _TIME_UNITS_S: Final = {"s": 1.0, "ms": 1e3, "us": 1e6, "µs": 1e6, "ns": 1e9}
 _WINDOW: Final = 1000.0
+_DEFAULT_RATE: Final = 50.0
 _WRITE_STALL_S: Final = 0.2
 
 
@@ -227,7 +231,8 @@ class SerialSimulator:
 
     Args:
         defs: the frame definitions.
-        rate: frames per second, all frame types together (> 0).
+        rate: frames per second, all frame types together (> 0); None: the frames' declared
+            rates (50 frames/s in total when none is declared).
         corrupt: the fraction of frames damaged, 0 to 1.
         seed: the random seed (None: random).
         frames: the frame types to send (default: all; regex frames without ``render`` are
@@ -241,17 +246,16 @@ class SerialSimulator:
         self,
         defs: SerialDefinitions,
         *,
-        rate: float = 50.0,
+        rate: float | None = None,
         corrupt: float = 0.0,
         seed: int | None = None,
         frames: Sequence[str] | None = None,
     ) -> None:
-        if not rate > 0:
+        if rate is not None and not rate > 0:
             raise ConfigError(f"--rate must be > 0, got {rate}")
         if not 0.0 <= corrupt <= 1.0:
             raise ConfigError(f"--corrupt must be between 0 and 1, got {corrupt}")
         self.defs = defs
-        self.rate = rate
         self.corrupt = corrupt
         self.rng = random.Random(seed)
         self.codec = SerialCodec(defs, device=defs.name)
@@ -269,6 +273,17 @@ class SerialSimulator:
         if not chosen:
             raise ConfigError("no frame type can be simulated (regex frames need 'render')")
         self.frames = tuple(chosen)
+        declared = [c.definition.rate for c in chosen]
+        given = [r for r in declared if r is not None]
+        default = sum(given) / len(given) if given else _DEFAULT_RATE / len(chosen)
+        rates = [r if r is not None else default for r in declared]
+        if rate is not None:
+            factor = rate / sum(rates)
+            rates = [r * factor for r in rates]
+        self.rates: tuple[float, ...] = tuple(rates)
+        """Frames per second of each frame type, in :attr:`frames` order."""
+        self.rate = sum(rates)
+        """Frames per second in total."""
         stamp = defs.timestamp
         shared: dict[tuple[str, ChannelDataType, str], ChannelWave] = {}
         self._waves: dict[str, list[ChannelWave]] = {}
@@ -304,12 +319,15 @@ class SerialSimulator:
         }
 
     def generate(self, count: int | None = None) -> Iterator[SimulatedFrame]:
-        """The frames in order, each at its simulated time (``1 / rate`` apart)."""
-        index = 0
+        """The frames in the order of their simulated times (each type at its own rate)."""
+        due = [(0.0, i) for i in range(len(self.frames))]
+        heapq.heapify(due)
         per_type: Counter[str] = Counter()
+        index = 0
         while count is None or index < count:
-            compiled = self.frames[index % len(self.frames)]
-            t = index / self.rate
+            t, i = heapq.heappop(due)
+            compiled = self.frames[i]
+            heapq.heappush(due, (t + 1.0 / self.rates[i], i))
             values = self.values(compiled, t, per_type[compiled.name])
             per_type[compiled.name] += 1
             data = self.codec.encode(compiled.name, values)
@@ -423,7 +441,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--defs", required=True, type=Path, metavar="FILE", help="frame-definition YAML file"
     )
     parser.add_argument(
-        "--rate", type=float, default=50.0, help="frames per second, all types together (50)"
+        "--rate",
+        type=float,
+        default=None,
+        help="frames per second, all types together (default: the frames' declared rates, else 50)",
     )
     parser.add_argument(
         "--corrupt",
