@@ -327,9 +327,10 @@ class SerialSimulator:
         while count is None or index < count:
             t, i = heapq.heappop(due)
             compiled = self.frames[i]
-            heapq.heappush(due, (t + 1.0 / self.rates[i], i))
-            values = self.values(compiled, t, per_type[compiled.name])
-            per_type[compiled.name] += 1
+            n = per_type[compiled.name]
+            per_type[compiled.name] = n + 1
+            heapq.heappush(due, ((n + 1) / self.rates[i], i))  # no accumulated rounding
+            values = self.values(compiled, t, n)
             data = self.codec.encode(compiled.name, values)
             corruption = None
             if self.corrupt and self.rng.random() < self.corrupt:

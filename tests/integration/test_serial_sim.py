@@ -136,3 +136,17 @@ def test_simulate_serial_command_on_a_pty(tmp_path: Path) -> None:
     assert process.returncode == 0, err
     assert "sent " in err
     assert not link.exists()
+
+
+def test_frame_rates_shape_the_schedule() -> None:
+    """Each frame type is sent at its declared rate; --rate scales the whole schedule."""
+    defs = load_definitions(IMU)
+    declared = SerialSimulator(defs, seed=1)
+    assert declared.rate == pytest.approx(201.0)
+    first_two_seconds = [f for f in declared.generate(600) if f.t < 2.0]
+    counts = {name: sum(f.frame == name for f in first_two_seconds) for name in ("imu", "status")}
+    assert counts == {"imu": 400, "status": 2}
+    times = [f.t for f in first_two_seconds]
+    assert times == sorted(times)
+    scaled = SerialSimulator(defs, rate=20.1, seed=1)
+    assert scaled.rates == pytest.approx((20.0, 0.1))
