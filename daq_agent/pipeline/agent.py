@@ -200,8 +200,9 @@ class Agent:
         plan: a plan made earlier from the same config (default: made now).
         env: the environment the API key variable is read from (default ``os.environ``).
         flusher_settings: override the flusher settings derived from the config.
-        reader_factory: builds a reader for a source (tests; default: the registered kinds).
         force_lazy_flow_creation: register flows when first seen whatever their size.
+        reader_factory: builds the reader of a source from its plan and the sink (benchmarks,
+            other reader kinds); None: the built-in ``can`` and ``replay`` readers.
 
     Raises:
         ConfigError: see :func:`plan_agent`.
@@ -215,8 +216,10 @@ class Agent:
         env: Mapping[str, str] | None = None,
         flusher_settings: FlusherSettings | None = None,
         force_lazy_flow_creation: bool = False,
+        reader_factory: Callable[[SourcePlan, Sink], ReaderABC] | None = None,
     ) -> None:
         self.config = config
+        self._reader_factory = reader_factory
         self.plan = plan or plan_agent(config)
         self._env = env
         self._force_lazy = force_lazy_flow_creation
@@ -237,6 +240,7 @@ class Agent:
         self.ring: RingBuffer[Sample] = RingBuffer(config.ring.capacity, config.ring.policy)
         self.flusher: Flusher | None = None
         self.readers: list[ReaderABC] = []
+        self._h2_channel: Any = None
         self._stop_requested = threading.Event()
         self._started_at = time.monotonic()
         self._started = False
@@ -262,7 +266,9 @@ class Agent:
     @property
     def finite(self) -> bool:
         """True when every source is a recorded log."""
-        return bool(self.readers) and all(r.kind == "replay" for r in self.readers)
+        return bool(self.readers) and all(
+            getattr(r, "finite", r.kind == "replay") for r in self.readers
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -359,16 +365,25 @@ class Agent:
         )
 
     def _stream_opener(self) -> Callable[[], DataStream]:
+        """How the flusher opens a stream: the service's fast path when it has one."""
         service = self.service
         open_stream = getattr(service, "open_stream", None)
         if callable(open_stream):
             return open_stream  # type: ignore[no-any-return]
         channel = self.channel
-
-        def opener() -> DataStream:
-            return GrpcDataStream(channel)
-
-        return opener
+        try:  # until IngestionService.open_stream exists: the coalescing HTTP/2 stream
+            from daq_agent.h2grpc.client import H2Channel
+            from daq_agent.ingestion.stream import H2IngestStream
+        except ImportError:
+            return lambda: GrpcDataStream(channel)
+        h2 = H2Channel(
+            channel.host,
+            channel.port,
+            use_ssl=channel.use_ssl,
+            metadata=channel.call_metadata(),
+        )
+        self._h2_channel = h2
+        return lambda: H2IngestStream(h2)
 
     def _register_flows(self, flows: Sequence[FlowConfig]) -> None:
         """Register flows first seen (lazy flow creation) through the service.
@@ -380,6 +395,8 @@ class Agent:
 
     def _make_reader(self, source: SourcePlan) -> ReaderABC:
         sink = cast(Sink, self.ring.put)  # put's bool (enqueued?) is counted by the ring
+        if self._reader_factory is not None:
+            return self._reader_factory(source, sink)
         if source.kind == "can":
             from daq_agent.readers.can import CanReader
 
@@ -448,6 +465,8 @@ class Agent:
             self.flusher.stop(drain=drain)
         self._stop_run()
         final = self.status()
+        if self._h2_channel is not None:
+            self._h2_channel.close()
         if self.channel is not None:
             self.channel.close()
         if self.server is not None:
