@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -520,3 +521,42 @@ def test_stalled_stream_does_not_block_others(
     pending.result(timeout=10)
     with local_server.open_store() as store:
         assert store.count_samples() == 101
+
+
+def test_cancelled_stream_keeps_what_it_delivered(
+    grpc_channel: grpc.Channel, local_server: LocalIngestServer
+) -> None:
+    """A stream the client cancels mid-way has its delivered samples committed; serving goes on."""
+    config = create_config(grpc_channel, "cancel", [double_flow("f", 1)])
+    cid = config.ingestion_config_id
+    release = threading.Event()
+    sent = threading.Event()
+
+    def stalled() -> Iterator[Request]:
+        yield from (doubles(cid, "f", BASE_NS + i, float(i)) for i in range(10))
+        sent.set()
+        release.wait(30)
+
+    method = grpc_channel.stream_unary(
+        methods.INGEST_WITH_CONFIG_DATA_STREAM,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
+    )
+    pending = method.future(stalled(), timeout=30)
+    try:
+        assert sent.wait(10)
+        pending.cancel()  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + 10
+        count = 0
+        while time.monotonic() < deadline:
+            with local_server.open_store() as store:
+                count = store.count_samples()
+            if count == 10:
+                break
+            release.wait(0.05)
+        assert count == 10
+    finally:
+        release.set()
+    assert pending.cancelled()
+    response = call(grpc_channel, methods.PING, ping_pb2.PingRequest(), ping_pb2.PingResponse)
+    assert response.response == PING_RESPONSE
