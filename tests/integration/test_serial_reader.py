@@ -307,3 +307,24 @@ def test_from_agent_config(pty_port: Pty) -> None:
         SerialReader.from_config(
             SerialConfig(name="gnss", port="loop://", defs=GPS, stopbits=3), Collector()
         )
+
+
+@pytest.mark.hardware
+def test_real_port_with_loopback_plug() -> None:
+    """A real serial port with TX wired to RX (DAQ_SERIAL_LOOPBACK=/dev/ttyUSB0) reads back
+    the frames written to it at 115200 8N1."""
+    import serial
+
+    port_path = os.environ.get("DAQ_SERIAL_LOOPBACK", "")
+    if os.environ.get("DAQ_HARDWARE") != "1" or not port_path:
+        pytest.skip("needs DAQ_HARDWARE=1 and DAQ_SERIAL_LOOPBACK=<a port with a loopback plug>")
+    defs = load_definitions(IMU)
+    codec = SerialCodec(defs, device="hw")
+    sink = Collector()
+    reader = SerialReader("hw", port_path, {"baudrate": 115200}, defs, sink)
+    assert reader.byte_time_ns == round(10 * 1e9 / 115200)
+    with reader, serial.serial_for_url(port_path, baudrate=115200) as writer:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        writer.write(b"".join(codec.encode("imu", imu_values(i)) for i in range(100)))
+        assert sink.wait_for(100, timeout=20)
+    assert [s.values[0] for s in sink.samples] == list(range(100))
