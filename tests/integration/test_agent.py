@@ -22,6 +22,7 @@ from daq_agent.pipeline.agent import Agent
 from daq_agent.pipeline.clock import seconds_to_ns
 from daq_agent.pipeline.flusher import FlusherSettings
 from daq_agent.readers.base import ReaderState
+from daq_agent.server.local import make_server
 from daq_agent.server.store import Store
 from daq_agent.sim.can import CanSimulator
 
@@ -331,3 +332,34 @@ def test_same_dbc_on_two_buses_gives_distinct_flows(tmp_path: Path, channel: str
     assert agent.plan.client_key.startswith("two-buses-")
     again = Agent(write_config(tmp_path, body))
     assert again.plan.client_key == agent.plan.client_key
+
+
+def test_failed_window_is_resent_when_the_server_returns(
+    tmp_path: Path, channel: str, sender: can.BusABC
+) -> None:
+    """Frames read while the server is down are delivered once a server is back on its port."""
+    config = write_config(tmp_path, virtual_config(tmp_path, channel))
+    settings = FlusherSettings(retry_initial_s=0.05, retry_max_s=0.2, checkpoint_seconds=0.2)
+    agent = started(Agent(config, flusher_settings=settings))
+    replacement = None
+    try:
+        server = agent.server
+        assert server is not None
+        port = server.port
+        server.stop()
+        for msg in bench_frames(400):
+            sender.send(msg)
+        wait_for(lambda: agent.status().flusher.failures >= 2, 30, "the flusher to retry")
+        assert agent.status().flusher.delivered == 0
+        assert isinstance(config.target, LocalTarget)
+        replacement = make_server(config.target.db_path, port=port)
+        replacement.start()
+        wait_for(lambda: agent.status().flusher.delivered == 400, 30, "the re-sent window")
+    finally:
+        final = agent.stop()
+        if replacement is not None:
+            replacement.stop()
+    assert final.flusher.retries >= 2
+    assert final.flusher.abandoned == 0
+    assert final.balanced
+    assert len(stored_samples(config, agent.run_id)) == 400
