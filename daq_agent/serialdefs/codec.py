@@ -518,10 +518,10 @@ class SerialCodec:
     def _encode_text(self, compiled: CompiledFrame, values: Mapping[str, Value]) -> str:
         defs = self.defs
         frame = compiled.definition
-        rendered: dict[str, tuple[int | str, list[str]]] = {}
+        rendered: list[tuple[int | str, list[str]]] = []  # (column or key, text fields)
         for item in frame.fields:
             if item.type == "skip":
-                rendered[item.name] = (item.at if item.key == "" else item.key, [""])
+                rendered.append((item.key or item.at, [""]))
                 continue
             if item.bits:
                 raw = 0
@@ -529,14 +529,14 @@ class SerialCodec:
                     bits = _raw_from_physical(values.get(bit.name), bit.scale, bit.offset, True)
                     assert isinstance(bits, int)
                     raw |= bits << bit.start
-                rendered[item.name] = (item.key or item.at, [str(raw)])
+                rendered.append((item.key or item.at, [str(raw)]))
                 continue
-            rendered[item.name] = (item.key or item.at, _render_text(item, values.get(item.name)))
+            rendered.append((item.key or item.at, _render_text(item, values.get(item.name))))
         fmt = defs.format
         if fmt in (FormatKind.CSV, FormatKind.NMEA):
-            width = max((int(pos) + len(parts) for pos, parts in rendered.values()), default=0)
+            width = max((int(pos) + len(parts) for pos, parts in rendered), default=0)
             columns = [""] * width
-            for pos, parts in rendered.values():
+            for pos, parts in rendered:
                 assert isinstance(pos, int)
                 columns[pos : pos + len(parts)] = parts
             if fmt is FormatKind.CSV:
@@ -559,11 +559,11 @@ class SerialCodec:
             disc = defs.discriminator
             if disc is not None and frame.id is not None:
                 pairs.append(f"{disc.key}{sep}{frame.id}")
-            pairs.extend(f"{key}{sep}{parts[0]}" for key, parts in rendered.values())
+            pairs.extend(f"{key}{sep}{parts[0]}" for key, parts in rendered)
             return (defs.pair_separator or " ").join(pairs)
         if not frame.render:
             raise ValueError(f"regex frame {frame.name!r} has no render template to encode with")
-        return frame.render.format(**{str(key): parts[0] for key, parts in rendered.values()})
+        return frame.render.format(**{str(key): parts[0] for key, parts in rendered})
 
 
 _I32_MAX: Final = (1 << 31) - 1
