@@ -166,7 +166,8 @@ class SerialReader(ReaderABC):
         flow_name_template: flow names from ``{device}`` and ``{frame}``.
         byte_time_ns: the time of one character on the line, used to date each frame by its
             first byte inside a chunk read at once; None: computed from the line settings for
-            a local device path (not a pty), 0 (no interpolation) for network URLs and ptys.
+            a local device path (not a pty, even behind a symlink), 0 (no interpolation) for
+            network URLs and ptys.
         clock: host time in ns (default: the process's monotonic-anchored host clock).
         on_error: called on the reader thread with (reader, error) when the port fails.
         backoff: delays between reopen attempts.
@@ -227,7 +228,7 @@ class SerialReader(ReaderABC):
         self.defs = defs
         self._codec = SerialCodec(defs, device=name, flow_name_template=flow_name_template)
         if byte_time_ns is None:
-            local = "://" not in url and not url.startswith("/dev/pts/")
+            local = "://" not in url and not os.path.realpath(url).startswith("/dev/pts/")
             byte_time_ns = _char_time_ns(self.options) if local else 0
         self.byte_time_ns = byte_time_ns
         self._stream = FrameStream(self._codec, byte_ns=byte_time_ns, unknown_limit=key_limit)
