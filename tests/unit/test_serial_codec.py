@@ -644,3 +644,30 @@ def test_key_value_separators() -> None:
     stream = FrameStream(codec)
     assert stream.feed(b"t:abc;count:1\nnot a pair\n", 0) == []
     assert stream.counters()["decode_errors"] == 2
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_chunking_never_changes_the_frames(framing: str) -> None:
+    """However the port splits the stream into reads, the framer cuts the same frames."""
+    codec = binary_codec(framing, "crc16_ccitt_false")
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def check(data: st.DataObject) -> None:
+        pieces = []
+        for _ in range(data.draw(st.integers(1, 4))):
+            pieces.append(data.draw(st.binary(max_size=20)))
+            name = data.draw(st.sampled_from(["everything", "small"]))
+            pieces.append(codec.encode(name, data.draw(frame_values(codec.frame(name)))))
+        stream = b"".join(pieces)
+        whole = [f for f, _ in codec.make_framer().feed(stream, 0)]
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+        framer = codec.make_framer()
+        chunked = [
+            f
+            for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True)
+            for f, _ in framer.feed(stream[start:end], 0)
+        ]
+        assert chunked == whole
+
+    check()
