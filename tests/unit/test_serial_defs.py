@@ -329,3 +329,13 @@ def test_serial_flows_for_the_flows_command() -> None:
     ]
     with pytest.raises(ConfigError, match="flow_name_template"):
         serial_flows(str(CONFIGS / "imu_cobs.yaml"), "x", "{bus}.{frame}")
+
+
+def test_public_surface() -> None:
+    """daq_agent.serialdefs exports a sorted __all__ whose every name exists."""
+    import daq_agent.serialdefs as package
+
+    assert list(package.__all__) == sorted(package.__all__)
+    missing = [name for name in package.__all__ if not hasattr(package, name)]
+    assert missing == []
+    assert {"SerialCodec", "FrameStream", "load_definitions", "json_schema"} <= set(package.__all__)
