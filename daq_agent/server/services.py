@@ -216,9 +216,11 @@ class _Flow:
     """The value oneof field of each channel, in order."""
     expected: bytes
     """The value signature with no empty value."""
-    match: Callable[[bytes], object] | None
-    """Matches a canonically serialized valid request of this flow; None when the flow has a
-    length-delimited type (string, bytes, bit field) that a pattern cannot check."""
+    count: int
+    """The number of channels."""
+    match: Callable[[bytes], re.Match[bytes] | None] | None
+    """Matches a canonically serialized valid request of this flow, group 1 being its values;
+    None when the flow has a length-delimited type (string, bytes, bit field)."""
     accepted: set[bytes] = field(default_factory=set)
 
     @classmethod
@@ -234,6 +236,7 @@ class _Flow:
             channel_names=tuple(c.name for c in channels),
             fields=fields,
             expected=expected,
+            count=len(fields),
             match=None if pattern is None else pattern.match,
             accepted={expected},
         )
@@ -303,7 +306,12 @@ def _request_pattern(
         b"\x0a" + _varint(len(config)) + config + b"\x12" + _varint(len(flow_bytes)) + flow_bytes
     )
     return re.compile(
-        re.escape(prefix) + _TIMESTAMP_PATTERN + b"".join(values) + rb"(?=[\x2a\x30\x3a]|\Z)"
+        re.escape(prefix)
+        + _TIMESTAMP_PATTERN
+        + b"("
+        + b"".join(values)
+        + b")"
+        + rb"(?=[\x2a\x30\x3a]|\Z)"
     )
 
 
@@ -342,12 +350,15 @@ class _IngestStream:
                 run_pk = runs.get(run_id) if run_id else 0
                 ts = request.timestamp
                 timestamp_ns = ts.seconds * 1_000_000_000 + ts.nanos
+                data = raw
                 if flow is None or run_pk is None or timestamp_ns <= 0:
                     valid = False
                 elif flow.match is not None:
-                    valid = flow.match(raw) is not None and len(request.channel_values) == len(
-                        flow.fields
-                    )
+                    found = flow.match(raw)
+                    valid = found is not None and len(request.channel_values) == flow.count
+                    if valid:
+                        # only the serialized values: itself a valid request, half the bytes
+                        data = found.group(1)  # type: ignore[union-attr]
                 else:
                     try:
                         valid = bytes([v[0] for v in request.channel_values]) in flow.accepted
@@ -359,7 +370,7 @@ class _IngestStream:
                         index += 1
                         continue
                     flow, run_pk = accepted
-                append((flow.pk, run_pk, timestamp_ns, raw))  # type: ignore[union-attr,arg-type]
+                append((flow.pk, run_pk, timestamp_ns, data))  # type: ignore[union-attr,arg-type]
                 index += 1
         finally:
             self._index = index

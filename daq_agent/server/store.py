@@ -8,8 +8,9 @@ Layout (schema version 1)::
                         (config, name) unique
     runs                id, run_id (uuid), name, description, tags (JSON), metadata (serialized),
                         client_key (unique), start/stop ns, is_stopped, created/modified ns
-    samples             (flow, run, timestamp_ns) primary key, WITHOUT ROWID; data = the serialized
-                        IngestWithConfigDataStreamRequest exactly as received (decoded on read)
+    samples             (flow, run, timestamp_ns) primary key, WITHOUT ROWID; data = a serialized
+                        IngestWithConfigDataStreamRequest carrying the values: the request as
+                        received, or only its channel_values entries (decoded on read)
     validation_errors   time ns, ingestion config id, flow, run id, request index, reason, peer
 
 One sample is one (ingestion config, flow, run, timestamp ns): the flow row belongs to one config,
