@@ -445,6 +445,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate",
         type=float,
         default=None,
+        metavar="N",
         help="frames per second, all types together (default: the frames' declared rates, else 50)",
     )
     parser.add_argument(
@@ -454,9 +455,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RATE",
         help="fraction of frames damaged by a bit flip, truncation or garbage burst (0)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="random seed")
-    parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")
-    parser.add_argument("--count", type=int, default=None, help="stop after N frames")
+    parser.add_argument("--seed", type=int, default=None, metavar="N", help="random seed")
+    parser.add_argument(
+        "--duration", type=float, default=None, metavar="S", help="stop after S seconds"
+    )
+    parser.add_argument("--count", type=int, default=None, metavar="N", help="stop after N frames")
     parser.add_argument(
         "--frame", action="append", default=None, metavar="NAME", help="only this frame type"
     )
