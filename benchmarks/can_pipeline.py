@@ -112,6 +112,7 @@ class MemoryReader(ReaderABC):
         self._frames = frames
         self._go = go
         self._rate = rate
+        assert source.decoder is not None
         self._processor = MessageProcessor(self, source.decoder, host_clock(), 1000)
         self._next = 0
         self._t0 = 0.0

@@ -57,7 +57,7 @@ def _do_check(args: argparse.Namespace) -> int:
                             "kind": s.kind,
                             "bus": s.bus,
                             "databases": [str(p) for p in s.databases],
-                            "flows": [f.name for f in s.decoder.flows],
+                            "flows": [f.name for f in s.flows],
                         }
                         for s in plan.sources
                     ],
@@ -75,7 +75,7 @@ def _do_check(args: argparse.Namespace) -> int:
     run = config.run.render_name(config.asset) if config.run is not None else "(none)"
     print(f"run     {run}")
     for source in plan.sources:
-        flows = source.decoder.flows
+        flows = source.flows
         channels = sum(len(f.channels) for f in flows)
         databases = ", ".join(p.name for p in source.databases)
         print(

@@ -70,19 +70,24 @@ class SourcePlan:
 
     Attributes:
         name: the reader's name.
-        kind: ``can`` or ``replay``.
-        bus: the bus alias (flow names).
-        decoder: the bus's decoder.
-        databases: the database files.
-        options: the reader's settings (bus kwargs, or the replay's path and pace).
+        kind: ``can``, ``replay`` or ``serial``.
+        bus: the bus or device alias (flow names).
+        decoder: the bus's decoder (None for a serial device).
+        databases: the database files (the frame-definition file of a serial device).
+        options: the reader's settings (bus kwargs, the replay's path and pace, the serial port
+            and line settings).
+        flows: the flows of this source.
+        definitions: a serial device's loaded frame definitions.
     """
 
     name: str
     kind: str
     bus: str
-    decoder: CanDecoder
+    decoder: CanDecoder | None
     databases: tuple[Path, ...]
     options: Mapping[str, Any]
+    flows: tuple[FlowConfig, ...] = ()
+    definitions: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +115,8 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
     """Load the databases, derive every flow and the ingestion client key.
 
     Raises:
-        ConfigError: a database does not load, two sources give one flow name different
-            channels, or serial devices are configured (not wired into the agent yet).
+        ConfigError: a database or frame-definition file does not load, or two sources give
+            one flow name different channels.
     """
     warnings: list[str] = []
     loaded: dict[Path, Any] = {}
@@ -144,9 +149,10 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
                 name=bus.name,
                 kind="can",
                 bus=bus.name,
-                decoder=decoder(bus.name, bus.databases),
+                decoder=(made := decoder(bus.name, bus.databases)),
                 databases=bus.databases,
                 options=bus.bus_kwargs(),
+                flows=tuple(made.flows),
             )
         )
     for replay in config.replay:
@@ -155,21 +161,42 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
                 name=replay.name,
                 kind="replay",
                 bus=replay.bus,
-                decoder=decoder(replay.bus, replay.databases),
+                decoder=(made := decoder(replay.bus, replay.databases)),
                 databases=replay.databases,
                 options={"path": replay.path, "realtime": replay.realtime},
+                flows=tuple(made.flows),
             )
         )
-    if config.serial:
-        raise ConfigError(
-            "serial devices are not wired into the agent yet (issue 4)",
-            source=str(config.source) if config.source else None,
-            key="serial",
+    for device in config.serial:
+        from daq_agent.serialdefs.codec import SerialCodec
+        from daq_agent.serialdefs.loader import load_definitions
+
+        definitions = load_definitions(device.defs)
+        codec = SerialCodec(definitions, device.name, config.naming.serial_flow)
+        sources.append(
+            SourcePlan(
+                name=device.name,
+                kind="serial",
+                bus=device.name,
+                decoder=None,
+                databases=(device.defs,),
+                options={
+                    "port": device.port,
+                    "baudrate": device.baudrate,
+                    "bytesize": device.bytesize,
+                    "parity": device.parity,
+                    "stopbits": device.stopbits,
+                    "rtscts": device.rtscts,
+                    "xonxoff": device.xonxoff,
+                },
+                flows=tuple(codec.flows),
+                definitions=definitions,
+            )
         )
     flows: dict[str, FlowConfig] = {}
     owners: dict[str, str] = {}
     for source in sources:
-        for flow in source.decoder.flows:
+        for flow in source.flows:
             previous = flows.get(flow.name)
             if previous is None:
                 flows[flow.name] = flow
@@ -397,6 +424,19 @@ class Agent:
         sink = cast(Sink, self.ring.put)  # put's bool (enqueued?) is counted by the ring
         if self._reader_factory is not None:
             return self._reader_factory(source, sink)
+        if source.kind == "serial":
+            from daq_agent.readers.serial import SerialReader
+
+            options = dict(source.options)
+            return SerialReader(
+                source.name,
+                options.pop("port"),
+                options,
+                source.definitions,
+                sink,
+                flow_name_template=self.config.naming.serial_flow,
+            )
+        assert source.decoder is not None
         if source.kind == "can":
             from daq_agent.readers.can import CanReader
 
