@@ -343,3 +343,14 @@ def test_public_surface() -> None:
     missing = [name for name in package.__all__ if not hasattr(package, name)]
     assert missing == []
     assert {"SerialCodec", "FrameStream", "load_definitions", "json_schema"} <= set(package.__all__)
+
+
+@pytest.mark.parametrize("name", ["imu_cobs.yaml", "gps_nmea.yaml"])
+def test_shipped_examples_validate_against_the_schema(name: str) -> None:
+    """The exported JSON Schema accepts the shipped examples and rejects an unknown key."""
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json_schema())
+    document = yaml.safe_load((CONFIGS / name).read_text(encoding="utf-8"))
+    assert list(validator.iter_errors(document)) == []
+    document["frames"][0]["fields"][0]["colour"] = "red"
+    assert list(validator.iter_errors(document))
