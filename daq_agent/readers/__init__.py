@@ -24,6 +24,7 @@ from daq_agent.readers.base import (
 if TYPE_CHECKING:
     from daq_agent.readers.can import CanReader
     from daq_agent.readers.replay import ReplayReader
+    from daq_agent.readers.serial import SerialReader
 
 __all__ = [
     "BACKENDS",
@@ -35,12 +36,13 @@ __all__ = [
     "ReaderCounters",
     "ReaderState",
     "ReplayReader",
+    "SerialReader",
     "Sink",
     "describe",
     "get_reader_class",
 ]
 
-_LAZY = {"CanReader": "can", "ReplayReader": "replay"}
+_LAZY = {"CanReader": "can", "ReplayReader": "replay", "SerialReader": "serial"}
 
 
 def __getattr__(name: str) -> Any:
