@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from daq_agent.ingestion import (
     double_value,
     use_sift_channel,
 )
+from daq_agent.server.store import Store
 
 CHANNELS = 8
 
@@ -69,10 +69,11 @@ def start_server(db: Path) -> tuple[subprocess.Popen[str], int]:
 
 def stored(db: Path) -> int:
     """Samples in the server's SQLite file (read-only, beside the running server)."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        tables = [r[0] for r in conn.execute("select name from sqlite_master where type='table'")]
-        table = "samples" if "samples" in tables else next(t for t in tables if "sample" in t)
-        return int(conn.execute(f"select count(*) from {table}").fetchone()[0])  # noqa: S608
+    store = Store.open(db, readonly=True)
+    try:
+        return store.count_samples()
+    finally:
+        store.close()
 
 
 def build_requests(
