@@ -481,7 +481,6 @@ _TOP_KEYS: Final = frozenset(
         "naming",
         "ingestion_client_key",
         "spool",  # read by the spool (issue 5)
-        "status",
     }
 )
 

@@ -52,6 +52,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_LIVE_AGE_NS = 3600 * 1_000_000_000
+"""Samples older than this when acknowledged are replayed data, left out of the latency."""
+
 
 # -- seams --------------------------------------------------------------------------------------
 
@@ -682,8 +685,11 @@ class Flusher:
                 self.delivered += count
                 self.checkpoints += 1
                 for oldest, newest in spans:
-                    self._latency.add(now - oldest)
-                    self._latency.add(now - newest)
+                    # recorded logs carry old timestamps: only live data has a latency
+                    if 0 <= now - oldest <= _LIVE_AGE_NS:
+                        self._latency.add(now - oldest)
+                    if 0 <= now - newest <= _LIVE_AGE_NS:
+                        self._latency.add(now - newest)
             return
         if final and self._stream is not None:
             stream, self._stream = self._stream, None
