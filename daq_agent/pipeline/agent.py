@@ -34,13 +34,7 @@ from daq_agent.decode.dbc import DatabaseWarning, load_database
 from daq_agent.errors import ConfigError, DaqError
 from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.encode import RequestEncoder
-from daq_agent.pipeline.flusher import (
-    DataStream,
-    Flusher,
-    FlusherSettings,
-    GrpcDataStream,
-    SampleEncoder,
-)
+from daq_agent.pipeline.flusher import Flusher, FlusherSettings, SampleEncoder
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
@@ -267,7 +261,6 @@ class Agent:
         self.ring: RingBuffer[Sample] = RingBuffer(config.ring.capacity, config.ring.policy)
         self.flusher: Flusher | None = None
         self.readers: list[ReaderABC] = []
-        self._h2_channel: Any = None
         self._stop_requested = threading.Event()
         self._started_at = time.monotonic()
         self._started = False
@@ -370,7 +363,7 @@ class Agent:
             log.info("run %r (%s)", self.run_name, self.run_id)
         self.flusher = Flusher(
             self.ring,
-            self._stream_opener(),
+            self.service.open_stream,
             self._encoder(),
             settings=self.flusher_settings,
             register_flows=self._register_flows if self.service.lazy_flow_creation else None,
@@ -390,27 +383,6 @@ class Agent:
             run_id=self.run_id,
             organization_id=self.service.organization_id or "",
         )
-
-    def _stream_opener(self) -> Callable[[], DataStream]:
-        """How the flusher opens a stream: the service's fast path when it has one."""
-        service = self.service
-        open_stream = getattr(service, "open_stream", None)
-        if callable(open_stream):
-            return open_stream  # type: ignore[no-any-return]
-        channel = self.channel
-        try:  # until IngestionService.open_stream exists: the coalescing HTTP/2 stream
-            from daq_agent.h2grpc.client import H2Channel
-            from daq_agent.ingestion.stream import H2IngestStream
-        except ImportError:
-            return lambda: GrpcDataStream(channel)
-        h2 = H2Channel(
-            channel.host,
-            channel.port,
-            use_ssl=channel.use_ssl,
-            metadata=channel.call_metadata(),
-        )
-        self._h2_channel = h2
-        return lambda: H2IngestStream(h2)
 
     def _register_flows(self, flows: Sequence[FlowConfig]) -> None:
         """Register flows first seen (lazy flow creation) through the service.
@@ -505,8 +477,6 @@ class Agent:
             self.flusher.stop(drain=drain)
         self._stop_run()
         final = self.status()
-        if self._h2_channel is not None:
-            self._h2_channel.close()
         if self.channel is not None:
             self.channel.close()
         if self.server is not None:

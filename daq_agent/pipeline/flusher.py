@@ -20,20 +20,15 @@ flow is registered through the IngestionService the first time a sample of it is
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from daq_agent._proto.sift.ingest.v1.ingest_pb2 import (
-    IngestWithConfigDataStreamRequest,
-)
-from daq_agent.errors import ConfigError, DaqError, TransportError
-from daq_agent.ingestion.config import ChannelDataType, FlowConfig
-from daq_agent.methods import INGEST_WITH_CONFIG_DATA_STREAM
+from daq_agent.errors import ConfigError, DaqError
+from daq_agent.ingestion.config import FlowConfig
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
 from daq_agent.pipeline.status import FlusherStats
@@ -42,9 +37,7 @@ __all__ = [
     "DataStream",
     "Flusher",
     "FlusherSettings",
-    "GrpcDataStream",
     "MemoryWindow",
-    "ProtoEncoder",
     "SampleEncoder",
     "StreamOpener",
     "WindowStore",
@@ -160,164 +153,6 @@ class MemoryWindow:
     def count(self) -> int:
         """Samples in the window."""
         return self._count
-
-
-# -- a fallback encoder and stream (used when the service offers no fast path) -----------------
-
-
-class ProtoEncoder:
-    """Encodes samples with the protobuf runtime, from the flows' channel types.
-
-    Args:
-        ingestion_config_id: the ingestion config the requests belong to.
-        flows: the flows (channel order and types).
-        run_id: the run, "" for none.
-        organization_id: the organization, "" for none.
-    """
-
-    __slots__ = ("_fields", "_flows", "_template")
-
-    def __init__(
-        self,
-        ingestion_config_id: str,
-        flows: Sequence[FlowConfig],
-        run_id: str = "",
-        organization_id: str = "",
-    ) -> None:
-        self._template = IngestWithConfigDataStreamRequest(
-            ingestion_config_id=ingestion_config_id,
-            run_id=run_id or "",
-            organization_id=organization_id or "",
-        )
-        self._fields: dict[str, tuple[str, ...]] = {
-            flow.name: tuple(_value_field(c.data_type) for c in flow.channels) for flow in flows
-        }
-        self._flows = {flow.name for flow in flows}
-
-    def encode(self, sample: Sample) -> bytes:
-        """Encode one sample.
-
-        Raises:
-            KeyError: the flow is unknown.
-            ValueError: the number of values does not match the flow's channels.
-            TypeError: a value does not fit its channel's type.
-        """
-        fields = self._fields[sample.flow]
-        values = sample.values
-        if len(values) != len(fields):
-            raise ValueError(
-                f"flow {sample.flow!r} has {len(fields)} channels, got {len(values)} values"
-            )
-        request = IngestWithConfigDataStreamRequest()
-        request.CopyFrom(self._template)
-        request.flow = sample.flow
-        seconds, nanos = divmod(sample.timestamp_ns, 1_000_000_000)
-        request.timestamp.seconds = seconds
-        request.timestamp.nanos = nanos
-        add = request.channel_values.add
-        for name, value in zip(fields, values, strict=True):
-            if value is None:
-                add().empty.SetInParent()
-            elif name == "enum":
-                add().enum = int(value)  # enum channels carry the numeric key
-            else:
-                setattr(add(), name, value)
-        return request.SerializeToString()
-
-    def encode_many(self, samples: Sequence[Sample]) -> list[bytes]:
-        """Encode samples in order (raises like :meth:`encode`)."""
-        encode = self.encode
-        return [encode(s) for s in samples]
-
-
-def _value_field(data_type: ChannelDataType) -> str:
-    return data_type.value_field
-
-
-class GrpcDataStream:
-    """An IngestWithConfigDataStream call on a grpcio channel, fed serialized requests.
-
-    The requests are bytes already, so the call has no serializer; a queue feeds grpcio's request
-    iterator from the flusher thread.
-
-    Args:
-        channel: the (authenticated) channel.
-        method: the method path.
-    """
-
-    __slots__ = ("_closed", "_future", "_queue")
-
-    _END = object()
-
-    def __init__(self, channel: Any, method: str = INGEST_WITH_CONFIG_DATA_STREAM) -> None:
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        call = channel.stream_unary(method)
-        self._future = call.future(self._requests())
-        self._closed = False
-
-    def _requests(self) -> Iterator[bytes]:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is GrpcDataStream._END:
-                return
-            yield from item  # type: ignore[misc]
-
-    def send_serialized(self, payloads: Sequence[bytes]) -> None:
-        """Queue serialized requests.
-
-        Raises:
-            TransportError: the call has already ended.
-        """
-        if self._future.done():
-            self._raise_outcome()
-            raise TransportError("the stream ended before it was closed")
-        self._queue.put(list(payloads))
-
-    def close(self, timeout: float | None = None) -> None:
-        """End the stream and wait for the answer.
-
-        Raises:
-            TransportError: the server answered an error or did not answer in time.
-        """
-        if not self._closed:
-            self._closed = True
-            self._queue.put(GrpcDataStream._END)
-        try:
-            self._future.result(timeout=timeout)
-        except Exception as exc:
-            self._future.cancel()
-            raise _as_transport_error(exc) from exc
-
-    def cancel(self) -> None:
-        """Abandon the stream."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(GrpcDataStream._END)
-        self._future.cancel()
-
-    def _raise_outcome(self) -> None:
-        try:
-            self._future.result(timeout=0)
-        except Exception as exc:
-            raise _as_transport_error(exc) from exc
-
-
-def _as_transport_error(exc: BaseException) -> TransportError:
-    if isinstance(exc, TransportError):
-        return exc
-    import grpc
-
-    from daq_agent.errors import RpcStatusError
-
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        details = exc.details() if hasattr(exc, "details") else ""
-        return RpcStatusError(exc.code(), details or "", method=INGEST_WITH_CONFIG_DATA_STREAM)
-    if isinstance(exc, grpc.FutureTimeoutError | TimeoutError):
-        return TransportError("no answer from the ingestion API within the checkpoint timeout")
-    if isinstance(exc, grpc.FutureCancelledError):
-        return TransportError("the stream was cancelled")
-    return TransportError(f"{type(exc).__name__}: {exc}")
 
 
 # -- the flusher ---------------------------------------------------------------------------------
