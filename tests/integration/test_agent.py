@@ -297,6 +297,7 @@ def test_replay_ends_the_run_by_itself(tmp_path: Path) -> None:
             writer.on_message_received(msg)
     body = (
         "asset: bench-replay\n"
+        "run: {name: 'replay-{asset}-%Y', tags: [replay], metadata: {lap: 3}}\n"
         "replay:\n"
         f"  - {{path: {log_path}, bus: can0, realtime: false, databases: [{BENCH_DBC}]}}\n"
     )
@@ -313,6 +314,13 @@ def test_replay_ends_the_run_by_itself(tmp_path: Path) -> None:
     assert final.flusher.delivered == 1200
     stored = stored_samples(config, agent.run_id)
     assert len(stored) == 1200
+    assert isinstance(config.target, LocalTarget)
+    with Store.open(config.target.db_path, readonly=True) as store:
+        run = store.get_run(agent.run_id)
+    assert run is not None
+    assert run.name == agent.run_name == f"replay-bench-replay-{time.strftime('%Y')}"
+    assert run.tags == ("replay",)
+    assert run.is_stopped  # attached at start, stopped at the end
     assert {s.timestamp_ns for s in stored} == {seconds_to_ns(f.timestamp, 1000) for f in frames}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import random
 import signal
@@ -40,6 +41,24 @@ def test_check_prints_flows_of_the_demo_config() -> None:
     assert "can     can0: 17 flows" in result.stdout
     assert "can0.BMS_PackStatus" in result.stdout
     assert "ingestion client key bench-demo-" in result.stdout
+
+
+def test_check_reports_database_warnings_and_json(tmp_path: Path) -> None:
+    """``check`` passes a database that needs fixing, with a warning naming file and line."""
+    dbc = tmp_path / "odd.dbc"
+    dbc.write_text(
+        'VERSION ""\nNS_ :\nBS_:\nBU_: ECU\nBO_ 256 Msg: 8 ECU\n'
+        ' SG_ Sig : 0|8@1+ (1,0) [0|255] "" ECU\n'
+        'VAL_ 256 Ghost 0 "off" 1 "on" ;\n'
+    )
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"asset: a\nbuses:\n  - {{name: c, interface: virtual, dbc: {dbc}}}\n")
+    result = daq_agent("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {dbc}:7:" in result.stdout
+    report = json.loads(daq_agent("check", str(path), "--json").stdout)
+    assert report["sources"][0]["flows"] == ["c.Msg"]
+    assert report["client_key"].startswith("a-")
 
 
 def test_config_error_exits_2_naming_file_line_and_key(tmp_path: Path) -> None:
