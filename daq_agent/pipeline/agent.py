@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from daq_agent import methods
 from daq_agent._proto.sift.runs.v2 import runs_pb2
@@ -32,6 +32,12 @@ from daq_agent.config import AgentConfig, LocalTarget, SiftTarget
 from daq_agent.decode.can_decoder import CanDecoder, derive_flows_fingerprint
 from daq_agent.decode.dbc import DatabaseWarning, load_database
 from daq_agent.errors import ConfigError, DaqError
+from daq_agent.ingestion import (
+    IngestionService,
+    SiftChannel,
+    SiftChannelConfig,
+    use_sift_channel,
+)
 from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.encode import RequestEncoder
 from daq_agent.pipeline.flusher import Flusher, FlusherSettings, SampleEncoder
@@ -39,9 +45,7 @@ from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
 from daq_agent.readers.base import ReaderABC, ReaderState, Sink
-
-if TYPE_CHECKING:
-    from daq_agent.server.local import LocalIngestServer
+from daq_agent.server.local import LocalIngestServer, make_server
 
 __all__ = ["Agent", "AgentPlan", "SourcePlan", "plan_agent"]
 
@@ -254,8 +258,8 @@ class Agent:
             retry_max_s=flush.retry_max_s,
         )
         self.server: LocalIngestServer | None = None
-        self.channel: Any = None
-        self.service: Any = None
+        self.channel: SiftChannel | None = None
+        self.service: IngestionService | None = None
         self.run_id = ""
         self.run_name = ""
         self.ring: RingBuffer[Sample] = RingBuffer(config.ring.capacity, config.ring.policy)
@@ -311,19 +315,15 @@ class Agent:
             raise
 
     def _start(self) -> None:
-        from daq_agent.ingestion import IngestionService, use_sift_channel
-
         config = self.config
         target = config.target
         if isinstance(target, LocalTarget):
-            from daq_agent.server.local import make_server
-
             target.db_path.parent.mkdir(parents=True, exist_ok=True)
             server = make_server(target.db_path, host=target.host, port=target.port)
             server.start()
             self.server = server
             host = "127.0.0.1" if target.host in ("0.0.0.0", "") else target.host
-            channel_config: dict[str, Any] = {
+            channel_config: SiftChannelConfig = {
                 "uri": f"{host}:{server.port}",
                 "apikey": "",
                 "use_ssl": False,
@@ -336,37 +336,37 @@ class Agent:
                 "apikey": target.api_key(self._env),
                 "use_ssl": target.use_ssl,
             }
-        self.channel = use_sift_channel(channel_config)  # type: ignore[arg-type]
+        self.channel = channel = use_sift_channel(channel_config)
         telemetry = TelemetryConfig(
             asset_name=config.asset,
             ingestion_client_key=self.plan.client_key,
             flows=list(self.plan.flows),
         )
-        self.service = IngestionService(
-            self.channel, telemetry, force_lazy_flow_creation=self._force_lazy
+        self.service = service = IngestionService(
+            channel, telemetry, force_lazy_flow_creation=self._force_lazy
         )
-        if self.service.lazy_flow_creation:
+        if service.lazy_flow_creation:
             log.info(
                 "%d flows do not fit one message: flows are registered when first seen",
                 len(self.plan.flows),
             )
         if config.run is not None:
             self.run_name = config.run.render_name(config.asset)
-            self.service.attach_run(
-                self.channel,
+            service.attach_run(
+                channel,
                 self.run_name,
                 description=config.run.description or None,
                 tags=list(config.run.tags) or None,
                 metadata=dict(config.run.metadata) or None,
             )
-            self.run_id = self.service.run_id or ""
+            self.run_id = service.run_id or ""
             log.info("run %r (%s)", self.run_name, self.run_id)
         self.flusher = Flusher(
             self.ring,
-            self.service.open_stream,
-            self._encoder(),
+            service.open_stream,
+            self._encoder(service),
             settings=self.flusher_settings,
-            register_flows=self._register_flows if self.service.lazy_flow_creation else None,
+            register_flows=service.register_flows if service.lazy_flow_creation else None,
             flows_by_name={f.name: f for f in self.plan.flows},
         )
         self.flusher.start()
@@ -375,22 +375,14 @@ class Agent:
         for reader in self.readers:
             reader.start()
 
-    def _encoder(self) -> SampleEncoder:
-        config_id = self.service.ingestion_config.ingestion_config_id
+    def _encoder(self, service: IngestionService) -> SampleEncoder:
+        config_id = service.ingestion_config.ingestion_config_id
         return RequestEncoder(
             config_id,
             list(self.plan.flows),
             run_id=self.run_id,
-            organization_id=self.service.organization_id or "",
+            organization_id=service.organization_id or "",
         )
-
-    def _register_flows(self, flows: Sequence[FlowConfig]) -> None:
-        """Register flows first seen (lazy flow creation) through the service.
-
-        Raises:
-            TransportError: the API refused or could not be reached (the flusher retries).
-        """
-        self.service.register_flows(flows)
 
     def _make_reader(self, source: SourcePlan) -> ReaderABC:
         sink = cast(Sink, self.ring.put)  # put's bool (enqueued?) is counted by the ring
@@ -484,15 +476,16 @@ class Agent:
         return final
 
     def _stop_run(self) -> None:
-        if not self.run_id or self.channel is None:
+        channel = self.channel
+        if not self.run_id or channel is None:
             return
         try:
-            call = self.channel.unary_unary(
+            call = channel.unary_unary(
                 methods.STOP_RUN,
                 request_serializer=runs_pb2.StopRunRequest.SerializeToString,
                 response_deserializer=runs_pb2.StopRunResponse.FromString,
             )
-            with self.channel.map_errors(methods.STOP_RUN):
+            with channel.map_errors(methods.STOP_RUN):
                 call(runs_pb2.StopRunRequest(run_id=self.run_id), timeout=10.0)
         except (DaqError, AttributeError) as exc:
             log.warning("could not stop run %r: %s", self.run_name, exc)
