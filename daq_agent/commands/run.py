@@ -73,11 +73,8 @@ def stop_signals(agent: Agent) -> Iterator[None]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         nonlocal count
         count += 1
-        if count == 1:
-            agent.request_stop()
-        else:
-            if agent.flusher is not None:
-                agent.flusher.stop(drain=False, timeout=0)
+        # only events are set here: the main thread may hold any lock when a signal arrives
+        agent.request_stop(abandon=count > 1)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

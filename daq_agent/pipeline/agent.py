@@ -417,9 +417,14 @@ class Agent:
             )
         raise ConfigError(f"unknown source kind {source.kind!r}", key=source.name)
 
-    def request_stop(self) -> None:
-        """Ask :meth:`wait` to return (safe from a signal handler)."""
+    def request_stop(self, *, abandon: bool = False) -> None:
+        """Ask :meth:`wait` to return; with ``abandon``, also cut a drain short.
+
+        Only sets events, so it is safe from a signal handler.
+        """
         self._stop_requested.set()
+        if abandon and self.flusher is not None:
+            self.flusher.abort()
 
     @property
     def stop_requested(self) -> bool:

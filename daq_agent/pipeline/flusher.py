@@ -236,7 +236,7 @@ class Flusher:
         encoder: encodes samples into serialized requests.
         settings: batching, checkpoints and retries.
         register_flows: with lazy flow creation, registers flows the first time they are seen
-            (``IngestionService.create_flows``); None when every flow was registered up front.
+            (``IngestionService.register_flows``); None when every flow was registered up front.
         flows_by_name: the flows, to register lazily.
         window: where a window is kept until acknowledged (default: memory).
         clock_ns: the clock latencies are measured against (ns since the epoch).
@@ -329,6 +329,14 @@ class Flusher:
             self._wake.set()
             thread.join(5.0)
         return not thread.is_alive()
+
+    def abort(self) -> None:
+        """Give up draining: what is not yet acknowledged is counted as abandoned.
+
+        Only sets events, so it may be called from a signal handler; :meth:`stop` still joins.
+        """
+        self._abort.set()
+        self._wake.set()
 
     def request_checkpoint(self) -> None:
         """Ask the thread to close the current stream soon (e.g. before reading the store)."""

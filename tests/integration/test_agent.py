@@ -371,3 +371,26 @@ def test_failed_window_is_resent_when_the_server_returns(
     assert final.flusher.abandoned == 0
     assert final.balanced
     assert len(stored_samples(config, agent.run_id)) == 400
+
+
+def test_second_stop_request_abandons_the_drain(
+    tmp_path: Path, channel: str, sender: can.BusABC
+) -> None:
+    """With the server gone, an abandoning stop request ends the drain and counts what is left."""
+    config = write_config(tmp_path, virtual_config(tmp_path, channel))
+    agent = started(Agent(config, flusher_settings=FlusherSettings(drain_timeout_s=60)))
+    try:
+        assert agent.server is not None
+        agent.server.stop()
+        for msg in bench_frames(100):
+            sender.send(msg)
+        wait_for(lambda: agent.status().flusher.failures >= 1, 30, "a failed stream")
+        agent.request_stop(abandon=True)
+        started_at = time.monotonic()
+    finally:
+        final = agent.stop()
+    assert time.monotonic() - started_at < 10  # not the 60 s drain timeout
+    assert final.decoded == 100
+    assert final.flusher.delivered == 0
+    assert final.flusher.abandoned == 100
+    assert final.balanced
