@@ -40,7 +40,7 @@ from daq_agent.ingestion import (
 )
 from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.encode import RequestEncoder
-from daq_agent.pipeline.flusher import Flusher, FlusherSettings, SampleEncoder
+from daq_agent.pipeline.flusher import Flusher, FlusherSettings, SampleEncoder, WindowStore
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
@@ -227,7 +227,9 @@ class Agent:
         flusher_settings: override the flusher settings derived from the config.
         force_lazy_flow_creation: register flows when first seen whatever their size.
         reader_factory: builds the reader of a source from its plan and the sink (benchmarks,
-            other reader kinds); None: the built-in ``can`` and ``replay`` readers.
+            other reader kinds); None: the built-in ``can``, ``replay`` and ``serial`` readers.
+        window: where the flusher keeps what it sent until acknowledged (the durable spool's
+            seam); None: in memory.
 
     Raises:
         ConfigError: see :func:`plan_agent`.
@@ -242,8 +244,10 @@ class Agent:
         flusher_settings: FlusherSettings | None = None,
         force_lazy_flow_creation: bool = False,
         reader_factory: Callable[[SourcePlan, Sink], ReaderABC] | None = None,
+        window: WindowStore | None = None,
     ) -> None:
         self.config = config
+        self._window = window
         self._reader_factory = reader_factory
         self.plan = plan or plan_agent(config)
         self._env = env
@@ -368,6 +372,7 @@ class Agent:
             settings=self.flusher_settings,
             register_flows=service.register_flows if service.lazy_flow_creation else None,
             flows_by_name={f.name: f for f in self.plan.flows},
+            window=self._window,
         )
         self.flusher.start()
         for source in self.plan.sources:
