@@ -322,8 +322,9 @@ class Spool:
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
         self._fd: int | None = None
-        self._retired_fds: list[int] = []
-        self._retired_paths: list[Path] = []
+        # segments no longer written whose descriptor still waits for its fsync and close
+        self._retired: list[tuple[int, Path]] = []
+        self._syncing = False
         self._dir_dirty = False
         self._synced: dict[Path, int] = {}
         self._dirty = False
@@ -621,10 +622,8 @@ class Spool:
 
     def _retire_active(self) -> None:
         """Stop writing the active segment; the sync thread fsyncs and closes its descriptor."""
-        if self._fd is not None:
-            self._retired_fds.append(self._fd)
-            if self._active is not None:
-                self._retired_paths.append(self._active.path)
+        if self._fd is not None and self._active is not None:
+            self._retired.append((self._fd, self._active.path))
         self._fd = None
         self._active = None
 
@@ -657,6 +656,12 @@ class Spool:
                 records,
                 samples,
             )
+        if not self._syncing:
+            # a deleted file keeps its blocks while it is open: close it now, no fsync needed
+            # (not while a sync runs: it may be fsyncing this very descriptor)
+            for entry in [e for e in self._retired if e[1] == segment.path]:
+                self._retired.remove(entry)
+                os.close(entry[0])
         last = segment.last_seq
         while self._cache and self._cache[0][0].seq <= last:
             self._cache_bytes -= self._cache.popleft()[1]
@@ -683,10 +688,9 @@ class Spool:
                         f"spool {self.directory} failed earlier and is no longer trusted: "
                         f"{self._failed}"
                     )
-                retired = self._retired_fds
-                retired_paths = self._retired_paths
-                self._retired_fds = []
-                self._retired_paths = []
+                retired = self._retired
+                self._retired = []
+                self._syncing = True
                 fd = self._fd
                 active = self._active
                 extent = active.size if active is not None else 0
@@ -694,26 +698,31 @@ class Spool:
                 dirty = self._dirty
                 self._dirty = False
                 self._dir_dirty = False
+            fsyncs = 0
             try:
                 try:
-                    for old in retired:
+                    for old, _ in retired:
                         self._fsync(old)
-                        self._fsyncs += 1
+                        fsyncs += 1
                 finally:
-                    for old in retired:
+                    for old, _ in retired:
                         os.close(old)
                 if fd is not None and dirty:
                     self._fsync(fd)
-                    self._fsyncs += 1
+                    fsyncs += 1
                 if dir_dirty:
-                    self._sync_directory()
+                    _fsync_dir(self.directory, self._fsync)
+                    fsyncs += 1
             except OSError as exc:
                 with self._lock:
+                    self._syncing = False
                     raise self._fail(exc, "fsync") from exc
             with self._lock:
-                now = time.monotonic()
+                self._syncing = False
+                self._fsyncs += fsyncs
                 if retired or (fd is not None and dirty):
-                    self._last_fsync = now
+                    self._last_fsync = time.monotonic()
+                retired_paths = {path for _, path in retired}
                 for segment in self._segments:
                     if segment.path in retired_paths:
                         self._synced[segment.path] = segment.size
@@ -993,11 +1002,13 @@ class Spool:
     def _close_files(self) -> None:
         with self._lock:
             self._closed = True
-            for fd in [*self._retired_fds, *([self._fd] if self._fd is not None else [])]:
+            for fd in [
+                *(e[0] for e in self._retired),
+                *([self._fd] if self._fd is not None else []),
+            ]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            self._retired_fds = []
-            self._retired_paths = []
+            self._retired = []
             self._fd = None
             self._active = None
             self._cache.clear()
@@ -1034,7 +1045,7 @@ def _sync_loop(ref: weakref.ref[Spool], interval: float) -> None:
         wake = spool._wake
         if spool._closed or spool._failed is not None:
             return
-        if spool._dirty or spool._retired_fds or spool._dir_dirty:
+        if spool._dirty or spool._retired or spool._dir_dirty:
             try:
                 spool.sync()
             except SpoolError:
