@@ -1,10 +1,11 @@
 """``daq-agent demo [--duration 20]``: the whole product on one machine, in about 20 seconds.
 
 1. the agent starts with ``configs/demo.yaml``: the embedded local ingestion server (SQLite store
-   under the state directory), the ingestion config and a run, the ring, the flusher, and a reader
-   on the demo bus (python-can ``udp_multicast``);
-2. the simulator (``daq-agent simulate can``) starts as its own process on the same bus and sends
-   the bench database's traffic;
+   under the state directory), the ingestion config and a run, the ring, the flusher, a reader
+   on the demo bus (python-can ``udp_multicast``) and one per serial device of the config;
+2. the simulators start as their own processes: ``daq-agent simulate can`` on the same bus with
+   the bench database's traffic, and ``daq-agent simulate serial`` on a pty for each serial device
+   (the device's port is pointed at that pty);
 3. the live status shows for ``--duration`` seconds; then the simulator is stopped, the agent
    drains and stops;
 4. the summary: frames sent, received, decoded, unknown, delivered, stored (counted back from the
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from daq_agent.commands.run import drive_agent, stop_signals
-from daq_agent.config import AgentConfig, LocalTarget, load_config
+from daq_agent.config import AgentConfig, LocalTarget, SerialConfig, load_config
 from daq_agent.errors import ConfigError, DaqError
 from daq_agent.pipeline.agent import Agent
 from daq_agent.pipeline.status import AgentStatus
@@ -165,16 +166,56 @@ def _simulator_command(config: AgentConfig, rate: float | None, duration: float)
     return command
 
 
-def _stop_simulator(process: subprocess.Popen[str]) -> int | None:
-    """Stop the simulator (SIGINT, then kill) and return the frames it says it sent."""
+def _start_serial_simulator(device: SerialConfig, link: Path) -> subprocess.Popen[str]:
+    """Start ``daq-agent simulate serial`` for ``device`` with its pty linked at ``link``.
+
+    Returns once the pty exists.
+
+    Raises:
+        DaqError: the simulator did not start.
+    """
+    link.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "daq_agent.cli",
+            "-q",
+            "simulate",
+            "serial",
+            "--defs",
+            str(device.defs),
+            "--link",
+            str(link),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # the pty's path, once it exists
+    if not line.strip():
+        _stop_process(process)
+        raise DaqError(f"the serial simulator for {device.name!r} did not start")
+    return process
+
+
+def _stop_process(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGINT, then kill after 10 s; returns (stdout, stderr)."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
     try:
-        out, _ = process.communicate(timeout=10.0)
+        out, err = process.communicate(timeout=10.0)
     except subprocess.TimeoutExpired:
         process.kill()
-        out, _ = process.communicate()
-    for line in reversed((out or "").splitlines()):
+        out, err = process.communicate()
+    return out or "", err or ""
+
+
+def _stop_simulator(process: subprocess.Popen[str]) -> int | None:
+    """Stop the CAN simulator (SIGINT, then kill) and return the frames it says it sent."""
+    out, _ = _stop_process(process)
+    for line in reversed(out.splitlines()):
         line = line.strip()
         if line.startswith("{"):
             try:
@@ -218,6 +259,13 @@ def run_demo(
     if not isinstance(target, LocalTarget):
         raise ConfigError("the demo counts back from the local server: use the local target")
     out = out or sys.stdout
+    serial_sims: list[subprocess.Popen[str]] = []
+    devices = []
+    for device in config.serial:  # each on the pty of its own simulator
+        link = config.state_dir / f"demo-{device.name}-{os.getpid()}.pty"
+        serial_sims.append(_start_serial_simulator(device, link))
+        devices.append(dataclasses.replace(device, port=str(link)))
+    config = dataclasses.replace(config, serial=tuple(devices))
     agent = Agent(config)
     simulator: subprocess.Popen[str] | None = None
     sent: int | None = None
@@ -226,18 +274,24 @@ def run_demo(
         nonlocal sent
         if simulator is not None:
             sent = _stop_simulator(simulator)
-            _settle(agent)
+        _settle(agent)
 
     with stop_signals(agent):
-        agent.start()
+        try:
+            agent.start()
+        except BaseException:
+            for process in serial_sims:
+                _stop_process(process)
+            raise
         try:
             for reader in agent.readers:
                 if not reader.wait_state(ReaderState.RUNNING, timeout=10.0):
                     raise DaqError(f"bus {reader.name} did not open: {reader.counters.last_error}")
+            serial_text = "".join(f" + serial {d.name}" for d in config.serial)
             print(
                 f"demo: run {agent.run_name} -> {agent.target_uri}; "
                 f"{len(agent.plan.flows)} flows; simulator on {config.buses[0].interface} "
-                f"{config.buses[0].channel or ''} for {duration:.0f} s",
+                f"{config.buses[0].channel or ''}{serial_text} for {duration:.0f} s",
                 file=out,
                 flush=True,
             )
@@ -253,10 +307,16 @@ def run_demo(
             agent.stop(drain=False)
             if simulator is not None:
                 _stop_simulator(simulator)
+            for process in serial_sims:
+                _stop_process(process)
             raise
-        final = drive_agent(
-            agent, duration=duration, out=out, live=live, before_stop=stop_simulator
-        )
+        try:
+            final = drive_agent(
+                agent, duration=duration, out=out, live=live, before_stop=stop_simulator
+            )
+        finally:  # after the agent stopped reading, so no reader sees its port vanish
+            for process in serial_sims:
+                _stop_process(process)
     from daq_agent.server.store import Store
 
     with Store.open(target.db_path, readonly=True) as store:

@@ -40,6 +40,7 @@ def test_check_prints_flows_of_the_demo_config() -> None:
     assert result.returncode == 0, result.stderr
     assert "can     can0: 17 flows" in result.stdout
     assert "can0.BMS_PackStatus" in result.stdout
+    assert "serial  imu: 2 flows" in result.stdout
     assert "ingestion client key bench-demo-" in result.stdout
 
 

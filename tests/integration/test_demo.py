@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_demo_stores_every_decoded_frame(tmp_path: Path) -> None:
-    """The demo runs simulator and agent across processes; every decoded frame is stored."""
+    """The demo runs simulators and agent across processes; every decoded frame is stored."""
     rng = random.Random()
     group = f"239.{rng.randrange(1, 255)}.{rng.randrange(1, 255)}.{rng.randrange(1, 255)}"
     port = rng.randrange(20000, 40000)  # udp_multicast binds the port for every group
@@ -55,4 +55,6 @@ def test_demo_stores_every_decoded_frame(tmp_path: Path) -> None:
     assert figures["decoded"] == figures["delivered"] == figures["stored"]
     assert "can0.INV_PhaseCurrentsFD" in out  # the CAN FD message made it through
     assert "can0.GNSS_Position" in out  # and a 29-bit one
+    assert re.search(r"^  imu\.imu +\d+$", out, re.MULTILINE)  # the serial IMU beside the bus
+    assert "serial imu [stopped]" in out
     assert (tmp_path / "state" / "local.sqlite").is_file()
