@@ -87,7 +87,7 @@ class DemoResult:
 
     Attributes:
         status: the agent's final status.
-        sent: frames the simulator reports it sent (None if it did not say).
+        sent: CAN frames the simulator reports it sent (None if it did not say).
         stored: samples of this run counted in the store.
         per_flow: stored samples per flow.
     """
@@ -114,7 +114,7 @@ class DemoResult:
         lines = [
             "",
             "== daq-agent demo ==",
-            f"frames sent (simulator) {self.sent if self.sent is not None else '?'}",
+            f"CAN frames sent (sim.) {self.sent if self.sent is not None else '?'}",
             f"frames received         {s.received}",
             f"decoded                 {s.decoded}",
             f"unknown                 {s.unknown}",
