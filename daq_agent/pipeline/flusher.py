@@ -108,7 +108,7 @@ class WindowStore(Protocol):
         ...
 
     def acknowledge(self) -> tuple[int, list[tuple[int, int]]]:
-        """The window was committed: forget it.
+        """The window was committed: forget it (called with the flusher's counter lock held).
 
         Returns:
             (samples, [(oldest_ns, newest_ns) per batch]).
@@ -349,8 +349,8 @@ class Flusher:
 
     @property
     def pending(self) -> int:
-        """Samples sent or being sent, not yet acknowledged."""
-        return self.taken - self.delivered - self.rejected - self.abandoned
+        """Samples sent or being sent, not yet acknowledged (the window)."""
+        return self._window.count
 
     def stats(self) -> FlusherStats:
         """A snapshot of the counters."""
@@ -441,6 +441,7 @@ class Flusher:
         )
 
     def _encode(self, batch: list[Sample]) -> tuple[list[bytes], list[Sample]]:
+        """Encode a batch; samples that cannot be encoded are left out (the caller counts them)."""
         try:
             return self._encoder.encode_many(batch), batch
         except Exception:
@@ -451,9 +452,7 @@ class Flusher:
                     payloads.append(self._encoder.encode(sample))
                     kept.append(sample)
                 except Exception as exc:
-                    with self._lock:
-                        self.rejected += 1
-                    if self.rejected <= 10:
+                    if self.rejected + len(batch) - len(kept) <= 10:
                         log.warning("sample of flow %r not encodable: %s", sample.flow, exc)
             return payloads, kept
 
@@ -478,15 +477,15 @@ class Flusher:
 
     def _send_batch(self, batch: list[Sample]) -> None:
         self._last_data = time.monotonic()
-        with self._lock:
-            self.taken += len(batch)
         payloads, kept = self._encode(batch)
-        if not payloads:
-            return
-        oldest = min(s.timestamp_ns for s in (kept[0], kept[-1]))
-        newest = max(s.timestamp_ns for s in (kept[0], kept[-1]))
-        self._window.append(payloads, len(payloads), oldest, newest)
-        with self._lock:
+        with self._lock:  # one step, so a snapshot always balances
+            self.taken += len(batch)
+            self.rejected += len(batch) - len(kept)
+            if not payloads:
+                return
+            oldest = min(kept[0].timestamp_ns, kept[-1].timestamp_ns)
+            newest = max(kept[0].timestamp_ns, kept[-1].timestamp_ns)
+            self._window.append(payloads, len(payloads), oldest, newest)
             self.batches += 1
         while True:
             try:
@@ -522,9 +521,9 @@ class Flusher:
                     return
                 continue
             now = self._clock_ns()
-            count, spans = self._window.acknowledge()
             self._failures_in_row = 0
             with self._lock:
+                count, spans = self._window.acknowledge()
                 self.delivered += count
                 self.checkpoints += 1
                 for oldest, newest in spans:
@@ -588,8 +587,8 @@ class Flusher:
                 log.debug("cancelling the stream: %s", exc)
         self.ring.close()
         left = self.ring.get_batch(max(1, self.ring.capacity), timeout=0)
-        count, _ = self._window.acknowledge()
         with self._lock:
+            count, _ = self._window.acknowledge()
             self.taken += len(left)
             self.abandoned += count + len(left)
         if count or left:

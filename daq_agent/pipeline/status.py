@@ -163,6 +163,7 @@ class AgentStatus:
         ring = self.ring
         return (
             all(s.balanced for s in self.sources)
+            and self.decoded == ring.put_count
             and ring.put_count == ring.got + ring.dropped + ring.depth
             and self.flusher.taken == ring.got
             and self.flusher.balanced

@@ -21,6 +21,7 @@ from daq_agent.decode.dbc import load_database
 from daq_agent.pipeline.agent import Agent
 from daq_agent.pipeline.clock import seconds_to_ns
 from daq_agent.pipeline.flusher import FlusherSettings
+from daq_agent.pipeline.sample import Sample
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.local import make_server
 from daq_agent.server.store import Store
@@ -394,3 +395,22 @@ def test_second_stop_request_abandons_the_drain(
     assert final.flusher.delivered == 0
     assert final.flusher.abandoned == 100
     assert final.balanced
+
+
+def test_samples_that_cannot_be_encoded_are_counted_as_rejected(
+    tmp_path: Path, channel: str
+) -> None:
+    """A sample of an unknown flow or with the wrong value count is rejected, the rest delivered."""
+    config = write_config(tmp_path, virtual_config(tmp_path, channel))
+    agent = started(Agent(config))
+    try:
+        flow = agent.plan.flows[0]
+        good = Sample(flow.name, 1_750_000_000_000_000_000, tuple(0 for _ in flow.channels))
+        for sample in (good, Sample("can0.NoSuchMessage", 1, (1.0,)), Sample(flow.name, 2, ())):
+            agent.ring.put(sample)
+        wait_for(lambda: agent.status().flusher.taken == 3, 10, "the flusher to take them")
+    finally:
+        final = agent.stop()
+    assert (final.flusher.delivered, final.flusher.rejected) == (1, 2)
+    assert final.flusher.balanced
+    assert not final.balanced  # put straight into the ring: no reader decoded them
