@@ -315,6 +315,8 @@ class FlushConfig:
         checkpoint_records: … and after at most this many samples.
         retry_initial_s: the first delay before re-sending a failed window.
         retry_max_s: the cap of that delay.
+        checkpoint_timeout_s: the longest to wait for the server's answer at a checkpoint.
+        drain_timeout_s: at shutdown, how long to keep trying to deliver what is left.
     """
 
     max_batch: int = 2000
@@ -323,6 +325,8 @@ class FlushConfig:
     checkpoint_records: int = 200_000
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
+    checkpoint_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -934,6 +938,8 @@ class _Parser:
                 "checkpoint_records",
                 "retry_initial_s",
                 "retry_max_s",
+                "checkpoint_timeout_s",
+                "drain_timeout_s",
             }
         )
         flush = self.mapping(top.get("flush"), "flush", keys)
@@ -954,6 +960,10 @@ class _Parser:
             or 1,
             retry_initial_s=retry_initial,
             retry_max_s=retry_max,
+            checkpoint_timeout_s=self.number(
+                flush, "checkpoint_timeout_s", "flush", d.checkpoint_timeout_s
+            ),
+            drain_timeout_s=self.number(flush, "drain_timeout_s", "flush", d.drain_timeout_s),
         )
 
     def naming(self, top: Mapping[str, Any]) -> NamingConfig:

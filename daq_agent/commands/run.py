@@ -156,7 +156,8 @@ def _do_run(args: argparse.Namespace) -> int:
                     "source %s is not open yet: %s", reader.name, reader.counters.last_error
                 )
         print(
-            f"daq-agent: asset {config.asset}, {len(agent.readers)} sources, "
+            f"daq-agent: asset {config.asset}, {len(agent.readers)} "
+            f"source{'' if len(agent.readers) == 1 else 's'}, "
             f"{len(agent.plan.flows)} flows"
             + (" (lazy flow creation)" if agent.lazy_flow_creation else "")
             + f", run {agent.run_name or '(none)'} -> {agent.target_uri}",

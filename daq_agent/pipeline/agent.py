@@ -260,6 +260,8 @@ class Agent:
             checkpoint_records=flush.checkpoint_records,
             retry_initial_s=flush.retry_initial_s,
             retry_max_s=flush.retry_max_s,
+            checkpoint_timeout_s=flush.checkpoint_timeout_s,
+            drain_timeout_s=flush.drain_timeout_s,
         )
         self.server: LocalIngestServer | None = None
         self.channel: SiftChannel | None = None
@@ -322,8 +324,16 @@ class Agent:
         config = self.config
         target = config.target
         if isinstance(target, LocalTarget):
-            target.db_path.parent.mkdir(parents=True, exist_ok=True)
-            server = make_server(target.db_path, host=target.host, port=target.port)
+            try:
+                target.db_path.parent.mkdir(parents=True, exist_ok=True)
+                server = make_server(target.db_path, host=target.host, port=target.port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot start the local server on {target.host}:{target.port} with store "
+                    f"{target.db_path}: {exc.strerror or exc}",
+                    source=str(config.source) if config.source else None,
+                    key="target.local",
+                ) from exc
             server.start()
             self.server = server
             host = "127.0.0.1" if target.host in ("0.0.0.0", "") else target.host
