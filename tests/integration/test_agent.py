@@ -414,4 +414,3 @@ def test_samples_that_cannot_be_encoded_are_counted_as_rejected(
     assert (final.flusher.delivered, final.flusher.rejected) == (1, 2)
     assert final.flusher.balanced
     assert not final.balanced  # put straight into the ring: no reader decoded them
-
