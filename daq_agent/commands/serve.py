@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from daq_agent.errors import DaqError
 from daq_agent.server.local import make_server
 
 __all__ = ["API_KEY_ENV", "STATE_DIR_ENV", "add_subparser", "default_db_path"]
@@ -61,9 +62,13 @@ def _do_serve(args: argparse.Namespace) -> int:
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
 
+    try:
+        server = make_server(db_path, host=args.host, port=args.port, api_key=api_key)
+    except OSError as exc:
+        raise DaqError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with make_server(db_path, host=args.host, port=args.port, api_key=api_key):
+        with server:
             while not stop.wait(0.5):
                 pass
     finally:

@@ -558,13 +558,14 @@ class Store:
 
     def validation_errors(self, *, limit: int | None = None) -> list[ValidationErrorRecord]:
         """Recorded validation errors, oldest first (the last ``limit`` of them if given)."""
-        sql = (
-            "SELECT time_ns, ingestion_config_id, flow, run_id, request_index, reason, peer"
-            " FROM validation_errors ORDER BY id"
-        )
+        columns = "time_ns, ingestion_config_id, flow, run_id, request_index, reason, peer"
+        sql = f"SELECT {columns} FROM validation_errors ORDER BY id"
         params: list[object] = []
         if limit is not None:
-            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY time_ns"
+            sql = (
+                f"SELECT {columns} FROM (SELECT id, {columns} FROM validation_errors"
+                " ORDER BY id DESC LIMIT ?) ORDER BY id"
+            )
             params.append(limit)
         with self._lock:
             return [
