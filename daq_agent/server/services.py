@@ -87,6 +87,7 @@ _FIELD_BY_TYPE = {
     cdt.CHANNEL_DATA_TYPE_UINT_64: "uint64",
     cdt.CHANNEL_DATA_TYPE_BYTES: "bytes",
 }
+_RUN_ORDERS = frozenset({"", "created_date", "created_date asc", "created_date desc"})
 _WRITE_ROWS = 1024  # accepted samples buffered before one multi-row INSERT
 _MAX_SIGNATURES = 4096  # accepted value signatures cached per flow (multiplexed flows vary)
 
@@ -717,7 +718,7 @@ class LocalServices:
             ic_pb2.ListIngestionConfigFlowsRequest, data
         )
         record = self._config_or_404(request.ingestion_config_id)
-        filters = parse_filter(request.filter, frozenset({"name"}))
+        filters = parse_filter(request.filter, frozenset({"name", "flow_name"}))
         limit, after = _page(request.page_size, request.page_token)
         flows = self.store.list_flows(record.pk, filters, after=after, limit=limit + 1)
         return ic_pb2.ListIngestionConfigFlowsResponse(
@@ -792,7 +793,8 @@ class LocalServices:
         return runs_pb2.GetRunResponse(run=self._run_pb(record)).SerializeToString()
 
     def list_runs(self, data: bytes, ctx: CallContext) -> bytes:
-        """ListRuns with ``name``/``run_id``/``client_key`` filters, by creation.
+        """ListRuns with ``name``/``run_id``/``client_key`` filters, by creation (``order_by``
+        ``created_date desc``: newest first).
 
         Raises:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
@@ -800,7 +802,15 @@ class LocalServices:
         request: runs_pb2.ListRunsRequest = _parse(runs_pb2.ListRunsRequest, data)
         filters = parse_filter(request.filter, frozenset({"name", "run_id", "client_key"}))
         limit, after = _page(request.page_size, request.page_token)
-        records = self.store.list_runs(filters, after=after, limit=limit + 1)
+        order = " ".join(request.order_by.lower().split())
+        if order not in _RUN_ORDERS:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unsupported order_by {request.order_by!r} (created_date [asc|desc])",
+            )
+        records = self.store.list_runs(
+            filters, after=after, limit=limit + 1, newest_first=order == "created_date desc"
+        )
         return runs_pb2.ListRunsResponse(
             runs=[self._run_pb(r) for r in records[:limit]],
             next_page_token=_next_token([r.pk for r in records], limit),

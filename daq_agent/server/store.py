@@ -229,7 +229,7 @@ _CONFIG_COLUMNS = {
     "asset_name": "a.name",
     "organization_id": "c.organization_id",
 }
-_FLOW_COLUMNS = {"name": "f.name"}
+_FLOW_COLUMNS = {"name": "f.name", "flow_name": "f.name"}
 _RUN_COLUMNS = {
     "run_id": "run_id",
     "name": "name",
@@ -768,16 +768,26 @@ class Store:
         return None if row is None else _run(row)
 
     def list_runs(
-        self, filters: Mapping[str, str] | None = None, *, after: int = 0, limit: int = 1000
+        self,
+        filters: Mapping[str, str] | None = None,
+        *,
+        after: int = 0,
+        limit: int = 1000,
+        newest_first: bool = False,
     ) -> list[RunRecord]:
-        """Runs matching ``filters``, by pk after ``after``.
+        """Runs matching ``filters`` in creation order (or newest first), past pk ``after``.
 
         Raises:
             DaqError: for a filter field that does not exist.
         """
         clauses, params = _where(filters or {}, _RUN_COLUMNS)
-        clauses.append("id > ?")
-        sql = f"{_RUN_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"
+        if newest_first:
+            clauses.append("id < ?")
+            after = after or (1 << 62)
+        else:
+            clauses.append("id > ?")
+        order = "DESC" if newest_first else "ASC"
+        sql = f"{_RUN_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"
         with self._lock:
             return [_run(r) for r in self._conn.execute(sql, [*params, after, limit])]
 

@@ -256,6 +256,21 @@ def test_runs(grpc_channel: grpc.Channel) -> None:
     )
     assert len(everything.runs) == 1
     assert everything.next_page_token
+    newest = call(
+        grpc_channel,
+        methods.LIST_RUNS,
+        runs_pb2.ListRunsRequest(page_size=1, order_by="created_date desc"),
+        runs_pb2.ListRunsResponse,
+    )
+    assert [r.name for r in newest.runs] == ["run-2"]
+    older = call(
+        grpc_channel,
+        methods.LIST_RUNS,
+        runs_pb2.ListRunsRequest(order_by="created_date desc", page_token=newest.next_page_token),
+        runs_pb2.ListRunsResponse,
+    )
+    assert [r.name for r in older.runs] == ["run-1"]
+    assert older.next_page_token == ""
     call(
         grpc_channel,
         methods.STOP_RUN,
