@@ -837,10 +837,17 @@ class _Parser:
             data_bitrate = self.integer(bus, "data_bitrate", where, None, minimum=1)
             if data_bitrate is not None and not fd:
                 raise self.error("data_bitrate needs fd: true", f"{where}.data_bitrate")
+            interface = self.required_string(bus, "interface", where)
+            if interface not in _can_interfaces():
+                known = ", ".join(sorted(_can_interfaces()))
+                raise self.error(
+                    f"unknown python-can interface {interface!r} (known: {known})",
+                    f"{where}.interface",
+                )
             out.append(
                 BusConfig(
                     name=self.name(bus, "name", where, None),
-                    interface=self.required_string(bus, "interface", where),
+                    interface=interface,
                     channel=channel,
                     bitrate=self.integer(bus, "bitrate", where, None, minimum=1),
                     fd=fd,
@@ -986,6 +993,13 @@ class _Parser:
             )
         if required not in found:
             raise self.error(f"must contain {{{required}}} so flow names stay unique", key)
+
+
+def _can_interfaces() -> frozenset[str]:
+    """python-can's interface names, plugins registered by entry point included."""
+    import can
+
+    return frozenset(can.VALID_INTERFACES)
 
 
 def _join(prefix: str, key: str) -> str:

@@ -7,7 +7,8 @@ abandons the drain. When every source is a recorded log, the run ends by itself 
 ended and everything is delivered. A summary is printed at the end.
 
 Exit codes: 0 when everything read was delivered, 1 when samples were abandoned (the API never
-acknowledged them) or the API could not be reached, 2 for an invalid config.
+acknowledged them) or the API could not be reached, 2 for an invalid config (also a source that
+can never open as configured, e.g. an unknown python-can interface).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger("daq_agent.run")
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
+EXIT_CONFIG = 2
 
 
 def add_subparser(subparsers: Any) -> None:
@@ -151,10 +153,20 @@ def _do_run(args: argparse.Namespace) -> int:
             print(f"daq-agent run: cannot reach the ingestion API: {exc}", file=sys.stderr)
             return EXIT_INCOMPLETE
         for reader in agent.readers:  # so that "started" means the buses are listening
-            if not reader.wait_state(ReaderState.RUNNING, ReaderState.ENDED, timeout=5.0):
+            states = (ReaderState.RUNNING, ReaderState.ENDED, ReaderState.FAILED)
+            if not reader.wait_state(*states, timeout=5.0):
                 log.warning(
                     "source %s is not open yet: %s", reader.name, reader.counters.last_error
                 )
+        failed = agent.failed_sources()
+        if failed:
+            agent.stop(drain=False)
+            for reader in failed:
+                print(
+                    f"daq-agent run: {reader.kind} {reader.name}: {reader.counters.last_error}",
+                    file=sys.stderr,
+                )
+            return EXIT_CONFIG
         print(
             f"daq-agent: asset {config.asset}, {len(agent.readers)} "
             f"source{'' if len(agent.readers) == 1 else 's'}, "

@@ -451,8 +451,12 @@ class Agent:
         finals = (ReaderState.ENDED, ReaderState.FAILED, ReaderState.STOPPED)
         return self.finite and all(r.state in finals for r in self.readers)
 
+    def failed_sources(self) -> list[ReaderABC]:
+        """Sources that can never work as configured (not retried), e.g. an unknown interface."""
+        return [r for r in self.readers if r.state is ReaderState.FAILED]
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until a stop is requested or every (finite) source has ended.
+        """Wait until a stop is requested, every (finite) source has ended, or every source failed.
 
         Returns:
             True if the agent should stop now, False on timeout.
@@ -460,6 +464,9 @@ class Agent:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._stop_requested.is_set() or self.sources_done():
+                return True
+            if self.readers and len(self.failed_sources()) == len(self.readers):
+                log.error("every source failed; stopping")
                 return True
             if self.flusher is not None and not self.flusher.is_alive() and self._started:
                 log.error("the flusher ended unexpectedly: %s", self.flusher.error)

@@ -166,6 +166,12 @@ def test_serial_section_is_parsed(tree: Path) -> None:
             "do not belong",
         ),
         ("run:\n  metadata: {a: [1]}\n", "run.metadata.a", 8, "string, number or bool"),
+        (
+            "  - {name: c2, interface: nosuch, dbc: ../dbc/x.dbc}\n",
+            "buses[1].interface",
+            7,
+            "unknown python-can interface 'nosuch'",
+        ),
     ],
 )
 def test_errors_name_file_line_and_key(
