@@ -1,4 +1,4 @@
-"""The HTTP/2 gRPC core: our server with grpcio clients, our client with grpcio servers, and both."""
+"""The HTTP/2 gRPC core: our server with grpcio clients, our client with grpcio servers."""
 
 from __future__ import annotations
 
