@@ -100,8 +100,11 @@ class SampleEncoder(Protocol):
 class WindowStore(Protocol):
     """Where the flusher keeps what it sent until the server acknowledges it (the spool seam)."""
 
-    def append(self, payloads: Sequence[bytes], count: int, oldest_ns: int, newest_ns: int) -> None:
-        """Record one batch before it is sent."""
+    def append(
+        self, payloads: Sequence[bytes], count: int, oldest_ns: int, newest_ns: int
+    ) -> object:
+        """Record one batch before it is sent (a durable store returns once it is written)."""
+        ...
 
     def payloads(self) -> Iterator[Sequence[bytes]]:
         """Every batch of the window, in order (for a re-send)."""
