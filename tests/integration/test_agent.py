@@ -414,3 +414,20 @@ def test_samples_that_cannot_be_encoded_are_counted_as_rejected(
     assert (final.flusher.delivered, final.flusher.rejected) == (1, 2)
     assert final.flusher.balanced
     assert not final.balanced  # put straight into the ring: no reader decoded them
+
+
+def test_editing_the_database_changes_the_client_key(tmp_path: Path, channel: str) -> None:
+    """A new message in the DBC gives a new derived client key; a named key is kept as given."""
+    dbc = tmp_path / "edited.dbc"
+    dbc.write_text(BENCH_DBC.read_text())
+    before = Agent(write_config(tmp_path, virtual_config(tmp_path, channel, dbc=dbc))).plan
+    dbc.write_text(
+        BENCH_DBC.read_text()
+        + '\nBO_ 1792 Extra: 8 BMS\n SG_ ExtraSignal : 0|8@1+ (1,0) [0|255] "" Vector__XXX\n'
+    )
+    after = Agent(write_config(tmp_path, virtual_config(tmp_path, channel, dbc=dbc))).plan
+    assert len(after.flows) == len(before.flows) + 1
+    assert after.client_key != before.client_key
+    assert after.client_key.startswith("bench-test-")
+    named = virtual_config(tmp_path, channel, "ingestion_client_key: fixed-key\n", dbc=dbc)
+    assert Agent(write_config(tmp_path, named)).plan.client_key == "fixed-key"
