@@ -241,7 +241,8 @@ class Flusher:
         register_flows: with lazy flow creation, registers flows the first time they are seen
             (``IngestionService.register_flows``); None when every flow was registered up front.
         flows_by_name: the flows, to register lazily.
-        window: where a window is kept until acknowledged (default: memory).
+        window: where a window is kept until acknowledged (default: memory). What it holds
+            at start (a spool's backlog) is counted as ``recovered`` and sent first.
         clock_ns: the clock latencies are measured against (ns since the epoch).
 
     Raises:
@@ -268,6 +269,7 @@ class Flusher:
         self._flows_by_name = flows_by_name or {}
         self._registered: set[str] = set()
         self._window: WindowStore = window or MemoryWindow()
+        self.recovered = self._window.count  # a spool's backlog: sent first, counted apart
         self._clock_ns = clock_ns
         self._stream: DataStream | None = None
         self._stream_opened = 0.0
@@ -361,6 +363,7 @@ class Flusher:
             p50, p99 = self._latency.percentiles()
             return FlusherStats(
                 taken=self.taken,
+                recovered=self.recovered,
                 delivered=self.delivered,
                 pending=self.pending,
                 rejected=self.rejected,

@@ -76,6 +76,8 @@ class FlusherStats:
 
     Attributes:
         taken: samples taken from the ring.
+        recovered: samples already in the window when the flusher started (a durable spool's
+            backlog from an earlier run), delivered like the others.
         delivered: samples in streams the server acknowledged (committed).
         pending: samples sent or being sent, not yet acknowledged.
         rejected: samples that could not be encoded (unknown flow, wrong values).
@@ -91,6 +93,7 @@ class FlusherStats:
     """
 
     taken: int = 0
+    recovered: int = 0
     delivered: int = 0
     pending: int = 0
     rejected: int = 0
@@ -106,8 +109,11 @@ class FlusherStats:
 
     @property
     def balanced(self) -> bool:
-        """True when every taken sample is delivered, pending, rejected or abandoned."""
-        return self.taken == self.delivered + self.pending + self.rejected + self.abandoned
+        """True when every taken or recovered sample is delivered, pending, rejected, abandoned."""
+        return (
+            self.taken + self.recovered
+            == self.delivered + self.pending + self.rejected + self.abandoned
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +225,8 @@ class AgentStatus:
         if f.latency_p50_ms is not None and f.latency_p99_ms is not None:
             latency = f", latency p50 {f.latency_p50_ms:.1f} ms p99 {f.latency_p99_ms:.1f} ms"
         lines.append(
-            f"delivered {f.delivered}, pending {f.pending}, rejected {f.rejected}, "
+            (f"recovered {f.recovered}, " if f.recovered else "")
+            + f"delivered {f.delivered}, pending {f.pending}, rejected {f.rejected}, "
             f"abandoned {f.abandoned}; checkpoints {f.checkpoints}, failures {f.failures}, "
             f"retries {f.retries}, lazy flows {f.lazy_flows}{latency}"
         )
@@ -262,6 +269,7 @@ class AgentStatus:
             },
             "flusher": {
                 "taken": self.flusher.taken,
+                "recovered": self.flusher.recovered,
                 "delivered": self.flusher.delivered,
                 "pending": self.flusher.pending,
                 "rejected": self.flusher.rejected,
