@@ -32,6 +32,7 @@ import h2.settings
 from daq_agent import __version__
 from daq_agent.errors import RpcStatusError, TransportError
 from daq_agent.h2grpc.wire import MessageReader, frame, status_from_headers
+from daq_agent.h2grpc.wire_io import PlainWire, TlsWire, Wire
 
 __all__ = ["ClientStream", "H2Channel"]
 
@@ -81,7 +82,7 @@ class H2Channel:
         self._lock = threading.Lock()  # guards the h2 state machine
         self._send_lock = threading.Lock()  # keeps socket writes in h2's order
         self._changed = threading.Condition(self._lock)
-        self._sock: socket.socket | None = None
+        self._sock: Wire | None = None
         self._h2: h2.connection.H2Connection | None = None
         self._reader: threading.Thread | None = None
         self._streams: dict[int, _StreamState] = {}
@@ -166,14 +167,15 @@ class H2Channel:
             raise self._unavailable(f"cannot connect to {self.authority}: {exc}") from exc
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock: socket.socket = raw
+            sock: Wire = PlainWire(raw)
             if self.use_ssl:
                 context = self._ssl_context or ssl.create_default_context()
                 context.set_alpn_protocols(["h2"])
-                sock = context.wrap_socket(raw, server_hostname=self.host)
-                if sock.selected_alpn_protocol() != "h2":
+                tls = TlsWire(raw, context, server_hostname=self.host)
+                if tls.selected_alpn_protocol() != "h2":
                     raise self._unavailable(f"{self.authority} does not speak HTTP/2 (ALPN)")
-            sock.settimeout(None)
+                sock = tls
+            raw.settimeout(None)
         except (OSError, ssl.SSLError) as exc:
             raw.close()
             raise self._unavailable(f"TLS handshake with {self.authority} failed: {exc}") from exc
@@ -238,17 +240,13 @@ class H2Channel:
         sock, self._sock = self._sock, None
         self._h2 = None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
         self._changed.notify_all()
 
-    def _read_loop(self, sock: socket.socket, conn: h2.connection.H2Connection) -> None:
+    def _read_loop(self, sock: Wire, conn: h2.connection.H2Connection) -> None:
         while True:
             try:
-                data = sock.recv(262144)
+                data = sock.recv()
             except OSError as exc:
                 data = b""
                 reason = f"connection to {self.authority} lost: {exc}"

@@ -358,6 +358,8 @@ class GrpcH2Server:
         authorize: Callable[[CallContext], None] | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
+        self._thread: threading.Thread | None = None
+        self._closed = False
         self.unary = dict(unary)
         self.streams = dict(streams)
         self.authorize = authorize
@@ -375,11 +377,9 @@ class GrpcH2Server:
         self.port: int = self._socket.getsockname()[1]
         self._connections: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stopping: asyncio.Event | None = None
         self._grace = 5.0
-        self._closed = False
         self._lock = threading.Lock()
         self._error: BaseException | None = None
 

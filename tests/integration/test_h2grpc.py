@@ -267,3 +267,12 @@ def test_server_keeps_serving_while_one_stream_stalls(
         idle.cancel()
     finally:
         stalled.close()
+
+
+def test_a_port_in_use_is_an_os_error_and_nothing_leaks(
+    server: tuple[GrpcH2Server, list[Counting]],
+) -> None:
+    """Binding a taken port raises OSError at construction, leaving no half-built server."""
+    srv, _ = server
+    with pytest.raises(OSError, match="in use"):
+        GrpcH2Server(port=srv.port, unary={}, streams={})
