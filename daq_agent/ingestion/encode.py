@@ -133,6 +133,10 @@ _ENCODERS: dict[ChannelDataType, _ValueEncoder] = {
 
 
 _SECONDS_CACHE: dict[int, bytes] = {}
+_BYTE = [bytes((i,)) for i in range(256)]
+# Two varint bytes, both with the continuation bit, for every 14-bit value: nanoseconds of 2^28
+# and above (most of them) encode as two lookups and one byte instead of a loop.
+_VARINT14 = [bytes((k & 0x7F | 0x80, (k >> 7) | 0x80)) for k in range(1 << 14)]
 
 
 def _timestamp(ns: int) -> bytes:
@@ -143,8 +147,19 @@ def _timestamp(ns: int) -> bytes:
         if len(_SECONDS_CACHE) > 4096:
             _SECONDS_CACHE.clear()
         head = _SECONDS_CACHE[seconds] = b"\x08" + _varint(seconds) if seconds else b""
-    inner = head + b"\x10" + _varint(nanos) if nanos else head
-    return b"\x1a" + bytes((len(inner),)) + inner  # at most 17 bytes: a one-byte length
+    if nanos >= 0x10000000:
+        inner = (
+            head
+            + b"\x10"
+            + _VARINT14[nanos & 0x3FFF]
+            + _VARINT14[(nanos >> 14) & 0x3FFF]
+            + _BYTE[nanos >> 28]
+        )
+    elif nanos:
+        inner = head + b"\x10" + _varint(nanos)
+    else:
+        inner = head
+    return b"\x1a" + _BYTE[len(inner)] + inner  # at most 17 bytes: a one-byte length
 
 
 class _FlowEncoder:

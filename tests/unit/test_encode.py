@@ -110,3 +110,15 @@ def test_integer_out_of_range_is_rejected() -> None:
     flow = FlowConfig("ints", [ChannelConfig("u", T.UINT_32)])
     with pytest.raises(IngestionValidationError, match="does not fit uint32"):
         RequestEncoder("cfg", [flow]).encode(Sample("ints", 1, (2**32,)))
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [0, 1, 127, 128, 2**28 - 1, 2**28, 999_999_999, 1_000_000_000, 1_700_000_000_123_456_789],
+)
+def test_timestamps_at_varint_boundaries(timestamp: int) -> None:
+    """Timestamps whose nanoseconds sit at varint size boundaries serialize like protobuf."""
+    ours = RequestEncoder("cfg", [DOUBLES]).encode(Sample("doubles", timestamp, (0.0,) * 8))
+    request = IngestWithConfigDataStreamRequest.FromString(ours)
+    assert request.timestamp.seconds * 1_000_000_000 + request.timestamp.nanos == timestamp
+    assert ours == request.SerializeToString(deterministic=True)
