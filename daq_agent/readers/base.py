@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final, Protocol, Self
 
 from daq_agent.errors import ConfigError, ReaderError
 from daq_agent.pipeline.sample import Sample
@@ -41,6 +41,7 @@ __all__ = [
     "ReaderABC",
     "ReaderCounters",
     "ReaderState",
+    "SampleQueue",
     "Sink",
     "describe",
     "get_reader_class",
@@ -48,8 +49,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[Sample], object]
-"""Where a reader hands its decoded samples (``RingBuffer.put``); its result is ignored."""
+
+class SampleQueue(Protocol):
+    """A sink taking samples in batches (a :class:`~daq_agent.pipeline.ring_buffer.RingBuffer`)."""
+
+    def put_many(self, items: Iterable[Sample]) -> int:
+        """Enqueue ``items`` in order; returns how many were enqueued."""
+        ...
+
+
+Sink = Callable[[Sample], object] | SampleQueue
+"""Where a reader hands its decoded samples: a callable taking one sample (its result is ignored),
+or a queue with ``put_many`` that receives each read's samples in one call (one lock, not one per
+frame)."""
 
 ErrorCallback = Callable[["ReaderABC", BaseException], None]
 """Called from the reader thread with the reader and the error whenever the source fails."""
@@ -315,6 +327,7 @@ class ReaderABC(abc.ABC):
             raise ConfigError(f"poll_interval must be > 0, got {poll_interval}")
         self.name = name
         self._sink = sink
+        self._batch: list[Sample] | None = [] if hasattr(sink, "put_many") else None
         self._on_error = on_error
         self.backoff = backoff or BackoffPolicy()
         self.poll_interval = poll_interval
@@ -444,13 +457,36 @@ class ReaderABC(abc.ABC):
     # -- for subclasses -----------------------------------------------------------------------
 
     def _emit(self, sample: Sample) -> None:
-        """Hand one sample to the sink; a sink failure is counted, never raised."""
+        """Hand one sample to the sink (batched per read); a failure is counted, never raised."""
+        batch = self._batch
+        if batch is not None:
+            batch.append(sample)
+            return
         try:
-            self._sink(sample)
+            self._sink(sample)  # type: ignore[operator]  # not a SampleQueue: no batch
         except Exception as exc:  # the sink is someone else's code; the reader must survive
-            self.counters.add("sink_errors")
-            if self.counters.get("sink_errors") == 1:
-                log.exception("reader %s: sink failed (counted from now on): %s", self.name, exc)
+            self._sink_failed(exc, 1)
+
+    def _flush_batch(self) -> None:
+        """Hand the samples of the last read to a batching sink."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        try:
+            self._sink.put_many(batch)  # type: ignore[union-attr]  # _batch implies put_many
+        except Exception as exc:
+            self._sink_failed(exc, len(batch))
+
+    def _sink_failed(self, exc: Exception, samples: int) -> None:
+        self.counters.add("sink_errors", samples)
+        if self.counters.get("sink_errors") == samples:
+            log.error(
+                "reader %s: sink failed (counted from now on): %s",
+                self.name,
+                exc,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
 
     @property
     def stopping(self) -> bool:
@@ -501,7 +537,9 @@ class ReaderABC(abc.ABC):
                 exhausted = fatal = False
                 try:
                     while not self._stop.is_set():
-                        if not self._read(self.poll_interval):
+                        more = self._read(self.poll_interval)
+                        self._flush_batch()
+                        if not more:
                             exhausted = True
                             break
                         failures = 0
@@ -512,6 +550,7 @@ class ReaderABC(abc.ABC):
                     self._report(exc, "read")
                     failures += 1
                 finally:
+                    self._flush_batch()  # what a failing read decoded before it failed
                     try:
                         self._close()
                     except Exception as exc:
