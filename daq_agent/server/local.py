@@ -112,6 +112,7 @@ class LocalIngestServer:
                 return
             self._stopped = True
         self._server.stop(grace)
+        self.services.commit()  # what open (never ended) streams delivered
         self.store.close()
         log.info("stopped %s (db %s)", self.address, self.db_path)
 

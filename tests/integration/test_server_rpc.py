@@ -32,6 +32,7 @@ from daq_agent._proto.sift.ping.v1 import ping_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
 from daq_agent.server.local import LocalIngestServer, make_server
 from daq_agent.server.services import PING_RESPONSE
+from daq_agent.server.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -575,3 +576,42 @@ def test_cancelled_stream_keeps_what_it_delivered(
     assert pending.cancelled()
     response = call(grpc_channel, methods.PING, ping_pb2.PingRequest(), ping_pb2.PingResponse)
     assert response.response == PING_RESPONSE
+
+
+def test_stop_keeps_what_open_streams_delivered(tmp_path: Path) -> None:
+    """Stopping the server with a stream still open commits the samples it already received."""
+    server = make_server(tmp_path / "stop.sqlite")
+    server.start()
+    release = threading.Event()
+    sent = threading.Event()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        config = create_config(channel, "stop", [double_flow("f", 1)])
+
+        def stalled() -> Iterator[Request]:
+            yield from (
+                doubles(config.ingestion_config_id, "f", BASE_NS + i, 1.0) for i in range(5)
+            )
+            sent.set()
+            release.wait(30)
+
+        method = channel.stream_unary(
+            methods.INGEST_WITH_CONFIG_DATA_STREAM,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
+        )
+        pending = method.future(stalled(), timeout=30)
+        assert sent.wait(10)
+        # the stream's requests are on the wire; wait until the server has parsed them
+        deadline = time.monotonic() + 10
+        while len(server.services.rows) + server.store.pending < 5 and time.monotonic() < deadline:
+            release.wait(0.02)
+        server.stop(grace=0.2)
+        with pytest.raises(grpc.RpcError):
+            pending.result(timeout=10)
+    finally:
+        release.set()
+        server.stop()
+        channel.close()
+    with Store.open(tmp_path / "stop.sqlite", readonly=True) as store:
+        assert store.count_samples() == 5
