@@ -25,7 +25,10 @@ Record format (little-endian), self-delimiting and resynchronisable::
     body            n times: u32 length + payload bytes
     crc        u32  zlib.crc32 over everything after the magic up to the end of the body
 
-Cursor format: ``b"DQAK"``, u64 acknowledged seq, u32 crc32 of the seq bytes.
+Cursor format: ``b"DQAK"``, u64 acknowledged seq, u64 seq through which losses were already
+counted (the last seq at the previous open), u32 crc32 of the two u64. It is written when the
+spool is created and at every open that found something new, so a loss is reported by one open
+only, and sequence numbers continue after it even when every segment is gone.
 
 Durability: every append is one ``write()`` to the OS at once. A background thread named
 ``daq-spool-sync`` fsyncs the segment being written (and the directory, after a segment was
@@ -38,8 +41,9 @@ Recovery at open never refuses to start because of the spool's content:
 
 * a missing or corrupt cursor means everything present is unacknowledged
   (``stats().cursor_state`` says which, ``stats().recovered_records`` how much is pending);
-* a torn tail of the newest segment (a record cut short by a crash) is truncated and its bytes
-  counted in ``torn_bytes``;
+* a torn tail of the newest segment holding a valid record (a record cut short by a crash) is
+  truncated and its bytes counted in ``torn_bytes``, as are segments after it with no valid record
+  (created, never synced); a segment with no valid record is removed;
 * a corrupt record (bad magic, length or CRC) is skipped by scanning forward to the next magic that
   starts a record with a valid CRC and a higher seq. ``corrupt_records`` counts the
   *unacknowledged* sequence numbers missing between two valid records (or between the start of a
@@ -47,7 +51,11 @@ Recovery at open never refuses to start because of the spool's content:
   seqs are consecutive within and across segments. Damage at the very end of the newest segment,
   with no valid record after it, cannot be counted by seq: it counts as one corrupt record when a
   complete record (its declared length fits in the file) fails its CRC, otherwise as torn bytes.
-  A record found corrupt later, by :meth:`Spool.read`, is skipped and counted too.
+  A record found corrupt later, by :meth:`Spool.read`, is skipped and counted too. Each loss is
+  counted by one open only (the cursor remembers the seq through which losses were counted).
+* Sequence numbers continue after the highest seq seen (valid records, segment names, the cursor).
+  Records cut from the newest segment by a crash were never synced, so their seqs may be handed
+  out again; a seq that was acknowledged never is.
 
 Quota: when an append would make the segment files exceed ``quota_bytes``, the oldest segments are
 deleted, even unacknowledged ones, and their unacknowledged records and samples are counted in
@@ -96,7 +104,7 @@ _CRC_SIZE: Final = 4
 _OVERHEAD: Final = _HEADER_SIZE + _CRC_SIZE
 _MAX_BODY: Final = 2**31
 _U32: Final = struct.Struct("<I")
-_CURSOR: Final = struct.Struct("<4sQI")
+_CURSOR: Final = struct.Struct("<4sQQI")
 _CURSOR_MAGIC: Final = b"DQAK"
 _SEGMENT_RE: Final = re.compile(r"^seg-(\d{20})\.spool$")
 _CACHE_BYTES: Final = 4 * 2**20
@@ -336,6 +344,7 @@ class Spool:
         self._wake = threading.Event()
 
         self._acked = 0
+        self._counted = 0
         self._last_seq = 0
         self._pending_records = 0
         self._pending_samples = 0
@@ -398,7 +407,8 @@ class Spool:
 
     # -- recovery -----------------------------------------------------------------------------
 
-    def _read_cursor(self) -> int | None:
+    def _read_cursor(self) -> tuple[int, int] | None:
+        """(acked seq, seq through which losses were counted), or None when missing or corrupt."""
         path = self.directory / "ack"
         try:
             data = path.read_bytes()
@@ -409,10 +419,10 @@ class Spool:
             self._cursor_state = "corrupt"
             return None
         if len(data) == _CURSOR.size:
-            magic, seq, crc = _CURSOR.unpack(data)
-            if magic == _CURSOR_MAGIC and zlib.crc32(data[4:12]) == crc:
+            magic, acked, counted, crc = _CURSOR.unpack(data)
+            if magic == _CURSOR_MAGIC and zlib.crc32(data[4:20]) == crc:
                 self._cursor_state = "ok"
-                return int(seq)
+                return int(acked), int(counted)
         log.warning("spool %s: corrupt ack cursor: everything present is unacknowledged", path)
         self._cursor_state = "corrupt"
         return None
@@ -428,30 +438,52 @@ class Spool:
         # stale temporary cursor from a crash during acknowledge
         with contextlib.suppress(FileNotFoundError):
             (self.directory / "ack.tmp").unlink()
-        if cursor is None and found and self._cursor_state == "new":
-            self._cursor_state = "missing"
-            log.warning(
-                "spool %s: ack cursor missing: everything present is unacknowledged",
-                self.directory,
-            )
-        acked = cursor if cursor is not None else (found[0][0] - 1 if found else 0)
+        if cursor is None:
+            if found and self._cursor_state == "new":
+                self._cursor_state = "missing"
+                log.warning(
+                    "spool %s: ack cursor missing: everything present is unacknowledged",
+                    self.directory,
+                )
+            acked, counted = (found[0][0] - 1 if found else 0), 0
+        else:
+            acked, counted = cursor
         self._acked = acked
+        self._counted = counted
 
         prev = found[0][0] - 1 if found else acked
-        highest_name = 0
-        for position, (first_seq, path) in enumerate(found):
-            highest_name = max(highest_name, first_seq)
-            last = position == len(found) - 1
-            segment, prev = self._scan(path, first_seq, prev, last=last)
-            if segment.seqs:
-                self._segments.append(segment)
-            else:
-                log.warning("spool %s: no valid record, removed", path)
+        scans: list[tuple[_Segment, int, int, int]] = []
+        for first_seq, path in found:
+            segment, prev, valid_end, tail_state = self._scan(path, first_seq, prev)
+            scans.append((segment, valid_end, tail_state, segment.size))
+        # the newest segment with a valid record is the one that was being written when the
+        # process stopped: damage after its last valid record is a torn tail
+        newest = max((i for i, scan in enumerate(scans) if scan[0].seqs), default=-1)
+        for position, (segment, valid_end, tail_state, size) in enumerate(scans):
+            if not segment.seqs:
+                if position > newest:
+                    self._torn += size
+                log.warning("spool %s: no valid record, removed", segment.path)
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                    segment.path.unlink()
                 self._dir_dirty = True
+                continue
+            if position == newest and valid_end < size:
+                if tail_state == -2:
+                    self._corrupt += 1
+                self._torn += size - valid_end
+                log.warning(
+                    "spool %s: truncated %d damaged bytes at the tail",
+                    segment.path,
+                    size - valid_end,
+                )
+                os.truncate(segment.path, valid_end)
+                segment.size = valid_end
+            # an older segment keeps a damaged tail: the seqs that follow counted its losses
+            self._segments.append(segment)
 
-        self._last_seq = max(acked, prev, highest_name)
+        highest_name = found[-1][0] if found else 0
+        self._last_seq = max(acked, counted, prev, highest_name)
         for segment in self._segments:
             records, samples, size = segment.tally_after(acked)
             self._pending_records += records
@@ -461,8 +493,20 @@ class Spool:
         self._recovered = self._pending_records
         # segments fully acked whose deletion did not happen before a crash
         self._delete_acked(acked)
-        if self._dir_dirty:
+        if cursor is None or counted < self._last_seq:
+            # losses up to here are counted once: the next open does not count them again
+            # best effort (a full disk must not stop the start): if it fails, the next open
+            # reports the same losses again
+            try:
+                self._write_cursor(acked, self._last_seq)
+                self._counted = self._last_seq
+            except OSError as exc:
+                log.warning("spool %s: cannot update the ack cursor: %s", self.directory, exc)
+                with contextlib.suppress(OSError):
+                    (self.directory / "ack.tmp").unlink()
+        elif self._dir_dirty:
             self._sync_directory()
+        self._dir_dirty = False
         if self._recovered or self._corrupt or self._torn:
             log.info(
                 "spool %s: recovered %d unacknowledged records (%d corrupt, %d torn bytes)",
@@ -472,14 +516,16 @@ class Spool:
                 self._torn,
             )
 
-    def _scan(self, path: Path, first_seq: int, prev: int, *, last: bool) -> tuple[_Segment, int]:
-        """Index one segment; count corrupt records; truncate a torn tail if it is the newest.
+    def _scan(self, path: Path, first_seq: int, prev: int) -> tuple[_Segment, int, int, int]:
+        """Index one segment and count the records missing between its valid ones.
 
         Returns:
-            the segment and the highest valid seq seen so far.
+            the segment (its ``size`` is the file's), the highest valid seq seen so far, the end
+            of its last valid record, and how the data after that end failed to parse (-1: cut
+            short, -2: complete but invalid, 0: nothing after it).
         """
         size = path.stat().st_size
-        segment = _Segment(path, first_seq)
+        segment = _Segment(path, first_seq, size)
         valid_end = 0
         tail_state = 0
         if size:
@@ -497,20 +543,7 @@ class Spool:
                     if pos == valid_end:
                         tail_state = parsed if isinstance(parsed, int) else -2
                     pos = self._resync(mm, pos + 1, size, prev)
-        segment.size = valid_end
-        if valid_end < size:
-            if last:
-                if tail_state == -2:
-                    self._corrupt += 1
-                self._torn += size - valid_end
-                log.warning(
-                    "spool %s: truncated %d damaged bytes at the tail", path, size - valid_end
-                )
-                os.truncate(path, valid_end)
-            else:
-                # the next segment's records tell by their seqs how many were lost here
-                segment.size = size
-        return segment, prev
+        return segment, prev, valid_end, tail_state
 
     @staticmethod
     def _resync(mm: mmap.mmap, start: int, size: int, prev: int) -> int:
@@ -524,7 +557,7 @@ class Spool:
         return size
 
     def _count_lost(self, prev: int, seq: int) -> None:
-        low = max(prev, self._acked)
+        low = max(prev, self._acked, self._counted)
         if seq - 1 > low:
             self._corrupt += seq - 1 - low
 
@@ -874,7 +907,7 @@ class Spool:
                     f"the last appended is {self._last_seq}"
                 )
             try:
-                self._write_cursor(seq)
+                self._write_cursor(seq, self._counted)
             except OSError as exc:
                 raise self._fail(exc, "writing the ack cursor") from exc
             for segment in self._segments:
@@ -891,9 +924,10 @@ class Spool:
                     raise self._fail(exc, "fsync") from exc
                 self._dir_dirty = False
 
-    def _write_cursor(self, seq: int) -> None:
-        seq_bytes = struct.pack("<Q", seq)
-        data = _CURSOR.pack(_CURSOR_MAGIC, seq, zlib.crc32(seq_bytes))
+    def _write_cursor(self, acked: int, counted: int) -> None:
+        """Replace the cursor atomically: tmp file, fsync, rename, fsync the directory."""
+        body = struct.pack("<QQ", acked, counted)
+        data = _CURSOR.pack(_CURSOR_MAGIC, acked, counted, zlib.crc32(body))
         tmp = self.directory / "ack.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
