@@ -239,7 +239,8 @@ class _Flow:
             expected=expected,
             count=len(fields),
             match=None if pattern is None else pattern.match,
-            accepted={expected},
+            # strings must be valid UTF-8, which only the full parse checks: no fast path
+            accepted=set() if "string" in fields else {expected},
         )
 
 
@@ -554,6 +555,7 @@ class LocalServices:
             signature = b""
         if (
             len(flow.accepted) < _MAX_SIGNATURES
+            and "string" not in flow.fields
             and all(
                 got in (want, _EMPTY_TAG)
                 for got, want in zip(signature, flow.expected, strict=False)

@@ -189,3 +189,17 @@ def test_flow_definitions_are_checked(services: LocalServices) -> None:
         with pytest.raises(RpcError) as info:
             services.create_ingestion_config(request.SerializeToString(), CTX)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_invalid_utf8_string_ends_the_stream(services: LocalServices) -> None:
+    """A string value that is not UTF-8 is refused as malformed, never stored."""
+    config_id = _config(services, _flow("s", cdt.CHANNEL_DATA_TYPE_STRING))
+    good = _request(config_id, "s", BASE, string="ok").SerializeToString()
+    bad = good.replace(b"ok", b"\xff\xfe")
+    _ingest(services, good)
+    handler = services.ingest_stream(CTX)
+    with pytest.raises(RpcError) as info:
+        handler.on_messages([bad])
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    handler.on_abort()
+    assert [s.values for s in services.store.iter_samples()] == [{"c0": "ok"}]
