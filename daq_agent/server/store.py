@@ -366,6 +366,10 @@ class Store:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 conn.execute("PRAGMA cache_size=-65536")
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+                if tables and "meta" not in tables:
+                    conn.close()
+                    raise DaqError(f"{path}: not a daq-agent database (refusing to add tables)")
                 conn.executescript(_SCHEMA)
                 conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",

@@ -76,6 +76,8 @@ def test_open_errors(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(DaqError, match=r"foreign\.sqlite"):
         Store.open(foreign, readonly=True)
+    with pytest.raises(DaqError, match="not a daq-agent database"):
+        Store.open(foreign)
 
 
 def test_samples_are_deduplicated(store: Store) -> None:
