@@ -215,8 +215,6 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
     assert db.is_file()
 
 
-# GrpcH2Server.__del__ reads attributes a failed __init__ (bind error) never set; reported.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_serve_port_in_use_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``serve`` on a port already listened on is a clear error with exit code 2."""
     with socket.socket() as taken:
