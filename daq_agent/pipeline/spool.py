@@ -22,7 +22,8 @@ Record format (little-endian), self-delimiting and resynchronisable::
     oldest_ns  i64  oldest sample timestamp
     newest_ns  i64  newest sample timestamp
     n          u32  number of payloads
-    body            n times: u32 length + payload bytes
+    lengths    n x u32  the length of each payload
+    payloads        the payloads, one after the other
     crc        u32  zlib.crc32 over everything after the magic up to the end of the body
 
 Cursor format: ``b"DQAK"``, u64 acknowledged seq, u64 seq through which losses were already
@@ -80,6 +81,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -88,6 +90,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Final, Literal
 
@@ -109,6 +112,7 @@ _CURSOR_MAGIC: Final = b"DQAK"
 _SEGMENT_RE: Final = re.compile(r"^seg-(\d{20})\.spool$")
 _CACHE_BYTES: Final = 4 * 2**20
 _THREAD_NAME: Final = "daq-spool-sync"
+_BIG_ENDIAN: Final = sys.byteorder == "big"
 
 CursorState = Literal["new", "ok", "missing", "corrupt"]
 
@@ -219,19 +223,30 @@ def encode_record(
     seq: int, payloads: Sequence[bytes], count: int, oldest_ns: int, newest_ns: int
 ) -> bytes:
     """The bytes of one record (see the module docstring for the format)."""
-    parts: list[bytes] = []
-    pack = _U32.pack
+    lengths = array("I", [len(payload) for payload in payloads])
+    if _BIG_ENDIAN:
+        lengths.byteswap()
+    body_len = 4 * len(lengths) + sum(len(payload) for payload in payloads)
+    header = _HEADER.pack(MAGIC, body_len, seq, count, oldest_ns, newest_ns, len(payloads))
+    record = bytearray(header)
+    record += lengths.tobytes()
     for payload in payloads:
-        parts.append(pack(len(payload)))
-        parts.append(payload)
-    body = b"".join(parts)
-    header = _HEADER.pack(MAGIC, len(body), seq, count, oldest_ns, newest_ns, len(payloads))
-    crc = zlib.crc32(body, zlib.crc32(memoryview(header)[4:]))
-    return b"".join((header, body, _U32.pack(crc)))
+        record += payload
+    crc = zlib.crc32(memoryview(record)[4:])
+    record += _U32.pack(crc)
+    return bytes(record)
 
 
-def _parse(buf: bytes | mmap.mmap | memoryview, pos: int, end: int) -> SpoolRecord | int:
+def _parse(
+    buf: bytes | mmap.mmap, pos: int, end: int, *, payloads: bool = True
+) -> SpoolRecord | int:
     """Parse the record at ``buf[pos:]`` (not past ``end``).
+
+    Args:
+        buf: the bytes (a segment file's, or part of it).
+        pos: where the record starts.
+        end: where the data ends.
+        payloads: False checks the record but leaves its payloads out (recovery scan).
 
     Returns:
         the record, or an int: -1 when the record runs past ``end`` or its header is short
@@ -246,24 +261,21 @@ def _parse(buf: bytes | mmap.mmap | memoryview, pos: int, end: int) -> SpoolReco
     body_end = body_start + body_len
     if body_end + _CRC_SIZE > end:
         return -1
-    view = memoryview(buf)
     (crc,) = _U32.unpack_from(buf, body_end)
-    if zlib.crc32(view[pos + 4 : body_end]) != crc:
-        return -2
-    payloads: list[bytes] = []
-    at = body_start
-    for _ in range(n):
-        if at + 4 > body_end:
+    with memoryview(buf) as view:
+        if zlib.crc32(view[pos + 4 : body_end]) != crc:
             return -2
-        (length,) = _U32.unpack_from(buf, at)
-        at += 4
-        if at + length > body_end:
-            return -2
-        payloads.append(bytes(view[at : at + length]))
-        at += length
-    if at != body_end:
+    lengths = array("I")
+    lengths.frombytes(buf[body_start : body_start + 4 * n])
+    if _BIG_ENDIAN:
+        lengths.byteswap()
+    if 4 * n + sum(lengths) != body_len:
         return -2
-    return SpoolRecord(seq, count, oldest, newest, tuple(payloads))
+    if not payloads:
+        return SpoolRecord(seq, count, oldest, newest, ())
+    bounds = list(accumulate(lengths, initial=body_start + 4 * n))
+    cut = map(slice, bounds[:-1], bounds[1:])  # slicing in C: no per-payload Python frame
+    return SpoolRecord(seq, count, oldest, newest, tuple(map(buf.__getitem__, cut)))
 
 
 def _fsync_dir(directory: Path, fsync: Callable[[int], None]) -> None:
@@ -532,7 +544,7 @@ class Spool:
             with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 pos = 0
                 while pos < size:
-                    parsed = _parse(mm, pos, size)
+                    parsed = _parse(mm, pos, size, payloads=False)
                     if isinstance(parsed, SpoolRecord) and parsed.seq > prev:
                         self._count_lost(prev, parsed.seq)
                         end = pos + _OVERHEAD + _U32.unpack_from(mm, pos + 4)[0]
@@ -550,7 +562,7 @@ class Spool:
         """The offset of the next valid record with a seq above ``prev`` (``size``: none)."""
         pos = mm.find(MAGIC, start)
         while pos >= 0:
-            parsed = _parse(mm, pos, size)
+            parsed = _parse(mm, pos, size, payloads=False)
             if isinstance(parsed, SpoolRecord) and parsed.seq > prev:
                 return pos
             pos = mm.find(MAGIC, pos + 1)
