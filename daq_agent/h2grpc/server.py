@@ -89,6 +89,10 @@ class _Connection(asyncio.Protocol):
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 65536,
             }
         )
+        # Accept large frames now, not only once the client's ACK is processed: h2 checks frame
+        # sizes against the limit in force when a read began, so an ACK and a large DATA frame
+        # arriving in one read would otherwise fail as "overlong frame".
+        self._h2.max_inbound_frame_size = _MAX_FRAME
         self._h2.increment_flow_control_window(_WINDOW)
         self._flush()
 
