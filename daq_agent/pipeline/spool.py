@@ -318,8 +318,9 @@ class Spool:
             fsync: ``os.fsync`` (a seam for fault-injection tests).
 
         Raises:
-            SpoolError: the directory cannot be created or opened, or another process (or
-                another Spool) owns it.
+            SpoolError: a parameter is out of range, the directory cannot be created or read
+                (an I/O error, never its content), or another process (or another Spool) owns
+                it.
         """
         if (
             segment_bytes <= 0
@@ -378,6 +379,9 @@ class Spool:
         self._lock_fd = self._take_lock()
         try:
             self._recover()
+        except OSError as exc:
+            self._release_lock()
+            raise SpoolError(f"spool {self.directory}: cannot recover: {exc}") from exc
         except BaseException:
             self._release_lock()
             raise
@@ -406,8 +410,9 @@ class Spool:
             os.close(fd)
             by = f" by pid {holder}" if holder.isdigit() else ""
             raise SpoolError(f"spool {self.directory} is locked{by}") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        with contextlib.suppress(OSError):  # the pid is a courtesy: the flock is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         return fd
 
     def _release_lock(self) -> None:

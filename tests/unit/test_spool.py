@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -491,3 +492,80 @@ def test_concurrent_append_and_read(spool_dir: Path) -> None:
         writer.join()
         assert seen == list(range(1, total + 1))
         assert spool.pending_records == 0
+
+
+def test_record_rotting_on_disk_after_open_is_skipped_by_read(spool_dir: Path) -> None:
+    """A record damaged on disk after it was written is skipped by read() and counted."""
+    with Spool(spool_dir, cache_bytes=0) as spool:
+        _fill(spool, 3)
+        (segment,) = _segments(spool_dir)
+        damaged = bytearray(segment.read_bytes())
+        damaged[len(encode_record(1, _payloads(0), 10, 0, 999)) + 50] ^= 0xFF
+        segment.write_bytes(bytes(damaged))
+        assert [r.seq for r in spool.read(0)] == [1, 3]
+        assert spool.stats().corrupt_records == 1
+
+
+def test_memory_stays_bounded_while_the_backlog_grows(spool_dir: Path) -> None:
+    """Appending 40 MB with nothing acknowledged keeps the spool's memory to its cache."""
+    payload = os.urandom(20_000)
+    with Spool(spool_dir, segment_bytes=4 * 2**20, cache_bytes=2**20) as spool:
+        tracemalloc.start()
+        try:
+            for i in range(2000):
+                spool.append([payload], 1, i, i)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert spool.pending_bytes > 40_000_000
+        assert peak < 3 * 2**20  # the 1 MiB cache, the index and one record being built
+        assert len(spool.read(0, max_records=10**6, max_bytes=2**20)) <= 53
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"segment_bytes": 0}, {"fsync_interval": -1.0}, {"quota_bytes": 0}],
+)
+def test_bad_parameters_are_refused(spool_dir: Path, options: dict[str, float]) -> None:
+    """Out-of-range sizes and intervals raise SpoolError before anything is created."""
+    with pytest.raises(SpoolError, match="must be"):
+        Spool(spool_dir, **options)  # type: ignore[arg-type]
+    assert not spool_dir.exists()
+
+
+def test_an_unreadable_directory_is_a_spool_error(tmp_path: Path) -> None:
+    """A path that cannot be a directory gives SpoolError, not a bare OSError."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SpoolError, match="cannot create"):
+        Spool(blocker / "spool")
+
+
+def test_recovered_segment_fully_acked_is_deleted_at_open(spool_dir: Path) -> None:
+    """A segment whose deletion a crash prevented after the ack is removed at the next open."""
+    with Spool(spool_dir) as spool:
+        _fill(spool, 3)
+    kept = _segments(spool_dir)[0].read_bytes()
+    with Spool(spool_dir) as spool:
+        spool.acknowledge(3)
+    (spool_dir / f"seg-{1:020d}.spool").write_bytes(kept)  # as if the unlink was lost
+    with Spool(spool_dir) as spool:
+        assert _segments(spool_dir) == []
+        assert spool.read(0) == []
+        assert spool.append([b"n"], 1, 0, 0) == 4
+
+
+def test_losses_are_reported_by_one_open_only(tmp_path: Path) -> None:
+    """A corrupt record is counted by the open that finds it, not again by later opens."""
+    directory = tmp_path / "spool"
+    with Spool(directory) as spool:
+        _fill(spool, 3)
+    (segment,) = _segments(directory)
+    damaged = bytearray(segment.read_bytes())
+    damaged[len(encode_record(1, _payloads(0), 10, 0, 999)) + 50] ^= 0xFF
+    segment.write_bytes(bytes(damaged))
+    with Spool(directory) as spool:
+        assert spool.stats().corrupt_records == 1
+    with Spool(directory) as spool:
+        assert spool.stats().corrupt_records == 0
+        assert [r.seq for r in spool.read(0)] == [1, 3]
