@@ -347,6 +347,9 @@ class GrpcH2Server:
         authorize: called with every call's context before its handler; raises
             :class:`~daq_agent.server.rpc.RpcError` to refuse the call.
         max_message_bytes: the largest request message accepted (gRPC's default 4 MiB).
+        tick: called on the server thread every ``tick_interval`` seconds (housekeeping such as
+            committing what a quiet stream delivered); its errors are logged.
+        tick_interval: seconds between ticks.
 
     Raises:
         OSError: the address cannot be bound.
@@ -361,7 +364,11 @@ class GrpcH2Server:
         streams: Mapping[str, StreamHandlerFactory],
         authorize: Callable[[CallContext], None] | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tick: Callable[[], None] | None = None,
+        tick_interval: float = 1.0,
     ) -> None:
+        self._tick = tick
+        self._tick_interval = tick_interval
         self._thread: threading.Thread | None = None
         self._closed = False
         self.unary = dict(unary)
@@ -453,12 +460,25 @@ class GrpcH2Server:
             self._started.set()
             loop.close()
 
+    def _on_tick(self) -> None:
+        assert self._tick is not None
+        assert self._loop is not None
+        try:
+            self._tick()
+        except Exception:
+            log.exception("server tick failed")
+        if not self._closed:
+            self._loop.call_later(self._tick_interval, self._on_tick)
+
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         server = await loop.create_server(lambda: _Connection(self), sock=self._socket)
         self._started.set()
+        timer = loop.call_later(self._tick_interval, self._on_tick) if self._tick else None
         await self._stopping.wait()
+        if timer is not None:
+            timer.cancel()
         server.close()
         for connection in list(self._connections):
             connection.go_away()

@@ -61,6 +61,7 @@ class LocalIngestServer:
                 unary=self.services.unary_handlers(),
                 streams=self.services.stream_handlers(),
                 authorize=self._authorize if self._api_key is not None else None,
+                tick=self.services.commit_if_due,
             )
         except OSError:
             self.store.close()

@@ -451,6 +451,14 @@ class LocalServices:
         ):
             self.commit()
 
+    def commit_if_due(self) -> None:
+        """Commit what open streams delivered once ``commit_interval`` has passed (run by the
+        server's tick, so a stream that went quiet is committed without waiting for its end)."""
+        if (self.rows or self.store.pending) and (
+            time.monotonic() - self._last_commit >= self.commit_interval
+        ):
+            self.commit()
+
     def commit(self) -> None:
         """Write every buffered sample and commit: all of it is then durable in the file."""
         if self.rows:

@@ -615,3 +615,35 @@ def test_stop_keeps_what_open_streams_delivered(tmp_path: Path) -> None:
         channel.close()
     with Store.open(tmp_path / "stop.sqlite", readonly=True) as store:
         assert store.count_samples() == 5
+
+
+def test_a_quiet_open_stream_is_committed_by_the_tick(
+    grpc_channel: grpc.Channel, local_server: LocalIngestServer
+) -> None:
+    """Samples of a stream that went quiet (still open) reach the file within the commit tick."""
+    config = create_config(grpc_channel, "quiet", [double_flow("f", 1)])
+    cid = config.ingestion_config_id
+    release = threading.Event()
+
+    def quiet() -> Iterator[Request]:
+        yield from (doubles(cid, "f", BASE_NS + i, float(i)) for i in range(5))
+        release.wait(30)
+
+    method = grpc_channel.stream_unary(
+        methods.INGEST_WITH_CONFIG_DATA_STREAM,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
+    )
+    pending = method.future(quiet(), timeout=30)
+    try:
+        deadline = time.monotonic() + 10
+        seen = 0
+        while time.monotonic() < deadline and seen < 5:
+            with local_server.open_store() as store:
+                seen = store.count_samples()
+            time.sleep(0.05)
+        assert seen == 5
+        assert not pending.done()
+    finally:
+        release.set()
+    pending.result(timeout=10)
