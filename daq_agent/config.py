@@ -33,7 +33,15 @@ tuning of the ring buffer and the flusher::
     serial:
       - {name: gps, port: /dev/ttyUSB0, baudrate: 9600, defs: serial/gps.yaml}
     ring: {capacity: 65536, policy: drop_oldest}      # or block
-    flush: {max_batch: 2000, max_age_ms: 50, checkpoint_seconds: 1, checkpoint_records: 200000}
+    flush: {max_batch: 2000, max_age_ms: 50, checkpoint_seconds: 1, checkpoint_records: 200000,
+            checkpoint_timeout_s: 30, retry_initial_s: 0.2, retry_max_s: 10, auth_retry_s: 30,
+            drain_timeout_s: 30}
+    spool:                               # the durable backlog between the flusher and the API
+      enabled: true
+      dir: null                          # default: <state_dir>/spool
+      fsync_interval_ms: 100             # group commit; 0 fsyncs every batch
+      quota_mb: null                     # null: no quota; else drop-oldest beyond it (counted)
+      segment_mb: 64
 
 Relative paths resolve against the directory of the config file. API keys never appear in the YAML:
 ``sift.api_key_env`` names an environment variable, ``sift.api_key_file`` a file holding the key.
@@ -68,6 +76,7 @@ __all__ = [
     "RunConfig",
     "SerialConfig",
     "SiftTarget",
+    "SpoolConfig",
     "load_config",
     "parse_config",
 ]
@@ -315,8 +324,10 @@ class FlushConfig:
         checkpoint_records: … and after at most this many samples.
         retry_initial_s: the first delay before re-sending a failed window.
         retry_max_s: the cap of that delay.
-        checkpoint_timeout_s: the longest to wait for the server's answer at a checkpoint.
+        checkpoint_timeout_s: the longest to wait for the server's answer at a checkpoint (then
+            the stream is abandoned and the window re-sent).
         drain_timeout_s: at shutdown, how long to keep trying to deliver what is left.
+        auth_retry_s: the delay between attempts while the API refuses the key.
     """
 
     max_batch: int = 2000
@@ -327,6 +338,37 @@ class FlushConfig:
     retry_max_s: float = 10.0
     checkpoint_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
+    auth_retry_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """The durable spool between the flusher and the ingestion API.
+
+    Attributes:
+        enabled: spool on disk (True) or keep the unacknowledged window in memory (False).
+        directory: the spool directory (absolute; default ``<state_dir>/spool``).
+        fsync_interval_ms: the longest a batch stays unsynced (group commit); 0: every batch.
+        quota_mb: the most MiB of segment files; beyond it the oldest are dropped and counted
+            (None: no quota).
+        segment_mb: a segment file is rolled at this size, MiB.
+    """
+
+    directory: Path
+    enabled: bool = True
+    fsync_interval_ms: int = 100
+    quota_mb: float | None = None
+    segment_mb: float = 64.0
+
+    @property
+    def quota_bytes(self) -> int | None:
+        """The quota in bytes (None: no quota)."""
+        return None if self.quota_mb is None else max(1, int(self.quota_mb * 2**20))
+
+    @property
+    def segment_bytes(self) -> int:
+        """The segment size in bytes."""
+        return max(1, int(self.segment_mb * 2**20))
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +406,7 @@ class AgentConfig:
         naming: naming templates.
         ingestion_client_key: the ingestion config's client key; None: derived from the asset and
             the fingerprint of the flows.
+        spool: the durable spool (default: on, under ``state_dir``).
         raw: the parsed document (for sections read by later components, e.g. ``spool``).
     """
 
@@ -379,7 +422,18 @@ class AgentConfig:
     flush: FlushConfig = field(default_factory=FlushConfig)
     naming: NamingConfig = field(default_factory=NamingConfig)
     ingestion_client_key: str | None = None
+    spool: SpoolConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def spool_config(self) -> SpoolConfig:
+        """The spool settings (the defaults under ``state_dir`` when not given)."""
+        return self.spool or SpoolConfig(directory=self.state_dir / "spool")
+
+    @property
+    def dead_letter_path(self) -> Path:
+        """The dead-letter file: requests the API can never accept (under ``state_dir``)."""
+        return self.state_dir / "deadletter.dqdl"
 
     @property
     def has_finite_sources_only(self) -> bool:
@@ -484,7 +538,7 @@ _TOP_KEYS: Final = frozenset(
         "flush",
         "naming",
         "ingestion_client_key",
-        "spool",  # read by the spool (issue 5)
+        "spool",
     }
 )
 
@@ -669,6 +723,7 @@ class _Parser:
             flush=self.flush(top),
             naming=self.naming(top),
             ingestion_client_key=client_key,
+            spool=self.spool(top, state_dir),
             raw=dict(top),
         )
 
@@ -947,6 +1002,7 @@ class _Parser:
                 "retry_max_s",
                 "checkpoint_timeout_s",
                 "drain_timeout_s",
+                "auth_retry_s",
             }
         )
         flush = self.mapping(top.get("flush"), "flush", keys)
@@ -971,6 +1027,24 @@ class _Parser:
                 flush, "checkpoint_timeout_s", "flush", d.checkpoint_timeout_s
             ),
             drain_timeout_s=self.number(flush, "drain_timeout_s", "flush", d.drain_timeout_s),
+            auth_retry_s=self.number(flush, "auth_retry_s", "flush", d.auth_retry_s),
+        )
+
+    def spool(self, top: Mapping[str, Any], state_dir: Path) -> SpoolConfig:
+        keys = frozenset({"enabled", "dir", "fsync_interval_ms", "quota_mb", "segment_mb"})
+        raw = top.get("spool")
+        if raw is False or raw is True:
+            raw = {"enabled": raw}
+        spool = self.mapping(raw, "spool", keys)
+        directory = self.string(spool, "dir", "spool")
+        quota = spool.get("quota_mb")
+        return SpoolConfig(
+            directory=self.path(directory) if directory else state_dir / "spool",
+            enabled=self.boolean(spool, "enabled", "spool", True),
+            fsync_interval_ms=self.integer(spool, "fsync_interval_ms", "spool", 100, minimum=0)
+            or 0,
+            quota_mb=None if quota is None else self.number(spool, "quota_mb", "spool", 0.0),
+            segment_mb=self.number(spool, "segment_mb", "spool", 64.0),
         )
 
     def naming(self, top: Mapping[str, Any]) -> NamingConfig:

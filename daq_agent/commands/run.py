@@ -6,8 +6,13 @@ SIGINT and SIGTERM stop the readers and drain what was read before exiting; a se
 abandons the drain. When every source is a recorded log, the run ends by itself once they have
 ended and everything is delivered. A summary is printed at the end.
 
-Exit codes: 0 when everything read was delivered, 1 when samples were abandoned (the API never
-acknowledged them) or the API could not be reached, 2 for an invalid config (also a source that
+With the spool (the default), what could not be delivered before the exit stays on disk and is
+replayed first at the next start; the summary says how much is left in it.
+
+Exit codes: 0 when everything read was delivered or is safe in the spool, 1 when samples were
+abandoned (the API never acknowledged them and there is no spool), the API could not be reached,
+or the spool failed (a write or fsync error: the service manager restarts the agent, which
+recovers what was synced) or is owned by another agent; 2 for an invalid config (also a source that
 can never open as configured, e.g. an unknown python-can interface).
 """
 
@@ -26,7 +31,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from daq_agent.config import load_config
-from daq_agent.errors import TransportError
+from daq_agent.errors import SpoolError, TransportError
 from daq_agent.pipeline.agent import Agent
 from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
@@ -152,6 +157,9 @@ def _do_run(args: argparse.Namespace) -> int:
         except TransportError as exc:
             print(f"daq-agent run: cannot reach the ingestion API: {exc}", file=sys.stderr)
             return EXIT_INCOMPLETE
+        except SpoolError as exc:
+            print(f"daq-agent run: cannot use the spool: {exc}", file=sys.stderr)
+            return EXIT_INCOMPLETE
         for reader in agent.readers:  # so that "started" means the buses are listening
             states = (ReaderState.RUNNING, ReaderState.ENDED, ReaderState.FAILED)
             if not reader.wait_state(*states, timeout=5.0):
@@ -183,5 +191,12 @@ def _do_run(args: argparse.Namespace) -> int:
             log_interval=args.log_interval,
         )
     for line in final.summary():
-        print(line)
+        print(line, flush=True)
+    spool_error = agent.spool_error
+    if spool_error is not None:
+        print(
+            f"daq-agent run: the spool failed, exiting so the agent is restarted: {spool_error}",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
     return EXIT_OK if final.flusher.abandoned == 0 and final.balanced else EXIT_INCOMPLETE

@@ -4,13 +4,14 @@
 
     Agent(config)          loads the databases, derives the flows and the client key (no I/O
                            beyond reading files: `daq-agent check` stops here)
-      .start()             local server (if the target is local) → channel → IngestionService
+      .start()             spool (locked; its unacknowledged batches are replayed first) → local
+                           server (if the target is local) → channel → IngestionService
                            (get-or-create config; lazy flow creation when the flows do not fit one
                            message) → run → ring → flusher → readers
       .wait(timeout)       until stop is requested, or every source is finite and has ended and
                            everything read is delivered
       .stop()              readers → ring closed → flusher drains and checkpoints → run stopped →
-                           channel → local server
+                           channel → local server → spool closed (what is left stays on disk)
 
 :meth:`Agent.request_stop` is safe from a signal handler (it only sets an event).
 """
@@ -31,7 +32,7 @@ from daq_agent._proto.sift.runs.v2 import runs_pb2
 from daq_agent.config import AgentConfig, LocalTarget, SiftTarget
 from daq_agent.decode.can_decoder import CanDecoder, derive_flows_fingerprint
 from daq_agent.decode.dbc import DatabaseWarning, load_database
-from daq_agent.errors import ConfigError, DaqError
+from daq_agent.errors import ConfigError, DaqError, SpoolError
 from daq_agent.ingestion import (
     IngestionService,
     SiftChannel,
@@ -40,9 +41,17 @@ from daq_agent.ingestion import (
 )
 from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.encode import RequestEncoder
-from daq_agent.pipeline.flusher import Flusher, FlusherSettings, SampleEncoder, WindowStore
+from daq_agent.pipeline.deadletter import DeadLetter
+from daq_agent.pipeline.flusher import (
+    DataStream,
+    Flusher,
+    FlusherSettings,
+    SampleEncoder,
+    WindowStore,
+)
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
+from daq_agent.pipeline.spool import Spool
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
 from daq_agent.readers.base import ReaderABC, ReaderState, Sink
 from daq_agent.server.local import LocalIngestServer, make_server
@@ -228,8 +237,9 @@ class Agent:
         force_lazy_flow_creation: register flows when first seen whatever their size.
         reader_factory: builds the reader of a source from its plan and the sink (benchmarks,
             other reader kinds); None: the built-in ``can``, ``replay`` and ``serial`` readers.
-        window: where the flusher keeps what it sent until acknowledged (the durable spool's
-            seam); None: in memory.
+        window: the backlog the flusher keeps until acknowledged; None: the config's spool
+            (``spool.enabled``, the default: a :class:`Spool` under the state dir, opened at
+            start and closed at stop), else memory.
 
     Raises:
         ConfigError: see :func:`plan_agent`.
@@ -262,7 +272,10 @@ class Agent:
             retry_max_s=flush.retry_max_s,
             checkpoint_timeout_s=flush.checkpoint_timeout_s,
             drain_timeout_s=flush.drain_timeout_s,
+            auth_retry_s=flush.auth_retry_s,
         )
+        self.spool: Spool | None = None
+        self._api_key = ""
         self.server: LocalIngestServer | None = None
         self.channel: SiftChannel | None = None
         self.service: IngestionService | None = None
@@ -320,9 +333,65 @@ class Agent:
             self._shutdown(drain=False)
             raise
 
+    def _open_spool(self) -> None:
+        """Open (lock, recover) the config's spool unless a window was given or it is disabled.
+
+        Raises:
+            SpoolError: the spool directory cannot be used, or another agent owns it.
+        """
+        spool = self.config.spool_config
+        if self._window is not None or not spool.enabled:
+            return
+        self.spool = Spool(
+            spool.directory,
+            segment_bytes=spool.segment_bytes,
+            fsync_interval=spool.fsync_interval_ms / 1000.0,
+            quota_bytes=spool.quota_bytes,
+        )
+        stats = self.spool.stats()
+        if stats.pending_records or stats.corrupt_records or stats.torn_bytes:
+            log.info(
+                "spool %s: %d unacknowledged batches (%d samples) from an earlier run are "
+                "replayed first; %d corrupt, %d torn bytes, cursor %s",
+                spool.directory,
+                stats.pending_records,
+                stats.pending_samples,
+                stats.corrupt_records,
+                stats.torn_bytes,
+                stats.cursor_state,
+            )
+
+    def _open_stream(self) -> DataStream:
+        """A new data stream on the current channel (it changes when the API key is re-read)."""
+        assert self.service is not None
+        return self.service.open_stream()
+
+    def _reload_api_key(self) -> None:
+        """After the API refused the key: re-read it, and reconnect with it if it changed.
+
+        Raises:
+            ConfigError: the key cannot be read (the message never holds the key).
+        """
+        target = self.config.target
+        if not isinstance(target, SiftTarget) or self.service is None:
+            return
+        key = target.api_key(self._env)
+        if key == self._api_key:
+            return
+        old = self.channel
+        self.channel = use_sift_channel(
+            {"uri": target.uri, "apikey": key, "use_ssl": target.use_ssl}
+        )
+        self.service.transport_channel = self.channel
+        self._api_key = key
+        log.warning("the API key changed: reconnecting with the new key")
+        if old is not None:
+            old.close()
+
     def _start(self) -> None:
         config = self.config
         target = config.target
+        self._open_spool()
         if isinstance(target, LocalTarget):
             try:
                 target.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,9 +414,10 @@ class Agent:
             log.info("local ingestion server on %s:%d, store %s", host, server.port, target.db_path)
         else:
             assert isinstance(target, SiftTarget)
+            self._api_key = target.api_key(self._env)
             channel_config = {
                 "uri": target.uri,
-                "apikey": target.api_key(self._env),
+                "apikey": self._api_key,
                 "use_ssl": target.use_ssl,
             }
         self.channel = channel = use_sift_channel(channel_config)
@@ -377,12 +447,14 @@ class Agent:
             log.info("run %r (%s)", self.run_name, self.run_id)
         self.flusher = Flusher(
             self.ring,
-            service.open_stream,
+            self._open_stream,
             self._encoder(service),
             settings=self.flusher_settings,
             register_flows=service.register_flows if service.lazy_flow_creation else None,
             flows_by_name={f.name: f for f in self.plan.flows},
-            window=self._window,
+            window=self._window if self._window is not None else self.spool,
+            dead_letter=DeadLetter(config.dead_letter_path),
+            on_auth_failure=self._reload_api_key,
         )
         self.flusher.start()
         for source in self.plan.sources:
@@ -500,7 +572,18 @@ class Agent:
             self.channel.close()
         if self.server is not None:
             self.server.stop()
+        if self.spool is not None:
+            try:
+                self.spool.close()
+            except SpoolError as exc:
+                log.error("closing the spool failed: %s", exc)
         return final
+
+    @property
+    def spool_error(self) -> SpoolError | None:
+        """The spool failure that stopped the flusher (the agent must exit non-zero), if any."""
+        error = self.flusher.error if self.flusher is not None else None
+        return error if isinstance(error, SpoolError) else None
 
     def _stop_run(self) -> None:
         channel = self.channel
@@ -571,4 +654,5 @@ class Agent:
             flusher=flusher or FlusherStats(),
             run_name=self.run_name,
             target=self.target_uri,
+            spool=self.spool.stats() if self.spool is not None else None,
         )

@@ -1,20 +1,40 @@
-"""The flusher: one thread (``daq-flusher``) from the ring buffer to the ingestion API.
+"""The flusher: from the ring buffer, through the backlog (the durable spool), to the ingestion API.
 
-It drains the ring by size and age, encodes each batch into serialized
-``IngestWithConfigDataStreamRequest`` messages (off the reader threads), and sends them over a
-long-lived client stream. A stream is a *window*: it is closed after ``checkpoint_seconds`` or
-``checkpoint_records`` (or when the source goes quiet, or at shutdown) and the server's OK answer
-is the checkpoint: every sample of the window is committed, and only then counted as delivered.
-Then a new stream is opened.
+Two threads, so that a slow or absent server never stalls the ring::
 
-When a stream fails (the server is away, answers an error, or a send fails) the window is kept,
-a capped exponential back-off runs, and the whole window is re-sent on a new stream. The window
-lives in a :class:`WindowStore`; this module's :class:`MemoryWindow` keeps it in memory. The
-durable spool (issue 5) replaces it with one that appends to disk before sending — that is the
-seam: ``append`` before ``send``, ``acknowledge`` after the checkpoint.
+    ring ──► daq-flusher ──encode──► backlog.append (the spool: on disk, fsynced by group commit)
+                                          │
+             daq-sender  ◄──read back in bounded chunks──┘ ──► stream ──► checkpoint ──► ack
+
+``daq-flusher`` drains the ring by size and age, encodes each batch into serialized
+``IngestWithConfigDataStreamRequest`` messages (off the reader threads) and appends it to the
+backlog *before* anything is sent. ``daq-sender`` reads what is not yet acknowledged back from the
+backlog in chunks of at most ``read_chunk_bytes`` (never a whole window in memory) and sends it on
+a long-lived client stream. A stream is a *window*, bounded by ``checkpoint_seconds`` and
+``checkpoint_records`` (and closed early when traffic pauses or at shutdown); the server's OK
+answer to its close is the checkpoint: every sample of the window is committed, the backlog is
+acknowledged up to the window's last sequence number, and only then are they counted delivered.
+
+Failures (see :mod:`daq_agent.pipeline.retry`): a transient one cancels the stream, waits a capped
+exponential back-off with full jitter, and re-sends the window from the acknowledged sequence on a
+new stream; never giving up. An authentication failure is retried slowly, logged at ERROR once per
+streak, and ``on_auth_failure`` is called (the agent re-reads its API key). A checkpoint with no
+answer within ``checkpoint_timeout_s`` abandons the stream (a hung server) and re-sends. A request
+the server can never accept is isolated by bisecting the window and moved to the dead-letter file.
+
+The backlog is a :class:`WindowStore`: :class:`~daq_agent.pipeline.spool.Spool` (durable: its
+content at start, an earlier run's unacknowledged batches, is replayed first and counted as
+``recovered``) or :class:`MemoryWindow` (no durability; while the server fails, the writer waits,
+so the ring's overflow policy applies as without a backlog). A :class:`SpoolError` (a write or
+fsync failed) is fatal: the flusher records it in :attr:`Flusher.error`, closes the ring and ends.
+
+Every sample taken is in exactly one bucket (:attr:`FlusherStats.balanced`)::
+
+    taken + recovered = delivered + pending + rejected + abandoned + dropped + corrupt
+                        + dead_lettered
 
 With lazy flow creation (a set of flows too large for one CreateIngestionConfig message), each
-flow is registered through the IngestionService the first time a sample of it is sent.
+flow is registered through the IngestionService before the first request of it is sent.
 """
 
 from __future__ import annotations
@@ -23,14 +43,20 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from daq_agent.errors import ConfigError, DaqError
+import grpc
+
+from daq_agent.errors import ConfigError, DaqError, SpoolError
 from daq_agent.ingestion.config import FlowConfig
+from daq_agent.pipeline.deadletter import DeadLetter
+from daq_agent.pipeline.retry import Backoff, FailureKind, RetryPolicy, classify
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
+from daq_agent.pipeline.spool import SpoolRecord
 from daq_agent.pipeline.status import FlusherStats
 
 __all__ = [
@@ -47,6 +73,8 @@ log = logging.getLogger(__name__)
 
 _LIVE_AGE_NS = 3600 * 1_000_000_000
 """Samples older than this when acknowledged are replayed data, left out of the latency."""
+_MAX_SPANS = 4096
+"""The most batch time spans remembered per window (for the latency reservoir)."""
 
 
 # -- seams --------------------------------------------------------------------------------------
@@ -98,64 +126,150 @@ class SampleEncoder(Protocol):
 
 
 class WindowStore(Protocol):
-    """Where the flusher keeps what it sent until the server acknowledges it (the spool seam)."""
+    """The backlog between the flusher and the stream (the spool's interface).
 
-    def append(
-        self, payloads: Sequence[bytes], count: int, oldest_ns: int, newest_ns: int
-    ) -> object:
-        """Record one batch before it is sent (a durable store returns once it is written)."""
+    Records carry consecutive sequence numbers from 1; the sender reads what follows the last
+    sequence it sent and acknowledges up to the last one of a committed window.
+    """
+
+    def append(self, payloads: Sequence[bytes], count: int, oldest_ns: int, newest_ns: int) -> int:
+        """Record one batch before it is sent; returns its sequence number.
+
+        Raises:
+            SpoolError: a durable store could not write it.
+        """
         ...
 
-    def payloads(self) -> Iterator[Sequence[bytes]]:
-        """Every batch of the window, in order (for a re-send)."""
+    def read(
+        self, after_seq: int, *, max_records: int = 1000, max_bytes: int = 8 * 2**20
+    ) -> list[SpoolRecord]:
+        """The next records after ``after_seq``, in order, bounded by count and bytes.
+
+        Raises:
+            SpoolError: a durable store could not read.
+        """
         ...
 
-    def acknowledge(self) -> tuple[int, list[tuple[int, int]]]:
-        """The window was committed: forget it (called with the flusher's counter lock held).
+    def acknowledge(self, seq: int) -> None:
+        """Everything up to ``seq`` was committed by the server: forget it.
 
-        Returns:
-            (samples, [(oldest_ns, newest_ns) per batch]).
+        Raises:
+            SpoolError: a durable store could not persist the cursor.
         """
         ...
 
     @property
-    def count(self) -> int:
-        """Samples in the window."""
+    def acked_seq(self) -> int:
+        """The acknowledged sequence number (0: none)."""
+        ...
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence number appended (0: none)."""
+        ...
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples appended (or recovered) and neither acknowledged nor dropped."""
         ...
 
 
 class MemoryWindow:
-    """A :class:`WindowStore` in memory (no durability: lost if the process dies)."""
+    """A :class:`WindowStore` in memory (no durability: lost if the process dies).
 
-    __slots__ = ("_batches", "_count", "_spans")
+    Args:
+        limit_bytes: the most payload bytes held; beyond it the oldest batches are dropped and
+            counted (``dropped_samples``). The flusher keeps far below it: while the server
+            fails, its writer waits instead of appending.
+    """
 
-    def __init__(self) -> None:
-        self._batches: list[Sequence[bytes]] = []
-        self._spans: list[tuple[int, int]] = []
-        self._count = 0
+    __slots__ = (
+        "_acked",
+        "_bytes",
+        "_last",
+        "_limit",
+        "_lock",
+        "_pending",
+        "_records",
+        "dropped_records",
+        "dropped_samples",
+    )
 
-    def append(self, payloads: Sequence[bytes], count: int, oldest_ns: int, newest_ns: int) -> None:
-        """Record one batch before it is sent."""
-        self._batches.append(payloads)
-        self._spans.append((oldest_ns, newest_ns))
-        self._count += count
+    def __init__(self, limit_bytes: int = 256 * 2**20) -> None:
+        self._records: deque[tuple[SpoolRecord, int]] = deque()
+        self._lock = threading.Lock()
+        self._limit = limit_bytes
+        self._bytes = 0
+        self._acked = 0
+        self._last = 0
+        self._pending = 0
+        self.dropped_records = 0
+        self.dropped_samples = 0
 
-    def payloads(self) -> Iterator[Sequence[bytes]]:
-        """Every batch of the window, in order."""
-        return iter(list(self._batches))
+    def append(self, payloads: Sequence[bytes], count: int, oldest_ns: int, newest_ns: int) -> int:
+        """Record one batch; returns its sequence number."""
+        size = sum(len(p) for p in payloads)
+        with self._lock:
+            self._last += 1
+            self._records.append(
+                (SpoolRecord(self._last, count, oldest_ns, newest_ns, tuple(payloads)), size)
+            )
+            self._bytes += size
+            self._pending += count
+            while self._bytes > self._limit and len(self._records) > 1:
+                record, dropped = self._records.popleft()
+                self._bytes -= dropped
+                self._pending -= record.count
+                self.dropped_records += 1
+                self.dropped_samples += record.count
+            return self._last
 
-    def acknowledge(self) -> tuple[int, list[tuple[int, int]]]:
-        """Forget the window; returns its sample count and batch time spans."""
-        out = (self._count, self._spans)
-        self._batches = []
-        self._spans = []
-        self._count = 0
-        return out
+    def read(
+        self, after_seq: int, *, max_records: int = 1000, max_bytes: int = 8 * 2**20
+    ) -> list[SpoolRecord]:
+        """The records after ``after_seq``, in order (at least one if there is one)."""
+        with self._lock:
+            if not self._records:
+                return []
+            start = max(0, after_seq + 1 - self._records[0][0].seq)
+            out: list[SpoolRecord] = []
+            budget = max_bytes
+            for i in range(start, len(self._records)):
+                record, size = self._records[i]
+                if len(out) >= max_records or (out and size > budget):
+                    break
+                budget -= size
+                out.append(record)
+            return out
+
+    def acknowledge(self, seq: int) -> None:
+        """Forget every record up to ``seq``."""
+        with self._lock:
+            while self._records and self._records[0][0].seq <= seq:
+                record, size = self._records.popleft()
+                self._bytes -= size
+                self._pending -= record.count
+            self._acked = max(self._acked, min(seq, self._last))
+
+    @property
+    def acked_seq(self) -> int:
+        """The acknowledged sequence number."""
+        return self._acked
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence number appended."""
+        return self._last
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples held."""
+        return self._pending
 
     @property
     def count(self) -> int:
-        """Samples in the window."""
-        return self._count
+        """Samples held (the window)."""
+        return self._pending
 
 
 # -- the flusher ---------------------------------------------------------------------------------
@@ -172,10 +286,14 @@ class FlusherSettings:
         checkpoint_records: the most samples per stream.
         idle_checkpoint_s: close the stream when nothing arrived for this long (delivers promptly
             when traffic pauses).
-        checkpoint_timeout_s: the longest to wait for the server's answer at a checkpoint.
-        retry_initial_s: the first back-off after a failure.
-        retry_max_s: the cap of the back-off.
-        drain_timeout_s: at shutdown, how long to keep retrying before abandoning what is left.
+        checkpoint_timeout_s: the longest to wait for the server's answer at a checkpoint; then
+            the stream is abandoned and the window re-sent.
+        retry_initial_s: the cap of the first back-off after a failure.
+        retry_max_s: the cap of the back-off for transient failures.
+        auth_retry_s: the back-off after an authentication failure (slow: a person must act).
+        drain_timeout_s: at shutdown, how long to keep delivering before giving up (what is left
+            stays in a durable spool for the next start; from memory it is abandoned).
+        read_chunk_bytes: the most bytes read back from the backlog at a time.
     """
 
     max_batch: int = 2000
@@ -186,15 +304,24 @@ class FlusherSettings:
     checkpoint_timeout_s: float = 30.0
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
+    auth_retry_s: float = 30.0
     drain_timeout_s: float = 30.0
+    read_chunk_bytes: int = 4 * 2**20
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.checkpoint_records < 1:
-            raise ConfigError("max_batch and checkpoint_records must be >= 1")
+        if self.max_batch < 1 or self.checkpoint_records < 1 or self.read_chunk_bytes < 1:
+            raise ConfigError("max_batch, checkpoint_records and read_chunk_bytes must be >= 1")
         if min(self.max_age_s, self.checkpoint_seconds, self.retry_initial_s) <= 0:
             raise ConfigError("max_age_s, checkpoint_seconds and retry_initial_s must be > 0")
+        if self.auth_retry_s <= 0 or self.checkpoint_timeout_s <= 0:
+            raise ConfigError("auth_retry_s and checkpoint_timeout_s must be > 0")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError("retry_max_s must be >= retry_initial_s")
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The back-off delays."""
+        return RetryPolicy(self.retry_initial_s, self.retry_max_s, self.auth_retry_s)
 
 
 class _Latency:
@@ -230,8 +357,30 @@ class _Latency:
         self._seen = 0
 
 
+class _Window:
+    """What the current stream carries: a range of backlog sequence numbers and its tallies."""
+
+    __slots__ = ("dead", "last_data", "opened", "records", "samples", "sent_seq", "spans")
+
+    def __init__(self, acked: int) -> None:
+        self.opened = time.monotonic()
+        self.last_data = self.opened
+        self.sent_seq = acked
+        self.records = 0
+        self.samples = 0
+        self.dead = 0
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, records: Sequence[SpoolRecord]) -> None:
+        self.records += len(records)
+        self.samples += sum(r.count for r in records)
+        self.sent_seq = records[-1].seq
+        if len(self.spans) < _MAX_SPANS:
+            self.spans.extend((r.oldest_ns, r.newest_ns) for r in records)
+
+
 class Flusher:
-    """Drains a ring buffer into the ingestion API over checkpointed long-lived streams.
+    """Drains a ring buffer into the ingestion API through a backlog and checkpointed streams.
 
     Args:
         ring: the ring buffer the readers fill.
@@ -241,9 +390,15 @@ class Flusher:
         register_flows: with lazy flow creation, registers flows the first time they are seen
             (``IngestionService.register_flows``); None when every flow was registered up front.
         flows_by_name: the flows, to register lazily.
-        window: where a window is kept until acknowledged (default: memory). What it holds
-            at start (a spool's backlog) is counted as ``recovered`` and sent first.
+        window: the backlog (default: :class:`MemoryWindow`; the agent passes its
+            :class:`~daq_agent.pipeline.spool.Spool`). What it holds at start is counted as
+            ``recovered`` and sent first.
         clock_ns: the clock latencies are measured against (ns since the epoch).
+        dead_letter: where requests the server can never accept go (None: counted and logged
+            only).
+        on_auth_failure: called on the sender thread after each authentication failure (e.g. to
+            re-read the API key); its errors are logged, never raised.
+        rng: the random source of the back-off jitter.
 
     Raises:
         ConfigError: ``settings`` are invalid.
@@ -260,6 +415,9 @@ class Flusher:
         flows_by_name: dict[str, FlowConfig] | None = None,
         window: WindowStore | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        dead_letter: DeadLetter | None = None,
+        on_auth_failure: Callable[[], None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.ring = ring
         self.settings = settings or FlusherSettings()
@@ -267,31 +425,51 @@ class Flusher:
         self._encoder = encoder
         self._register_flows = register_flows
         self._flows_by_name = flows_by_name or {}
-        self._registered: set[str] = set()
-        self._window: WindowStore = window or MemoryWindow()
-        self.recovered = self._window.count  # a spool's backlog: sent first, counted apart
+        self._seen_flows: set[str] = set()
+        self._to_register: dict[str, FlowConfig] = {}
+        self._backlog: WindowStore = window if window is not None else MemoryWindow()
+        self._memory = isinstance(self._backlog, MemoryWindow)
+        self._dead_letter = dead_letter
+        self._on_auth_failure = on_auth_failure
         self._clock_ns = clock_ns
+        self._backoff = Backoff(self.settings.retry_policy, rng)
+        self._acked = self._backlog.acked_seq
+        self.recovered = self._backlog.pending_samples  # sent first, counted apart
+        if self.recovered and register_flows is not None:
+            # an earlier run's batches may hold any flow: register them all before replaying
+            self._to_register.update(self._flows_by_name)
         self._stream: DataStream | None = None
-        self._stream_opened = 0.0
-        self._last_data = time.monotonic()
-        self._thread: threading.Thread | None = None
+        self._window: _Window | None = None
+        self._writer: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
         self._stop = threading.Event()
         self._abort = threading.Event()
-        self._wake = threading.Event()
+        self._writer_done = threading.Event()
+        self._wake = threading.Event()  # wakes the writer (stop, abort)
+        self._send_wake = threading.Event()  # wakes the sender (data, stop, checkpoint request)
         self._checkpoint_requested = threading.Event()
+        self._healthy = threading.Event()  # the sender is not backing off (memory backpressure)
+        self._healthy.set()
         self._lock = threading.Lock()  # guards the counters' consistency for stats()
         self._latency = _Latency()
-        self._rng = random.Random()
-        self._failures_in_row = 0
-        self._drain_deadline: float | None = None
+        self._stop_at: float | None = None
+        self._retry_at = 0.0
+        self._auth_streak = False
+        self._last_append = time.monotonic()
         self.taken = 0
+        self.spooled = 0
         self.delivered = 0
         self.rejected = 0
         self.abandoned = 0
+        self.dropped = 0
+        self.corrupt = 0
+        self.dead_lettered = 0
         self.batches = 0
         self.checkpoints = 0
         self.failures = 0
         self.retries = 0
+        self.auth_failures = 0
+        self.checkpoint_timeouts = 0
         self.lazy_flows = 0
         self.last_error = ""
         self.error: BaseException | None = None
@@ -299,63 +477,89 @@ class Flusher:
     # -- public ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the ``daq-flusher`` thread (idempotent)."""
-        if self._thread is not None:
+        """Start the ``daq-flusher`` and ``daq-sender`` threads (idempotent)."""
+        if self._writer is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="daq-flusher", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run_writer, name="daq-flusher", daemon=True)
+        self._sender = threading.Thread(target=self._run_sender, name="daq-sender", daemon=True)
+        self._writer.start()
+        self._sender.start()
 
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> bool:
-        """Stop the thread; with ``drain``, first deliver everything in the ring and the window.
+        """Stop the threads; with ``drain``, first deliver everything in the ring and backlog.
 
-        The caller closes the ring first (so nothing new arrives); the flusher then empties it,
-        checkpoints and ends. Without ``drain`` (or once ``settings.drain_timeout_s`` has passed)
-        what is left is counted as abandoned.
+        The caller closes the ring first (so nothing new arrives); the writer then moves what is
+        left into the backlog and the sender delivers it, until ``settings.drain_timeout_s``.
+        Without ``drain`` the sender ends at once. What is not delivered stays in a durable spool
+        (``pending``: replayed at the next start) or, in memory, is counted as abandoned.
 
         Args:
             drain: deliver what is left before ending.
-            timeout: how long to wait for the thread (None: drain_timeout_s plus a margin).
+            timeout: how long to wait for the threads (None: drain_timeout_s plus a margin).
 
         Returns:
-            True if the thread has ended.
+            True if the threads have ended.
         """
         if not drain:
             self._abort.set()
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
         self._stop.set()
         self.ring.close()
         self._wake.set()
-        thread = self._thread
-        if thread is None:
+        self._send_wake.set()
+        self._healthy.set()
+        if self._writer is None or self._sender is None:
+            self._abandon_memory()
             return True
-        thread.join(self.settings.drain_timeout_s + 5.0 if timeout is None else timeout)
-        if thread.is_alive():
-            log.warning("flusher did not stop in time; abandoning what is left")
-            self._abort.set()
-            self._wake.set()
-            thread.join(5.0)
-        return not thread.is_alive()
+        wait = self.settings.drain_timeout_s + 5.0 if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        self._writer.join(max(0.0, deadline - time.monotonic()))
+        self._sender.join(max(0.0, deadline - time.monotonic()))
+        if self._sender.is_alive() or self._writer.is_alive():
+            log.warning("flusher did not stop in time; abandoning the drain")
+            self.abort()
+            stream = self._stream
+            if stream is not None:
+                try:
+                    stream.cancel()  # unblocks a send waiting for the server
+                except Exception as exc:
+                    log.debug("cancelling the stream: %s", exc)
+            self._writer.join(5.0)
+            self._sender.join(5.0)
+        alive = self._writer.is_alive() or self._sender.is_alive()
+        if not alive:
+            self._abandon_memory()
+        return not alive
 
     def abort(self) -> None:
-        """Give up draining: what is not yet acknowledged is counted as abandoned.
+        """Give up delivering: the sender ends (what is left stays spooled, or is abandoned).
 
         Only sets events, so it may be called from a signal handler; :meth:`stop` still joins.
         """
         self._abort.set()
         self._wake.set()
+        self._send_wake.set()
+        self._healthy.set()
 
     def request_checkpoint(self) -> None:
-        """Ask the thread to close the current stream soon (e.g. before reading the store)."""
+        """Ask the sender to close the current stream soon (e.g. before reading the store)."""
         self._checkpoint_requested.set()
-        self._wake.set()
+        self._send_wake.set()
 
     def is_alive(self) -> bool:
-        """True while the thread runs."""
-        return self._thread is not None and self._thread.is_alive()
+        """True while a thread runs."""
+        return any(t is not None and t.is_alive() for t in (self._writer, self._sender))
 
     @property
     def pending(self) -> int:
-        """Samples sent or being sent, not yet acknowledged (the window)."""
-        return self._window.count
+        """Samples in the backlog, not yet acknowledged."""
+        return self._backlog.pending_samples
+
+    @property
+    def backlog(self) -> WindowStore:
+        """The backlog (the spool, or memory)."""
+        return self._backlog
 
     def stats(self) -> FlusherStats:
         """A snapshot of the counters."""
@@ -376,6 +580,13 @@ class Flusher:
                 last_error=self.last_error,
                 latency_p50_ms=p50,
                 latency_p99_ms=p99,
+                spooled=self.spooled,
+                dropped=self.dropped,
+                corrupt=self.corrupt,
+                dead_lettered=self.dead_lettered,
+                auth_failures=self.auth_failures,
+                checkpoint_timeouts=self.checkpoint_timeouts,
+                durable=not self._memory,
             )
 
     def reset_latency(self) -> None:
@@ -383,39 +594,35 @@ class Flusher:
         with self._lock:
             self._latency.reset()
 
-    # -- the thread ------------------------------------------------------------------------
+    # -- the writer thread -------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run_writer(self) -> None:
         try:
-            self._loop()
-        except BaseException as exc:  # never vanish: record, log, count what is left
-            self.error = exc
-            log.exception("flusher failed: %s", exc)
-            self._abandon_all()
+            self._write_loop()
+        except BaseException as exc:  # never vanish: record, log, stop everything
+            self._fatal(exc)
+        finally:
+            self._writer_done.set()
+            self._send_wake.set()
 
-    def _loop(self) -> None:
+    def _write_loop(self) -> None:
         settings = self.settings
         ring = self.ring
         while True:
-            if self._abort.is_set():
-                self._abandon_all()
+            if self.error is not None:
                 return
-            batch = ring.get_batch(settings.max_batch, timeout=self._poll_timeout())
+            if self._memory and not self._stop.is_set():
+                # without a durable backlog, a failing server holds the writer (and so the ring
+                # applies its overflow policy), as if there were no backlog at all
+                self._healthy.wait(0.1)
+                if not self._healthy.is_set():
+                    continue
+            batch = ring.get_batch(settings.max_batch, timeout=0.1)
             if batch:
                 batch = self._fill(batch)
-                self._send_batch(batch)
+                self._append(batch)
             elif ring.closed:
-                # everything left was taken: deliver the window and end
-                self._checkpoint(final=True)
                 return
-            if self._checkpoint_due():
-                self._checkpoint(final=False)
-
-    def _poll_timeout(self) -> float:
-        s = self.settings
-        if self._window.count:
-            return max(0.001, min(s.idle_checkpoint_s, s.checkpoint_seconds) / 2)
-        return 0.1
 
     def _fill(self, batch: list[Sample]) -> list[Sample]:
         """Top a small batch up until it is full or its first sample is max_age old."""
@@ -431,20 +638,6 @@ class Flusher:
             more = self.ring.get_batch(settings.max_batch - len(batch), timeout=0)
             batch.extend(more)
         return batch
-
-    def _checkpoint_due(self) -> bool:
-        window = self._window.count
-        if not window:
-            self._checkpoint_requested.clear()
-            return False
-        s = self.settings
-        now = time.monotonic()
-        return (
-            self._checkpoint_requested.is_set()
-            or window >= s.checkpoint_records
-            or now - self._stream_opened >= s.checkpoint_seconds
-            or (self.ring.depth == 0 and now - self._last_data >= s.idle_checkpoint_s)
-        )
 
     def _encode(self, batch: list[Sample]) -> tuple[list[bytes], list[Sample]]:
         """Encode a batch; samples that cannot be encoded are left out (the caller counts them)."""
@@ -462,143 +655,337 @@ class Flusher:
                         log.warning("sample of flow %r not encodable: %s", sample.flow, exc)
             return payloads, kept
 
-    def _register(self, batch: Sequence[Sample]) -> None:
-        register = self._register_flows
-        if register is None:
+    def _note_flows(self, samples: Iterable[Sample]) -> None:
+        """Queue flows seen for the first time for lazy registration (before they are sent)."""
+        if self._register_flows is None:
             return
-        registered = self._registered
-        new: dict[str, FlowConfig] = {}
-        for sample in batch:
+        seen = self._seen_flows
+        for sample in samples:
             name = sample.flow
-            if name not in registered and name not in new:
+            if name not in seen:
+                seen.add(name)
                 flow = self._flows_by_name.get(name)
                 if flow is not None:
-                    new[name] = flow
-        if not new:
-            return
-        register(list(new.values()))  # TransportError: retried by the caller's back-off
-        registered.update(new)
-        with self._lock:
-            self.lazy_flows += len(new)
+                    self._to_register[name] = flow
 
-    def _send_batch(self, batch: list[Sample]) -> None:
-        self._last_data = time.monotonic()
+    def _append(self, batch: list[Sample]) -> None:
+        self._last_append = time.monotonic()
         payloads, kept = self._encode(batch)
+        backlog = self._backlog
         with self._lock:  # one step, so a snapshot always balances
             self.taken += len(batch)
             self.rejected += len(batch) - len(kept)
             if not payloads:
                 return
+            self._note_flows(kept)
             oldest = min(kept[0].timestamp_ns, kept[-1].timestamp_ns)
             newest = max(kept[0].timestamp_ns, kept[-1].timestamp_ns)
-            self._window.append(payloads, len(payloads), oldest, newest)
+            before = backlog.pending_samples
+            try:
+                backlog.append(payloads, len(payloads), oldest, newest)
+            except BaseException:
+                self.abandoned += len(payloads)
+                raise
+            # a quota makes room by dropping the oldest batches (counted by the spool)
+            self.dropped += before + len(payloads) - backlog.pending_samples
+            self.spooled += len(payloads)
             self.batches += 1
+        self._send_wake.set()
+
+    # -- the sender thread -------------------------------------------------------------------
+
+    def _run_sender(self) -> None:
+        try:
+            self._send_loop()
+        except BaseException as exc:  # never vanish: record, log, stop everything
+            self._fatal(exc)
+        finally:
+            self._drop_stream()
+            left = self._backlog.pending_samples
+            if left and not self._memory:
+                log.warning("%d samples left in the spool: they are sent at the next start", left)
+
+    def _finished(self) -> bool:
+        """True when the sender must end now (abort, fatal error, drain time spent)."""
+        if self._abort.is_set() or self.error is not None:
+            return True
+        stop_at = self._stop_at
+        return stop_at is not None and time.monotonic() >= stop_at + self.settings.drain_timeout_s
+
+    def _send_loop(self) -> None:
+        s = self.settings
+        backlog = self._backlog
+        wake = self._send_wake
         while True:
-            try:
-                self._register(kept)
-                if self._stream is None:
-                    # a new stream carries the whole window (after a failure: the re-send)
-                    self._reopen()
-                else:
-                    self._stream.send_serialized(payloads)
+            wake.clear()
+            if self._finished():
                 return
-            except DaqError as exc:
-                if not self._recover(exc):
-                    return
-
-    def _reopen(self) -> DataStream:
-        """Open a stream and send it the whole window."""
-        stream = self._open_stream()
-        self._stream = stream
-        self._stream_opened = time.monotonic()
-        for chunk in self._window.payloads():
-            stream.send_serialized(chunk)
-        return stream
-
-    def _checkpoint(self, *, final: bool) -> None:
-        self._checkpoint_requested.clear()
-        while self._window.count:
-            try:
-                stream = self._stream if self._stream is not None else self._reopen()
-                self._stream = None
-                stream.close(timeout=self.settings.checkpoint_timeout_s)
-            except DaqError as exc:
-                if not self._recover(exc):
-                    return
+            window = self._window
+            now = time.monotonic()
+            if window is None:
+                if backlog.pending_samples == 0:
+                    self._checkpoint_requested.clear()
+                    if self._writer_done.is_set():
+                        return  # everything taken was delivered (or dropped/rejected)
+                    wake.wait(0.1)
+                    continue
+                if now < self._retry_at:
+                    wake.wait(min(self._retry_at - now, 0.1))
+                    continue
+                try:
+                    self._open()
+                except DaqError as exc:
+                    self._failed(exc)
                 continue
-            now = self._clock_ns()
-            self._failures_in_row = 0
-            with self._lock:
-                count, spans = self._window.acknowledge()
-                self.delivered += count
-                self.checkpoints += 1
-                for oldest, newest in spans:
-                    # recorded logs carry old timestamps: only live data has a latency
-                    if 0 <= now - oldest <= _LIVE_AGE_NS:
-                        self._latency.add(now - oldest)
-                    if 0 <= now - newest <= _LIVE_AGE_NS:
-                        self._latency.add(now - newest)
-            return
-        if final and self._stream is not None:
-            stream, self._stream = self._stream, None
-            try:
-                stream.close(timeout=self.settings.checkpoint_timeout_s)
-            except DaqError as exc:
-                log.debug("closing an empty stream failed: %s", exc)
+            full = (
+                window.samples >= s.checkpoint_records
+                or now - window.opened >= s.checkpoint_seconds
+            )
+            if not full and not self._checkpoint_requested.is_set():
+                last = backlog.last_seq
+                records = backlog.read(
+                    window.sent_seq, max_records=4096, max_bytes=s.read_chunk_bytes
+                )
+                if records:
+                    room = s.checkpoint_records - window.samples
+                    cut = 0
+                    while cut < len(records) and room > 0:
+                        room -= records[cut].count
+                        cut += 1
+                    try:
+                        self._send(records[:cut])
+                    except DaqError as exc:
+                        self._failed(exc)
+                    continue
+                # nothing valid after sent_seq up to `last`: skipped records join the window
+                window.sent_seq = max(window.sent_seq, last)
+            if window.sent_seq <= self._acked:
+                self._checkpoint_requested.clear()
+                if self._writer_done.is_set() and backlog.pending_samples == 0:
+                    return
+                wake.wait(0.05)
+                continue
+            idle = now - self._last_append >= s.idle_checkpoint_s
+            if full or idle or self._checkpoint_requested.is_set() or self._writer_done.is_set():
+                self._checkpoint()
+                continue
+            until = min(
+                window.opened + s.checkpoint_seconds - now,
+                self._last_append + s.idle_checkpoint_s - now,
+                0.1,
+            )
+            wake.wait(max(0.001, until))
 
-    def _recover(self, exc: DaqError) -> bool:
-        """After a stream failure: cancel it, back off; False once the window was abandoned."""
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            try:
-                stream.cancel()
-            except Exception as cancel_exc:
-                log.debug("cancelling a failed stream: %s", cancel_exc)
-        self._failures_in_row += 1
+    def _register_pending(self) -> None:
+        if self._register_flows is None or not self._to_register:
+            return
+        with self._lock:
+            todo = list(self._to_register.values())
+        self._register_flows(todo)  # DaqError: a stream failure, retried with the back-off
+        with self._lock:
+            for flow in todo:
+                self._to_register.pop(flow.name, None)
+            self.lazy_flows += len(todo)
+
+    def _open(self) -> None:
+        self._register_pending()
+        self._stream = self._open_stream()
+        self._window = _Window(self._acked)
+
+    def _send(self, records: Sequence[SpoolRecord]) -> None:
+        stream, window = self._stream, self._window
+        assert stream is not None
+        assert window is not None
+        self._register_pending()  # flows queued before these batches were appended
+        if len(records) == 1:
+            stream.send_serialized(records[0].payloads)
+        else:
+            stream.send_serialized([p for record in records for p in record.payloads])
+        window.add(records)
+
+    def _checkpoint(self) -> None:
+        stream, window = self._stream, self._window
+        assert stream is not None
+        assert window is not None
+        self._checkpoint_requested.clear()
+        try:
+            stream.close(timeout=self.settings.checkpoint_timeout_s)
+        except DaqError as exc:
+            if getattr(exc, "code", None) is grpc.StatusCode.DEADLINE_EXCEEDED:
+                with self._lock:
+                    self.checkpoint_timeouts += 1
+                log.warning(
+                    "no answer at the checkpoint within %.1f s: abandoning the stream",
+                    self.settings.checkpoint_timeout_s,
+                )
+            self._failed(exc)
+            return
+        self._stream = None
+        self._window = None
+        self._ack(window.sent_seq, window.samples, 0, window.spans)
+        self._succeeded()
+
+    def _succeeded(self) -> None:
+        self._backoff.reset()
+        self._healthy.set()
+        if self._auth_streak:
+            self._auth_streak = False
+            log.warning("the ingestion API accepts the API key again; delivering")
+
+    def _ack(self, seq: int, sent: int, dead: int, spans: Sequence[tuple[int, int]]) -> None:
+        """The server committed everything up to ``seq``: acknowledge the backlog, count."""
+        backlog = self._backlog
+        now = self._clock_ns()
+        with self._lock:
+            before = backlog.pending_samples
+            backlog.acknowledge(seq)  # SpoolError: fatal (the caller's thread ends)
+            tally = before - backlog.pending_samples
+            dead_n = min(dead, tally)
+            delivered = min(tally - dead_n, sent)
+            self.delivered += delivered
+            self.dead_lettered += dead_n
+            # records unreadable at read time (their samples never sent) or quota-dropped
+            # after they were sent: the spool's tally tells
+            self.corrupt += tally - dead_n - delivered
+            self.checkpoints += 1
+            self._acked = seq
+            for oldest, newest in spans:
+                # recorded logs carry old timestamps: only live data has a latency
+                if 0 <= now - oldest <= _LIVE_AGE_NS:
+                    self._latency.add(now - oldest)
+                if 0 <= now - newest <= _LIVE_AGE_NS:
+                    self._latency.add(now - newest)
+
+    def _failed(self, exc: DaqError) -> None:
+        """After a stream failure: cancel it; isolate a rejected request, or back off."""
+        window = self._window
+        end_seq = window.sent_seq if window is not None else self._acked
+        self._drop_stream()
+        kind = classify(exc)
         with self._lock:
             self.failures += 1
             self.retries += 1
             self.last_error = str(exc)
-        delay = min(
-            self.settings.retry_max_s,
-            self.settings.retry_initial_s * 2 ** min(self._failures_in_row - 1, 30),
-        ) * self._rng.uniform(0.8, 1.2)
+            if kind is FailureKind.AUTH:
+                self.auth_failures += 1
+        if kind is FailureKind.REJECTED and end_seq > self._acked:
+            log.warning("the ingestion API refused a request (%s): isolating it", exc)
+            self._isolate(end_seq)
+            return
+        if kind is FailureKind.AUTH:
+            if not self._auth_streak:
+                self._auth_streak = True
+                log.error(
+                    "the ingestion API refused the API key (%s); retrying about every %.0f s, "
+                    "data is kept until it is accepted: fix the key",
+                    getattr(getattr(exc, "code", None), "name", "auth"),
+                    self.settings.auth_retry_s,
+                )
+            if self._on_auth_failure is not None:
+                try:
+                    self._on_auth_failure()
+                except Exception as hook_exc:
+                    log.warning("re-reading the API key failed: %s", hook_exc)
+        delay = self._backoff.failure(kind)
+        if self._memory:
+            self._healthy.clear()
+        self._retry_at = time.monotonic() + delay
         log.warning(
-            "ingestion stream failed (%d in a row): %s; re-sending %d samples in %.1f s",
-            self._failures_in_row,
+            "ingestion stream failed (%d in a row): %s; re-sending from seq %d in %.2f s",
+            self._backoff.attempts,
             exc,
-            self._window.count,
+            self._acked + 1,
             delay,
         )
-        if self._stop.is_set():
-            # draining: give up once the drain time is spent
-            if self._drain_deadline is None:
-                self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
-            delay = min(delay, max(0.0, self._drain_deadline - time.monotonic()))
-        self._abort.wait(delay)
-        if self._abort.is_set() or (
-            self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
-        ):
-            self._abandon_all()
-            return False
-        return True
 
-    def _abandon_all(self) -> None:
-        """Count the window and whatever is left in the ring as abandoned."""
+    def _isolate(self, end_seq: int) -> None:
+        """Deliver the batches up to ``end_seq`` one at a time, bisecting refused ones."""
+        backlog = self._backlog
+        after = self._acked
+        try:
+            while after < end_seq and not self._finished():
+                records = backlog.read(after, max_records=1)
+                if not records or records[0].seq > end_seq:
+                    break
+                record = records[0]
+                payloads = list(record.payloads)
+                good, dead = self._bisect(payloads)
+                good_samples = record.count if not dead else record.count * good // len(payloads)
+                self._ack(record.seq, good_samples, record.count - good_samples, ())
+                after = record.seq
+        except DaqError as exc:
+            if isinstance(exc, SpoolError):
+                raise
+            self._failed(exc)  # transient or auth: never REJECTED (handled in _bisect)
+            return
+        self._succeeded()
+
+    def _bisect(self, payloads: list[bytes]) -> tuple[int, int]:
+        """Send ``payloads`` on their own stream; split refused ones until each is isolated.
+
+        Returns:
+            (requests committed, requests dead-lettered).
+
+        Raises:
+            DaqError: a failure other than a refusal (the caller backs off).
+        """
+        if self._abort.is_set():
+            raise DaqError("aborted")
+        try:
+            self._stream = stream = self._open_stream()
+            stream.send_serialized(payloads)
+            stream.close(timeout=self.settings.checkpoint_timeout_s)
+        except DaqError as exc:
+            self._drop_stream()
+            if classify(exc) is not FailureKind.REJECTED:
+                raise
+            if len(payloads) == 1:
+                self._bury(payloads[0], exc)
+                return 0, 1
+            mid = len(payloads) // 2
+            left = self._bisect(payloads[:mid])
+            right = self._bisect(payloads[mid:])
+            return left[0] + right[0], left[1] + right[1]
+        self._stream = None
+        return len(payloads), 0
+
+    def _bury(self, payload: bytes, exc: DaqError) -> None:
+        reason = str(exc)
+        if self._dead_letter is not None:
+            self._dead_letter.append(payload, reason)  # SpoolError: fatal, never dropped
+        else:
+            log.error("dropped a request the ingestion API refused: %s", reason)
+
+    def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None
+        self._window = None
         if stream is not None:
             try:
                 stream.cancel()
             except Exception as exc:
                 log.debug("cancelling the stream: %s", exc)
-        self.ring.close()
-        left = self.ring.get_batch(max(1, self.ring.capacity), timeout=0)
-        with self._lock:
-            count, _ = self._window.acknowledge()
-            self.taken += len(left)
-            self.abandoned += count + len(left)
-        if count or left:
-            log.error(
-                "abandoned %d samples the ingestion API never acknowledged", count + len(left)
-            )
+
+    def _fatal(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            if isinstance(exc, SpoolError):
+                log.error("the spool failed, stopping: %s", exc)
+            else:
+                log.error("flusher failed: %s", exc, exc_info=exc)
         self._abort.set()
+        self.ring.close()
+        self._wake.set()
+        self._send_wake.set()
+        self._healthy.set()
+
+    def _abandon_memory(self) -> None:
+        """Without a durable backlog, what is left when the threads end is abandoned."""
+        if not self._memory:
+            return
+        backlog = self._backlog
+        with self._lock:
+            left = backlog.pending_samples
+            backlog.acknowledge(backlog.last_seq)
+            self.abandoned += left
+        if left:
+            log.error("abandoned %d samples the ingestion API never acknowledged", left)

@@ -8,7 +8,9 @@ Every frame a reader receives lands in exactly one bucket, and every sample in e
                                                                   wrong length, decode failure)
     decoded   = ring.put_count                                   (each decoded frame is offered)
     put_count = ring.got + ring.dropped + ring.depth
-    got       = delivered + pending + rejected + abandoned       (flusher)
+    taken + recovered = delivered + pending + rejected + abandoned
+                        + dropped + corrupt + dead_lettered     (flusher; pending: in the spool,
+                                                                  recovered: an earlier run's)
 
 :class:`AgentStatus` holds those numbers; :meth:`AgentStatus.line` renders the live status and
 :meth:`AgentStatus.summary` the final report.
@@ -20,6 +22,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from daq_agent.pipeline.spool import SpoolStats
 
 __all__ = ["AgentStatus", "FlusherStats", "RingStats", "SourceStats", "format_count"]
 
@@ -90,6 +94,13 @@ class FlusherStats:
         last_error: the most recent transport failure, "" if none.
         latency_p50_ms: median latency from a sample's timestamp to its acknowledgement, ms.
         latency_p99_ms: 99th percentile of that latency, ms.
+        spooled: samples appended to the backlog (the spool) in this run.
+        dropped: samples the spool quota dropped before they were delivered.
+        corrupt: samples lost to spool records found corrupt when read back.
+        dead_lettered: samples the API can never accept, moved to the dead-letter file.
+        auth_failures: stream failures for a refused API key.
+        checkpoint_timeouts: checkpoints with no answer within the timeout (a hung server).
+        durable: True when the backlog is the on-disk spool.
     """
 
     taken: int = 0
@@ -106,13 +117,25 @@ class FlusherStats:
     last_error: str = ""
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    spooled: int = 0
+    dropped: int = 0
+    corrupt: int = 0
+    dead_lettered: int = 0
+    auth_failures: int = 0
+    checkpoint_timeouts: int = 0
+    durable: bool = False
 
     @property
     def balanced(self) -> bool:
-        """True when every taken or recovered sample is delivered, pending, rejected, abandoned."""
-        return (
-            self.taken + self.recovered
-            == self.delivered + self.pending + self.rejected + self.abandoned
+        """True when every taken or recovered sample is in exactly one bucket."""
+        return self.taken + self.recovered == (
+            self.delivered
+            + self.pending
+            + self.rejected
+            + self.abandoned
+            + self.dropped
+            + self.corrupt
+            + self.dead_lettered
         )
 
 
@@ -128,6 +151,7 @@ class AgentStatus:
         flusher: the flusher.
         run_name: the run the data goes to, "" if none.
         target: where the data goes (``local:/path/to.sqlite``, ``sift:host:port``).
+        spool: the durable spool's counters (None: no spool).
     """
 
     time_s: float
@@ -137,6 +161,7 @@ class AgentStatus:
     flusher: FlusherStats
     run_name: str = ""
     target: str = ""
+    spool: SpoolStats | None = None
 
     @property
     def received(self) -> int:
@@ -194,6 +219,11 @@ class AgentStatus:
         if self.ring.dropped:
             parts.append(f"dropped {format_count(self.ring.dropped)}")
         parts.append(f"delivered {format_count(self.flusher.delivered)}")
+        if self.spool is not None and self.spool.pending_bytes:
+            parts.append(f"spool {format_count(self.spool.pending_bytes / 1e6)}MB")
+        lost = self.flusher.dropped + self.flusher.corrupt + self.flusher.dead_lettered
+        if lost:
+            parts.append(f"lost {format_count(lost)}")
         if self.flusher.failures:
             parts.append(f"retries {self.flusher.retries}")
         down = [s.name for s in self.sources if s.state in ("backoff", "opening", "failed")]
@@ -230,6 +260,22 @@ class AgentStatus:
             f"abandoned {f.abandoned}; checkpoints {f.checkpoints}, failures {f.failures}, "
             f"retries {f.retries}, lazy flows {f.lazy_flows}{latency}"
         )
+        if f.durable or f.dropped or f.corrupt or f.dead_lettered:
+            lines.append(
+                f"spooled {f.spooled}, left in the spool {f.pending if f.durable else 0}, "
+                f"dropped (spool quota) {f.dropped}, corrupt {f.corrupt}, "
+                f"dead-lettered {f.dead_lettered}; auth failures {f.auth_failures}, "
+                f"checkpoint timeouts {f.checkpoint_timeouts}"
+            )
+        sp = self.spool
+        if sp is not None:
+            lines.append(
+                f"spool: {sp.bytes_on_disk} bytes in {sp.segments} segments, "
+                f"{sp.pending_records} records pending, acked seq {sp.acked_seq}/{sp.last_seq}, "
+                f"recovered {sp.recovered_records} records, corrupt {sp.corrupt_records}, "
+                f"dropped {sp.dropped_records}, torn bytes {sp.torn_bytes}, "
+                f"cursor {sp.cursor_state}" + (f", FAILED: {sp.failed}" if sp.failed else "")
+            )
         if f.last_error:
             lines.append(f"last transport error: {f.last_error}")
         lines.append("accounting: " + ("balanced" if self.balanced else "NOT BALANCED"))
@@ -281,6 +327,30 @@ class AgentStatus:
                 "lazy_flows": self.flusher.lazy_flows,
                 "latency_p50_ms": self.flusher.latency_p50_ms,
                 "latency_p99_ms": self.flusher.latency_p99_ms,
+                "spooled": self.flusher.spooled,
+                "dropped": self.flusher.dropped,
+                "corrupt": self.flusher.corrupt,
+                "dead_lettered": self.flusher.dead_lettered,
+                "auth_failures": self.flusher.auth_failures,
+                "checkpoint_timeouts": self.flusher.checkpoint_timeouts,
+            },
+            "spool": None
+            if self.spool is None
+            else {
+                "bytes": self.spool.bytes_on_disk,
+                "segments": self.spool.segments,
+                "pending_records": self.spool.pending_records,
+                "pending_samples": self.spool.pending_samples,
+                "acked_seq": self.spool.acked_seq,
+                "last_seq": self.spool.last_seq,
+                "recovered_records": self.spool.recovered_records,
+                "corrupt_records": self.spool.corrupt_records,
+                "dropped_records": self.spool.dropped_records,
+                "dropped_samples": self.spool.dropped_samples,
+                "torn_bytes": self.spool.torn_bytes,
+                "cursor_state": self.spool.cursor_state,
+                "fsyncs": self.spool.fsyncs,
+                "failed": self.spool.failed,
             },
             "balanced": self.balanced,
         }
