@@ -854,7 +854,7 @@ class Spool:
                     os.close(fd)
                 raise SpoolError(f"spool {self.directory}: cannot open a segment: {exc}") from exc
         records: list[SpoolRecord] = []
-        corrupt = 0
+        corrupt: list[int] = []
         try:
             for fd, path, entries in handles:
                 base = entries[0][1]
@@ -865,7 +865,7 @@ class Spool:
                     if isinstance(parsed, SpoolRecord) and parsed.seq == seq:
                         records.append(parsed)
                     else:
-                        corrupt += 1
+                        corrupt.append(seq)
                         log.warning("spool %s: record %d is corrupt on disk, skipped", path, seq)
         except OSError as exc:
             raise SpoolError(f"spool {self.directory}: cannot read a segment: {exc}") from exc
@@ -874,8 +874,25 @@ class Spool:
                 os.close(fd)
         if corrupt:
             with self._lock:
-                self._corrupt += corrupt
+                for seq in corrupt:
+                    self._forget(seq)
         return records
+
+    def _forget(self, seq: int) -> None:
+        """Take a record found corrupt out of the index and the pending counters (lock held)."""
+        for segment in self._segments:
+            at = bisect.bisect_left(segment.seqs, seq)
+            if at < len(segment.seqs) and segment.seqs[at] == seq:
+                if seq > self._acked:
+                    self._corrupt += 1
+                    self._pending_records -= 1
+                    self._pending_samples -= segment.counts[at]
+                    self._pending_bytes -= segment.sizes[at]
+                for column in (segment.seqs, segment.offsets, segment.sizes, segment.counts):
+                    del column[at]
+                if not segment.seqs and segment is not self._active:
+                    self._drop_segment(segment)
+                return
 
     def _from_cache(
         self, after_seq: int, max_records: int, max_bytes: int

@@ -504,6 +504,10 @@ def test_record_rotting_on_disk_after_open_is_skipped_by_read(spool_dir: Path) -
         segment.write_bytes(bytes(damaged))
         assert [r.seq for r in spool.read(0)] == [1, 3]
         assert spool.stats().corrupt_records == 1
+        assert spool.pending_records == 2
+        assert spool.pending_samples == 20
+        assert [r.seq for r in spool.read(0)] == [1, 3]
+        assert spool.stats().corrupt_records == 1  # counted once
 
 
 def test_memory_stays_bounded_while_the_backlog_grows(spool_dir: Path) -> None:
