@@ -31,10 +31,15 @@ counted (the last seq at the previous open), u32 crc32 of the two u64. It is wri
 spool is created and at every open that found something new, so a loss is reported by one open
 only, and sequence numbers continue after it even when every segment is gone.
 
+Segments are rolled when the next record would take one past ``segment_bytes``; an open never
+appends to a segment it recovered (the first append starts a new one).
+
 Durability: every append is one ``write()`` to the OS at once. A background thread named
-``daq-spool-sync`` fsyncs the segment being written (and the directory, after a segment was
-created) at most ``fsync_interval`` seconds after an append (group commit); with
-``fsync_interval=0`` every append is fsynced before it returns and no thread runs.
+``daq-spool-sync`` wakes every ``fsync_interval`` seconds and, if anything was appended, fsyncs
+the segment being written, the segments rolled since (then closes them) and the directory after
+a segment was created (group commit: an append is durable within about ``fsync_interval`` plus
+one fsync); with ``fsync_interval=0`` every append is fsynced before it returns and no thread
+runs.
 :meth:`Spool.sync` fsyncs now. The ack cursor is written to a temporary file, fsynced, renamed
 over ``ack`` and the directory fsynced, before fully acknowledged segments are deleted.
 
@@ -55,8 +60,8 @@ Recovery at open never refuses to start because of the spool's content:
   A record found corrupt later, by :meth:`Spool.read`, is skipped and counted too. Each loss is
   counted by one open only (the cursor remembers the seq through which losses were counted).
 * Sequence numbers continue after the highest seq seen (valid records, segment names, the cursor).
-  Records cut from the newest segment by a crash were never synced, so their seqs may be handed
-  out again; a seq that was acknowledged never is.
+  Records cut from the tail of the newest segment (not synced before a crash) may see their seqs
+  handed out again; a seq that was acknowledged, or seen by an open, never is.
 
 Quota: when an append would make the segment files exceed ``quota_bytes``, the oldest segments are
 deleted, even unacknowledged ones, and their unacknowledged records and samples are counted in
@@ -66,8 +71,15 @@ starts a new segment). A single record larger than the quota is still written.
 
 Failure: any ``OSError`` from a write, an fsync or the cursor update raises :class:`SpoolError`
 and the spool stops trusting itself: every later append, sync and acknowledge raises
-:class:`SpoolError` too (reads of what is on disk still work). The agent is expected to exit
-non-zero so that the service manager restarts it; recovery then reads what was synced.
+:class:`SpoolError` too (reads of what is on disk still work; ``stats().failed`` says why). An
+fsync error in the sync thread is raised by the next append. The agent is expected to exit
+non-zero so that the service manager restarts it; recovery then keeps what is intact on disk and
+truncates a partly written record. The quota is applied before writing, so a full filesystem
+(ENOSPC) means the quota is larger than the free space: set it below.
+
+Memory: the spool holds no backlog: an index of 32 bytes per record on disk (seq, offset, size,
+samples) and a cache of the most recent records (``cache_bytes``, 4 MiB by default) that serves
+the steady-state reads; other reads come from disk with one ``pread`` per segment.
 """
 
 from __future__ import annotations
