@@ -1,0 +1,463 @@
+"""The fault-injection harness: a counter-carrying generator, the server and agent as processes, a
+TCP proxy that cuts connections, and the oracle that counts missing and duplicate samples.
+
+Every frame of the generator is a ``Counter`` message (``counter.dbc``) whose ``seq`` signal is
+its sequence number, so the oracle reads the SQLite store read-only and knows exactly which frames
+arrived, which are missing and which were stored twice.
+
+Durations are the issue's, scaled by ``DAQ_FAULTS_SCALE`` (default 1.0 = the scaled-down values
+documented in each test; raise it to lengthen every outage and run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import can
+
+from daq_agent.server.store import Store
+
+HERE = Path(__file__).resolve().parent
+COUNTER_DBC = HERE / "counter.dbc"
+COUNTER_ID = 0x100
+FLOW = "gen.Counter"
+DAQ_AGENT = Path(sys.executable).parent / "daq-agent"
+
+
+def scale() -> float:
+    """The duration multiplier (``DAQ_FAULTS_SCALE``, default 1.0)."""
+    return float(os.environ.get("DAQ_FAULTS_SCALE", "1.0"))
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` times :func:`scale`."""
+    return seconds * scale()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait until ``predicate()`` holds; raise AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def counter_frame(seq: int, timestamp: float) -> can.Message:
+    """The generator's frame number ``seq``."""
+    data = seq.to_bytes(4, "little") + (seq * 7 & 0xFFFFFFFF).to_bytes(4, "little")
+    return can.Message(
+        arbitration_id=COUNTER_ID, data=data, is_extended_id=False, timestamp=timestamp
+    )
+
+
+def write_counter_log(path: Path, count: int, rate: float, start: float | None = None) -> None:
+    """A recorded log (by suffix: .asc, .blf…) of ``count`` counter frames at ``rate`` per second.
+
+    Timestamps are absolute (epoch seconds), so they are stored as recorded: a re-sent sample
+    has the same timestamp and the store keeps it once.
+    """
+    start = time.time() if start is None else start
+    with can.Logger(str(path)) as writer:
+        for seq in range(count):
+            writer.on_message_received(counter_frame(seq, start + seq / rate))
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+class ServeProcess:
+    """``daq-agent serve`` as a subprocess on a fixed port, so it can be killed and restarted."""
+
+    def __init__(self, db: Path, port: int, log_path: Path, api_key: str | None = None) -> None:
+        self.db = db
+        self.port = port
+        self.api_key = api_key
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, api_key: str | None = None) -> None:
+        """Start it (optionally with a new key) and wait until it accepts connections."""
+        if api_key is not None:
+            self.api_key = api_key
+        args = [str(DAQ_AGENT), "serve", "--db", str(self.db), "--port", str(self.port)]
+        env = dict(os.environ)
+        env.pop("DAQ_AGENT_API_KEY", None)
+        if self.api_key:
+            env["DAQ_AGENT_API_KEY"] = self.api_key
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log_text()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("serve did not listen within 20 s")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL it and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: it hangs (connections stay open, nothing is answered)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """SIGTERM (after SIGCONT, in case it is stopped) and reap; SIGKILL if it lingers."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def log_text(self) -> str:
+        """What it logged."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class AgentProcess:
+    """``daq-agent run CONFIG`` as a subprocess (kill -9, SIGTERM), output kept in files."""
+
+    def __init__(self, config: Path, workdir: Path, name: str) -> None:
+        self.config = config
+        self.out = workdir / f"{name}.out"
+        self.err = workdir / f"{name}.err"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_at = 0.0
+
+    def start(self, ready_timeout: float = 30.0) -> None:
+        """Start it and wait for its start banner (the sources are listening then)."""
+        args = [str(DAQ_AGENT), "run", str(self.config), "--no-live", "--log-interval", "1"]
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=err)
+        deadline = time.monotonic() + ready_timeout
+        while "daq-agent: asset" not in self.stdout():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"agent exited {self.proc.returncode}:\n{self.stdout()}\n{self.stderr()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent not ready in {ready_timeout} s:\n{self.stderr()}")
+            time.sleep(0.02)
+        self.ready_at = time.time()
+
+    def kill9(self) -> float:
+        """SIGKILL it; returns the wall-clock time of the kill."""
+        assert self.proc is not None
+        at = time.time()
+        self.proc.kill()
+        self.proc.wait(10)
+        return at
+
+    def terminate(self) -> float:
+        """SIGTERM it; returns the wall-clock time of the signal."""
+        assert self.proc is not None
+        at = time.time()
+        self.proc.terminate()
+        return at
+
+    def wait(self, timeout: float) -> int:
+        """Wait for it to exit; its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def ensure_dead(self) -> None:
+        """Kill it if it still runs (cleanup)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stdout(self) -> str:
+        """Its standard output so far."""
+        return self.out.read_text(errors="replace") if self.out.exists() else ""
+
+    def stderr(self) -> str:
+        """Its standard error (the log) so far."""
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+
+# -- the generator over udp_multicast --------------------------------------------------------------
+
+
+class UdpGenerator:
+    """Sends counter frames on a python-can ``udp_multicast`` bus at a steady rate, in a thread.
+
+    ``sent_at[seq]`` is the wall-clock time frame ``seq`` was sent.
+    """
+
+    def __init__(self, port: int, rate: float, group: str = "239.74.163.2") -> None:
+        self.port = port
+        self.rate = rate
+        self.group = group
+        self.sent_at: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="faults-generator", daemon=True)
+
+    def start(self) -> None:
+        """Start sending."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sending and join."""
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        bus = can.Bus(interface="udp_multicast", channel=self.group, port=self.port)
+        try:
+            start = time.monotonic()
+            seq = 0
+            while not self._stop.is_set():
+                due = start + seq / self.rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+                    continue
+                bus.send(counter_frame(seq, time.time()))
+                self.sent_at.append(time.time())
+                seq += 1
+        finally:
+            bus.shutdown()
+
+    def sent_between(self, start: float, end: float) -> set[int]:
+        """The seqs sent in ``[start, end]`` (wall clock)."""
+        return {seq for seq, at in enumerate(self.sent_at) if start <= at <= end}
+
+
+# -- a TCP proxy that cuts connections -------------------------------------------------------------
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:``port`` to the server and cuts connections at random moments.
+
+    Each connection lives a random time in ``[min_life, max_life]`` seconds, then both sides are
+    reset (the client sees the connection lost: UNAVAILABLE). With ``hold`` set, bytes are no
+    longer forwarded (a hung path). ``cuts`` counts the connections cut.
+    """
+
+    def __init__(self, upstream: int, *, min_life: float, max_life: float, seed: int = 5) -> None:
+        self.upstream = upstream
+        self.min_life = min_life
+        self.max_life = max_life
+        self.cutting = threading.Event()
+        self.cutting.set()
+        self.cuts = 0
+        self.connections = 0
+        self._rng = random.Random(seed)
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = int(self._listener.getsockname()[1])
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._accept_loop, name="faults-proxy", daemon=True)
+
+    def __enter__(self) -> CuttingProxy:
+        self._accept.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._accept.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._listener], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self.connections += 1
+            life = self._rng.uniform(self.min_life, self.max_life)
+            thread = threading.Thread(
+                target=self._pipe, args=(client, server, life), name="faults-pipe", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _pipe(self, client: socket.socket, server: socket.socket, life: float) -> None:
+        end = time.monotonic() + life
+        peers = {client: server, server: client}
+        try:
+            while not self._stop.is_set():
+                if self.cutting.is_set() and time.monotonic() >= end:
+                    self.cuts += 1
+                    for sock in (client, server):  # RST, not FIN: a broken connection
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                        )
+                    return
+                ready, _, _ = select.select(list(peers), [], [], 0.05)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    peers[sock].sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            server.close()
+
+
+# -- configs and the oracle ------------------------------------------------------------------------
+
+
+def agent_config(
+    path: Path,
+    *,
+    state_dir: Path,
+    server_port: int,
+    key_file: Path,
+    source: str,
+    flush: str = "",
+    spool: str = "",
+    run_name: str = "faults",
+) -> Path:
+    """Write an agent config: a Sift target at 127.0.0.1:``server_port`` (plain text), a fixed
+    run name (a restarted agent reuses the run, so a re-sent sample is the same sample)."""
+    path.write_text(
+        "asset: faults\n"
+        f"state_dir: {state_dir}\n"
+        "target:\n"
+        "  sift:\n"
+        f"    uri: 127.0.0.1:{server_port}\n"
+        f"    api_key_file: {key_file}\n"
+        "    use_ssl: false\n"
+        f"run: {{name: {run_name}}}\n"
+        f"{source}"
+        f"flush: {{max_batch: 500, max_age_ms: 20, {flush}}}\n"
+        f"spool: {{{spool}}}\n"
+    )
+    return path
+
+
+def udp_source(port: int, group: str = "239.74.163.2") -> str:
+    """The config of a udp_multicast bus named ``gen`` carrying the counter."""
+    return (
+        "buses:\n"
+        "  - name: gen\n"
+        "    interface: udp_multicast\n"
+        f"    channel: '{group}'\n"
+        f"    options: {{port: {port}}}\n"
+        f"    databases: [{COUNTER_DBC}]\n"
+    )
+
+
+def replay_source(log_path: Path, realtime: bool = True) -> str:
+    """The config of a recorded counter log played as bus ``gen``."""
+    return (
+        "replay:\n"
+        f"  - {{path: {log_path}, bus: gen, realtime: {str(realtime).lower()}, "
+        f"databases: [{COUNTER_DBC}]}}\n"
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the oracle found.
+
+    Attributes:
+        stored: samples of the counter flow in the store.
+        missing: expected seqs not stored.
+        duplicates: seqs stored more than once (extra copies).
+        unexpected: stored seqs that were not expected.
+    """
+
+    stored: int
+    missing: frozenset[int]
+    duplicates: int
+    unexpected: frozenset[int]
+
+
+def stored_seqs(db: Path, run_name: str = "faults") -> Tally[int]:
+    """How many times each counter seq is stored (read-only; sees committed data)."""
+    with Store.open(db, readonly=True) as store:
+        return Tally(
+            int(sample.values["seq"])  # type: ignore[arg-type]
+            for sample in store.iter_samples(run_name=run_name, flows=[FLOW])
+        )
+
+
+def judge(db: Path, expected: Iterable[int], run_name: str = "faults") -> Verdict:
+    """Count missing and duplicate samples against the expected seqs."""
+    tally = stored_seqs(db, run_name)
+    want = frozenset(expected)
+    return Verdict(
+        stored=sum(tally.values()),
+        missing=want - tally.keys(),
+        duplicates=sum(n - 1 for n in tally.values() if n > 1),
+        unexpected=frozenset(tally.keys() - want),
+    )
+
+
+def count_stored(db: Path, run_name: str = "faults") -> int:
+    """Counter samples stored so far (0 when the store does not exist yet)."""
+    if not db.exists():
+        return 0
+    try:
+        with Store.open(db, readonly=True) as store:
+            return sum(1 for _ in store.iter_samples(run_name=run_name, flows=[FLOW]))
+    except Exception:
+        return 0
+
+
+@contextlib.contextmanager
+def serving(db: Path, tmp: Path, api_key: str | None = None) -> Iterator[ServeProcess]:
+    """A started ``daq-agent serve`` subprocess on a free port, stopped at the end."""
+    server = ServeProcess(db, free_port(), tmp / "serve.log", api_key)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
