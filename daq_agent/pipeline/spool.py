@@ -108,7 +108,7 @@ from typing import Final, Literal
 
 from daq_agent.errors import SpoolError
 
-__all__ = ["CursorState", "Spool", "SpoolRecord", "SpoolStats"]
+__all__ = ["CursorState", "Spool", "SpoolRecord", "SpoolStats", "encode_record"]
 
 log = logging.getLogger(__name__)
 
