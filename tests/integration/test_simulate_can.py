@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import random
@@ -305,10 +304,9 @@ def test_simulate_process_stops_cleanly_on_sigterm(dbc_file: Path, db: Any) -> N
 
 
 def test_simulate_serial_without_module_says_unavailable(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without daq_agent.sim.serial, `simulate serial` says so and exits 3."""
-    if importlib.util.find_spec("daq_agent.sim.serial") is not None:
-        pytest.skip("daq_agent.sim.serial exists")
-    assert main(["simulate", "serial", "--port", "x"]) == 3
+    """When daq_agent.sim.serial cannot be imported, `simulate serial` says so and exits 3."""
+    monkeypatch.setitem(sys.modules, "daq_agent.sim.serial", None)  # makes the import fail
+    assert main(["simulate", "serial", "--defs", "x"]) == 3
     assert "serial simulation unavailable" in capsys.readouterr().err
