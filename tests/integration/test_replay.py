@@ -12,8 +12,8 @@ from typing import Any
 import can
 import cantools
 import pytest
+from can_support import CantoolsDecoder
 
-from daq_agent.errors import DecodeError
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
 from daq_agent.readers import BackoffPolicy, ReaderState, ReplayReader, get_reader_class
@@ -37,27 +37,6 @@ BO_ 768 FdData: 64 ECU
 """
 
 T0 = 1_700_000_000.123456
-
-
-class CantoolsDecoder:
-    """A minimal decoder with the CanDecoder interface, built on cantools (reference values)."""
-
-    def __init__(self, db: Any) -> None:
-        self.by_id = {(m.frame_id, bool(m.is_extended_frame)): m for m in db.messages}
-
-    def decode(
-        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
-    ) -> Sample | None:
-        """Decode with cantools; None for an unknown id, DecodeError for a bad frame."""
-        message = self.by_id.get((frame_id, is_extended))
-        if message is None:
-            return None
-        try:
-            values = message.decode(data, decode_choices=False)
-        except Exception as exc:
-            raise DecodeError(f"{message.name}: {exc}") from exc
-        ordered = tuple(values.get(s.name) for s in message.signals)
-        return Sample(message.name, timestamp_ns, ordered)
 
 
 @pytest.fixture

@@ -9,19 +9,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import can
 import cantools
 import pytest
+from can_support import CantoolsDecoder, wait_for
 
 from daq_agent.cli import main
-from daq_agent.errors import ConfigError, DecodeError
+from daq_agent.errors import ConfigError
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sample import Sample
 from daq_agent.readers import CanReader, ReaderState
@@ -65,37 +65,6 @@ BA_ "GenMsgCycleTime" BO_ 512 50;
 BA_ "VFrameFormat" BO_ 768 14;
 VAL_ 256 Mode 0 "Off" 1 "Idle" 2 "Run" 3 "Fault" ;
 """  # noqa: E501
-
-
-class CantoolsDecoder:
-    """A minimal decoder with the CanDecoder interface, built on cantools (reference values)."""
-
-    def __init__(self, db: Any) -> None:
-        self.by_id = {(m.frame_id, bool(m.is_extended_frame)): m for m in db.messages}
-
-    def decode(
-        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
-    ) -> Sample | None:
-        """Decode with cantools; None for an unknown id, DecodeError for a bad frame."""
-        message = self.by_id.get((frame_id, is_extended))
-        if message is None:
-            return None
-        try:
-            values = message.decode(data, decode_choices=False)
-        except Exception as exc:
-            raise DecodeError(f"{message.name}: {exc}") from exc
-        ordered = tuple(values.get(s.name) for s in message.signals)
-        return Sample(message.name, timestamp_ns, ordered)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 @pytest.fixture
