@@ -681,16 +681,22 @@ class Flusher:
             oldest = min(kept[0].timestamp_ns, kept[-1].timestamp_ns)
             newest = max(kept[0].timestamp_ns, kept[-1].timestamp_ns)
             before = backlog.pending_samples
+            last = backlog.last_seq
+            error: BaseException | None = None
             try:
                 backlog.append(payloads, len(payloads), oldest, newest)
-            except BaseException:
-                self.abandoned += len(payloads)
-                raise
+            except BaseException as exc:
+                error = exc
+            # written (even if its fsync failed: the spool then holds it, unsynced) or not
+            written = len(payloads) if backlog.last_seq > last else 0
+            self.abandoned += len(payloads) - written
             # a quota makes room by dropping the oldest batches (counted by the spool)
-            self.dropped += before + len(payloads) - backlog.pending_samples
-            self.spooled += len(payloads)
-            self.batches += 1
+            self.dropped += before + written - backlog.pending_samples
+            self.spooled += written
+            self.batches += 1 if written else 0
         self._send_wake.set()
+        if error is not None:
+            raise error
 
     # -- the sender thread -------------------------------------------------------------------
 

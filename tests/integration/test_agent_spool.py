@@ -1,0 +1,234 @@
+"""The agent with its durable spool (the default), in-process against the real local server."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import can
+import pytest
+
+from daq_agent.config import AgentConfig, LocalTarget, load_config
+from daq_agent.errors import SpoolError
+from daq_agent.ingestion import IngestionService, use_sift_channel
+from daq_agent.ingestion.config import TelemetryConfig
+from daq_agent.ingestion.encode import RequestEncoder
+from daq_agent.pipeline.agent import Agent
+from daq_agent.pipeline.deadletter import read_dead_letters
+from daq_agent.pipeline.sample import Sample
+from daq_agent.pipeline.spool import Spool
+from daq_agent.readers.base import ReaderState
+from daq_agent.server.local import LocalIngestServer
+from daq_agent.server.store import Store
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_DBC = REPO / "dbc" / "bench.dbc"
+BASE_S = 1_750_000_000.0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait until ``predicate()`` holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def make_config(tmp_path: Path, channel: str, extra: str = "") -> AgentConfig:
+    """One virtual bus (bench.dbc), the embedded local server on a fixed port, a fixed run."""
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        "asset: spool-test\n"
+        "run: {name: spool-run}\n"
+        "buses:\n"
+        f"  - {{name: can0, interface: virtual, channel: {channel}, databases: [{BENCH_DBC}]}}\n"
+        "flush: {max_batch: 100, checkpoint_seconds: 0.2, retry_initial_s: 0.05, "
+        "retry_max_s: 0.2, drain_timeout_s: 0.5}\n" + extra
+    )
+    return load_config(path, env={})
+
+
+@pytest.fixture
+def channel() -> str:
+    """A virtual bus channel no other test uses."""
+    return f"spool-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def sender(channel: str) -> Iterator[can.BusABC]:
+    """A virtual bus on ``channel`` that keeps the timestamps of the frames it sends."""
+    bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
+    try:
+        yield bus
+    finally:
+        bus.shutdown()
+
+
+def frames(count: int, first: int = 0) -> list[can.Message]:
+    """``count`` frames of bench.dbc's first message with distinct timestamps."""
+    return [
+        can.Message(
+            arbitration_id=0x100,
+            data=bytes(8),
+            is_extended_id=False,
+            timestamp=BASE_S + (first + i) * 1e-3,
+        )
+        for i in range(count)
+    ]
+
+
+def started(agent: Agent) -> Agent:
+    """Start the agent and wait until its buses listen."""
+    agent.start()
+    for reader in agent.readers:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=10.0), reader.counters.last_error
+    return agent
+
+
+def stored(config: AgentConfig) -> int:
+    """Samples stored in the local server's file."""
+    assert isinstance(config.target, LocalTarget)
+    with Store.open(config.target.db_path, readonly=True) as store:
+        return store.count_samples()
+
+
+def test_spool_is_on_by_default_under_the_state_dir(tmp_path: Path, channel: str) -> None:
+    """Without a spool section the agent spools to <state_dir>/spool, fsyncing every 100 ms."""
+    config = make_config(tmp_path, channel)
+    spool = config.spool_config
+    assert spool.enabled
+    assert spool.directory == tmp_path / "state" / "spool"
+    assert spool.fsync_interval_ms == 100
+    assert spool.quota_bytes is None
+    off = make_config(tmp_path, channel, "spool: {enabled: false}\n")
+    assert not off.spool_config.enabled
+
+
+def test_backlog_of_a_stopped_agent_is_replayed_first_at_start(
+    tmp_path: Path, channel: str, sender: can.BusABC
+) -> None:
+    """Frames spooled while the server was away are replayed by the next agent on its own,
+    before anything else, and stored once."""
+    config = make_config(tmp_path, channel, "target: {local: {port: 0}}\n")
+    agent = started(Agent(config))
+    try:
+        assert agent.server is not None
+        agent.server.stop()
+        for msg in frames(300):
+            sender.send(msg)
+        wait_for(lambda: agent.status().flusher.taken == 300, 20, "every sample spooled")
+    finally:
+        first = agent.stop()
+    assert first.flusher.pending == 300
+    assert first.flusher.abandoned == 0
+    assert first.flusher.balanced
+    again = started(Agent(config))
+    try:
+        assert again.status().flusher.recovered == 300
+        wait_for(lambda: again.status().flusher.delivered == 300, 20, "the backlog delivered")
+        assert again.status().flusher.taken == 0  # replayed by itself, before any new frame
+        for msg in frames(50, first=300):
+            sender.send(msg)
+        wait_for(lambda: again.status().flusher.delivered == 350, 20, "the new frames")
+    finally:
+        final = again.stop()
+    assert final.balanced
+    assert final.flusher.balanced
+    assert final.spool is not None
+    assert final.spool.pending_records == 0
+    assert stored(config) == 350
+
+
+def test_a_resent_window_is_stored_once(local_server: LocalIngestServer) -> None:
+    """The same serialized window sent on two streams (a re-send after a lost answer) is one set
+    of samples in the store."""
+    flow_config = Agent(make_config(local_server.db_path.parent, "unused")).plan.flows[0]
+    with use_sift_channel(
+        {"uri": f"127.0.0.1:{local_server.port}", "apikey": "", "use_ssl": False}
+    ) as channel:
+        service = IngestionService(
+            channel, TelemetryConfig("dedup", "dedup-key", flows=[flow_config])
+        )
+        encoder = RequestEncoder(service.ingestion_config.ingestion_config_id, [flow_config])
+        zeros = tuple(0 for _ in flow_config.channels)
+        payloads = encoder.encode_many(
+            [Sample(flow_config.name, 1_000_000 + i, zeros) for i in range(200)]
+        )
+        for _ in range(2):
+            stream = service.open_stream()
+            stream.send_serialized(payloads)
+            stream.close(timeout=10)
+    with Store.open(local_server.db_path, readonly=True) as store:
+        assert store.count_samples(flow=flow_config.name) == 200
+
+
+def test_a_request_the_server_refuses_is_dead_lettered(tmp_path: Path, channel: str) -> None:
+    """A spooled batch holding one request the server ends the stream on (INVALID_ARGUMENT) is
+    bisected: the bad request goes to the dead-letter file, the others are delivered."""
+    config = make_config(tmp_path, channel)
+    agent = started(Agent(config))
+    try:
+        assert agent.service is not None
+        flow = agent.plan.flows[0]
+        config_id = agent.service.ingestion_config.ingestion_config_id
+        good = RequestEncoder(config_id, [flow], run_id=agent.run_id)
+        bad = RequestEncoder(
+            config_id, [flow], run_id="no-such-run", end_stream_on_validation_error=True
+        )
+        zeros = tuple(0 for _ in flow.channels)
+        samples = [Sample(flow.name, 2_000_000 + i, zeros) for i in range(7)]
+    finally:
+        agent.stop()
+    payloads = [
+        *good.encode_many(samples[:3]),
+        bad.encode(samples[3]),
+        *good.encode_many(samples[4:]),
+    ]
+    with Spool(config.spool_config.directory) as spool:
+        spool.append(payloads, 7, samples[0].timestamp_ns, samples[-1].timestamp_ns)
+    again = started(Agent(config))
+    try:
+        wait_for(lambda: again.status().flusher.pending == 0, 20, "the batch to be handled")
+    finally:
+        final = again.stop()
+    f = final.flusher
+    assert (f.recovered, f.delivered, f.dead_lettered) == (7, 6, 1)
+    assert f.balanced
+    entries = list(read_dead_letters(config.dead_letter_path))
+    assert [e.payload for e in entries] == [payloads[3]]
+    assert "INVALID_ARGUMENT" in entries[0].reason
+    assert stored(config) == 6
+
+
+def test_an_fsync_failure_stops_the_agent_with_a_spool_error(
+    tmp_path: Path, channel: str, sender: can.BusABC
+) -> None:
+    """When the spool's fsync fails (EIO), the flusher stops, the agent's wait returns and the
+    agent reports the SpoolError (``run`` then exits 1)."""
+    config = make_config(tmp_path, channel)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    spool = Spool(tmp_path / "broken-spool", fsync_interval=0, fsync=failing_fsync)
+    try:
+        agent = started(Agent(config, window=spool))
+        try:
+            for msg in frames(10):
+                sender.send(msg)
+            assert agent.wait(timeout=20), "the agent did not notice the spool failure"
+            assert isinstance(agent.spool_error, SpoolError)
+        finally:
+            final = agent.stop()
+        assert final.flusher.delivered == 0
+        assert final.flusher.balanced
+    finally:
+        spool._abandon()
+    assert os.path.isdir(tmp_path / "broken-spool")
