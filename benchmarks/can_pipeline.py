@@ -16,6 +16,10 @@ stored (counted back from the store):
   ``sift.*`` modules clash with ours, so it runs in its own virtual environment
   (``--sift-venv``, created on first use) as a subprocess.
 
+The agent side runs twice per round, with its durable spool (the default: every batch appended
+and group-committed to disk before it is sent) and without (``spool: {enabled: false}``, the
+window in memory); the spool's cost is the ratio of the two medians (target: at most 20%).
+
 Then, in a fresh process, the agent at a steady 10k frames/s: p50/p99 latency from the frame's
 timestamp to the server's acknowledgement of the stream that carried it (= committed), and the peak
 RSS of that process (agent and server are separate processes there too; ``--embedded`` runs the
@@ -147,7 +151,9 @@ class MemoryReader(ReaderABC):
         pass
 
 
-def agent_config(port: int | None, tmp: Path, *, checkpoint_s: float = 1.0) -> AgentConfig:
+def agent_config(
+    port: int | None, tmp: Path, *, checkpoint_s: float = 1.0, spool: bool = True
+) -> AgentConfig:
     """The benchmark's agent config: one bus of the bench database, target the server."""
     document: dict[str, Any] = {
         "asset": "bench-pipeline",
@@ -161,6 +167,7 @@ def agent_config(port: int | None, tmp: Path, *, checkpoint_s: float = 1.0) -> A
             "checkpoint_records": 1_000_000,
         },
         "run": {"name": "agent-%H%M%S-{asset}"},
+        "spool": {"enabled": spool},
     }
     if port is not None:
         document["target"] = {
@@ -170,14 +177,14 @@ def agent_config(port: int | None, tmp: Path, *, checkpoint_s: float = 1.0) -> A
 
 
 def run_agent_round(
-    port: int, tmp: Path, frames: Sequence[can.Message], index: int
+    port: int, tmp: Path, frames: Sequence[can.Message], index: int, *, spool: bool = True
 ) -> tuple[float, int]:
     """One round of the agent side; returns (seconds, samples stored)."""
     go = threading.Event()
-    config = agent_config(port, tmp)
+    config = agent_config(port, tmp, spool=spool)
     run = config.run
     assert run is not None
-    config = _with_run_name(config, f"agent-round-{index}-{os.getpid()}")
+    config = _with_run_name(config, _agent_run_name(index, spool))
     agent = Agent(
         config,
         env={"BENCH_KEY": "bench"},
@@ -200,6 +207,10 @@ def run_agent_round(
         status = agent.stop()
     assert status.balanced, status.summary()
     return elapsed, status.flusher.delivered
+
+
+def _agent_run_name(index: int, spool: bool) -> str:
+    return f"agent-round-{index}-{'spool' if spool else 'memory'}-{os.getpid()}"
 
 
 def _with_run_name(config: AgentConfig, name: str) -> AgentConfig:
@@ -346,9 +357,9 @@ def stored_for_run(db: Path, run_name: str) -> int:
     return int(row[0])
 
 
-def stored_for_agent_run(db: Path, index: int) -> int:
+def stored_for_agent_run(db: Path, index: int, spool: bool = True) -> int:
     """Samples of the agent's run of round ``index``."""
-    return stored_for_run(db, f"agent-round-{index}-{os.getpid()}")
+    return stored_for_run(db, _agent_run_name(index, spool))
 
 
 # -- latency and RSS at a steady rate (child process) ---------------------------------------
@@ -427,15 +438,22 @@ def main(argv: list[str] | None = None) -> int:
         write_frames(frames, frames_path)
         server, port = start_server(db)
         ours: list[float] = []
+        memory: list[float] = []
         theirs: list[float] = []
         try:
             for index in range(args.rounds):
-                seconds, delivered = run_agent_round(port, tmp, frames, index)
-                stored = stored_for_agent_run(db, index)
-                if stored != len(frames) or delivered != len(frames):
-                    raise SystemExit(f"agent round {index}: {delivered} delivered, {stored} stored")
-                ours.append(stored / seconds)
-                line = f"round {index}: daq-agent {ours[-1]:>9,.0f} frames/s stored"
+                for spool in (True, False):
+                    seconds, delivered = run_agent_round(port, tmp, frames, index, spool=spool)
+                    stored = stored_for_agent_run(db, index, spool)
+                    if stored != len(frames) or delivered != len(frames):
+                        raise SystemExit(
+                            f"agent round {index}: {delivered} delivered, {stored} stored"
+                        )
+                    (ours if spool else memory).append(stored / seconds)
+                line = (
+                    f"round {index}: daq-agent {ours[-1]:>9,.0f} frames/s stored (spool), "
+                    f"{memory[-1]:>9,.0f} (no spool)"
+                )
                 if python is not None:
                     seconds, stored = run_conventional_round(python, port, frames_path, db, index)
                     if stored != len(frames):
@@ -473,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         "total": len(frames),
     }
     print(f"frames: {mix['total']} per round ({mix['fd']} CAN FD, {mix['extended']} 29-bit)")
-    print(f"daq-agent    median {statistics.median(ours):>9,.0f} frames/s stored")
+    print(f"daq-agent    median {statistics.median(ours):>9,.0f} frames/s stored (spool on)")
+    print(f"no spool     median {statistics.median(memory):>9,.0f} frames/s stored")
+    cost = 1 - statistics.median(ours) / statistics.median(memory)
+    print(f"spool cost   {cost:.1%} of the throughput (target <= 20%)")
     if theirs:
         print(f"conventional median {statistics.median(theirs):>9,.0f} frames/s stored")
         print(f"ratio        {statistics.median(ours) / statistics.median(theirs):.1f}x")

@@ -494,7 +494,8 @@ class Flusher:
         (``pending``: replayed at the next start) or, in memory, is counted as abandoned.
 
         Args:
-            drain: deliver what is left before ending.
+            drain: deliver what is left before ending (with a durable spool, only while the
+                server answers: at the first failure the rest stays spooled).
             timeout: how long to wait for the threads (None: drain_timeout_s plus a margin).
 
         Returns:
@@ -712,8 +713,11 @@ class Flusher:
                 log.warning("%d samples left in the spool: they are sent at the next start", left)
 
     def _finished(self) -> bool:
-        """True when the sender must end now (abort, fatal error, drain time spent)."""
+        """True when the sender must end now (abort, fatal error, drain time spent, or a failure
+        while stopping with a durable backlog: what is left is safe for the next start)."""
         if self._abort.is_set() or self.error is not None:
+            return True
+        if self._stop.is_set() and not self._memory and self._backoff.attempts:
             return True
         stop_at = self._stop_at
         return stop_at is not None and time.monotonic() >= stop_at + self.settings.drain_timeout_s
@@ -747,11 +751,16 @@ class Flusher:
                 window.samples >= s.checkpoint_records
                 or now - window.opened >= s.checkpoint_seconds
             )
-            if not full and not self._checkpoint_requested.is_set():
+            requested = self._checkpoint_requested.is_set() and window.sent_seq > self._acked
+            if not full and not requested:
                 last = backlog.last_seq
-                records = backlog.read(
-                    window.sent_seq, max_records=4096, max_bytes=s.read_chunk_bytes
-                )
+                with self._lock:
+                    before = backlog.pending_samples
+                    records = backlog.read(
+                        window.sent_seq, max_records=4096, max_bytes=s.read_chunk_bytes
+                    )
+                    # a record found corrupt on disk leaves the spool's pending counters
+                    self.corrupt += before - backlog.pending_samples
                 if records:
                     room = s.checkpoint_records - window.samples
                     cut = 0
@@ -910,7 +919,10 @@ class Flusher:
         after = self._acked
         try:
             while after < end_seq and not self._finished():
-                records = backlog.read(after, max_records=1)
+                with self._lock:
+                    before = backlog.pending_samples
+                    records = backlog.read(after, max_records=1)
+                    self.corrupt += before - backlog.pending_samples
                 if not records or records[0].seq > end_seq:
                     break
                 record = records[0]
