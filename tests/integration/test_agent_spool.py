@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -232,3 +234,23 @@ def test_an_fsync_failure_stops_the_agent_with_a_spool_error(
     finally:
         spool._abandon()
     assert os.path.isdir(tmp_path / "broken-spool")
+
+
+def test_a_second_agent_on_the_same_spool_exits_1(tmp_path: Path, channel: str) -> None:
+    """Only one agent owns a spool: ``daq-agent run`` on a spool in use exits 1 naming the lock."""
+    config = make_config(tmp_path, channel)
+    agent = started(Agent(config))
+    try:
+        assert config.source is not None
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "daq-agent"), "run", str(config.source)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        agent.stop()
+    assert result.returncode == 1
+    assert "cannot use the spool" in result.stderr
+    assert "locked" in result.stderr
