@@ -243,7 +243,11 @@ def test_drop_oldest_overflow_is_counted_end_to_end(
     tmp_path: Path, channel: str, sender: can.BusABC
 ) -> None:
     """With the server gone, a small drop_oldest ring overflows; every sample stays accounted."""
-    extra = "ring: {capacity: 20, policy: drop_oldest}\nflush: {max_batch: 10, max_age_ms: 1}\n"
+    # Without the spool, a stalled sender backs up into the ring (with it, the disk takes it).
+    extra = (
+        "ring: {capacity: 20, policy: drop_oldest}\nflush: {max_batch: 10, max_age_ms: 1}\n"
+        "spool: {enabled: false}\n"
+    )
     config = write_config(tmp_path, virtual_config(tmp_path, channel, extra))
     settings = FlusherSettings(
         max_batch=10, max_age_s=0.001, retry_initial_s=0.5, drain_timeout_s=0.5
@@ -378,7 +382,8 @@ def test_second_stop_request_abandons_the_drain(
     tmp_path: Path, channel: str, sender: can.BusABC
 ) -> None:
     """With the server gone, an abandoning stop request ends the drain and counts what is left."""
-    config = write_config(tmp_path, virtual_config(tmp_path, channel))
+    # In memory only: with the spool, what is not delivered stays on disk for the next start.
+    config = write_config(tmp_path, virtual_config(tmp_path, channel, "spool: {enabled: false}\n"))
     agent = started(Agent(config, flusher_settings=FlusherSettings(drain_timeout_s=60)))
     try:
         assert agent.server is not None
