@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -61,6 +62,8 @@ class H2Channel:
         metadata: headers sent with every call, e.g. ``[("authorization", "Bearer …")]``.
         ssl_context: a custom TLS context (default: system trust store, hostname checked).
         connect_timeout: seconds to wait for the TCP/TLS connection.
+        write_timeout: seconds one socket write may block (a peer that stopped reading); then
+            the connection is dropped and its calls fail with UNAVAILABLE.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class H2Channel:
         metadata: Sequence[tuple[str, str]] = (),
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
+        write_timeout: float = 30.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -79,6 +83,7 @@ class H2Channel:
         self._metadata = [(k.lower(), v) for k, v in metadata]
         self._ssl_context = ssl_context
         self._connect_timeout = connect_timeout
+        self._write_timeout = write_timeout
         self._lock = threading.Lock()  # guards the h2 state machine
         self._send_lock = threading.Lock()  # keeps socket writes in h2's order
         self._changed = threading.Condition(self._lock)
@@ -167,6 +172,12 @@ class H2Channel:
             raise self._unavailable(f"cannot connect to {self.authority}: {exc}") from exc
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Bounds blocking writes only (reads stay blocking: the reader thread waits on them).
+            seconds = int(self._write_timeout)
+            micros = int((self._write_timeout - seconds) * 1_000_000)
+            raw.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros)
+            )
             sock: Wire = PlainWire(raw)
             if self.use_ssl:
                 context = self._ssl_context or ssl.create_default_context()

@@ -573,7 +573,9 @@ class IngestionService:
             for f in flows
         ]
 
-    def open_stream(self, timeout: float | None = None) -> IngestStream:
+    def open_stream(
+        self, timeout: float | None = None, *, send_timeout: float | None = None
+    ) -> IngestStream:
         """Open a long-lived data stream for serialized requests (the agent's fast path).
 
         Send with ``send_serialized(payloads)``; ``close()`` returns once the API answered OK,
@@ -583,6 +585,8 @@ class IngestionService:
 
         Args:
             timeout: a deadline for the whole stream, in seconds (None: no deadline).
+            send_timeout: the longest one send may wait for the server to take data (a hung
+                server) before failing with a TransportError; HTTP/2 path only (None: no limit).
 
         Raises:
             TransportError: when the API cannot be reached.
@@ -590,7 +594,9 @@ class IngestionService:
         channel = self.transport_channel
         if isinstance(channel, SiftChannel):
             with channel.map_errors(methods.INGEST_WITH_CONFIG_DATA_STREAM):
-                return H2IngestStream(channel.h2_channel(), timeout=timeout)
+                return H2IngestStream(
+                    channel.h2_channel(), timeout=timeout, send_timeout=send_timeout
+                )
         return GrpcioIngestStream(channel, timeout=timeout)
 
     def _stream(self, requests: Sequence[IngestWithConfigDataStreamRequest]) -> None:

@@ -55,16 +55,30 @@ class IngestStream(Protocol):
 
 
 class H2IngestStream:
-    """An ingest stream on a coalescing HTTP/2 connection."""
+    """An ingest stream on a coalescing HTTP/2 connection.
 
-    def __init__(self, channel: H2Channel, *, timeout: float | None = None) -> None:
+    Args:
+        channel: the connection.
+        timeout: a deadline for the whole call, sent to the server (None: none).
+        send_timeout: the longest one send may wait for the server's flow-control window (a
+            server that stopped reading); then it fails with a TransportError (None: no limit).
+    """
+
+    def __init__(
+        self,
+        channel: H2Channel,
+        *,
+        timeout: float | None = None,
+        send_timeout: float | None = None,
+    ) -> None:
         self._stream: ClientStream = channel.stream(
             methods.INGEST_WITH_CONFIG_DATA_STREAM, timeout=timeout
         )
+        self._send_timeout = send_timeout
 
     def send_serialized(self, payloads: Sequence[bytes]) -> None:
         """See :meth:`IngestStream.send_serialized`."""
-        self._stream.send(payloads)
+        self._stream.send(payloads, timeout=self._send_timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """See :meth:`IngestStream.close`."""

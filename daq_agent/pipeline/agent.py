@@ -364,7 +364,8 @@ class Agent:
     def _open_stream(self) -> DataStream:
         """A new data stream on the current channel (it changes when the API key is re-read)."""
         assert self.service is not None
-        return self.service.open_stream()
+        # A hung server stops taking data: a send then fails after the checkpoint timeout too.
+        return self.service.open_stream(send_timeout=self.config.flush.checkpoint_timeout_s)
 
     def _reload_api_key(self) -> None:
         """After the API refused the key: re-read it, and reconnect with it if it changed.

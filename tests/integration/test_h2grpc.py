@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.settings
 import pytest
 import trustme
 
@@ -276,3 +281,50 @@ def test_a_port_in_use_is_an_os_error_and_nothing_leaks(
     srv, _ = server
     with pytest.raises(OSError, match="in use"):
         GrpcH2Server(port=srv.port, unary={}, streams={})
+
+
+def _silent_peer(
+    *, open_windows: bool
+) -> tuple[socket.socket, threading.Thread, list[socket.socket]]:
+    """A TCP peer that (optionally) opens HTTP/2 flow-control windows wide, then never reads."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        if open_windows:
+            peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            peer.initiate_connection()
+            peer.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+            peer.increment_flow_control_window(2**31 - 1 - 65535)
+            conn.sendall(peer.data_to_send())
+
+    thread = threading.Thread(target=serve, name="silent-peer")
+    thread.start()
+    return listener, thread, accepted
+
+
+@pytest.mark.parametrize("open_windows", [False, True], ids=["flow-control", "socket"])
+def test_a_peer_that_stops_reading_fails_the_send_in_bounded_time(open_windows: bool) -> None:
+    """A hung peer fails a send after the timeout, whether its windows or the socket fill up."""
+    listener, thread, accepted = _silent_peer(open_windows=open_windows)
+    port = listener.getsockname()[1]
+    channel = H2Channel("127.0.0.1", port, use_ssl=False, write_timeout=0.5)
+    try:
+        stream = channel.stream(COUNT)
+        thread.join(timeout=5)
+
+        def flood() -> None:
+            for _ in range(2000):  # up to 2 GB: far beyond any socket buffer
+                stream.send([b"p" * 1_000_000], timeout=0.5)
+
+        started = time.monotonic()
+        with pytest.raises(TransportError):
+            flood()
+        assert time.monotonic() - started < 10
+    finally:
+        channel.close()
+        for conn in accepted:
+            conn.close()
+        listener.close()
