@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from can_pipeline import start_server  # the local server in its own process
 
 from daq_agent import methods
 from daq_agent._proto.sift.ingest.v1.ingest_pb2 import IngestWithConfigDataStreamRequest
@@ -45,26 +43,6 @@ from daq_agent.ingestion import (
 from daq_agent.server.store import Store
 
 CHANNELS = 8
-
-
-def start_server(db: Path) -> tuple[subprocess.Popen[str], int]:
-    """Start ``daq-agent serve`` on a free port; return the process and its port."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daq_agent.cli", "serve", "--db", str(db), "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        match = re.search(r"listening on [\w.\[\]:]*:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise SystemExit("the local server did not start")
 
 
 def stored(db: Path) -> int:
