@@ -205,7 +205,6 @@ class _Connection(asyncio.Protocol):
                 self._finish(call, exc.code, exc.message)
             except Exception as exc:
                 log.exception("error in %s", call.context.method)
-                call.handler.on_abort()
                 self._finish(call, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
         else:
             call.unary_messages.extend(messages)
@@ -257,13 +256,7 @@ class _Connection(asyncio.Protocol):
         """End a call with a non-OK status (a trailers-only response)."""
         if call.finished:
             return
-        if call.handler is not None and code is not grpc.StatusCode.OK:
-            try:
-                call.handler.on_abort()
-            except Exception:
-                log.exception("error aborting %s", call.context.method)
-        call.finished = True
-        call.handler = None
+        self._abort(call)  # a streaming handler hears that no OK will be sent
         headers = [
             (":status", "200"),
             ("content-type", "application/grpc"),

@@ -39,12 +39,15 @@ class Counting:
         self.size = 0
         self.batches = 0
         self.aborted = False
+        self.aborts = 0
 
     def on_messages(self, messages: list[bytes]) -> None:
         self.batches += 1
         for message in messages:
             if message == b"fail":
                 raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "failing as asked: 100% ünïcode")
+            if message == b"bug":
+                raise ZeroDivisionError("a handler bug")
             self.messages += 1
             self.size += len(message)
 
@@ -53,6 +56,7 @@ class Counting:
 
     def on_abort(self) -> None:
         self.aborted = True
+        self.aborts += 1
 
 
 def _echo(request: bytes, ctx: CallContext) -> bytes:
@@ -328,3 +332,21 @@ def test_a_peer_that_stops_reading_fails_the_send_in_bounded_time(open_windows: 
         for conn in accepted:
             conn.close()
         listener.close()
+
+
+def test_a_handler_error_ends_the_call_and_aborts_the_handler_once(
+    server: tuple[GrpcH2Server, list[Counting]],
+) -> None:
+    """An RpcError or a bug in a handler ends its call with a status and one on_abort."""
+    srv, handlers = server
+    with grpc.insecure_channel(srv.address) as channel:
+        count = channel.stream_unary(COUNT)
+        for payload, code in (
+            (b"fail", grpc.StatusCode.INVALID_ARGUMENT),
+            (b"bug", grpc.StatusCode.INTERNAL),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                count(iter([b"a", payload]), timeout=10)
+            assert caught.value.code() is code
+        assert count(iter([b"ok"]), timeout=10) == b"1/2"
+    assert [h.aborts for h in handlers] == [1, 1, 0]
