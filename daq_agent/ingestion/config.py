@@ -70,24 +70,12 @@ class ChannelDataType(enum.IntEnum):
 
     @property
     def value_field(self) -> str:
-        """Name of the ``IngestWithConfigDataChannelValue`` oneof field carrying this type."""
-        return _VALUE_FIELDS[self]
+        """Name of the ``IngestWithConfigDataChannelValue`` oneof field carrying this type (the
+        YAML names are those field names)."""
+        return _HUMAN_NAMES[self]
 
 
 _HUMAN_NAMES = {
-    ChannelDataType.DOUBLE: "double",
-    ChannelDataType.STRING: "string",
-    ChannelDataType.ENUM: "enum",
-    ChannelDataType.BIT_FIELD: "bit_field",
-    ChannelDataType.BOOL: "bool",
-    ChannelDataType.FLOAT: "float",
-    ChannelDataType.INT_32: "int32",
-    ChannelDataType.UINT_32: "uint32",
-    ChannelDataType.INT_64: "int64",
-    ChannelDataType.UINT_64: "uint64",
-    ChannelDataType.BYTES: "bytes",
-}
-_VALUE_FIELDS = {
     ChannelDataType.DOUBLE: "double",
     ChannelDataType.STRING: "string",
     ChannelDataType.ENUM: "enum",
