@@ -102,7 +102,7 @@ class DataStream(Protocol):
 
 
 StreamOpener = Callable[[], DataStream]
-"""Opens a new stream (``IngestionService.open_stream`` or :class:`GrpcDataStream`)."""
+"""Opens a new stream (in the agent: ``IngestionService.open_stream``)."""
 
 
 class SampleEncoder(Protocol):
