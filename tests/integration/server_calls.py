@@ -37,17 +37,22 @@ def call(
     return response
 
 
+def ingest_method(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable[Any, Any]:
+    """IngestWithConfigDataStream through grpcio's generic API (call it, or ``.future`` it)."""
+    return channel.stream_unary(
+        methods.INGEST_WITH_CONFIG_DATA_STREAM,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
+    )
+
+
 def stream(
     channel: grpc.Channel,
     requests: Iterator[Request] | Sequence[Request],
     metadata: Sequence[tuple[str, str]] | None = None,
 ) -> ingest_pb2.IngestWithConfigDataStreamResponse:
     """One IngestWithConfigDataStream call with the generic grpcio API."""
-    method = channel.stream_unary(
-        methods.INGEST_WITH_CONFIG_DATA_STREAM,
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
-    )
+    method = ingest_method(channel)
     response: ingest_pb2.IngestWithConfigDataStreamResponse = method(
         iter(requests), timeout=10, metadata=tuple(metadata) if metadata else None
     )

@@ -19,13 +19,13 @@ from server_calls import (
     create_config,
     double_flow,
     doubles,
+    ingest_method,
     stream,
 )
 
 from daq_agent import methods
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
 from daq_agent._proto.sift.common.type.v1.channel_enum_type_pb2 import ChannelEnumType
-from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic
 from daq_agent._proto.sift.metadata.v1 import metadata_pb2
 from daq_agent._proto.sift.ping.v1 import ping_pb2
@@ -520,11 +520,7 @@ def test_stalled_stream_does_not_block_others(
         sent_first.set()
         release.wait(30)
 
-    method = grpc_channel.stream_unary(
-        methods.INGEST_WITH_CONFIG_DATA_STREAM,
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
-    )
+    method = ingest_method(grpc_channel)
     pending = method.future(stalled(), timeout=30)
     try:
         assert sent_first.wait(10)
@@ -553,11 +549,7 @@ def test_cancelled_stream_keeps_what_it_delivered(
         sent.set()
         release.wait(30)
 
-    method = grpc_channel.stream_unary(
-        methods.INGEST_WITH_CONFIG_DATA_STREAM,
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
-    )
+    method = ingest_method(grpc_channel)
     pending = method.future(stalled(), timeout=30)
     try:
         assert sent.wait(10)
@@ -595,11 +587,7 @@ def test_stop_keeps_what_open_streams_delivered(tmp_path: Path) -> None:
             sent.set()
             release.wait(30)
 
-        method = channel.stream_unary(
-            methods.INGEST_WITH_CONFIG_DATA_STREAM,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
-        )
+        method = ingest_method(channel)
         pending = method.future(stalled(), timeout=30)
         assert sent.wait(10)
         # the stream's requests are on the wire; wait until the server has parsed them
@@ -629,11 +617,7 @@ def test_a_quiet_open_stream_is_committed_by_the_tick(
         yield from (doubles(cid, "f", BASE_NS + i, float(i)) for i in range(5))
         release.wait(30)
 
-    method = grpc_channel.stream_unary(
-        methods.INGEST_WITH_CONFIG_DATA_STREAM,
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=ingest_pb2.IngestWithConfigDataStreamResponse.FromString,
-    )
+    method = ingest_method(grpc_channel)
     pending = method.future(quiet(), timeout=30)
     try:
         deadline = time.monotonic() + 10
