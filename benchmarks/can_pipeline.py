@@ -7,7 +7,7 @@ stored (counted back from the store):
 
 - ``daq-agent``: reader (the CAN reader's frame processor over the frames in memory) → compiled
   decoder → ring buffer → flusher (batches encoded straight to wire bytes) → checkpointed stream →
-  server. The agent is the real :class:`~daq_agent.pipeline.agent.Agent`, configured with a Sift
+  server. The agent is the real :class:`~daq_agent.agent.Agent`, configured with a Sift
   target pointing at the server.
 - ``conventional``: cantools decoding per frame (``Message.decode``, which
   ``Database.decode_message`` calls after its id lookup; that lookup confuses the 29-bit id 0x100
@@ -52,10 +52,10 @@ from typing import Any, ClassVar
 
 import can
 
+from daq_agent.agent import Agent, SourcePlan
 from daq_agent.config import AgentConfig, parse_config
+from daq_agent.core.clock import host_clock
 from daq_agent.decode.dbc import load_database
-from daq_agent.pipeline.agent import Agent, SourcePlan
-from daq_agent.pipeline.clock import host_clock
 from daq_agent.readers.base import ReaderABC, Sink
 from daq_agent.readers.can import CanReader, MessageProcessor
 from daq_agent.sim.can import CanSimulator

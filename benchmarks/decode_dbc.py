@@ -5,7 +5,7 @@ multiplexed, 29-bit and CAN FD alike, in a shuffled mix), in interleaved rounds 
 machine's speed drifts:
 
 - ``daq-agent``: ``CanDecoder.decode(frame_id, is_extended, data, timestamp_ns)``, which returns a
-  :class:`~daq_agent.pipeline.sample.Sample` (lookup, decode, typed values in flow order);
+  :class:`~daq_agent.core.sample.Sample` (lookup, decode, typed values in flow order);
 - ``cantools``: ``Database.decode_message(frame_id, data, decode_choices=False, scaling=True,
   force_extended_id=...)``, which returns a dict of scaled values.
 

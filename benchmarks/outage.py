@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from can_pipeline import MemoryReader, agent_config, make_frames
 
-from daq_agent.pipeline.agent import Agent
+from daq_agent.agent import Agent
 
 
 def rss_mb() -> float:

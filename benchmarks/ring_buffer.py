@@ -11,8 +11,8 @@ import argparse
 import threading
 import time
 
+from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import OverflowPolicy, RingBuffer
-from daq_agent.pipeline.sample import Sample
 
 
 def measure(policy: OverflowPolicy, producers: int, items: int, capacity: int) -> str:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from daq_agent import __version__
-from daq_agent.errors import DaqError
+from daq_agent.core.errors import DaqError
 
 COMMANDS = (
     "run",

@@ -59,7 +59,7 @@ from typing import Any, Final, Literal
 
 import yaml
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 
 __all__ = [
     "DATABASE_SUFFIXES",

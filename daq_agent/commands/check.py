@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from daq_agent.agent import plan_agent
 from daq_agent.config import LocalTarget, load_config
-from daq_agent.pipeline.agent import plan_agent
 
 __all__ = ["add_subparser"]
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from daq_agent.core.errors import ConfigError, DecodeError
 from daq_agent.decode.can_decoder import (
     DEFAULT_FLOW_NAME_TEMPLATE,
     CanDecoder,
@@ -34,7 +35,6 @@ from daq_agent.decode.can_decoder import (
 )
 from daq_agent.decode.candump import CandumpParser
 from daq_agent.decode.dbc import load_database
-from daq_agent.errors import ConfigError, DecodeError
 
 __all__ = ["DecodeSummary", "add_subparser", "decode_candump"]
 

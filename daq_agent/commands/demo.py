@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daq_agent.agent import Agent
 from daq_agent.commands.run import drive_agent, stop_signals
 from daq_agent.config import AgentConfig, LocalTarget, SerialConfig, load_config
-from daq_agent.errors import ConfigError, DaqError
-from daq_agent.pipeline.agent import Agent
+from daq_agent.core.errors import ConfigError, DaqError
 from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
 

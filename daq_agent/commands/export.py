@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from daq_agent.errors import DaqError
+from daq_agent.core.errors import DaqError
 from daq_agent.server.store import Store, Value
 
 __all__ = ["add_subparser", "export_csv", "format_value", "iso_timestamp"]

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from daq_agent.core.model import ChannelDataType, FlowConfig
 from daq_agent.decode.can_decoder import DEFAULT_FLOW_NAME_TEMPLATE, CanDecoder
 from daq_agent.decode.dbc import load_database
-from daq_agent.ingestion.config import ChannelDataType, FlowConfig
 
 __all__ = ["add_subparser", "flows_as_json"]
 

@@ -30,9 +30,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from daq_agent.agent import Agent
 from daq_agent.config import load_config
-from daq_agent.errors import SpoolError, TransportError
-from daq_agent.pipeline.agent import Agent
+from daq_agent.core.errors import SpoolError, TransportError
 from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
 

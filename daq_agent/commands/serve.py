@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daq_agent.errors import DaqError
+from daq_agent.core.errors import DaqError
 from daq_agent.server.local import make_server
 
 __all__ = ["API_KEY_ENV", "STATE_DIR_ENV", "add_subparser", "default_db_path"]

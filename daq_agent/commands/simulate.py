@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daq_agent.errors import ConfigError, ReaderError
+from daq_agent.core.errors import ConfigError, ReaderError
 
 log = logging.getLogger(__name__)
 

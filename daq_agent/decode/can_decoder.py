@@ -32,14 +32,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from daq_agent.errors import ConfigError, DecodeError
-from daq_agent.ingestion.config import (
+from daq_agent.core.errors import ConfigError, DecodeError
+from daq_agent.core.model import (
     ChannelConfig,
     ChannelDataType,
     ChannelEnumType,
     FlowConfig,
 )
-from daq_agent.pipeline.sample import Sample
+from daq_agent.core.sample import Sample
 
 __all__ = [
     "DEFAULT_FLOW_NAME_TEMPLATE",

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from daq_agent.errors import DecodeError
+from daq_agent.core.errors import DecodeError
 
 __all__ = ["CandumpFrame", "CandumpParser", "parse_candump_line"]
 

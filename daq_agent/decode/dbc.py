@@ -11,8 +11,8 @@ non-strict mode and goes further where the intent is clear, each time with a
 * duplicate message names and duplicate frame ids are reported (cantools keeps the last one of a
   frame id for decoding; so do we).
 
-A real syntax error becomes one :class:`~daq_agent.errors.ConfigError` line naming the file, the
-line and the column, never a traceback.
+A real syntax error becomes one :class:`~daq_agent.core.errors.ConfigError` line naming the
+file, the line and the column, never a traceback.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import textparser
 from cantools.database.can import Database
 from cantools.database.errors import UnsupportedDatabaseFormatError
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 
 __all__ = ["DatabaseWarning", "load_database"]
 

@@ -31,7 +31,7 @@ import h2.exceptions
 import h2.settings
 
 from daq_agent import __version__
-from daq_agent.errors import RpcStatusError, TransportError
+from daq_agent.core.errors import RpcStatusError, TransportError
 from daq_agent.h2grpc.wire import MessageReader, frame, status_from_headers
 from daq_agent.h2grpc.wire_io import PlainWire, TlsWire, Wire
 

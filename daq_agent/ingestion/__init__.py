@@ -14,7 +14,15 @@ from daq_agent._proto.sift.ingest.v1.ingest_pb2 import (
     IngestWithConfigDataChannelValue,
     IngestWithConfigDataStreamRequest,
 )
-from daq_agent.errors import IngestionValidationError, TelemetryConfigError
+from daq_agent.core.errors import IngestionValidationError, TelemetryConfigError
+from daq_agent.core.model import (
+    ChannelBitFieldElement,
+    ChannelConfig,
+    ChannelDataType,
+    ChannelEnumType,
+    FlowConfig,
+    TelemetryConfig,
+)
 from daq_agent.ingestion.buffer import (
     DEFAULT_BUFFER_SIZE,
     BufferedIngestionService,
@@ -37,14 +45,6 @@ from daq_agent.ingestion.channel import (
     string_value,
     uint32_value,
     uint64_value,
-)
-from daq_agent.ingestion.config import (
-    ChannelBitFieldElement,
-    ChannelConfig,
-    ChannelDataType,
-    ChannelEnumType,
-    FlowConfig,
-    TelemetryConfig,
 )
 from daq_agent.ingestion.service import MAX_MESSAGE_BYTES, IngestionService
 from daq_agent.ingestion.transport import (

@@ -9,7 +9,7 @@ from typing import NotRequired, TypedDict
 from google.protobuf.empty_pb2 import Empty
 
 from daq_agent._proto.sift.ingest.v1.ingest_pb2 import IngestWithConfigDataChannelValue
-from daq_agent.ingestion.config import ChannelBitFieldElement, ChannelDataType
+from daq_agent.core.model import ChannelBitFieldElement, ChannelDataType
 
 __all__ = [
     "ChannelValue",

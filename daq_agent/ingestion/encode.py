@@ -12,9 +12,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable, Sequence
 
-from daq_agent.errors import IngestionValidationError
-from daq_agent.ingestion.config import ChannelDataType, FlowConfig
-from daq_agent.pipeline.sample import Sample, Value
+from daq_agent.core.errors import IngestionValidationError
+from daq_agent.core.model import ChannelDataType, FlowConfig
+from daq_agent.core.sample import Sample, Value
 
 __all__ = ["RequestEncoder"]
 

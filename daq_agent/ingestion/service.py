@@ -38,7 +38,8 @@ from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
 from daq_agent._proto.sift.metadata.v1 import metadata_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
-from daq_agent.errors import IngestionValidationError, RpcStatusError
+from daq_agent.core.errors import IngestionValidationError, RpcStatusError
+from daq_agent.core.model import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.channel import (
     ChannelValue,
     Flow,
@@ -46,7 +47,6 @@ from daq_agent.ingestion.channel import (
     empty_value,
     is_data_type,
 )
-from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.stream import GrpcioIngestStream, H2IngestStream, IngestStream
 from daq_agent.ingestion.transport import SiftChannel, map_rpc_errors
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import grpc
 
 from daq_agent import methods
-from daq_agent.errors import RpcStatusError, TransportError
+from daq_agent.core.errors import RpcStatusError, TransportError
 from daq_agent.h2grpc.client import ClientStream, H2Channel
 from daq_agent.ingestion.transport import map_rpc_errors
 

@@ -11,7 +11,8 @@ text is refused unless the host is a loopback address (development against the l
 The gRPC default message limit (4 MiB) is kept, as on the real API: the service guards sizes itself.
 
 :func:`map_rpc_errors` is the only place that turns a :class:`grpc.RpcError` into a
-:class:`~daq_agent.errors.RpcStatusError`; every status code has an entry in :data:`STATUS_ERRORS`.
+:class:`~daq_agent.core.errors.RpcStatusError`; every status code has an entry in
+:data:`STATUS_ERRORS`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, NamedTuple, NotRequired, TypedDict
 
 import grpc
 
-from daq_agent.errors import ConfigError, RpcStatusError, TransportError
+from daq_agent.core.errors import ConfigError, RpcStatusError, TransportError
 from daq_agent.h2grpc.client import H2Channel
 
 __all__ = [

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from daq_agent.errors import SpoolError
+from daq_agent.core.errors import SpoolError
 
 __all__ = ["DeadLetter", "DeadLetterEntry", "read_dead_letters"]
 

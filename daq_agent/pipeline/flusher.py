@@ -50,12 +50,13 @@ from typing import Protocol
 
 import grpc
 
-from daq_agent.errors import ConfigError, DaqError, SpoolError
-from daq_agent.ingestion.config import FlowConfig
+from daq_agent.core.backoff import Backoff, FailureKind, RetryPolicy
+from daq_agent.core.errors import ConfigError, DaqError, SpoolError
+from daq_agent.core.model import FlowConfig
+from daq_agent.core.sample import Sample
 from daq_agent.pipeline.deadletter import DeadLetter
-from daq_agent.pipeline.retry import Backoff, FailureKind, RetryPolicy, classify
+from daq_agent.pipeline.retry import classify
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.pipeline.sample import Sample
 from daq_agent.pipeline.spool import SpoolRecord
 from daq_agent.pipeline.status import FlusherStats
 

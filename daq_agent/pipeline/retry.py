@@ -20,26 +20,15 @@ promise is to never give up on data while the failure might go away.
 
 from __future__ import annotations
 
-import enum
-import random
-from dataclasses import dataclass
-
 import grpc
 
-from daq_agent.errors import ConfigError, RpcStatusError
+from daq_agent.core.backoff import FailureKind
+from daq_agent.core.errors import RpcStatusError
 
-__all__ = ["Backoff", "FailureKind", "RetryPolicy", "classify"]
+__all__ = ["FailureKind", "classify"]
 
 _AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _TOO_LARGE_HINTS = ("larger than", "too large", "exceeds maximum", "message length")
-
-
-class FailureKind(enum.Enum):
-    """What a failure means for the data that was being sent."""
-
-    TRANSIENT = "transient"
-    AUTH = "auth"
-    REJECTED = "rejected"
 
 
 def classify(exc: BaseException) -> FailureKind:
@@ -64,70 +53,3 @@ def classify(exc: BaseException) -> FailureKind:
         if any(hint in details for hint in _TOO_LARGE_HINTS):
             return FailureKind.REJECTED
     return FailureKind.TRANSIENT
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How long to wait between attempts.
-
-    Attributes:
-        initial_s: the cap of the first delay.
-        max_s: the cap of every delay for transient failures.
-        auth_max_s: the delay for authentication failures (the key is wrong: retry slowly).
-        multiplier: the cap grows by this factor per failure in a row.
-
-    Raises:
-        ConfigError: a value is not positive, or ``max_s < initial_s``.
-    """
-
-    initial_s: float = 0.2
-    max_s: float = 10.0
-    auth_max_s: float = 30.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if min(self.initial_s, self.max_s, self.auth_max_s) <= 0 or self.multiplier < 1:
-            raise ConfigError("retry delays must be > 0 and the multiplier >= 1")
-        if self.max_s < self.initial_s:
-            raise ConfigError("retry max_s must be >= initial_s")
-
-
-class Backoff:
-    """Capped exponential back-off with full jitter, for one sender.
-
-    ``delay()`` after the n-th failure in a row is uniform in ``[0, min(max_s, initial_s *
-    multiplier**(n-1))]`` (full jitter: many agents restarting together do not retry in step).
-    Authentication failures wait between half and all of ``auth_max_s``: never a tight loop.
-    :meth:`reset` after a success starts over.
-
-    Args:
-        policy: the delays.
-        rng: the random source (seed it for reproducible tests).
-    """
-
-    __slots__ = ("_rng", "attempts", "policy")
-
-    def __init__(self, policy: RetryPolicy | None = None, rng: random.Random | None = None) -> None:
-        self.policy = policy or RetryPolicy()
-        self._rng = rng or random.Random()
-        self.attempts = 0
-
-    def cap(self, kind: FailureKind = FailureKind.TRANSIENT) -> float:
-        """The upper bound of the next delay (after ``attempts`` failures in a row)."""
-        p = self.policy
-        if kind is FailureKind.AUTH:
-            return p.auth_max_s
-        exponent = min(max(self.attempts - 1, 0), 60)
-        return min(p.max_s, p.initial_s * p.multiplier**exponent)
-
-    def failure(self, kind: FailureKind = FailureKind.TRANSIENT) -> float:
-        """Record one more failure in a row; the seconds to wait before the next attempt."""
-        self.attempts += 1
-        cap = self.cap(kind)
-        if kind is FailureKind.AUTH:
-            return self._rng.uniform(cap / 2, cap)
-        return self._rng.uniform(0.0, cap)
-
-    def reset(self) -> None:
-        """A success: the next failure starts from ``initial_s`` again."""
-        self.attempts = 0

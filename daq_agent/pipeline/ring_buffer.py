@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Final, Generic, Literal, TypeVar, get_args
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 
 __all__ = ["OverflowPolicy", "RingBuffer", "RingBufferStats"]
 

@@ -106,7 +106,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Final, Literal
 
-from daq_agent.errors import SpoolError
+from daq_agent.core.errors import SpoolError
 
 __all__ = ["CursorState", "Spool", "SpoolRecord", "SpoolStats", "encode_record"]
 

@@ -1,7 +1,7 @@
 """The reader layer: one thread per source, its counters, and its open/read/reopen loop.
 
 A reader owns one named thread (``daq-reader[<name>]``). The thread opens the source, reads it,
-decodes what it reads into :class:`~daq_agent.pipeline.sample.Sample` objects handed to a ``sink``
+decodes what it reads into :class:`~daq_agent.core.sample.Sample` objects handed to a ``sink``
 (in practice ``RingBuffer.put``), and when the source fails it reports the failure (log,
 ``on_error`` callback, counter), backs off (capped exponential with jitter) and reopens it. The
 agent never stops because a bus went away.
@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Protocol, Self
 
-from daq_agent.errors import ConfigError, ReaderError
-from daq_agent.pipeline.sample import Sample
+from daq_agent.core.errors import ConfigError, ReaderError
+from daq_agent.core.sample import Sample
 
 __all__ = [
     "BACKENDS",

@@ -25,9 +25,9 @@ from typing import Any, ClassVar, Final, Protocol
 
 import can
 
-from daq_agent.errors import ConfigError, DecodeError
-from daq_agent.pipeline.clock import HostClock, host_clock, seconds_to_ns
-from daq_agent.pipeline.sample import Sample
+from daq_agent.core.clock import HostClock, host_clock, seconds_to_ns
+from daq_agent.core.errors import ConfigError, DecodeError
+from daq_agent.core.sample import Sample
 from daq_agent.readers.base import BackoffPolicy, ErrorCallback, ReaderABC, Sink
 
 __all__ = ["ERROR_CLASSES", "CanReader", "FrameDecoder", "MessageProcessor", "frame_key"]

@@ -29,8 +29,8 @@ from typing import Any, ClassVar, Final, Literal, get_args
 
 import can
 
-from daq_agent.errors import ConfigError, ReaderError
-from daq_agent.pipeline.clock import HostClock, host_clock, seconds_to_ns
+from daq_agent.core.clock import HostClock, host_clock, seconds_to_ns
+from daq_agent.core.errors import ConfigError, ReaderError
 from daq_agent.readers.base import BackoffPolicy, ErrorCallback, ReaderABC, Sink
 from daq_agent.readers.can import CanReader, FrameDecoder, MessageProcessor
 

@@ -43,9 +43,9 @@ from typing import Any, ClassVar, Final
 
 import serial
 
-from daq_agent.errors import ConfigError, ReaderError
-from daq_agent.ingestion.config import FlowConfig
-from daq_agent.pipeline.clock import host_clock
+from daq_agent.core.clock import host_clock
+from daq_agent.core.errors import ConfigError, ReaderError
+from daq_agent.core.model import FlowConfig
 from daq_agent.readers.base import BackoffPolicy, ErrorCallback, ReaderABC, Sink
 from daq_agent.serialdefs.codec import DEFAULT_FLOW_NAME_TEMPLATE, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions

@@ -14,8 +14,8 @@ import base64
 import json
 from typing import BinaryIO, TextIO
 
-from daq_agent.ingestion.config import FlowConfig
-from daq_agent.pipeline.sample import Value
+from daq_agent.core.model import FlowConfig
+from daq_agent.core.sample import Value
 from daq_agent.serialdefs.codec import DEFAULT_FLOW_NAME_TEMPLATE, FrameFault, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions
 

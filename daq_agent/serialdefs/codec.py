@@ -26,14 +26,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from daq_agent.errors import ConfigError, DecodeError
-from daq_agent.ingestion.config import (
+from daq_agent.core.errors import ConfigError, DecodeError
+from daq_agent.core.model import (
     ChannelConfig,
     ChannelDataType,
     ChannelEnumType,
     FlowConfig,
 )
-from daq_agent.pipeline.sample import Value
+from daq_agent.core.sample import Value
 from daq_agent.serialdefs.checksums import FrameChecksum
 from daq_agent.serialdefs.framing import Framer, make_framer
 from daq_agent.serialdefs.model import (

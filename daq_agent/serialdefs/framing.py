@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import cobs.cobs  # type: ignore[import-untyped]  # the package ships no type information
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 from daq_agent.serialdefs.model import FramingDef, FramingKind
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Load and validate serial frame definitions (YAML) into :class:`SerialDefinitions`.
 
-Every problem raises :class:`~daq_agent.errors.ConfigError` naming the file, the line, the key
+Every problem raises :class:`~daq_agent.core.errors.ConfigError` naming the file, the line, the key
 path (``frames[1].fields[3].scale``) and the reason, for example::
 
     configs/serial/imu.yaml:27: frames[0].fields[4].type: unknown value 'uint12' (expected ...)
@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import yaml
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 from daq_agent.serialdefs.model import (
     BINARY_FIELD_TYPES,
     FIXED_SIZE_TYPES,

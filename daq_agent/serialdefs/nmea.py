@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import operator
 
-from daq_agent.pipeline.sample import Value
+from daq_agent.core.sample import Value
 
 __all__ = ["nmea_checksum", "parse_nmea_field", "render_nmea_field"]
 

@@ -2,7 +2,7 @@
 
 :class:`FrameStream` is what a serial reader, the ``decode --defs`` command and the benchmark
 share: feed it the chunks a port returns with their host read time, get
-:class:`~daq_agent.pipeline.sample.Sample` objects back. Nothing in it raises for a bad frame;
+:class:`~daq_agent.core.sample.Sample` objects back. Nothing in it raises for a bad frame;
 every byte is accounted for in its counters.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from daq_agent.pipeline.sample import Sample
+from daq_agent.core.sample import Sample
 from daq_agent.serialdefs.codec import CompiledFrame, FrameFault, SerialCodec
 from daq_agent.serialdefs.framing import Framer
 

@@ -33,7 +33,7 @@ from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
 from daq_agent._proto.sift.ping.v1 import ping_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
-from daq_agent.errors import DaqError
+from daq_agent.core.errors import DaqError
 from daq_agent.server.rpc import (
     CallContext,
     RpcError,

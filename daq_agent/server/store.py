@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2
-from daq_agent.errors import DaqError
+from daq_agent.core.errors import DaqError
 
 __all__ = [
     "ChannelInfo",

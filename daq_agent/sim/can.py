@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import can
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CYCLE_S",

@@ -40,9 +40,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
-from daq_agent.errors import ConfigError, ReaderError
-from daq_agent.ingestion.config import ChannelDataType
-from daq_agent.pipeline.sample import Value
+from daq_agent.core.errors import ConfigError, ReaderError
+from daq_agent.core.model import ChannelDataType
+from daq_agent.core.sample import Value
 from daq_agent.serialdefs.codec import ChannelSpec, CompiledFrame, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions
 from daq_agent.serialdefs.model import SerialDefinitions

@@ -21,8 +21,8 @@ from faultkit import (
     write_counter_log,
 )
 
+from daq_agent.agent import Agent
 from daq_agent.config import load_config
-from daq_agent.pipeline.agent import Agent
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 

@@ -18,8 +18,8 @@ from faultkit import (
 )
 
 from daq_agent._proto.sift.ingest.v1.ingest_pb2 import IngestWithConfigDataStreamRequest
+from daq_agent.agent import Agent
 from daq_agent.config import load_config
-from daq_agent.pipeline.agent import Agent
 from daq_agent.pipeline.spool import Spool
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from daq_agent.errors import DecodeError
-from daq_agent.pipeline.sample import Sample
+from daq_agent.core.errors import DecodeError
+from daq_agent.core.sample import Sample
 
 
 class CantoolsDecoder:

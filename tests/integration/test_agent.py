@@ -16,12 +16,12 @@ from typing import Any, cast
 import can
 import pytest
 
+from daq_agent.agent import Agent
 from daq_agent.config import AgentConfig, LocalTarget, load_config
+from daq_agent.core.clock import seconds_to_ns
+from daq_agent.core.sample import Sample
 from daq_agent.decode.dbc import load_database
-from daq_agent.pipeline.agent import Agent
-from daq_agent.pipeline.clock import seconds_to_ns
 from daq_agent.pipeline.flusher import FlusherSettings
-from daq_agent.pipeline.sample import Sample
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.local import make_server
 from daq_agent.server.store import Store

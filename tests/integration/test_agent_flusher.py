@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from daq_agent.core.sample import Sample
 from daq_agent.ingestion import (
     ChannelConfig,
     ChannelDataType,
@@ -19,7 +20,6 @@ from daq_agent.ingestion import (
 from daq_agent.ingestion.encode import RequestEncoder
 from daq_agent.pipeline.flusher import Flusher, FlusherSettings, MemoryWindow
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.pipeline.sample import Sample
 from daq_agent.server.local import LocalIngestServer
 from daq_agent.server.store import Store
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from daq_agent.agent import Agent
 from daq_agent.config import LocalTarget, load_config
-from daq_agent.pipeline.agent import Agent
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.store import Store
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import can
 import pytest
 
+from daq_agent.agent import Agent
 from daq_agent.config import load_config
-from daq_agent.errors import ConfigError, RpcStatusError
-from daq_agent.pipeline.agent import Agent
+from daq_agent.core.errors import ConfigError, RpcStatusError
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.local import LocalIngestServer, make_server
 from daq_agent.server.store import Store

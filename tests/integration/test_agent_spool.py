@@ -13,14 +13,14 @@ from pathlib import Path
 import can
 import pytest
 
+from daq_agent.agent import Agent
 from daq_agent.config import AgentConfig, LocalTarget, load_config
-from daq_agent.errors import SpoolError
+from daq_agent.core.errors import SpoolError
+from daq_agent.core.model import TelemetryConfig
+from daq_agent.core.sample import Sample
 from daq_agent.ingestion import IngestionService, use_sift_channel
-from daq_agent.ingestion.config import TelemetryConfig
 from daq_agent.ingestion.encode import RequestEncoder
-from daq_agent.pipeline.agent import Agent
 from daq_agent.pipeline.deadletter import read_dead_letters
-from daq_agent.pipeline.sample import Sample
 from daq_agent.pipeline.spool import Spool
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.local import LocalIngestServer

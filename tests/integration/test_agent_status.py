@@ -8,10 +8,10 @@ from pathlib import Path
 import can
 import pytest
 
+from daq_agent.agent import Agent
 from daq_agent.commands.run import drive_agent
 from daq_agent.config import load_config
 from daq_agent.decode.dbc import load_database
-from daq_agent.pipeline.agent import Agent
 from daq_agent.pipeline.status import (
     AgentStatus,
     FlusherStats,

@@ -15,9 +15,9 @@ import cantools
 import pytest
 from can_support import CantoolsDecoder, wait_for
 
-from daq_agent.errors import ReaderError
+from daq_agent.core.errors import ReaderError
+from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.pipeline.sample import Sample
 from daq_agent.readers import BACKENDS, CanReader, ReaderABC, ReaderState, get_reader_class
 from daq_agent.readers.base import BackoffPolicy
 

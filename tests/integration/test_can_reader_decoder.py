@@ -12,10 +12,10 @@ from typing import Any
 import can
 import pytest
 
+from daq_agent.core.sample import Sample
 from daq_agent.decode.can_decoder import CanDecoder
 from daq_agent.decode.dbc import load_database
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.pipeline.sample import Sample
 from daq_agent.readers import CanReader, ReaderState, ReplayReader
 from daq_agent.sim.can import CanSimulator
 

@@ -17,7 +17,7 @@ import h2.settings
 import pytest
 import trustme
 
-from daq_agent.errors import RpcStatusError, TransportError
+from daq_agent.core.errors import RpcStatusError, TransportError
 from daq_agent.h2grpc.client import H2Channel
 from daq_agent.h2grpc.server import GrpcH2Server
 from daq_agent.server.rpc import CallContext, RpcError

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from daq_agent.errors import RpcStatusError
+from daq_agent.core.errors import RpcStatusError
 from daq_agent.ingestion import (
     DEFAULT_BUFFER_SIZE,
     BufferedIngestionService,

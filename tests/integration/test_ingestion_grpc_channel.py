@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from daq_agent.errors import RpcStatusError, TransportError
+from daq_agent.core.errors import RpcStatusError, TransportError
 from daq_agent.ingestion import SiftChannel, map_rpc_errors, use_sift_channel
 
 pytestmark = pytest.mark.integration

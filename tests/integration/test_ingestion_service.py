@@ -17,7 +17,7 @@ import pytest
 from daq_agent import methods
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
-from daq_agent.errors import RpcStatusError
+from daq_agent.core.errors import RpcStatusError
 from daq_agent.ingestion import (
     MAX_MESSAGE_BYTES,
     ChannelBitFieldElement,

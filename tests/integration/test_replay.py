@@ -14,8 +14,8 @@ import cantools
 import pytest
 from can_support import CantoolsDecoder
 
+from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.pipeline.sample import Sample
 from daq_agent.readers import BackoffPolicy, ReaderState, ReplayReader, get_reader_class
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daq_agent.errors import ConfigError
-from daq_agent.pipeline.sample import Sample, Value
+from daq_agent.core.errors import ConfigError
+from daq_agent.core.sample import Sample, Value
 from daq_agent.readers.base import BackoffPolicy, ReaderState
 from daq_agent.readers.serial import SerialReader
 from daq_agent.serialdefs import SerialCodec, load_definitions

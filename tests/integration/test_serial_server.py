@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
+from daq_agent.core.sample import Sample
 from daq_agent.ingestion import IngestionService, TelemetryConfig
 from daq_agent.ingestion.encode import RequestEncoder
-from daq_agent.pipeline.sample import Sample
 from daq_agent.readers.base import ReaderState
 from daq_agent.readers.serial import SerialReader
 from daq_agent.serialdefs import load_definitions

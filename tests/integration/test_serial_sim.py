@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daq_agent.ingestion.config import ChannelDataType
-from daq_agent.pipeline.sample import Value
+from daq_agent.core.model import ChannelDataType
+from daq_agent.core.sample import Value
 from daq_agent.readers.base import ReaderState
 from daq_agent.readers.serial import SerialReader
 from daq_agent.serialdefs import FrameStream, SerialCodec, load_definitions

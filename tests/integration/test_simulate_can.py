@@ -21,9 +21,9 @@ import pytest
 from can_support import CantoolsDecoder, wait_for
 
 from daq_agent.cli import main
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
+from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.pipeline.sample import Sample
 from daq_agent.readers import CanReader, ReaderState
 from daq_agent.sim.can import CanSimulator
 

@@ -14,7 +14,7 @@ from daq_agent.config import (
     SiftTarget,
     load_config,
 )
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 
 DBC = """VERSION ""
 NS_ :

@@ -8,8 +8,8 @@ from pathlib import Path
 import cantools
 import pytest
 
+from daq_agent.core.errors import ConfigError
 from daq_agent.decode.dbc import DatabaseWarning, load_database
-from daq_agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "dbc" / "bench.dbc"

@@ -15,6 +15,9 @@ from cantools.database.conversion import BaseConversion
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daq_agent.core.errors import ConfigError, DecodeError
+from daq_agent.core.model import ChannelDataType, ChannelEnumType, TelemetryConfig
+from daq_agent.core.sample import Sample
 from daq_agent.decode.can_decoder import (
     CanDecoder,
     derive_flows,
@@ -22,9 +25,6 @@ from daq_agent.decode.can_decoder import (
     frame_key,
 )
 from daq_agent.decode.dbc import load_database
-from daq_agent.errors import ConfigError, DecodeError
-from daq_agent.ingestion.config import ChannelDataType, ChannelEnumType, TelemetryConfig
-from daq_agent.pipeline.sample import Sample
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "dbc" / "bench.dbc"

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daq_agent.core.errors import DecodeError
 from daq_agent.decode.candump import CandumpFrame, CandumpParser, parse_candump_line
-from daq_agent.errors import DecodeError
 
 
 def test_classic_standard_frame() -> None:

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daq_agent._proto.sift.ingest.v1.ingest_pb2 import IngestWithConfigDataStreamRequest
-from daq_agent.errors import IngestionValidationError
-from daq_agent.ingestion.config import ChannelConfig, ChannelDataType, FlowConfig
+from daq_agent.core.errors import IngestionValidationError
+from daq_agent.core.model import ChannelConfig, ChannelDataType, FlowConfig
+from daq_agent.core.sample import Sample
 from daq_agent.ingestion.encode import RequestEncoder
-from daq_agent.pipeline.sample import Sample
 
 T = ChannelDataType
 FLOW = FlowConfig(

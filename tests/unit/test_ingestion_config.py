@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 from daq_agent.ingestion import (
     ChannelBitFieldElement,
     ChannelConfig,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from daq_agent.errors import IngestionValidationError
+from daq_agent.core.errors import IngestionValidationError
 from daq_agent.ingestion.service import _check_timestamp, _timestamp
 
 

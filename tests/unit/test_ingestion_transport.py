@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from daq_agent.errors import ConfigError, RpcStatusError, TransportError
+from daq_agent.core.errors import ConfigError, RpcStatusError, TransportError
 from daq_agent.ingestion import SiftChannel, use_sift_channel
 from daq_agent.ingestion.transport import STATUS_ERRORS
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from daq_agent.errors import ConfigError, RpcStatusError, TransportError
+from daq_agent.core.backoff import Backoff, FailureKind, RetryPolicy
+from daq_agent.core.errors import ConfigError, RpcStatusError, TransportError
 from daq_agent.pipeline.deadletter import DeadLetter, read_dead_letters
-from daq_agent.pipeline.retry import Backoff, FailureKind, RetryPolicy, classify
+from daq_agent.pipeline.retry import classify
 
 TRANSIENT = [
     grpc.StatusCode.UNAVAILABLE,

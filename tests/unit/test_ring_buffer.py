@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 from daq_agent.pipeline.ring_buffer import RingBuffer
 
 

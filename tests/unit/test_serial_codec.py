@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daq_agent.ingestion.config import ChannelDataType
-from daq_agent.pipeline.sample import Value
+from daq_agent.core.model import ChannelDataType
+from daq_agent.core.sample import Value
 from daq_agent.serialdefs import (
     ChannelSpec,
     ChecksumKind,

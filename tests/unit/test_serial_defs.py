@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 from daq_agent.serialdefs import (
     ChecksumKind,
     FormatKind,

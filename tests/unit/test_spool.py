@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daq_agent.errors import SpoolError
+from daq_agent.core.errors import SpoolError
 from daq_agent.pipeline.spool import Spool, SpoolRecord, encode_record
 
 

@@ -11,7 +11,7 @@ import pytest
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic
-from daq_agent.errors import DaqError
+from daq_agent.core.errors import DaqError
 from daq_agent.server.store import SampleRow, Store, ValidationErrorRecord
 
 BASE = 1_700_000_000_000_000_007

@@ -30,16 +30,17 @@ from typing import Any
 from daq_agent import methods
 from daq_agent._proto.sift.runs.v2 import runs_pb2
 from daq_agent.config import AgentConfig, LocalTarget, SiftTarget
+from daq_agent.core.errors import ConfigError, DaqError, SpoolError
+from daq_agent.core.model import FlowConfig, TelemetryConfig
+from daq_agent.core.sample import Sample
 from daq_agent.decode.can_decoder import CanDecoder, derive_flows_fingerprint
 from daq_agent.decode.dbc import DatabaseWarning, load_database
-from daq_agent.errors import ConfigError, DaqError, SpoolError
 from daq_agent.ingestion import (
     IngestionService,
     SiftChannel,
     SiftChannelConfig,
     use_sift_channel,
 )
-from daq_agent.ingestion.config import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.encode import RequestEncoder
 from daq_agent.pipeline.deadletter import DeadLetter
 from daq_agent.pipeline.flusher import (
@@ -50,7 +51,6 @@ from daq_agent.pipeline.flusher import (
     WindowStore,
 )
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.pipeline.sample import Sample
 from daq_agent.pipeline.spool import Spool
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
 from daq_agent.readers.base import ReaderABC, ReaderState, Sink

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Final
 
-from daq_agent.errors import ConfigError
+from daq_agent.core.errors import ConfigError
 
 __all__ = ["NS_PER_S", "HostClock", "host_clock", "seconds_to_ns"]
 
