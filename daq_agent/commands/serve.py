@@ -2,7 +2,8 @@
 
 The API key comes from ``--api-key`` or the environment variable ``DAQ_AGENT_API_KEY``; it is
 never logged. The database defaults to ``local.sqlite`` in ``$DAQ_AGENT_STATE_DIR`` (else
-``./daq-agent-state``).
+``./daq-agent-state``). Started by the agent (``--control-fd``, see
+:mod:`daq_agent.server.process`), it reports its port there and stops when the agent is gone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from daq_agent.core.errors import DaqError
 from daq_agent.server.local import make_server
+from daq_agent.server.process import ParentLink
 
 __all__ = ["API_KEY_ENV", "STATE_DIR_ENV", "add_subparser", "default_db_path"]
 
@@ -48,6 +50,8 @@ def add_subparser(subparsers: Any) -> None:
         default=None,
         help=f"require 'authorization: Bearer KEY' on every call (or set {API_KEY_ENV})",
     )
+    # Internal: set by LocalServerProcess (the port goes there; end of file there means stop).
+    parser.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=_do_serve)
 
 
@@ -62,6 +66,7 @@ def _do_serve(args: argparse.Namespace) -> int:
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
 
+    link = ParentLink(args.control_fd) if args.control_fd is not None else None
     try:
         server = make_server(db_path, host=args.host, port=args.port, api_key=api_key)
     except OSError as exc:
@@ -69,9 +74,17 @@ def _do_serve(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with server:
-            while not stop.wait(0.5):
-                pass
+            if link is not None:
+                link.report_listening(server.port)
+            while not stop.is_set():
+                if link is None:
+                    stop.wait(0.5)
+                elif link.parent_gone(0.5):
+                    log.warning("the process that started this server is gone: stopping")
+                    break
     finally:
+        if link is not None:
+            link.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
