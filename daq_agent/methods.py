@@ -21,5 +21,10 @@ GET_RUN = "/sift.runs.v2.RunService/GetRun"
 LIST_RUNS = "/sift.runs.v2.RunService/ListRuns"
 CREATE_RUN = "/sift.runs.v2.RunService/CreateRun"
 STOP_RUN = "/sift.runs.v2.RunService/StopRun"
+UPDATE_RUN = "/sift.runs.v2.RunService/UpdateRun"
 
 PING = "/sift.ping.v1.PingService/Ping"
+
+GET_ASSET = "/sift.assets.v1.AssetService/GetAsset"
+LIST_ASSETS = "/sift.assets.v1.AssetService/ListAssets"
+UPDATE_ASSET = "/sift.assets.v1.AssetService/UpdateAsset"

@@ -28,12 +28,14 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 
 from daq_agent import methods
+from daq_agent._proto.sift.assets.v1 import assets_pb2
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
 from daq_agent._proto.sift.ping.v1 import ping_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
 from daq_agent.core.errors import DaqError
+from daq_agent.server.filters import FilterError
 from daq_agent.server.rpc import (
     CallContext,
     RpcError,
@@ -42,6 +44,7 @@ from daq_agent.server.rpc import (
     UnaryHandler,
 )
 from daq_agent.server.store import (
+    AssetRecord,
     FlowRecord,
     IngestionConfigRecord,
     RunRecord,
@@ -50,7 +53,7 @@ from daq_agent.server.store import (
     ValidationErrorRecord,
 )
 
-__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "LocalServices", "parse_filter"]
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "LocalServices"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,10 @@ _FIELD_BY_TYPE = {
     cdt.CHANNEL_DATA_TYPE_UINT_64: "uint64",
     cdt.CHANNEL_DATA_TYPE_BYTES: "bytes",
 }
+_RUN_UPDATABLE = {
+    "name", "description", "start_time", "stop_time", "is_pinned", "client_key", "tags",
+    "is_archived", "metadata",
+}  # fmt: skip
 _RUN_ORDERS = frozenset({"", "created_date", "created_date asc", "created_date desc"})
 _WRITE_ROWS = 1024  # accepted samples buffered before one multi-row INSERT
 _MAX_SIGNATURES = 4096  # accepted value signatures cached per flow (multiplexed flows vary)
@@ -127,47 +134,13 @@ _INGEST_RESPONSE = ingest_pb2.IngestWithConfigDataStreamResponse().SerializeToSt
 
 # -- filters and paging ------------------------------------------------------------------------
 
-_TERM = re.compile(
-    r"""\s*([A-Za-z_][A-Za-z0-9_.]*)\s*==\s*("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')\s*"""
-)
-_AND = re.compile(r"&&")
-_ESCAPE = re.compile(r"\\(.)")
 
-
-def parse_filter(text: str, allowed: frozenset[str]) -> dict[str, str]:
-    """Parse a CEL-like filter: ``field == "value"`` terms joined by ``&&``; empty means all.
-
-    Raises:
-        RpcError: INVALID_ARGUMENT for a syntax error or a field not in ``allowed``.
-    """
-    terms: dict[str, str] = {}
-    if not text.strip():
-        return terms
-    pos = 0
-    while True:
-        match = _TERM.match(text, pos)
-        if match is None:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f'unsupported filter {text!r} at offset {pos}: expected field == "value"',
-            )
-        name, quoted = match.groups()
-        if name not in allowed:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"cannot filter on {name!r} (supported: {', '.join(sorted(allowed))})",
-            )
-        terms[name] = _ESCAPE.sub(r"\1", quoted[1:-1])
-        pos = match.end()
-        if pos == len(text):
-            return terms
-        more = _AND.match(text, pos)
-        if more is None:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unsupported filter {text!r} at offset {pos}: expected &&",
-            )
-        pos = more.end()
+def _listing(call: Callable[[], list[Any]]) -> list[Any]:
+    """Run a store listing, turning a bad filter into INVALID_ARGUMENT."""
+    try:
+        return call()
+    except FilterError as exc:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, int]:
@@ -189,6 +162,24 @@ def _parse(message_class: type[Message], data: bytes) -> Any:
         return message_class.FromString(data)
     except ProtobufDecodeError as exc:
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}") from exc
+
+
+def _mask_paths(request: Any, allowed: set[str]) -> set[str]:
+    """The paths of a request's ``update_mask``, each one of ``allowed``.
+
+    Raises:
+        RpcError: INVALID_ARGUMENT for an empty mask or a path not allowed.
+    """
+    paths = {p for path in request.update_mask.paths for p in path.split(",") if p}
+    if not paths:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "update_mask is required")
+    unknown = paths - allowed
+    if unknown:
+        raise RpcError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"cannot update {', '.join(sorted(unknown))} (updatable: {', '.join(sorted(allowed))})",
+        )
+    return paths
 
 
 def _timestamp_ns(message: Any, name: str) -> int | None:
@@ -426,7 +417,11 @@ class LocalServices:
             methods.LIST_RUNS: self.list_runs,
             methods.CREATE_RUN: self.create_run,
             methods.STOP_RUN: self.stop_run,
+            methods.UPDATE_RUN: self.update_run,
             methods.PING: self.ping,
+            methods.GET_ASSET: self.get_asset,
+            methods.LIST_ASSETS: self.list_assets,
+            methods.UPDATE_ASSET: self.update_asset,
         }
 
     def stream_handlers(self) -> dict[str, StreamHandlerFactory]:
@@ -682,11 +677,10 @@ class LocalServices:
         request: ic_pb2.ListIngestionConfigsRequest = _parse(
             ic_pb2.ListIngestionConfigsRequest, data
         )
-        filters = parse_filter(
-            request.filter, frozenset({"client_key", "ingestion_config_id", "asset_id"})
-        )
         limit, after = _page(request.page_size, request.page_token)
-        records = self.store.list_ingestion_configs(filters, after=after, limit=limit + 1)
+        records = _listing(
+            lambda: self.store.list_ingestion_configs(request.filter, after=after, limit=limit + 1)
+        )
         return ic_pb2.ListIngestionConfigsResponse(
             ingestion_configs=[self._config_pb(r) for r in records[:limit]],
             next_page_token=_next_token([r.pk for r in records], limit),
@@ -728,9 +722,10 @@ class LocalServices:
             ic_pb2.ListIngestionConfigFlowsRequest, data
         )
         record = self._config_or_404(request.ingestion_config_id)
-        filters = parse_filter(request.filter, frozenset({"name", "flow_name"}))
         limit, after = _page(request.page_size, request.page_token)
-        flows = self.store.list_flows(record.pk, filters, after=after, limit=limit + 1)
+        flows = _listing(
+            lambda: self.store.list_flows(record.pk, request.filter, after=after, limit=limit + 1)
+        )
         return ic_pb2.ListIngestionConfigFlowsResponse(
             flows=[f.flow_config() for f in flows[:limit]],
             next_page_token=_next_token([f.pk for f in flows], limit),
@@ -810,7 +805,6 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: runs_pb2.ListRunsRequest = _parse(runs_pb2.ListRunsRequest, data)
-        filters = parse_filter(request.filter, frozenset({"name", "run_id", "client_key"}))
         limit, after = _page(request.page_size, request.page_token)
         order = " ".join(request.order_by.lower().split())
         if order not in _RUN_ORDERS:
@@ -818,8 +812,13 @@ class LocalServices:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unsupported order_by {request.order_by!r} (created_date [asc|desc])",
             )
-        records = self.store.list_runs(
-            filters, after=after, limit=limit + 1, newest_first=order == "created_date desc"
+        records = _listing(
+            lambda: self.store.list_runs(
+                request.filter,
+                after=after,
+                limit=limit + 1,
+                newest_first=order == "created_date desc",
+            )
         )
         return runs_pb2.ListRunsResponse(
             runs=[self._run_pb(r) for r in records[:limit]],
@@ -836,6 +835,124 @@ class LocalServices:
         if self.store.stop_run(request.run_id) is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found")
         return runs_pb2.StopRunResponse().SerializeToString()
+
+    def update_run(self, data: bytes, ctx: CallContext) -> bytes:
+        """UpdateRun: the fields of ``update_mask`` (``is_pinned``/``is_archived`` are accepted and
+        ignored). A client key can be set once: changing it is INVALID_ARGUMENT, as in Sift.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (no run id, bad mask, empty name, changed client key),
+                NOT_FOUND, ALREADY_EXISTS (client key of another run).
+        """
+        request: runs_pb2.UpdateRunRequest = _parse(runs_pb2.UpdateRunRequest, data)
+        run = request.run
+        if not run.run_id:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "run.run_id is required")
+        paths = _mask_paths(request, _RUN_UPDATABLE)
+        record = self.store.get_run(run.run_id)
+        if record is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {run.run_id!r} not found")
+        changes: dict[str, object] = {}
+        if "name" in paths:
+            if not run.name:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "run.name cannot be empty")
+            changes["name"] = run.name
+        if "description" in paths:
+            changes["description"] = run.description
+        if "tags" in paths:
+            changes["tags"] = list(run.tags)
+        if "metadata" in paths:
+            changes["metadata"] = (
+                runs_pb2.Run(metadata=run.metadata).SerializeToString() if run.metadata else b""
+            )
+        if "start_time" in paths:
+            changes["start_ns"] = _timestamp_ns(run, "start_time")
+        if "stop_time" in paths:
+            changes["stop_ns"] = _timestamp_ns(run, "stop_time")
+        if "client_key" in paths:
+            key = run.client_key if run.HasField("client_key") and run.client_key else None
+            if record.client_key is not None and key != record.client_key:
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"run {run.run_id!r} already has client key {record.client_key!r};"
+                    " a client key can only be set once",
+                )
+            if record.client_key is None and key is not None:
+                changes["client_key"] = key
+        try:
+            updated = self.store.update_run(run.run_id, changes)
+        except DaqError as exc:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        if updated is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {run.run_id!r} not found")
+        return runs_pb2.UpdateRunResponse(run=self._run_pb(updated)).SerializeToString()
+
+    # -- assets --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _asset_pb(record: AssetRecord) -> assets_pb2.Asset:
+        asset = (
+            assets_pb2.Asset.FromString(record.metadata) if record.metadata else assets_pb2.Asset()
+        )
+        asset.asset_id = record.asset_id
+        asset.name = record.name
+        asset.tags.extend(record.tags)
+        _set_timestamp(asset.created_date, record.created_ns)
+        _set_timestamp(asset.modified_date, record.modified_ns)
+        return asset
+
+    def get_asset(self, data: bytes, ctx: CallContext) -> bytes:
+        """GetAsset.
+
+        Raises:
+            RpcError: NOT_FOUND.
+        """
+        request: assets_pb2.GetAssetRequest = _parse(assets_pb2.GetAssetRequest, data)
+        record = self.store.get_asset(request.asset_id)
+        if record is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"asset {request.asset_id!r} not found")
+        return assets_pb2.GetAssetResponse(asset=self._asset_pb(record)).SerializeToString()
+
+    def list_assets(self, data: bytes, ctx: CallContext) -> bytes:
+        """ListAssets with a filter on ``asset_id``, ``name``, ``name_lower``, ``is_archived``.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT for a bad filter or page token.
+        """
+        request: assets_pb2.ListAssetsRequest = _parse(assets_pb2.ListAssetsRequest, data)
+        limit, after = _page(request.page_size, request.page_token)
+        records = _listing(
+            lambda: self.store.list_assets(request.filter, after=after, limit=limit + 1)
+        )
+        return assets_pb2.ListAssetsResponse(
+            assets=[self._asset_pb(r) for r in records[:limit]],
+            next_page_token=_next_token([r.pk for r in records], limit),
+        ).SerializeToString()
+
+    def update_asset(self, data: bytes, ctx: CallContext) -> bytes:
+        """UpdateAsset: ``tags`` and ``metadata`` (``is_archived``/``archived_date`` accepted and
+        ignored: the local server does not archive).
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (no asset id, no or unknown mask path), NOT_FOUND.
+        """
+        request: assets_pb2.UpdateAssetRequest = _parse(assets_pb2.UpdateAssetRequest, data)
+        asset = request.asset
+        if not asset.asset_id:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "asset.asset_id is required")
+        paths = _mask_paths(request, {"tags", "metadata", "is_archived", "archived_date"})
+        record = self.store.update_asset(
+            asset.asset_id,
+            tags=list(asset.tags) if "tags" in paths else None,
+            metadata=(
+                assets_pb2.Asset(metadata=asset.metadata).SerializeToString()
+                if "metadata" in paths
+                else None
+            ),
+        )
+        if record is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"asset {asset.asset_id!r} not found")
+        return assets_pb2.UpdateAssetResponse(asset=self._asset_pb(record)).SerializeToString()
 
     # -- ping ----------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The local ingestion server's SQLite store: assets, configs, flows, runs and samples in one file.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
-    assets              id, asset_id (uuid), name (unique)
+    assets              id, asset_id (uuid), name (unique), tags (JSON), metadata (serialized),
+                        created/modified ns
     ingestion_configs   id, ingestion_config_id (uuid), asset -> assets, client_key (unique), org
     flows               id, config -> ingestion_configs, name, definition (serialized FlowConfig);
                         (config, name) unique
@@ -11,7 +12,15 @@ Layout (schema version 1)::
     samples             (flow, run, timestamp_ns) primary key, WITHOUT ROWID; data = a serialized
                         IngestWithConfigDataStreamRequest carrying the values: the request as
                         received, or only its channel_values entries (decoded on read)
-    validation_errors   time ns, ingestion config id, flow, run id, request index, reason, peer
+    rules               id, rule_id (uuid), client_key (unique), name, definition (serialized
+                        ``rules.v1.Rule``), created/modified ns
+    validation_errors   time ns, ingestion config id, flow, run id, request index, reason, peer;
+                        only the newest ``max_rows`` are kept, the others are counted in ``meta``
+
+A version 1 file is migrated in place when opened for writing.
+
+List methods take ``filters``: either a mapping of field == value, or the text of a Sift filter
+(see :mod:`daq_agent.server.filters`); the fields each accepts are Sift's names for them.
 
 One sample is one (ingestion config, flow, run, timestamp ns): the flow row belongs to one config,
 ``run`` is 0 when the request names no run. Samples are written with ``INSERT OR IGNORE``, so a
@@ -38,11 +47,15 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2
 from daq_agent.core.errors import DaqError
+from daq_agent.server.filters import Column, compile_sql, parse
 
 __all__ = [
+    "DEFAULT_MAX_VALIDATION_ERRORS",
+    "AssetRecord",
     "ChannelInfo",
     "FlowRecord",
     "IngestionConfigRecord",
+    "RuleRecord",
     "RunRecord",
     "SampleRow",
     "Store",
@@ -51,8 +64,11 @@ __all__ = [
     "Value",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PAGE_SIZE = 65536
+DEFAULT_MAX_VALIDATION_ERRORS = 10_000
+"""Validation errors kept by default; older ones are deleted and counted."""
+_OVERFLOW_KEY = "validation_errors_overflow"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -63,7 +79,10 @@ CREATE TABLE IF NOT EXISTS assets (
     id INTEGER PRIMARY KEY,
     asset_id TEXT NOT NULL UNIQUE,
     name TEXT NOT NULL UNIQUE,
-    created_ns INTEGER NOT NULL
+    created_ns INTEGER NOT NULL,
+    tags TEXT NOT NULL DEFAULT '[]',
+    metadata BLOB NOT NULL DEFAULT x'',
+    modified_ns INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS ingestion_configs (
     id INTEGER PRIMARY KEY,
@@ -104,6 +123,15 @@ CREATE TABLE IF NOT EXISTS samples (
     data BLOB NOT NULL,
     PRIMARY KEY (flow, run, timestamp_ns)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rules (
+    id INTEGER PRIMARY KEY,
+    rule_id TEXT NOT NULL UNIQUE,
+    client_key TEXT UNIQUE,
+    name TEXT NOT NULL,
+    definition BLOB NOT NULL,
+    created_ns INTEGER NOT NULL,
+    modified_ns INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS validation_errors (
     id INTEGER PRIMARY KEY,
     time_ns INTEGER NOT NULL,
@@ -114,6 +142,15 @@ CREATE TABLE IF NOT EXISTS validation_errors (
     reason TEXT NOT NULL,
     peer TEXT NOT NULL DEFAULT ''
 );
+"""
+
+# Version 1 to 2: asset tags, metadata and modification time; the rules table (created by
+# _SCHEMA, which every open runs).
+_MIGRATE_1_TO_2 = """
+ALTER TABLE assets ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE assets ADD COLUMN metadata BLOB NOT NULL DEFAULT x'';
+ALTER TABLE assets ADD COLUMN modified_ns INTEGER NOT NULL DEFAULT 0;
+UPDATE assets SET modified_ns = created_ns;
 """
 
 Value = float | int | bool | str | bytes | None
@@ -197,6 +234,34 @@ class RunRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AssetRecord:
+    """A stored asset (created by name with its first ingestion config)."""
+
+    pk: int
+    asset_id: str
+    name: str
+    tags: tuple[str, ...]
+    metadata: bytes
+    """Serialized ``assets.v1.Asset`` carrying only the ``metadata`` field."""
+    created_ns: int
+    modified_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRecord:
+    """A stored rule: its identity and its definition as Sift's ``Rule`` message."""
+
+    pk: int
+    rule_id: str
+    client_key: str | None
+    name: str
+    definition: bytes
+    """The serialized ``rules.v1.Rule``."""
+    created_ns: int
+    modified_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class ValidationErrorRecord:
     """A request the server refused, as recorded."""
 
@@ -222,20 +287,41 @@ _RUN_SELECT = (
     "SELECT id, run_id, name, description, tags, metadata, client_key, organization_id,"
     " start_ns, stop_ns, is_stopped, created_ns, modified_ns FROM runs"
 )
+_ASSET_SELECT = "SELECT id, asset_id, name, tags, metadata, created_ns, modified_ns FROM assets"
+_RULE_SELECT = (
+    "SELECT id, rule_id, client_key, name, definition, created_ns, modified_ns FROM rules"
+)
+# Filterable fields (Sift's names) of each listing.
 _CONFIG_COLUMNS = {
-    "ingestion_config_id": "c.ingestion_config_id",
-    "client_key": "c.client_key",
-    "asset_id": "a.asset_id",
-    "asset_name": "a.name",
-    "organization_id": "c.organization_id",
+    "ingestion_config_id": Column("c.ingestion_config_id"),
+    "client_key": Column("c.client_key", nullable=True),
+    "asset_id": Column("a.asset_id"),
+    "asset_name": Column("a.name"),
+    "organization_id": Column("c.organization_id"),
 }
-_FLOW_COLUMNS = {"name": "f.name", "flow_name": "f.name"}
+_FLOW_COLUMNS = {"flow_name": Column("f.name"), "name": Column("f.name")}
 _RUN_COLUMNS = {
-    "run_id": "run_id",
-    "name": "name",
-    "client_key": "client_key",
-    "organization_id": "organization_id",
+    "run_id": Column("run_id"),
+    "name": Column("name"),
+    "description": Column("description"),
+    "client_key": Column("client_key", nullable=True),
+    "organization_id": Column("organization_id"),
+    "is_stopped": Column("is_stopped", bool),
 }
+_ASSET_COLUMNS = {
+    "asset_id": Column("asset_id"),
+    "name": Column("name"),
+    "name_lower": Column("lower(name)"),
+    "is_archived": Column("0", bool),
+}
+_RULE_COLUMNS = {
+    "rule_id": Column("rule_id"),
+    "client_key": Column("client_key", nullable=True),
+    "name": Column("name"),
+}
+
+Filters = Mapping[str, str] | str | None
+"""``{field: value}`` (all must be equal), or the text of a Sift filter, or None for all."""
 
 
 def _now_ns() -> int:
@@ -285,16 +371,50 @@ def _run(row: Sequence[object]) -> RunRecord:
     )
 
 
-def _where(filters: Mapping[str, str], columns: Mapping[str, str]) -> tuple[list[str], list[str]]:
+def _where(filters: Filters, columns: Mapping[str, Column]) -> tuple[str, list[object]]:
+    """A WHERE condition and its parameters.
+
+    Raises:
+        FilterError: a filter text that does not parse or names a field not in ``columns``.
+        DaqError: a mapping key not in ``columns``.
+    """
+    if isinstance(filters, str):
+        return compile_sql(filters, parse(filters), columns)
     clauses: list[str] = []
-    params: list[str] = []
-    for field, value in filters.items():
+    params: list[object] = []
+    for field, value in (filters or {}).items():
         column = columns.get(field)
         if column is None:
             raise DaqError(f"cannot filter on {field!r}")
-        clauses.append(f"{column} = ?")
+        clauses.append(f"{column.sql} = ?")
         params.append(value)
-    return clauses, params
+    return " AND ".join(clauses) or "1", params
+
+
+def _asset(row: Sequence[object]) -> AssetRecord:
+    pk, asset_id, name, tags, metadata, created, modified = row
+    return AssetRecord(
+        pk=int(pk),  # type: ignore[call-overload]
+        asset_id=str(asset_id),
+        name=str(name),
+        tags=tuple(json.loads(str(tags))),
+        metadata=bytes(metadata),  # type: ignore[call-overload]
+        created_ns=int(created),  # type: ignore[call-overload]
+        modified_ns=int(modified),  # type: ignore[call-overload]
+    )
+
+
+def _rule(row: Sequence[object]) -> RuleRecord:
+    pk, rule_id, client_key, name, definition, created, modified = row
+    return RuleRecord(
+        pk=int(pk),  # type: ignore[call-overload]
+        rule_id=str(rule_id),
+        client_key=None if client_key is None else str(client_key),
+        name=str(name),
+        definition=bytes(definition),  # type: ignore[call-overload]
+        created_ns=int(created),  # type: ignore[call-overload]
+        modified_ns=int(modified),  # type: ignore[call-overload]
+    )
 
 
 def decode_values(data: bytes) -> list[Value]:
@@ -312,6 +432,17 @@ def decode_values(data: bytes) -> list[Value]:
         kind = value.WhichOneof("type")
         values.append(None if kind is None or kind == "empty" else getattr(value, kind))
     return values
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older file to :data:`SCHEMA_VERSION` (one transaction per step)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is not None and row[0] == "1":
+        conn.execute("BEGIN")
+        for statement in filter(None, (s.strip() for s in _MIGRATE_1_TO_2.split(";"))):
+            conn.execute(statement)
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.execute("COMMIT")
 
 
 class Store:
@@ -375,6 +506,7 @@ class Store:
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+                _migrate(conn)
             conn.execute("PRAGMA busy_timeout=5000")
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.Error as exc:
@@ -544,8 +676,17 @@ class Store:
 
     # -- validation errors -------------------------------------------------------------------
 
-    def insert_validation_errors(self, records: Iterable[ValidationErrorRecord]) -> None:
-        """Record refused requests in the open transaction (begun if needed)."""
+    def insert_validation_errors(
+        self,
+        records: Iterable[ValidationErrorRecord],
+        *,
+        max_rows: int = DEFAULT_MAX_VALIDATION_ERRORS,
+    ) -> None:
+        """Record refused requests in the open transaction (begun if needed).
+
+        Only the newest ``max_rows`` are kept: older ones are deleted and added to
+        :meth:`validation_errors_overflow`.
+        """
         rows = [
             (r.time_ns, r.ingestion_config_id, r.flow, r.run_id, r.request_index, r.reason, r.peer)
             for r in records
@@ -554,11 +695,33 @@ class Store:
             return
         with self._lock:
             self._begin()
-            self._conn.executemany(
+            conn = self._conn
+            conn.executemany(
                 "INSERT INTO validation_errors (time_ns, ingestion_config_id, flow, run_id,"
                 " request_index, reason, peer) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            # ids grow by one per row and the newest is never deleted, so the newest max_rows
+            # are exactly those above max(id) - max_rows
+            deleted = conn.execute(
+                "DELETE FROM validation_errors"
+                " WHERE id <= (SELECT max(id) FROM validation_errors) - ?",
+                (max(max_rows, 0),),
+            ).rowcount
+            if deleted > 0:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                    " DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+                    (_OVERFLOW_KEY, deleted),
+                )
+
+    def validation_errors_overflow(self) -> int:
+        """Validation errors that were recorded and later deleted to keep the table capped."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT value FROM meta WHERE key = ?", (_OVERFLOW_KEY,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
 
     def validation_errors(self, *, limit: int | None = None) -> list[ValidationErrorRecord]:
         """Recorded validation errors, oldest first (the last ``limit`` of them if given)."""
@@ -604,8 +767,9 @@ class Store:
                 if row is None:
                     asset_id = str(uuid.uuid4())
                     asset_pk = self._conn.execute(
-                        "INSERT INTO assets (asset_id, name, created_ns) VALUES (?, ?, ?)",
-                        (asset_id, asset_name, now),
+                        "INSERT INTO assets (asset_id, name, created_ns, modified_ns)"
+                        " VALUES (?, ?, ?, ?)",
+                        (asset_id, asset_name, now, now),
                     ).lastrowid
                 else:
                     asset_pk, asset_id = row
@@ -625,6 +789,53 @@ class Store:
             pk, config_id, str(asset_id), asset_name, client_key, organization_id
         )
 
+    def get_asset(self, asset_id: str) -> AssetRecord | None:
+        """The asset with this id, or None."""
+        with self._lock:
+            row = self._conn.execute(_ASSET_SELECT + " WHERE asset_id = ?", (asset_id,)).fetchone()
+        return None if row is None else _asset(row)
+
+    def list_assets(
+        self, filters: Filters = None, *, after: int = 0, limit: int = 1000
+    ) -> list[AssetRecord]:
+        """Assets matching ``filters`` (fields ``asset_id``, ``name``, ``name_lower``,
+        ``is_archived``), by pk after ``after``.
+
+        Raises:
+            DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
+        """
+        where, params = _where(filters, _ASSET_COLUMNS)
+        sql = f"{_ASSET_SELECT} WHERE ({where}) AND id > ? ORDER BY id LIMIT ?"
+        with self._lock:
+            return [_asset(r) for r in self._conn.execute(sql, [*params, after, limit])]
+
+    def update_asset(
+        self,
+        asset_id: str,
+        *,
+        tags: Sequence[str] | None = None,
+        metadata: bytes | None = None,
+    ) -> AssetRecord | None:
+        """Replace an asset's tags and/or metadata (None: unchanged) and commit; None if the asset
+        does not exist."""
+        sets: list[str] = ["modified_ns = ?"]
+        params: list[object] = [_now_ns()]
+        if tags is not None:
+            sets.append("tags = ?")
+            params.append(json.dumps(list(tags)))
+        if metadata is not None:
+            sets.append("metadata = ?")
+            params.append(metadata)
+        with self._lock:
+            self._begin()
+            cursor = self._conn.execute(
+                f"UPDATE assets SET {', '.join(sets)} WHERE asset_id = ?", [*params, asset_id]
+            )
+            self.commit()
+            if cursor.rowcount == 0:
+                return None
+        return self.get_asset(asset_id)
+
     def get_ingestion_config(self, ingestion_config_id: str) -> IngestionConfigRecord | None:
         """The config with this id, or None."""
         with self._lock:
@@ -634,16 +845,15 @@ class Store:
         return None if row is None else _config(row)
 
     def list_ingestion_configs(
-        self, filters: Mapping[str, str] | None = None, *, after: int = 0, limit: int = 1000
+        self, filters: Filters = None, *, after: int = 0, limit: int = 1000
     ) -> list[IngestionConfigRecord]:
-        """Configs matching ``filters`` (field == value, all of them), by pk after ``after``.
+        """Configs matching ``filters``, by pk after ``after``.
 
         Raises:
-            DaqError: for a filter field that does not exist.
+            DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        clauses, params = _where(filters or {}, _CONFIG_COLUMNS)
-        clauses.append("c.id > ?")
-        sql = f"{_CONFIG_SELECT} WHERE {' AND '.join(clauses)} ORDER BY c.id LIMIT ?"
+        where, params = _where(filters, _CONFIG_COLUMNS)
+        sql = f"{_CONFIG_SELECT} WHERE ({where}) AND c.id > ? ORDER BY c.id LIMIT ?"
         with self._lock:
             return [_config(r) for r in self._conn.execute(sql, [*params, after, limit])]
 
@@ -687,7 +897,7 @@ class Store:
     def list_flows(
         self,
         config_pk: int | None = None,
-        filters: Mapping[str, str] | None = None,
+        filters: Filters = None,
         *,
         after: int = 0,
         limit: int | None = None,
@@ -695,10 +905,10 @@ class Store:
         """Flows (of one config if given) matching ``filters``, by pk after ``after``.
 
         Raises:
-            DaqError: for a filter field that does not exist.
+            DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        clauses, params = _where(filters or {}, _FLOW_COLUMNS)
-        args: list[object] = list(params)
+        where, args = _where(filters, _FLOW_COLUMNS)
+        clauses = [f"({where})"]
         if config_pk is not None:
             clauses.append("f.config = ?")
             args.append(config_pk)
@@ -773,7 +983,7 @@ class Store:
 
     def list_runs(
         self,
-        filters: Mapping[str, str] | None = None,
+        filters: Filters = None,
         *,
         after: int = 0,
         limit: int = 1000,
@@ -782,16 +992,16 @@ class Store:
         """Runs matching ``filters`` in creation order (or newest first), past pk ``after``.
 
         Raises:
-            DaqError: for a filter field that does not exist.
+            DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        clauses, params = _where(filters or {}, _RUN_COLUMNS)
+        where, params = _where(filters, _RUN_COLUMNS)
         if newest_first:
-            clauses.append("id < ?")
+            position = "id < ?"
             after = after or (1 << 62)
         else:
-            clauses.append("id > ?")
+            position = "id > ?"
         order = "DESC" if newest_first else "ASC"
-        sql = f"{_RUN_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"
+        sql = f"{_RUN_SELECT} WHERE ({where}) AND {position} ORDER BY id {order} LIMIT ?"
         with self._lock:
             return [_run(r) for r in self._conn.execute(sql, [*params, after, limit])]
 
@@ -808,3 +1018,138 @@ class Store:
             if cursor.rowcount == 0:
                 return None
         return self.get_run(run_id)
+
+    _RUN_UPDATABLE = frozenset(
+        {"name", "description", "tags", "metadata", "client_key", "start_ns", "stop_ns",
+         "is_stopped"}
+    )  # fmt: skip
+
+    def update_run(self, run_id: str, changes: Mapping[str, object]) -> RunRecord | None:
+        """Set the given fields of a run and commit; None if the run does not exist.
+
+        Args:
+            run_id: the run.
+            changes: new values by field: ``name``, ``description``, ``tags`` (a sequence),
+                ``metadata`` (serialized ``Run`` with only metadata), ``client_key``,
+                ``start_ns``/``stop_ns`` (int or None), ``is_stopped``.
+
+        Raises:
+            DaqError: a field that cannot be updated, or a client key another run has.
+        """
+        unknown = set(changes) - self._RUN_UPDATABLE
+        if unknown:
+            raise DaqError(f"cannot update run field(s) {', '.join(sorted(unknown))}")
+        sets: list[str] = ["modified_ns = ?"]
+        params: list[object] = [_now_ns()]
+        for name, value in sorted(changes.items()):
+            sets.append(f"{name} = ?")
+            if name == "tags":
+                params.append(json.dumps(list(value)))  # type: ignore[call-overload]
+            elif name == "is_stopped":
+                params.append(int(bool(value)))
+            else:
+                params.append(value)
+        with self._lock:
+            self._begin()
+            try:
+                cursor = self._conn.execute(
+                    f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*params, run_id]
+                )
+            except sqlite3.IntegrityError as exc:
+                self._conn.execute("ROLLBACK")
+                self._pending = 0
+                raise DaqError(f"run client key {changes.get('client_key')!r} is taken") from exc
+            self.commit()
+            if cursor.rowcount == 0:
+                return None
+        return self.get_run(run_id)
+
+    # -- rules -------------------------------------------------------------------------------
+
+    def create_rule(self, *, name: str, client_key: str | None, definition: bytes) -> RuleRecord:
+        """Create a rule and commit; the store gives it its ``rule_id``.
+
+        Raises:
+            DaqError: when the client key is already taken.
+        """
+        now = _now_ns()
+        rule_id = str(uuid.uuid4())
+        with self._lock:
+            self._begin()
+            try:
+                pk = self._conn.execute(
+                    "INSERT INTO rules (rule_id, client_key, name, definition, created_ns,"
+                    " modified_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                    (rule_id, client_key or None, name, definition, now, now),
+                ).lastrowid
+            except sqlite3.IntegrityError as exc:
+                self._conn.execute("ROLLBACK")
+                self._pending = 0
+                raise DaqError(f"rule client key {client_key!r} is taken") from exc
+            self.commit()
+        assert pk is not None
+        return RuleRecord(pk, rule_id, client_key or None, name, definition, now, now)
+
+    def update_rule(
+        self, rule_id: str, *, name: str, client_key: str | None, definition: bytes
+    ) -> RuleRecord | None:
+        """Replace a rule's name, client key and definition and commit; None if it does not exist.
+
+        Raises:
+            DaqError: when the new client key belongs to another rule.
+        """
+        with self._lock:
+            self._begin()
+            try:
+                cursor = self._conn.execute(
+                    "UPDATE rules SET name = ?, client_key = ?, definition = ?, modified_ns = ?"
+                    " WHERE rule_id = ?",
+                    (name, client_key or None, definition, _now_ns(), rule_id),
+                )
+            except sqlite3.IntegrityError as exc:
+                self._conn.execute("ROLLBACK")
+                self._pending = 0
+                raise DaqError(f"rule client key {client_key!r} is taken") from exc
+            self.commit()
+            if cursor.rowcount == 0:
+                return None
+        return self.get_rule(rule_id=rule_id)
+
+    def get_rule(
+        self, *, rule_id: str | None = None, client_key: str | None = None
+    ) -> RuleRecord | None:
+        """The rule with this id (or else this client key), or None."""
+        if rule_id:
+            where, value = "rule_id = ?", rule_id
+        elif client_key:
+            where, value = "client_key = ?", client_key
+        else:
+            return None
+        with self._lock:
+            row = self._conn.execute(f"{_RULE_SELECT} WHERE {where}", (value,)).fetchone()
+        return None if row is None else _rule(row)
+
+    def list_rules(
+        self, filters: Filters = None, *, after: int = 0, limit: int = 1000
+    ) -> list[RuleRecord]:
+        """Rules matching ``filters`` (fields ``rule_id``, ``client_key``, ``name``), by pk.
+
+        Raises:
+            DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
+        """
+        where, params = _where(filters, _RULE_COLUMNS)
+        sql = f"{_RULE_SELECT} WHERE ({where}) AND id > ? ORDER BY id LIMIT ?"
+        with self._lock:
+            return [_rule(r) for r in self._conn.execute(sql, [*params, after, limit])]
+
+    def asset_flows(self, asset_id: str) -> list[FlowRecord]:
+        """Every flow of every ingestion config of an asset, by pk."""
+        with self._lock:
+            return [
+                _flow(r)
+                for r in self._conn.execute(
+                    f"{_FLOW_SELECT} JOIN assets a ON a.id = c.asset WHERE a.asset_id = ?"
+                    " ORDER BY f.id",
+                    (asset_id,),
+                )
+            ]

@@ -13,7 +13,7 @@ from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic
 from daq_agent._proto.sift.runs.v2 import runs_pb2
 from daq_agent.server.rpc import CallContext, RpcError
-from daq_agent.server.services import LocalServices, parse_filter
+from daq_agent.server.services import LocalServices
 from daq_agent.server.store import Store
 
 Request = ingest_pb2.IngestWithConfigDataStreamRequest
@@ -59,20 +59,6 @@ def _ingest(services: LocalServices, *messages: bytes) -> None:
     handler = services.ingest_stream(CTX)
     handler.on_messages(list(messages))
     handler.on_end()
-
-
-def test_parse_filter() -> None:
-    """Filters: equality terms joined by &&, both quote styles, escapes; errors otherwise."""
-    fields = frozenset({"name", "client_key"})
-    assert parse_filter("", fields) == {}
-    assert parse_filter(' name == "a \\" b" && client_key==\'k\' ', fields) == {
-        "name": 'a " b',
-        "client_key": "k",
-    }
-    for bad in ('name = "a"', 'name == "a" ||', 'colour == "x"', "name == a"):
-        with pytest.raises(RpcError) as info:
-            parse_filter(bad, fields)
-        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_non_canonical_request_is_accepted(services: LocalServices) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from daq_agent._proto.sift.assets.v1 import assets_pb2
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2
@@ -157,6 +158,47 @@ CONTRACT: list[tuple[Descriptor, dict[str, tuple[int, int, bool]]]] = [
         },
     ),
     (ping_pb2.PingResponse.DESCRIPTOR, {"response": (1, STRING, False)}),
+    (
+        runs_pb2.UpdateRunRequest.DESCRIPTOR,
+        {"run": (1, MESSAGE, False), "update_mask": (2, MESSAGE, False)},
+    ),
+    (runs_pb2.UpdateRunResponse.DESCRIPTOR, {"run": (1, MESSAGE, False)}),
+    (
+        assets_pb2.Asset.DESCRIPTOR,
+        {
+            "asset_id": (1, STRING, False),
+            "name": (2, STRING, False),
+            "organization_id": (4, STRING, False),
+            "created_date": (5, MESSAGE, False),
+            "created_by_user_id": (6, STRING, False),
+            "modified_date": (7, MESSAGE, False),
+            "modified_by_user_id": (8, STRING, False),
+            "tags": (9, STRING, True),
+            "metadata": (10, MESSAGE, True),
+            "archived_date": (11, MESSAGE, False),
+            "is_archived": (12, BOOL, False),
+        },
+    ),
+    (assets_pb2.GetAssetRequest.DESCRIPTOR, {"asset_id": (1, STRING, False)}),
+    (assets_pb2.GetAssetResponse.DESCRIPTOR, {"asset": (1, MESSAGE, False)}),
+    (
+        assets_pb2.ListAssetsRequest.DESCRIPTOR,
+        {
+            "page_size": (1, UINT32, False),
+            "page_token": (2, STRING, False),
+            "filter": (3, STRING, False),
+            "order_by": (4, STRING, False),
+        },
+    ),
+    (
+        assets_pb2.ListAssetsResponse.DESCRIPTOR,
+        {"assets": (1, MESSAGE, True), "next_page_token": (5, STRING, False)},
+    ),
+    (
+        assets_pb2.UpdateAssetRequest.DESCRIPTOR,
+        {"asset": (1, MESSAGE, False), "update_mask": (2, MESSAGE, False)},
+    ),
+    (assets_pb2.UpdateAssetResponse.DESCRIPTOR, {"asset": (1, MESSAGE, False)}),
 ]
 
 
@@ -176,9 +218,10 @@ def test_packages_services_and_enums_match_the_wire_contract() -> None:
     assert ingest_pb2.DESCRIPTOR.package == "sift.ingest.v1"
     assert ingestion_configs_pb2.DESCRIPTOR.package == "sift.ingestion_configs.v2"
     assert runs_pb2.DESCRIPTOR.package == "sift.runs.v2"
+    assert assets_pb2.DESCRIPTOR.package == "sift.assets.v1"
     services = {
         s.full_name: sorted(m.name for m in s.methods)
-        for module in (ingest_pb2, ingestion_configs_pb2, runs_pb2, ping_pb2)
+        for module in (ingest_pb2, ingestion_configs_pb2, runs_pb2, ping_pb2, assets_pb2)
         for s in module.DESCRIPTOR.services_by_name.values()
     }
     assert services == {
@@ -190,8 +233,9 @@ def test_packages_services_and_enums_match_the_wire_contract() -> None:
             "ListIngestionConfigFlows",
             "ListIngestionConfigs",
         ],
-        "sift.runs.v2.RunService": ["CreateRun", "GetRun", "ListRuns", "StopRun"],
+        "sift.runs.v2.RunService": ["CreateRun", "GetRun", "ListRuns", "StopRun", "UpdateRun"],
         "sift.ping.v1.PingService": ["Ping"],
+        "sift.assets.v1.AssetService": ["GetAsset", "ListAssets", "UpdateAsset"],
     }
     names = channel_data_type_pb2.ChannelDataType.keys()
     assert names == [

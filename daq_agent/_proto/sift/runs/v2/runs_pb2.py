@@ -23,35 +23,40 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from daq_agent._proto.sift.metadata.v1 import metadata_pb2 as sift_dot_metadata_dot_v1_dot_metadata__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sift/runs/v2/runs.proto\x12\x0csift.runs.v2\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fsift/metadata/v1/metadata.proto\"\xea\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x30\n\x0c\x63reated_date\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rmodified_date\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0forganization_id\x18\x06 \x01(\t\x12\x33\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x12\x32\n\tstop_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x88\x01\x01\x12\x0c\n\x04name\x18\n \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x0c\n\x04tags\x18\x0c \x03(\t\x12\x17\n\nclient_key\x18\x0e \x01(\tH\x02\x88\x01\x01\x12\x31\n\x08metadata\x18\x0f \x03(\x0b\x32\x1f.sift.metadata.v1.MetadataValue\x12\x11\n\tasset_ids\x18\x10 \x03(\t\x12\x12\n\nis_stopped\x18\x16 \x01(\x08\x42\r\n\x0b_start_timeB\x0c\n\n_stop_timeB\r\n\x0b_client_keyJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\t\x10\nJ\x04\x08\r\x10\x0eJ\x04\x08\x11\x10\x16\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"0\n\x0eGetRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.sift.runs.v2.Run\"Z\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.sift.runs.v2.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9c\x02\n\x10\x43reateRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tstop_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0forganization_id\x18\x07 \x01(\t\x12\x17\n\nclient_key\x18\x08 \x01(\tH\x00\x88\x01\x01\x12\x31\n\x08metadata\x18\t \x03(\x0b\x32\x1f.sift.metadata.v1.MetadataValueB\r\n\x0b_client_keyJ\x04\x08\x06\x10\x07\"3\n\x11\x43reateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.sift.runs.v2.Run\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x11\n\x0fStopRunResponse2\xb2\x02\n\nRunService\x12\x43\n\x06GetRun\x12\x1b.sift.runs.v2.GetRunRequest\x1a\x1c.sift.runs.v2.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.sift.runs.v2.ListRunsRequest\x1a\x1e.sift.runs.v2.ListRunsResponse\x12L\n\tCreateRun\x12\x1e.sift.runs.v2.CreateRunRequest\x1a\x1f.sift.runs.v2.CreateRunResponse\x12\x46\n\x07StopRun\x12\x1c.sift.runs.v2.StopRunRequest\x1a\x1d.sift.runs.v2.StopRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sift/runs/v2/runs.proto\x12\x0csift.runs.v2\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fsift/metadata/v1/metadata.proto\"\xea\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x30\n\x0c\x63reated_date\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rmodified_date\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0forganization_id\x18\x06 \x01(\t\x12\x33\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x12\x32\n\tstop_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x88\x01\x01\x12\x0c\n\x04name\x18\n \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x0c\n\x04tags\x18\x0c \x03(\t\x12\x17\n\nclient_key\x18\x0e \x01(\tH\x02\x88\x01\x01\x12\x31\n\x08metadata\x18\x0f \x03(\x0b\x32\x1f.sift.metadata.v1.MetadataValue\x12\x11\n\tasset_ids\x18\x10 \x03(\t\x12\x12\n\nis_stopped\x18\x16 \x01(\x08\x42\r\n\x0b_start_timeB\x0c\n\n_stop_timeB\r\n\x0b_client_keyJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\t\x10\nJ\x04\x08\r\x10\x0eJ\x04\x08\x11\x10\x16\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"0\n\x0eGetRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.sift.runs.v2.Run\"Z\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.sift.runs.v2.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9c\x02\n\x10\x43reateRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tstop_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0forganization_id\x18\x07 \x01(\t\x12\x17\n\nclient_key\x18\x08 \x01(\tH\x00\x88\x01\x01\x12\x31\n\x08metadata\x18\t \x03(\x0b\x32\x1f.sift.metadata.v1.MetadataValueB\r\n\x0b_client_keyJ\x04\x08\x06\x10\x07\"3\n\x11\x43reateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.sift.runs.v2.Run\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x11\n\x0fStopRunResponse\"c\n\x10UpdateRunRequest\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.sift.runs.v2.Run\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"3\n\x11UpdateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.sift.runs.v2.Run2\x80\x03\n\nRunService\x12\x43\n\x06GetRun\x12\x1b.sift.runs.v2.GetRunRequest\x1a\x1c.sift.runs.v2.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.sift.runs.v2.ListRunsRequest\x1a\x1e.sift.runs.v2.ListRunsResponse\x12L\n\tCreateRun\x12\x1e.sift.runs.v2.CreateRunRequest\x1a\x1f.sift.runs.v2.CreateRunResponse\x12\x46\n\x07StopRun\x12\x1c.sift.runs.v2.StopRunRequest\x1a\x1d.sift.runs.v2.StopRunResponse\x12L\n\tUpdateRun\x12\x1e.sift.runs.v2.UpdateRunRequest\x1a\x1f.sift.runs.v2.UpdateRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sift.runs.v2.runs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUN']._serialized_start=108
-  _globals['_RUN']._serialized_end=598
-  _globals['_GETRUNREQUEST']._serialized_start=600
-  _globals['_GETRUNREQUEST']._serialized_end=631
-  _globals['_GETRUNRESPONSE']._serialized_start=633
-  _globals['_GETRUNRESPONSE']._serialized_end=681
-  _globals['_LISTRUNSREQUEST']._serialized_start=683
-  _globals['_LISTRUNSREQUEST']._serialized_end=773
-  _globals['_LISTRUNSRESPONSE']._serialized_start=775
-  _globals['_LISTRUNSRESPONSE']._serialized_end=851
-  _globals['_CREATERUNREQUEST']._serialized_start=854
-  _globals['_CREATERUNREQUEST']._serialized_end=1138
-  _globals['_CREATERUNRESPONSE']._serialized_start=1140
-  _globals['_CREATERUNRESPONSE']._serialized_end=1191
-  _globals['_STOPRUNREQUEST']._serialized_start=1193
-  _globals['_STOPRUNREQUEST']._serialized_end=1225
-  _globals['_STOPRUNRESPONSE']._serialized_start=1227
-  _globals['_STOPRUNRESPONSE']._serialized_end=1244
-  _globals['_RUNSERVICE']._serialized_start=1247
-  _globals['_RUNSERVICE']._serialized_end=1553
+  _globals['_RUN']._serialized_start=142
+  _globals['_RUN']._serialized_end=632
+  _globals['_GETRUNREQUEST']._serialized_start=634
+  _globals['_GETRUNREQUEST']._serialized_end=665
+  _globals['_GETRUNRESPONSE']._serialized_start=667
+  _globals['_GETRUNRESPONSE']._serialized_end=715
+  _globals['_LISTRUNSREQUEST']._serialized_start=717
+  _globals['_LISTRUNSREQUEST']._serialized_end=807
+  _globals['_LISTRUNSRESPONSE']._serialized_start=809
+  _globals['_LISTRUNSRESPONSE']._serialized_end=885
+  _globals['_CREATERUNREQUEST']._serialized_start=888
+  _globals['_CREATERUNREQUEST']._serialized_end=1172
+  _globals['_CREATERUNRESPONSE']._serialized_start=1174
+  _globals['_CREATERUNRESPONSE']._serialized_end=1225
+  _globals['_STOPRUNREQUEST']._serialized_start=1227
+  _globals['_STOPRUNREQUEST']._serialized_end=1259
+  _globals['_STOPRUNRESPONSE']._serialized_start=1261
+  _globals['_STOPRUNRESPONSE']._serialized_end=1278
+  _globals['_UPDATERUNREQUEST']._serialized_start=1280
+  _globals['_UPDATERUNREQUEST']._serialized_end=1379
+  _globals['_UPDATERUNRESPONSE']._serialized_start=1381
+  _globals['_UPDATERUNRESPONSE']._serialized_end=1432
+  _globals['_RUNSERVICE']._serialized_start=1435
+  _globals['_RUNSERVICE']._serialized_end=1819
 # @@protoc_insertion_point(module_scope)
