@@ -5,20 +5,23 @@
     Agent(config)          loads the databases, derives the flows and the client key (no I/O
                            beyond reading files: `daq-agent check` stops here)
       .start()             spool (locked; its unacknowledged batches are replayed first) → local
-                           server (if the target is local) → channel → IngestionService
-                           (get-or-create config; lazy flow creation when the flows do not fit one
-                           message) → run → ring → flusher → readers
+                           server (if the target is local: its own process, supervised) → sink
+                           (nothing connects yet) → ring → flusher → readers. The API is not
+                           needed to start: the sink connects in the background, and until it
+                           does, everything read is spooled.
       .wait(timeout)       until stop is requested, or every source is finite and has ended and
                            everything read is delivered
       .stop()              readers → ring closed → flusher drains and checkpoints → run stopped →
-                           channel → local server → spool closed (what is left stays on disk)
+                           sink → local server (last) → spool closed (what is left stays on disk)
 
 :meth:`Agent.request_stop` is safe from a signal handler (it only sets an event).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,36 +30,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from daq_agent import methods
-from daq_agent._proto.sift.runs.v2 import runs_pb2
 from daq_agent.config import AgentConfig, LocalTarget, SiftTarget
 from daq_agent.core.errors import ConfigError, DaqError, SpoolError
 from daq_agent.core.model import FlowConfig, TelemetryConfig
 from daq_agent.core.sample import Sample
 from daq_agent.decode.can_decoder import CanDecoder, derive_flows_fingerprint
 from daq_agent.decode.dbc import DatabaseWarning, load_database
-from daq_agent.ingestion import (
-    IngestionService,
-    SiftChannel,
-    SiftChannelConfig,
-    use_sift_channel,
-)
-from daq_agent.ingestion.encode import RequestEncoder
+from daq_agent.ingestion.legacy import decode_request
+from daq_agent.pipeline.batch import RunRef
 from daq_agent.pipeline.deadletter import DeadLetter
-from daq_agent.pipeline.flusher import (
-    DataStream,
-    Flusher,
-    FlusherSettings,
-    SampleEncoder,
-    WindowStore,
-)
+from daq_agent.pipeline.flusher import Flusher, FlusherSettings, WindowStore
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.spool import Spool
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
 from daq_agent.readers.base import ReaderABC, ReaderState, Sink
-from daq_agent.server.local import LocalIngestServer, make_server
+from daq_agent.server.process import LocalServerProcess
+from daq_agent.sinks.sift import RunDetails, SiftSink
 
-__all__ = ["Agent", "AgentPlan", "SourcePlan", "plan_agent"]
+__all__ = ["Agent", "AgentPlan", "SourcePlan", "plan_agent", "run_client_key"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +60,12 @@ _ERROR_COUNTERS = (
     "framing_errors",
     "unknown_frames",
 )
+
+
+def run_client_key(asset: str, run_name: str) -> str:
+    """A run's client key: stable for its asset and name, so a reconnect never makes a second."""
+    digest = hashlib.sha256(f"{asset}\0{run_name}".encode()).hexdigest()[:24]
+    return f"daq-run-{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,11 +272,9 @@ class Agent:
             auth_retry_s=flush.auth_retry_s,
         )
         self.spool: Spool | None = None
-        self._api_key = ""
-        self.server: LocalIngestServer | None = None
-        self.channel: SiftChannel | None = None
-        self.service: IngestionService | None = None
-        self.run_id = ""
+        self.server: LocalServerProcess | None = None
+        self.sink: SiftSink | None = None
+        self.run: RunRef | None = None
         self.run_name = ""
         self.ring: RingBuffer[Sample] = RingBuffer(config.ring.capacity, config.ring.policy)
         self.flusher: Flusher | None = None
@@ -303,8 +298,15 @@ class Agent:
 
     @property
     def lazy_flow_creation(self) -> bool:
-        """Whether flows are registered when first seen (known once started)."""
-        return bool(self.service is not None and self.service.lazy_flow_creation)
+        """Whether flows are registered when first seen (known once the sink connected)."""
+        return bool(self.sink is not None and self.sink.lazy_flow_creation)
+
+    @property
+    def run_id(self) -> str:
+        """The API's id of the run the agent records into ("" until the sink found it)."""
+        if self.sink is None or self.run is None:
+            return ""
+        return self.sink.run_id(self.run)
 
     @property
     def finite(self) -> bool:
@@ -361,101 +363,58 @@ class Agent:
                 stats.cursor_state,
             )
 
-    def _open_stream(self) -> DataStream:
-        """A new data stream on the current channel (it changes when the API key is re-read)."""
-        assert self.service is not None
-        # A hung server stops taking data: a send then fails after the checkpoint timeout too.
-        return self.service.open_stream(send_timeout=self.config.flush.checkpoint_timeout_s)
-
-    def _reload_api_key(self) -> None:
-        """After the API refused the key: re-read it, and reconnect with it if it changed.
-
-        Raises:
-            ConfigError: the key cannot be read (the message never holds the key).
-        """
-        target = self.config.target
-        if not isinstance(target, SiftTarget) or self.service is None:
-            return
-        key = target.api_key(self._env)
-        if key == self._api_key:
-            return
-        old = self.channel
-        self.channel = use_sift_channel(
-            {"uri": target.uri, "apikey": key, "use_ssl": target.use_ssl}
-        )
-        self.service.transport_channel = self.channel
-        self._api_key = key
-        log.warning("the API key changed: reconnecting with the new key")
-        if old is not None:
-            old.close()
-
     def _start(self) -> None:
         config = self.config
         target = config.target
         self._open_spool()
         if isinstance(target, LocalTarget):
-            try:
-                target.db_path.parent.mkdir(parents=True, exist_ok=True)
-                server = make_server(target.db_path, host=target.host, port=target.port)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot start the local server on {target.host}:{target.port} with store "
-                    f"{target.db_path}: {exc.strerror or exc}",
-                    source=str(config.source) if config.source else None,
-                    key="target.local",
-                ) from exc
-            server.start()
-            self.server = server
-            host = "127.0.0.1" if target.host in ("0.0.0.0", "") else target.host
-            channel_config: SiftChannelConfig = {
-                "uri": f"{host}:{server.port}",
-                "apikey": "",
-                "use_ssl": False,
-            }
-            log.info("local ingestion server on %s:%d, store %s", host, server.port, target.db_path)
+            # a key of its own for each start: no other local user can write into the store
+            local_key = secrets.token_urlsafe(24)
+            self.server = server = self._start_server(target, local_key)
+            uri, use_tls = server.uri, False
+
+            def api_key() -> str:
+                return local_key
+
+            log.info("local server on %s (pid %s), store %s", uri, server.pid, target.db_path)
         else:
             assert isinstance(target, SiftTarget)
-            self._api_key = target.api_key(self._env)
-            channel_config = {
-                "uri": target.uri,
-                "apikey": self._api_key,
-                "use_ssl": target.use_ssl,
-            }
-        self.channel = channel = use_sift_channel(channel_config)
-        telemetry = TelemetryConfig(
-            asset_name=config.asset,
-            ingestion_client_key=self.plan.client_key,
-            flows=list(self.plan.flows),
-        )
-        self.service = service = IngestionService(
-            channel, telemetry, force_lazy_flow_creation=self._force_lazy
-        )
-        if service.lazy_flow_creation:
-            log.info(
-                "%d flows do not fit one message: flows are registered when first seen",
-                len(self.plan.flows),
-            )
+            target.api_key(self._env)  # ConfigError now, not at the first send
+            env = self._env
+            uri, use_tls = target.uri, target.use_ssl
+
+            def api_key() -> str:
+                return target.api_key(env)  # read again after each refusal (a rotated key)
+
+        runs: dict[str, RunDetails] = {}
         if config.run is not None:
             self.run_name = config.run.render_name(config.asset)
-            service.attach_run(
-                channel,
-                self.run_name,
-                description=config.run.description or None,
-                tags=list(config.run.tags) or None,
-                metadata=dict(config.run.metadata) or None,
+            key = run_client_key(config.asset, self.run_name)
+            self.run = RunRef(key, self.run_name)
+            runs[key] = RunDetails(
+                config.run.description, tuple(config.run.tags), dict(config.run.metadata)
             )
-            self.run_id = service.run_id or ""
-            log.info("run %r (%s)", self.run_name, self.run_id)
+        self.sink = SiftSink(
+            uri=uri,
+            use_tls=use_tls,
+            api_key=api_key,
+            telemetry=TelemetryConfig(
+                asset_name=config.asset,
+                ingestion_client_key=self.plan.client_key,
+                flows=list(self.plan.flows),
+            ),
+            runs=runs,
+            timeout_s=config.flush.checkpoint_timeout_s,
+            force_lazy_flow_creation=self._force_lazy,
+        )
         self.flusher = Flusher(
             self.ring,
-            self._open_stream,
-            self._encoder(service),
+            self.sink,
             settings=self.flusher_settings,
-            register_flows=service.register_flows if service.lazy_flow_creation else None,
-            flows_by_name={f.name: f for f in self.plan.flows},
+            run=self.run,
             window=self._window if self._window is not None else self.spool,
+            legacy=decode_request,
             dead_letter=DeadLetter(config.dead_letter_path),
-            on_auth_failure=self._reload_api_key,
         )
         self.flusher.start()
         for source in self.plan.sources:
@@ -463,14 +422,26 @@ class Agent:
         for reader in self.readers:
             reader.start()
 
-    def _encoder(self, service: IngestionService) -> SampleEncoder:
-        config_id = service.ingestion_config.ingestion_config_id
-        return RequestEncoder(
-            config_id,
-            list(self.plan.flows),
-            run_id=self.run_id,
-            organization_id=service.organization_id or "",
-        )
+    def _start_server(self, target: LocalTarget, api_key: str) -> LocalServerProcess:
+        """Start the local server in its own process (supervised: restarted if it dies).
+
+        Raises:
+            ConfigError: it cannot start (the message names the store, the port and its log).
+        """
+        try:
+            target.db_path.parent.mkdir(parents=True, exist_ok=True)
+            server = LocalServerProcess(
+                target.db_path, host=target.host, port=target.port, api_key=api_key
+            )
+            server.start(timeout=30.0)
+        except (OSError, DaqError) as exc:
+            raise ConfigError(
+                f"cannot start the local server on {target.host}:{target.port} with store "
+                f"{target.db_path}: {getattr(exc, 'strerror', None) or exc}",
+                source=str(self.config.source) if self.config.source else None,
+                key="target.local",
+            ) from exc
+        return server
 
     def _make_reader(self, source: SourcePlan) -> ReaderABC:
         sink: Sink = self.ring  # each read's samples go in with one put_many (one lock)
@@ -567,12 +538,13 @@ class Agent:
         self.ring.close()
         if self.flusher is not None:
             self.flusher.stop(drain=drain)
-        self._stop_run()
+        if self.sink is not None and self.run is not None:
+            self.sink.stop_run(self.run)
         final = self.status()
-        if self.channel is not None:
-            self.channel.close()
+        if self.sink is not None:
+            self.sink.close()
         if self.server is not None:
-            self.server.stop()
+            self.server.stop()  # last: the drain above may still have needed it
         if self.spool is not None:
             try:
                 self.spool.close()
@@ -585,21 +557,6 @@ class Agent:
         """The spool failure that stopped the flusher (the agent must exit non-zero), if any."""
         error = self.flusher.error if self.flusher is not None else None
         return error if isinstance(error, SpoolError) else None
-
-    def _stop_run(self) -> None:
-        channel = self.channel
-        if not self.run_id or channel is None:
-            return
-        try:
-            call = channel.unary_unary(
-                methods.STOP_RUN,
-                request_serializer=runs_pb2.StopRunRequest.SerializeToString,
-                response_deserializer=runs_pb2.StopRunResponse.FromString,
-            )
-            with channel.map_errors(methods.STOP_RUN):
-                call(runs_pb2.StopRunRequest(run_id=self.run_id), timeout=10.0)
-        except (DaqError, AttributeError) as exc:
-            log.warning("could not stop run %r: %s", self.run_name, exc)
 
     def __enter__(self) -> Agent:
         self.start()

@@ -9,21 +9,12 @@ together do not retry in step; authentication failures wait between half and all
 
 from __future__ import annotations
 
-import enum
 import random
 from dataclasses import dataclass
 
-from daq_agent.core.errors import ConfigError
+from daq_agent.core.errors import ConfigError, FailureKind
 
 __all__ = ["Backoff", "FailureKind", "RetryPolicy"]
-
-
-class FailureKind(enum.Enum):
-    """What a failure means for the data that was being sent."""
-
-    TRANSIENT = "transient"
-    AUTH = "auth"
-    REJECTED = "rejected"
 
 
 @dataclass(frozen=True, slots=True)

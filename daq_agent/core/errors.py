@@ -9,11 +9,22 @@ Every error has one root, :class:`DaqError`, so a caller can catch everything th
     ├── DecodeError                 a frame cannot be decoded (counted per frame, raised by tools)
     ├── ReaderError                 a bus, port or log cannot be opened or read
     ├── TransportError              the ingestion API could not be reached or answered an error
-    │   └── RpcStatusError          the API answered a gRPC status other than OK
+    │   ├── RpcStatusError          the API answered a gRPC status other than OK (a grpc.RpcError)
+    │   └── SinkError               a sink's window failed; ``kind`` says retry, refused or auth
     └── SpoolError                  the on-disk spool cannot be written
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class FailureKind(enum.Enum):
+    """What a failure means for the data that was being sent."""
+
+    TRANSIENT = "transient"
+    AUTH = "auth"
+    REJECTED = "rejected"
 
 
 class DaqError(Exception):
@@ -91,3 +102,17 @@ class RpcStatusError(TransportError):
 
 class SpoolError(DaqError):
     """The on-disk spool cannot be written or trusted."""
+
+
+class SinkError(TransportError):
+    """A sink could not deliver a window; what that means for the data is in ``kind``.
+
+    Attributes:
+        kind: a :class:`FailureKind` (transient, auth or rejected).
+        timed_out: the server did not answer a commit in time (a hung server or a dead path).
+    """
+
+    def __init__(self, message: str, kind: FailureKind, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.timed_out = timed_out

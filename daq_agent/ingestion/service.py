@@ -170,6 +170,12 @@ class IngestionService:
 
     # -- ingestion config and flows -------------------------------------------------------------
 
+    @property
+    def registered_flows(self) -> frozenset[str]:
+        """The names of the flows known to be registered with the API."""
+        with self._flows_lock:
+            return frozenset(self._registered)
+
     def _find_ingestion_config(self, client_key: str) -> ic_pb2.IngestionConfig | None:
         request = ic_pb2.ListIngestionConfigsRequest(
             page_size=1, filter=f"client_key=={_cel_string(client_key)}"
@@ -397,6 +403,17 @@ class IngestionService:
             channel=channel,
         )
         self.run_id = created.run.run_id
+
+    def stop_run(self, run_id: str) -> None:
+        """Mark a run stopped (``StopRun``).
+
+        Raises:
+            RpcStatusError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        self._unary(
+            methods.STOP_RUN, runs_pb2.StopRunRequest(run_id=run_id), runs_pb2.StopRunResponse
+        )
 
     def detach_run(self) -> None:
         """Stop associating the data ingested from now on with the attached run."""

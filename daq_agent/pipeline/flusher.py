@@ -1,26 +1,29 @@
-"""The flusher: from the ring buffer, through the backlog (the durable spool), to the ingestion API.
+"""The flusher: from the ring buffer, through the backlog (the durable spool), to a sink.
 
 Two threads, so that a slow or absent server never stalls the ring::
 
-    ring ──► daq-flusher ──encode──► backlog.append (the spool: on disk, fsynced by group commit)
-                                          │
-             daq-sender  ◄──read back in bounded chunks──┘ ──► stream ──► checkpoint ──► ack
+    ring ──► daq-flusher ──pack──► backlog.append (the spool: samples on disk, group-commit fsync)
+                                        │
+             daq-sender ◄──read back in bounded chunks──┘ ──► sink window ──► commit ──► ack
 
-``daq-flusher`` drains the ring by size and age, encodes each batch into serialized
-``IngestWithConfigDataStreamRequest`` messages (off the reader threads) and appends it to the
-backlog *before* anything is sent. ``daq-sender`` reads what is not yet acknowledged back from the
-backlog in chunks of at most ``read_chunk_bytes`` (never a whole window in memory) and sends it on
-a long-lived client stream. A stream is a *window*, bounded by ``checkpoint_seconds`` and
-``checkpoint_records`` (and closed early when traffic pauses or at shutdown); the server's OK
-answer to its close is the checkpoint: every sample of the window is committed, the backlog is
-acknowledged up to the window's last sequence number, and only then are they counted delivered.
+``daq-flusher`` drains the ring by size and age, packs each batch of samples into one payload
+(:mod:`daq_agent.pipeline.batch`: samples, not wire requests, so nothing about the API needs to be
+known to spool) and appends it to the backlog *before* anything is sent. ``daq-sender`` reads what
+is not yet acknowledged back from the backlog in chunks of at most ``read_chunk_bytes`` (never a
+whole window in memory) and sends it on a window of the :class:`~daq_agent.pipeline.sink.Sink`.
+A window is bounded by ``checkpoint_seconds`` and ``checkpoint_records`` (and closed early when
+traffic pauses or at shutdown); its commit returns once the server has committed every sample of
+it: only then is the backlog acknowledged up to the window's last sequence number, and the samples
+counted delivered.
 
-Failures (see :mod:`daq_agent.pipeline.retry`): a transient one cancels the stream, waits a capped
-exponential back-off with full jitter, and re-sends the window from the acknowledged sequence on a
-new stream; never giving up. An authentication failure is retried slowly, logged at ERROR once per
-streak, and ``on_auth_failure`` is called (the agent re-reads its API key). A checkpoint with no
-answer within ``checkpoint_timeout_s`` abandons the stream (a hung server) and re-sends. A request
-the server can never accept is isolated by bisecting the window and moved to the dead-letter file.
+Failures are sorted by the sink (``SinkError.kind``): a transient one cancels the window, waits a
+capped exponential back-off with full jitter, and re-sends from the acknowledged sequence on a new
+window, never giving up. An authentication failure is retried slowly (the sink re-reads the key).
+Each streak of failures is logged once when it starts (and again if its reason changes) and once
+when delivery resumes, with the count of attempts; never once per attempt. A commit with no answer
+within ``checkpoint_timeout_s`` abandons the window (a hung server or a dead path) and re-sends. A
+sample the server can never accept is isolated by bisecting the window and moved to the
+dead-letter file.
 
 The backlog is a :class:`WindowStore`: :class:`~daq_agent.pipeline.spool.Spool` (durable: its
 content at start, an earlier run's unacknowledged batches, is replayed first and counted as
@@ -32,9 +35,6 @@ Every sample taken is in exactly one bucket (:attr:`FlusherStats.balanced`)::
 
     taken + recovered = delivered + pending + rejected + abandoned + dropped + corrupt
                         + dead_lettered
-
-With lazy flow creation (a set of flows too large for one CreateIngestionConfig message), each
-flow is registered through the IngestionService before the first request of it is sent.
 """
 
 from __future__ import annotations
@@ -44,29 +44,31 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
-
 from daq_agent.core.backoff import Backoff, FailureKind, RetryPolicy
-from daq_agent.core.errors import ConfigError, DaqError, SpoolError
-from daq_agent.core.model import FlowConfig
+from daq_agent.core.errors import ConfigError, DaqError, SinkError, SpoolError
 from daq_agent.core.sample import Sample
+from daq_agent.pipeline.batch import (
+    LegacyDecoder,
+    Row,
+    RunRef,
+    pack_batch,
+    pack_rows,
+    unpack_payloads,
+)
 from daq_agent.pipeline.deadletter import DeadLetter
-from daq_agent.pipeline.retry import classify
 from daq_agent.pipeline.ring_buffer import RingBuffer
+from daq_agent.pipeline.sink import Sink, SinkStream
 from daq_agent.pipeline.spool import SpoolRecord
 from daq_agent.pipeline.status import FlusherStats
 
 __all__ = [
-    "DataStream",
     "Flusher",
     "FlusherSettings",
     "MemoryWindow",
-    "SampleEncoder",
-    "StreamOpener",
     "WindowStore",
 ]
 
@@ -78,52 +80,7 @@ _MAX_SPANS = 4096
 """The most batch time spans remembered per window (for the latency reservoir)."""
 
 
-# -- seams --------------------------------------------------------------------------------------
-
-
-class DataStream(Protocol):
-    """One open IngestWithConfigDataStream call carrying serialized requests."""
-
-    def send_serialized(self, payloads: Sequence[bytes]) -> None:
-        """Queue serialized requests on the stream.
-
-        Raises:
-            TransportError: the stream has failed.
-        """
-
-    def close(self, timeout: float | None = None) -> None:
-        """End the stream and wait for the server's answer (OK = every request committed).
-
-        Raises:
-            TransportError: the server answered an error, or did not answer within ``timeout``.
-        """
-
-    def cancel(self) -> None:
-        """Abandon the stream without waiting."""
-
-
-StreamOpener = Callable[[], DataStream]
-"""Opens a new stream (in the agent: ``IngestionService.open_stream``)."""
-
-
-class SampleEncoder(Protocol):
-    """Turns samples into serialized ``IngestWithConfigDataStreamRequest`` messages."""
-
-    def encode_many(self, samples: Sequence[Sample]) -> list[bytes]:
-        """Encode samples in order.
-
-        Raises:
-            Exception: a sample does not fit its flow (the flusher then encodes one at a time).
-        """
-        ...
-
-    def encode(self, sample: Sample) -> bytes:
-        """Encode one sample.
-
-        Raises:
-            Exception: the sample does not fit its flow.
-        """
-        ...
+# -- the backlog -------------------------------------------------------------------------------
 
 
 class WindowStore(Protocol):
@@ -381,24 +338,20 @@ class _Window:
 
 
 class Flusher:
-    """Drains a ring buffer into the ingestion API through a backlog and checkpointed streams.
+    """Drains a ring buffer into a sink through a backlog and committed windows.
 
     Args:
         ring: the ring buffer the readers fill.
-        open_stream: opens a new stream.
-        encoder: encodes samples into serialized requests.
+        sink: where samples are delivered.
         settings: batching, checkpoints and retries.
-        register_flows: with lazy flow creation, registers flows the first time they are seen
-            (``IngestionService.register_flows``); None when every flow was registered up front.
-        flows_by_name: the flows, to register lazily.
+        run: the run the samples taken from the ring belong to (kept with them in the backlog).
         window: the backlog (default: :class:`MemoryWindow`; the agent passes its
             :class:`~daq_agent.pipeline.spool.Spool`). What it holds at start is counted as
             ``recovered`` and sent first.
+        legacy: decodes payloads spooled by an earlier version (wire requests) into samples.
         clock_ns: the clock latencies are measured against (ns since the epoch).
-        dead_letter: where requests the server can never accept go (None: counted and logged
+        dead_letter: where samples the server can never accept go (None: counted and logged
             only).
-        on_auth_failure: called on the sender thread after each authentication failure (e.g. to
-            re-read the API key); its errors are logged, never raised.
         rng: the random source of the back-off jitter.
 
     Raises:
@@ -408,38 +361,29 @@ class Flusher:
     def __init__(
         self,
         ring: RingBuffer[Sample],
-        open_stream: StreamOpener,
-        encoder: SampleEncoder,
+        sink: Sink,
         *,
         settings: FlusherSettings | None = None,
-        register_flows: Callable[[Sequence[FlowConfig]], None] | None = None,
-        flows_by_name: dict[str, FlowConfig] | None = None,
+        run: RunRef | None = None,
         window: WindowStore | None = None,
+        legacy: LegacyDecoder | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         dead_letter: DeadLetter | None = None,
-        on_auth_failure: Callable[[], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.ring = ring
         self.settings = settings or FlusherSettings()
-        self._open_stream = open_stream
-        self._encoder = encoder
-        self._register_flows = register_flows
-        self._flows_by_name = flows_by_name or {}
-        self._seen_flows: set[str] = set()
-        self._to_register: dict[str, FlowConfig] = {}
+        self.sink = sink
+        self._run = run
+        self._legacy = legacy
         self._backlog: WindowStore = window if window is not None else MemoryWindow()
         self._memory = isinstance(self._backlog, MemoryWindow)
         self._dead_letter = dead_letter
-        self._on_auth_failure = on_auth_failure
         self._clock_ns = clock_ns
         self._backoff = Backoff(self.settings.retry_policy, rng)
         self._acked = self._backlog.acked_seq
         self.recovered = self._backlog.pending_samples  # sent first, counted apart
-        if self.recovered and register_flows is not None:
-            # an earlier run's batches may hold any flow: register them all before replaying
-            self._to_register.update(self._flows_by_name)
-        self._stream: DataStream | None = None
+        self._stream: SinkStream | None = None
         self._window: _Window | None = None
         self._writer: threading.Thread | None = None
         self._sender: threading.Thread | None = None
@@ -455,7 +399,8 @@ class Flusher:
         self._latency = _Latency()
         self._stop_at: float | None = None
         self._retry_at = 0.0
-        self._auth_streak = False
+        self._streak = ""  # the reason of the current streak of failures ("" while delivering)
+        self._streak_since = 0.0
         self._last_append = time.monotonic()
         self.taken = 0
         self.spooled = 0
@@ -471,7 +416,6 @@ class Flusher:
         self.retries = 0
         self.auth_failures = 0
         self.checkpoint_timeouts = 0
-        self.lazy_flows = 0
         self.last_error = ""
         self.error: BaseException | None = None
 
@@ -578,7 +522,6 @@ class Flusher:
                 checkpoints=self.checkpoints,
                 failures=self.failures,
                 retries=self.retries,
-                lazy_flows=self.lazy_flows,
                 last_error=self.last_error,
                 latency_p50_ms=p50,
                 latency_p99_ms=p99,
@@ -641,57 +584,25 @@ class Flusher:
             batch.extend(more)
         return batch
 
-    def _encode(self, batch: list[Sample]) -> tuple[list[bytes], list[Sample]]:
-        """Encode a batch; samples that cannot be encoded are left out (the caller counts them)."""
-        try:
-            return self._encoder.encode_many(batch), batch
-        except Exception:
-            payloads: list[bytes] = []
-            kept: list[Sample] = []
-            for sample in batch:
-                try:
-                    payloads.append(self._encoder.encode(sample))
-                    kept.append(sample)
-                except Exception as exc:
-                    if self.rejected + len(batch) - len(kept) <= 10:
-                        log.warning("sample of flow %r not encodable: %s", sample.flow, exc)
-            return payloads, kept
-
-    def _note_flows(self, samples: Iterable[Sample]) -> None:
-        """Queue flows seen for the first time for lazy registration (before they are sent)."""
-        if self._register_flows is None:
-            return
-        seen = self._seen_flows
-        for sample in samples:
-            name = sample.flow
-            if name not in seen:
-                seen.add(name)
-                flow = self._flows_by_name.get(name)
-                if flow is not None:
-                    self._to_register[name] = flow
-
     def _append(self, batch: list[Sample]) -> None:
         self._last_append = time.monotonic()
-        payloads, kept = self._encode(batch)
+        payload = pack_batch(batch, self._run)
         backlog = self._backlog
+        count = len(batch)
         with self._lock:  # one step, so a snapshot always balances
-            self.taken += len(batch)
-            self.rejected += len(batch) - len(kept)
-            if not payloads:
-                return
-            self._note_flows(kept)
-            oldest = min(kept[0].timestamp_ns, kept[-1].timestamp_ns)
-            newest = max(kept[0].timestamp_ns, kept[-1].timestamp_ns)
+            self.taken += count
+            oldest = min(batch[0].timestamp_ns, batch[-1].timestamp_ns)
+            newest = max(batch[0].timestamp_ns, batch[-1].timestamp_ns)
             before = backlog.pending_samples
             last = backlog.last_seq
             error: BaseException | None = None
             try:
-                backlog.append(payloads, len(payloads), oldest, newest)
+                backlog.append((payload,), count, oldest, newest)
             except BaseException as exc:
                 error = exc
             # written (even if its fsync failed: the spool then holds it, unsynced) or not
-            written = len(payloads) if backlog.last_seq > last else 0
-            self.abandoned += len(payloads) - written
+            written = count if backlog.last_seq > last else 0
+            self.abandoned += count - written
             # a quota makes room by dropping the oldest batches (counted by the spool)
             self.dropped += before + written - backlog.pending_samples
             self.spooled += written
@@ -792,31 +703,27 @@ class Flusher:
             )
             wake.wait(max(0.001, until))
 
-    def _register_pending(self) -> None:
-        if self._register_flows is None or not self._to_register:
-            return
-        with self._lock:
-            todo = list(self._to_register.values())
-        self._register_flows(todo)  # DaqError: a stream failure, retried with the back-off
-        with self._lock:
-            for flow in todo:
-                self._to_register.pop(flow.name, None)
-            self.lazy_flows += len(todo)
-
     def _open(self) -> None:
-        self._register_pending()
-        self._stream = self._open_stream()
+        self._stream = self.sink.open()
         self._window = _Window(self._acked)
+
+    def _groups(self, records: Sequence[SpoolRecord]) -> list[tuple[RunRef | None, list[Row]]]:
+        """The samples of records, grouped by run, in order (SpoolError: a foreign payload)."""
+        groups: list[tuple[RunRef | None, list[Row]]] = []
+        for record in records:
+            for unpacked in unpack_payloads(record.payloads, self._legacy):
+                if groups and groups[-1][0] == unpacked.run:
+                    groups[-1][1].extend(unpacked.rows)
+                else:
+                    groups.append((unpacked.run, unpacked.rows))
+        return groups
 
     def _send(self, records: Sequence[SpoolRecord]) -> None:
         stream, window = self._stream, self._window
         assert stream is not None
         assert window is not None
-        self._register_pending()  # flows queued before these batches were appended
-        if len(records) == 1:
-            stream.send_serialized(records[0].payloads)
-        else:
-            stream.send_serialized([p for record in records for p in record.payloads])
+        for run, rows in self._groups(records):
+            stream.send(rows, run)
         window.add(records)
 
     def _checkpoint(self) -> None:
@@ -825,9 +732,9 @@ class Flusher:
         assert window is not None
         self._checkpoint_requested.clear()
         try:
-            stream.close(timeout=self.settings.checkpoint_timeout_s)
+            stream.commit(self.settings.checkpoint_timeout_s)
         except DaqError as exc:
-            if getattr(exc, "code", None) is grpc.StatusCode.DEADLINE_EXCEEDED:
+            if isinstance(exc, SinkError) and exc.timed_out:
                 with self._lock:
                     self.checkpoint_timeouts += 1
                 log.warning(
@@ -842,11 +749,15 @@ class Flusher:
         self._succeeded()
 
     def _succeeded(self) -> None:
+        if self._streak:
+            log.warning(
+                "delivering again after %d failed attempts over %.0f s",
+                self._backoff.attempts,
+                time.monotonic() - self._streak_since,
+            )
+            self._streak = ""
         self._backoff.reset()
         self._healthy.set()
-        if self._auth_streak:
-            self._auth_streak = False
-            log.warning("the ingestion API accepts the API key again; delivering")
 
     def _ack(self, seq: int, sent: int, dead: int, spans: Sequence[tuple[int, int]]) -> None:
         """The server committed everything up to ``seq``: acknowledge the backlog, count."""
@@ -873,11 +784,11 @@ class Flusher:
                     self._latency.add(now - newest)
 
     def _failed(self, exc: DaqError) -> None:
-        """After a stream failure: cancel it; isolate a rejected request, or back off."""
+        """After a window failed: cancel it; isolate a refused sample, or back off."""
         window = self._window
         end_seq = window.sent_seq if window is not None else self._acked
         self._drop_stream()
-        kind = classify(exc)
+        kind = exc.kind if isinstance(exc, SinkError) else FailureKind.TRANSIENT
         with self._lock:
             self.failures += 1
             self.retries += 1
@@ -888,34 +799,40 @@ class Flusher:
             log.warning("the ingestion API refused a request (%s): isolating it", exc)
             self._isolate(end_seq)
             return
-        if kind is FailureKind.AUTH:
-            if not self._auth_streak:
-                self._auth_streak = True
-                log.error(
-                    "the ingestion API refused the API key (%s); retrying about every %.0f s, "
-                    "data is kept until it is accepted: fix the key",
-                    getattr(getattr(exc, "code", None), "name", "auth"),
-                    self.settings.auth_retry_s,
-                )
-            if self._on_auth_failure is not None:
-                try:
-                    self._on_auth_failure()
-                except Exception as hook_exc:
-                    log.warning("re-reading the API key failed: %s", hook_exc)
         delay = self._backoff.failure(kind)
         if self._memory:
             self._healthy.clear()
         self._retry_at = time.monotonic() + delay
-        log.warning(
-            "ingestion stream failed (%d in a row): %s; re-sending from seq %d in %.2f s",
-            self._backoff.attempts,
-            exc,
-            self._acked + 1,
-            delay,
-        )
+        reason = f"{kind.value}: {exc}"
+        if reason != self._streak:  # once per change of state, never once per attempt
+            if not self._streak:
+                self._streak_since = time.monotonic()
+            self._streak = reason
+            pending = self._backlog.pending_samples
+            if kind is FailureKind.AUTH:
+                log.error(
+                    "the ingestion API refused the API key (%s); retrying about every %.0f s, "
+                    "%d samples kept until it is accepted: fix the key",
+                    exc,
+                    self.settings.auth_retry_s,
+                    pending,
+                )
+            else:
+                log.warning(
+                    "cannot deliver (attempt %d): %s; %d samples kept, retrying with back-off "
+                    "(up to %.0f s)",
+                    self._backoff.attempts,
+                    exc,
+                    pending,
+                    self.settings.retry_max_s,
+                )
+        else:
+            log.debug(
+                "attempt %d failed again: %s; next in %.2f s", self._backoff.attempts, exc, delay
+            )
 
     def _isolate(self, end_seq: int) -> None:
-        """Deliver the batches up to ``end_seq`` one at a time, bisecting refused ones."""
+        """Deliver the batches up to ``end_seq`` one at a time, bisecting refused samples."""
         backlog = self._backlog
         after = self._acked
         try:
@@ -927,10 +844,12 @@ class Flusher:
                 if not records or records[0].seq > end_seq:
                     break
                 record = records[0]
-                payloads = list(record.payloads)
-                good, dead = self._bisect(payloads)
-                good_samples = record.count if not dead else record.count * good // len(payloads)
-                self._ack(record.seq, good_samples, record.count - good_samples, ())
+                good = dead = 0
+                for run, rows in self._groups(records):
+                    ok, bad = self._bisect(rows, run)
+                    good += ok
+                    dead += bad
+                self._ack(record.seq, good, dead, ())
                 after = record.seq
         except DaqError as exc:
             if isinstance(exc, SpoolError):
@@ -939,11 +858,11 @@ class Flusher:
             return
         self._succeeded()
 
-    def _bisect(self, payloads: list[bytes]) -> tuple[int, int]:
-        """Send ``payloads`` on their own stream; split refused ones until each is isolated.
+    def _bisect(self, rows: list[Row], run: RunRef | None) -> tuple[int, int]:
+        """Send ``rows`` on their own window; split refused ones until each is isolated.
 
         Returns:
-            (requests committed, requests dead-lettered).
+            (samples committed, samples dead-lettered).
 
         Raises:
             DaqError: a failure other than a refusal (the caller backs off).
@@ -951,29 +870,32 @@ class Flusher:
         if self._abort.is_set():
             raise DaqError("aborted")
         try:
-            self._stream = stream = self._open_stream()
-            stream.send_serialized(payloads)
-            stream.close(timeout=self.settings.checkpoint_timeout_s)
+            self._stream = stream = self.sink.open()
+            stream.send(rows, run)
+            stream.commit(self.settings.checkpoint_timeout_s)
         except DaqError as exc:
             self._drop_stream()
-            if classify(exc) is not FailureKind.REJECTED:
+            if not (isinstance(exc, SinkError) and exc.kind is FailureKind.REJECTED):
                 raise
-            if len(payloads) == 1:
-                self._bury(payloads[0], exc)
+            if len(rows) == 1:
+                self._bury(rows, run, exc)
                 return 0, 1
-            mid = len(payloads) // 2
-            left = self._bisect(payloads[:mid])
-            right = self._bisect(payloads[mid:])
+            mid = len(rows) // 2
+            left = self._bisect(rows[:mid], run)
+            right = self._bisect(rows[mid:], run)
             return left[0] + right[0], left[1] + right[1]
         self._stream = None
-        return len(payloads), 0
+        return len(rows), 0
 
-    def _bury(self, payload: bytes, exc: DaqError) -> None:
+    def _bury(self, rows: list[Row], run: RunRef | None, exc: DaqError) -> None:
         reason = str(exc)
         if self._dead_letter is not None:
-            self._dead_letter.append(payload, reason)  # SpoolError: fatal, never dropped
+            # SpoolError: fatal, never dropped
+            self._dead_letter.append(pack_rows(rows, run), reason)
         else:
-            log.error("dropped a request the ingestion API refused: %s", reason)
+            log.error(
+                "dropped a sample of flow %r the ingestion API refused: %s", rows[0][0], reason
+            )
 
     def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None

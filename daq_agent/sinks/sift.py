@@ -1,0 +1,335 @@
+"""The Sift sink: windows of samples on Sift's own streaming client, committed or re-sent.
+
+Set-up (unary calls, grpcio): the ingestion config is fetched by its client key or created, with
+its flows (or, when they do not fit one message, each flow is registered the first time it is
+sent). It happens at the first :meth:`SiftSink.open` and again after an authentication failure
+or a new key, never in the agent's start: an agent whose API is down or refuses its key still
+acquires and spools, and this sink connects in the background with the flusher's back-off.
+
+Each window is one sift_stream stream (:class:`~daq_agent.ingestion.sift_stream.Window`): built,
+sent, finished; committed only when the server's status is OK and the stream never failed and
+reconnected during the window. Runs are found or created by their client key the first time a
+window carries their samples (one per run, cached), so a backlog spooled under an earlier run
+still lands in that run.
+
+Every failure is mapped to a :class:`~daq_agent.core.errors.SinkError` here, in :func:`sink_error`,
+and nowhere else: the flusher only sees transient, auth or rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import sift_stream_bindings as ssb
+
+from daq_agent.core.errors import (
+    ConfigError,
+    DaqError,
+    FailureKind,
+    IngestionValidationError,
+    RpcStatusError,
+    SinkError,
+)
+from daq_agent.core.model import TelemetryConfig
+from daq_agent.ingestion.service import IngestionService
+from daq_agent.ingestion.sift_stream import (
+    RequestBuilder,
+    StreamLoop,
+    StreamSettings,
+    StreamTimeout,
+    Window,
+)
+from daq_agent.ingestion.transport import SiftChannel, use_sift_channel
+from daq_agent.pipeline.batch import Row, RunRef
+
+__all__ = ["RunDetails", "SiftSink", "sink_error"]
+
+log = logging.getLogger(__name__)
+
+_AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+_TOO_LARGE_HINTS = ("larger than", "too large", "exceeds maximum", "message length")
+# How sift_stream (tonic) words a status in its errors.
+_AUTH_WORDS = (
+    "unauthenticated",
+    "valid authentication credentials",
+    "permission_denied",
+    "does not have permission",
+)
+_REJECTED_WORDS = ("invalid_argument", "client specified an invalid argument")
+
+
+def _scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "<api key>") if secret else text
+
+
+def sink_error(exc: BaseException, secret: str = "") -> SinkError:
+    """The one mapping of a transport failure to what it means for the data.
+
+    * UNAUTHENTICATED, PERMISSION_DENIED: ``AUTH`` (retried slowly: a person must fix the key);
+    * INVALID_ARGUMENT, a message too large, a sample that does not fit its flow: ``REJECTED``
+      (the flusher isolates it and dead-letters it);
+    * everything else, a refused connection, a GOAWAY, a timeout: ``TRANSIENT``.
+
+    The message never holds ``secret``.
+    """
+    if isinstance(exc, SinkError):
+        return exc
+    text = _scrub(str(exc), secret)
+    kind = FailureKind.TRANSIENT
+    if isinstance(exc, IngestionValidationError):
+        kind = FailureKind.REJECTED
+    elif isinstance(exc, RpcStatusError):
+        if exc.code in _AUTH_CODES:
+            kind = FailureKind.AUTH
+        elif exc.code is grpc.StatusCode.INVALID_ARGUMENT or (
+            exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            and any(h in str(exc.details).lower() for h in _TOO_LARGE_HINTS)
+        ):
+            kind = FailureKind.REJECTED
+    elif isinstance(exc, StreamTimeout):
+        return SinkError(text, FailureKind.TRANSIENT, timed_out=True)
+    elif isinstance(exc, RuntimeError):
+        lowered = text.lower()
+        if any(word in lowered for word in _AUTH_WORDS):
+            kind = FailureKind.AUTH
+        elif any(word in lowered for word in _REJECTED_WORDS):
+            kind = FailureKind.REJECTED
+        text = " ".join(text.split())  # sift_stream's errors span lines
+    return SinkError(text, kind)
+
+
+@dataclass(frozen=True, slots=True)
+class RunDetails:
+    """What a run is created with, besides its name and client key."""
+
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str | float | bool] = field(default_factory=dict)
+
+
+def _run_form(run: RunRef, details: RunDetails | None) -> Any:
+    details = details or RunDetails()
+    metadata = [
+        ssb.MetadataPy(key, ssb.MetadataValuePy(value)) for key, value in details.metadata.items()
+    ]
+    return ssb.RunFormPy(
+        run.name or run.client_key,
+        run.client_key,
+        details.description or None,
+        list(details.tags) or None,
+        metadata or None,
+    )
+
+
+class _SiftWindow:
+    """A :class:`~daq_agent.pipeline.sink.SinkStream` on one sift_stream window."""
+
+    def __init__(self, sink: SiftSink, window: Window, secret: str) -> None:
+        self._sink = sink
+        self._window = window
+        self._secret = secret
+
+    def send(self, rows: Sequence[Row], run: RunRef | None) -> None:
+        try:
+            self._sink._send(self._window, rows, run)
+        except DaqError as exc:
+            raise sink_error(exc, self._secret) from exc
+        except RuntimeError as exc:
+            raise sink_error(exc, self._secret) from exc
+
+    def commit(self, timeout: float) -> None:
+        try:
+            snapshot = self._window.finish()
+        except (DaqError, RuntimeError) as exc:
+            self._sink._note_failure()
+            raise sink_error(exc, self._secret) from exc
+        self._sink._note_window(snapshot)
+
+    def cancel(self) -> None:
+        self._window.cancel()
+
+
+class SiftSink:
+    """Delivers samples to a Sift-compatible API through sift_stream.
+
+    Args:
+        uri: ``host:port`` of the API.
+        use_tls: TLS (plain text is refused for a host that is not loopback).
+        api_key: returns the current key (read again after each authentication failure, so a
+            rotated key is picked up without a restart).
+        telemetry: the asset, the config's client key and the flows.
+        runs: the details of runs to create, by run client key.
+        timeout_s: the longest a build, a send or a commit may take.
+        force_lazy_flow_creation: register each flow when first sent, whatever the size.
+    """
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        use_tls: bool,
+        api_key: Callable[[], str],
+        telemetry: TelemetryConfig,
+        runs: Mapping[str, RunDetails] | None = None,
+        timeout_s: float = 30.0,
+        force_lazy_flow_creation: bool = False,
+    ) -> None:
+        if not telemetry.ingestion_client_key:
+            raise ConfigError("the sink needs an ingestion client key")
+        self._uri = uri
+        self._use_tls = use_tls
+        self._api_key = api_key
+        self._telemetry = telemetry
+        self._runs = dict(runs or {})
+        self._timeout = timeout_s
+        self._force_lazy = force_lazy_flow_creation
+        self._builder = RequestBuilder(telemetry.flows)
+        self._settings = StreamSettings(
+            uri, use_tls, telemetry.asset_name, telemetry.ingestion_client_key, timeout_s=timeout_s
+        )
+        self._loop: StreamLoop | None = None
+        self._channel: SiftChannel | None = None
+        self._service: IngestionService | None = None
+        self._key = ""
+        self._run_ids: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._totals: dict[str, float] = {
+            "windows": 0,
+            "windows_failed": 0,
+            "messages_sent": 0,
+            "bytes_sent": 0,
+            "stream_retries": 0,
+        }
+        self._last: dict[str, float] = {}
+
+    # -- the Sink protocol ---------------------------------------------------------------------
+
+    def open(self) -> _SiftWindow:
+        """Set up (first time, or after the key changed) and build a window.
+
+        Raises:
+            SinkError: the API cannot be reached, refuses the key, or refuses the config.
+        """
+        key = ""
+        try:
+            key = self._api_key()
+            if self._service is None or key != self._key:
+                self._setup(key)
+            if self._loop is None:
+                self._loop = StreamLoop()
+            window = Window(self._loop, self._settings, key)
+        except (DaqError, RuntimeError) as exc:
+            self._note_failure()
+            if isinstance(exc, RpcStatusError) and exc.code in _AUTH_CODES:
+                self._service = None  # set up again (with the key read again) next time
+            raise sink_error(exc, key) from exc
+        return _SiftWindow(self, window, key)
+
+    @property
+    def lazy_flow_creation(self) -> bool:
+        """Whether flows are registered when first sent (known once set up)."""
+        return bool(self._service is not None and self._service.lazy_flow_creation)
+
+    def run_id(self, run: RunRef) -> str:
+        """The API's id of ``run`` ("" until a window found or created it)."""
+        return run.run_id or self._run_ids.get(run.client_key, "")
+
+    def stop_run(self, run: RunRef) -> None:
+        """Mark ``run`` stopped (best effort: logged, never raised)."""
+        run_id = self.run_id(run)
+        if not run_id or self._service is None:
+            return
+        try:
+            self._service.stop_run(run_id)
+        except DaqError as exc:
+            log.warning("could not stop run %r: %s", run.name, sink_error(exc, self._key))
+
+    def metrics(self) -> dict[str, float]:
+        """Totals over the windows (messages and bytes sent, retries, windows committed and
+        failed) and the last window's queue depths."""
+        with self._lock:
+            return {**self._totals, **self._last}
+
+    def close(self) -> None:
+        """Close the unary channel and stop the loop thread."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        self._service = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def __repr__(self) -> str:
+        return f"SiftSink(uri={self._uri!r}, use_tls={self._use_tls})"
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _setup(self, key: str) -> None:
+        """Get or create the ingestion config with its flows (unary calls)."""
+        old = self._channel
+        self._channel = use_sift_channel(
+            {"uri": self._uri, "apikey": key, "use_ssl": self._use_tls}
+        )
+        if old is not None:
+            old.close()
+        self._service = IngestionService(
+            self._channel, self._telemetry, force_lazy_flow_creation=self._force_lazy
+        )
+        if self._key and key != self._key:
+            log.warning("the API key changed: connecting with the new key")
+        self._key = key
+        if self._service.lazy_flow_creation:
+            log.info(
+                "%d flows do not fit one message: each is registered when first sent",
+                len(self._telemetry.flows),
+            )
+
+    def _run_id(self, window: Window, run: RunRef | None) -> str:
+        if run is None:
+            return ""
+        if run.run_id:
+            return run.run_id
+        run_id = self._run_ids.get(run.client_key)
+        if run_id is None:
+            run_id = window.attach_run(_run_form(run, self._runs.get(run.client_key)))
+            if not run_id:
+                raise SinkError(f"the API gave no id for run {run.name!r}", FailureKind.TRANSIENT)
+            self._run_ids[run.client_key] = run_id
+            log.info("run %r (%s)", run.name, run_id)
+        return run_id
+
+    def _send(self, window: Window, rows: Sequence[Row], run: RunRef | None) -> None:
+        service = self._service
+        assert service is not None
+        if service.lazy_flow_creation:
+            flows = self._builder.flows
+            new = {name for name, _, _ in rows} - service.registered_flows
+            if new:
+                service.register_flows([flows[name] for name in sorted(new) if name in flows])
+        requests = self._builder.build(
+            rows, service.ingestion_config.ingestion_config_id, self._run_id(window, run)
+        )
+        window.send(requests)
+
+    def _note_window(self, snapshot: Any) -> None:
+        with self._lock:
+            totals = self._totals
+            totals["windows"] += 1
+            totals["messages_sent"] += snapshot.messages_sent
+            totals["bytes_sent"] += snapshot.bytes_sent
+            totals["stream_retries"] += snapshot.cur_retry_count
+            self._last = {
+                "ingestion_channel_depth": snapshot.ingestion_channel_depth,
+                "backup_channel_depth": snapshot.backup_channel_depth,
+                "message_rate": snapshot.message_rate,
+            }
+
+    def _note_failure(self) -> None:
+        with self._lock:
+            self._totals["windows_failed"] += 1
