@@ -613,4 +613,5 @@ class Agent:
             run_name=self.run_name,
             target=self.target_uri,
             spool=self.spool.stats() if self.spool is not None else None,
+            stream=self.sink.metrics() if self.sink is not None else {},
         )

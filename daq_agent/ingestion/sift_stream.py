@@ -27,6 +27,7 @@ stream failed, and it writes backups under ``~/.local/share`` even when asked no
 from __future__ import annotations
 
 import asyncio
+import operator
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -41,6 +42,7 @@ from daq_agent.core.sample import Value
 
 __all__ = [
     "RequestBuilder",
+    "StreamFailed",
     "StreamLoop",
     "StreamSettings",
     "StreamTimeout",
@@ -52,11 +54,19 @@ _T = TypeVar("_T")
 _V = ssb.IngestWithConfigDataChannelValuePy
 _EMPTY = _V.empty()
 
+
+def _bool(value: Any) -> Any:
+    """A bool value; integer decoders give 0/1 for 1-bit signals (anything else: TypeError)."""
+    if value.__class__ is not bool:
+        value = operator.index(value) != 0
+    return _V.bool(value)
+
+
 _CONSTRUCTORS: dict[ChannelDataType, Callable[[Any], Any]] = {
     ChannelDataType.DOUBLE: _V.double,
     ChannelDataType.FLOAT: _V.float,
     ChannelDataType.STRING: _V.string,
-    ChannelDataType.BOOL: _V.bool,
+    ChannelDataType.BOOL: _bool,
     ChannelDataType.INT_32: _V.int32,
     ChannelDataType.UINT_32: _V.uint32,
     ChannelDataType.INT_64: _V.int64,
@@ -69,6 +79,19 @@ _CONSTRUCTORS: dict[ChannelDataType, Callable[[Any], Any]] = {
 
 class StreamTimeout(TransportError):
     """A call into sift_stream did not complete in time (a hung server or a dead path)."""
+
+
+class StreamFailed(TransportError):
+    """The stream failed during a window and sift_stream reconnected it: what the failed stream
+    had taken may be lost, so the window is not committed.
+
+    Attributes:
+        codes: the gRPC status codes (numbers) the failed streams ended with, and how often.
+    """
+
+    def __init__(self, message: str, codes: dict[int, int]) -> None:
+        super().__init__(message)
+        self.codes = codes
 
 
 def stream_uri(uri: str, *, use_tls: bool) -> str:
@@ -134,9 +157,14 @@ class RequestBuilder:
 
     Args:
         flows: the flows samples may belong to.
+        end_stream_on_validation_error: ask the server to end the stream with an error when a
+            request is invalid (instead of recording it and dropping the data silently).
     """
 
-    def __init__(self, flows: Sequence[FlowConfig]) -> None:
+    def __init__(
+        self, flows: Sequence[FlowConfig], *, end_stream_on_validation_error: bool = True
+    ) -> None:
+        self._end_stream = end_stream_on_validation_error
         self._flows = {flow.name: flow for flow in flows}
         self._makers: dict[str, tuple[Callable[[Any], Any], ...]] = {
             flow.name: tuple(_CONSTRUCTORS[c.data_type] for c in flow.channels) for flow in flows
@@ -163,6 +191,7 @@ class RequestBuilder:
         request = ssb.IngestWithConfigDataStreamRequestPy
         from_ns = ssb.TimeValuePy.from_timestamp_nanos
         empty = _EMPTY
+        end_stream = self._end_stream
         out = []
         try:
             for flow, ts, values in rows:
@@ -174,7 +203,9 @@ class RequestBuilder:
                 channel_values = [
                     empty if v is None else m(v) for m, v in zip(make, values, strict=True)
                 ]
-                out.append(request(config_id, flow, from_ns(ts), channel_values, run_id, False, ""))
+                out.append(
+                    request(config_id, flow, from_ns(ts), channel_values, run_id, end_stream, "")
+                )
         except KeyError as exc:
             raise IngestionValidationError(f"flow {exc.args[0]!r} is not in the config") from None
         except (TypeError, OverflowError, ValueError) as exc:
@@ -274,20 +305,23 @@ class Window:
 
         Raises:
             StreamTimeout: no status in time.
-            TransportError: the stream failed and was reconnected before the finish (what it
+            StreamFailed: the stream failed and was reconnected before the finish (what it
                 carried may be lost: the window must be re-sent).
             RuntimeError: the server answered an error status.
         """
         stream = self._stream
         snapshot = stream.get_metrics_snapshot()
-        failed = snapshot.cur_retry_count or any(snapshot.grpc_status_counts)
-        self._loop.call(stream.finish, self._timeout)
-        if failed:
-            codes = {i: n for i, n in enumerate(snapshot.grpc_status_counts) if n}
-            raise TransportError(
+        # a stream that completed before the finish ended early (the server ended it or the
+        # connection broke) and was replaced: the statuses say how it ended
+        codes = {i: n for i, n in enumerate(snapshot.grpc_status_counts) if n}
+        if snapshot.cur_retry_count or codes:
+            self.cancel()
+            raise StreamFailed(
                 f"the stream failed and was reconnected during the window (retries "
-                f"{snapshot.cur_retry_count}, statuses {codes}): re-sending it"
+                f"{snapshot.cur_retry_count}, statuses {codes}): re-sending it",
+                codes,
             )
+        self._loop.call(stream.finish, self._timeout)
         return snapshot
 
     def cancel(self) -> None:

@@ -6,7 +6,7 @@ after the target, the key or the client library changes. A batch is one payload:
 
     magic   4s     b"DQS1"
     body           msgpack array [run, flows, rows]
-        run        [client_key, name] of the run the samples belong to, or nil
+        run        [client_key, name, run_id] of the run the samples belong to, or nil
         flows      array of the flow names used in this batch
         rows       array of [flow index, timestamp_ns, [values...]]
 
@@ -81,7 +81,7 @@ def pack_batch(samples: Sequence[Sample], run: RunRef | None = None) -> bytes:
             i = index[flow] = len(flows)
             flows.append(flow)
         rows.append((i, sample.timestamp_ns, sample.values))
-    head = None if run is None else (run.client_key, run.name)
+    head = None if run is None else (run.client_key, run.name, run.run_id)
     packed: bytes = _packb((head, flows, rows))
     return MAGIC + packed
 
@@ -96,7 +96,7 @@ def _unpack(payload: bytes) -> Unpacked:
         head, flows, packed = msgpack.unpackb(
             memoryview(payload)[len(MAGIC) :], use_list=False, raw=False, strict_map_key=False
         )
-        run = None if head is None else RunRef(str(head[0]), str(head[1]))
+        run = None if head is None else RunRef(str(head[0]), str(head[1]), str(head[2]))
         rows = [(flows[i], ts, values) for i, ts, values in packed]
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
         raise SpoolError(f"a spooled batch cannot be unpacked: {exc}") from exc

@@ -682,7 +682,7 @@ class Flusher:
                     try:
                         self._send(records[:cut])
                     except DaqError as exc:
-                        self._failed(exc)
+                        self._failed(exc, through=records[cut - 1].seq)
                     continue
                 # nothing valid after sent_seq up to `last`: skipped records join the window
                 window.sent_seq = max(window.sent_seq, last)
@@ -783,10 +783,14 @@ class Flusher:
                 if 0 <= now - newest <= _LIVE_AGE_NS:
                     self._latency.add(now - newest)
 
-    def _failed(self, exc: DaqError) -> None:
-        """After a window failed: cancel it; isolate a refused sample, or back off."""
+    def _failed(self, exc: DaqError, through: int = 0) -> None:
+        """After a window failed: cancel it; isolate a refused sample, or back off.
+
+        ``through``: the last sequence number the failed call carried (a send that failed
+        carried records beyond the window's).
+        """
         window = self._window
-        end_seq = window.sent_seq if window is not None else self._acked
+        end_seq = max(window.sent_seq if window is not None else self._acked, through)
         self._drop_stream()
         kind = exc.kind if isinstance(exc, SinkError) else FailureKind.TRANSIENT
         with self._lock:

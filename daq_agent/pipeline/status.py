@@ -90,7 +90,6 @@ class FlusherStats:
         checkpoints: streams acknowledged.
         failures: stream failures (each followed by a retry of the window).
         retries: windows re-sent.
-        lazy_flows: flows registered on first sight (lazy flow creation).
         last_error: the most recent transport failure, "" if none.
         latency_p50_ms: median latency from a sample's timestamp to its acknowledgement, ms.
         latency_p99_ms: 99th percentile of that latency, ms.
@@ -113,7 +112,6 @@ class FlusherStats:
     checkpoints: int = 0
     failures: int = 0
     retries: int = 0
-    lazy_flows: int = 0
     last_error: str = ""
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
@@ -152,6 +150,9 @@ class AgentStatus:
         run_name: the run the data goes to, "" if none.
         target: where the data goes (``local:/path/to.sqlite``, ``sift:host:port``).
         spool: the durable spool's counters (None: no spool).
+        stream: the transport's own counters (the sink's: windows committed and failed,
+            messages and bytes sent, the stream's retries, flows registered lazily, queue
+            depths).
     """
 
     time_s: float
@@ -162,6 +163,7 @@ class AgentStatus:
     run_name: str = ""
     target: str = ""
     spool: SpoolStats | None = None
+    stream: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def received(self) -> int:
@@ -226,6 +228,8 @@ class AgentStatus:
             parts.append(f"lost {format_count(lost)}")
         if self.flusher.failures:
             parts.append(f"retries {self.flusher.retries}")
+        if self.stream.get("windows_failed"):
+            parts.append(f"stream failures {self.stream['windows_failed']:.0f}")
         down = [s.name for s in self.sources if s.state in ("backoff", "opening", "failed")]
         if down:
             parts.append("down: " + ",".join(down))
@@ -258,8 +262,18 @@ class AgentStatus:
             (f"recovered {f.recovered}, " if f.recovered else "")
             + f"delivered {f.delivered}, pending {f.pending}, rejected {f.rejected}, "
             f"abandoned {f.abandoned}; checkpoints {f.checkpoints}, failures {f.failures}, "
-            f"retries {f.retries}, lazy flows {f.lazy_flows}{latency}"
+            f"retries {f.retries}{latency}"
         )
+        st = self.stream
+        if st:
+            lines.append(
+                f"stream: {st.get('windows', 0):.0f} windows committed, "
+                f"{st.get('windows_failed', 0):.0f} failed; requests committed "
+                f"{st.get('messages_sent', 0):.0f}, "
+                f"stream retries {st.get('stream_retries', 0):.0f}, lazy flows "
+                f"{st.get('lazy_flows', 0):.0f}, queue depth "
+                f"{st.get('ingestion_channel_depth', 0):.0f}"
+            )
         if f.durable or f.dropped or f.corrupt or f.dead_lettered:
             lines.append(
                 f"spooled {f.spooled}, left in the spool {f.pending if f.durable else 0}, "
@@ -324,7 +338,6 @@ class AgentStatus:
                 "checkpoints": self.flusher.checkpoints,
                 "failures": self.flusher.failures,
                 "retries": self.flusher.retries,
-                "lazy_flows": self.flusher.lazy_flows,
                 "latency_p50_ms": self.flusher.latency_p50_ms,
                 "latency_p99_ms": self.flusher.latency_p99_ms,
                 "spooled": self.flusher.spooled,
@@ -352,6 +365,7 @@ class AgentStatus:
                 "fsyncs": self.spool.fsyncs,
                 "failed": self.spool.failed,
             },
+            "stream": dict(self.stream),
             "balanced": self.balanced,
         }
 

@@ -39,6 +39,7 @@ from daq_agent.core.model import TelemetryConfig
 from daq_agent.ingestion.service import IngestionService
 from daq_agent.ingestion.sift_stream import (
     RequestBuilder,
+    StreamFailed,
     StreamLoop,
     StreamSettings,
     StreamTimeout,
@@ -52,6 +53,8 @@ __all__ = ["RunDetails", "SiftSink", "sink_error"]
 log = logging.getLogger(__name__)
 
 _AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+_AUTH_NUMBERS = frozenset(code.value[0] for code in _AUTH_CODES)
+_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _TOO_LARGE_HINTS = ("larger than", "too large", "exceeds maximum", "message length")
 # How sift_stream (tonic) words a status in its errors.
 _AUTH_WORDS = (
@@ -93,6 +96,12 @@ def sink_error(exc: BaseException, secret: str = "") -> SinkError:
             kind = FailureKind.REJECTED
     elif isinstance(exc, StreamTimeout):
         return SinkError(text, FailureKind.TRANSIENT, timed_out=True)
+    elif isinstance(exc, StreamFailed):
+        codes = set(exc.codes)
+        if codes & _AUTH_NUMBERS:
+            kind = FailureKind.AUTH
+        elif _INVALID_ARGUMENT in codes:
+            kind = FailureKind.REJECTED
     elif isinstance(exc, RuntimeError):
         lowered = text.lower()
         if any(word in lowered for word in _AUTH_WORDS):
@@ -148,7 +157,7 @@ class _SiftWindow:
         except (DaqError, RuntimeError) as exc:
             self._sink._note_failure()
             raise sink_error(exc, self._secret) from exc
-        self._sink._note_window(snapshot)
+        self._sink._note_window(snapshot, self._window.sent)
 
     def cancel(self) -> None:
         self._window.cancel()
@@ -196,14 +205,15 @@ class SiftSink:
         self._channel: SiftChannel | None = None
         self._service: IngestionService | None = None
         self._key = ""
+        self._lazy = False
         self._run_ids: dict[str, str] = {}
         self._lock = threading.Lock()
         self._totals: dict[str, float] = {
             "windows": 0,
             "windows_failed": 0,
             "messages_sent": 0,
-            "bytes_sent": 0,
             "stream_retries": 0,
+            "lazy_flows": 0,
         }
         self._last: dict[str, float] = {}
 
@@ -233,7 +243,7 @@ class SiftSink:
     @property
     def lazy_flow_creation(self) -> bool:
         """Whether flows are registered when first sent (known once set up)."""
-        return bool(self._service is not None and self._service.lazy_flow_creation)
+        return self._lazy
 
     def run_id(self, run: RunRef) -> str:
         """The API's id of ``run`` ("" until a window found or created it)."""
@@ -250,8 +260,8 @@ class SiftSink:
             log.warning("could not stop run %r: %s", run.name, sink_error(exc, self._key))
 
     def metrics(self) -> dict[str, float]:
-        """Totals over the windows (messages and bytes sent, retries, windows committed and
-        failed) and the last window's queue depths."""
+        """Totals over the windows (requests committed, windows committed and failed, the
+        stream's retries, flows registered lazily) and the last window's queue depths."""
         with self._lock:
             return {**self._totals, **self._last}
 
@@ -284,7 +294,8 @@ class SiftSink:
         if self._key and key != self._key:
             log.warning("the API key changed: connecting with the new key")
         self._key = key
-        if self._service.lazy_flow_creation:
+        self._lazy = self._service.lazy_flow_creation
+        if self._lazy:
             log.info(
                 "%d flows do not fit one message: each is registered when first sent",
                 len(self._telemetry.flows),
@@ -311,18 +322,21 @@ class SiftSink:
             flows = self._builder.flows
             new = {name for name, _, _ in rows} - service.registered_flows
             if new:
-                service.register_flows([flows[name] for name in sorted(new) if name in flows])
+                todo = [flows[name] for name in sorted(new) if name in flows]
+                service.register_flows(todo)
+                with self._lock:
+                    self._totals["lazy_flows"] += len(todo)
         requests = self._builder.build(
             rows, service.ingestion_config.ingestion_config_id, self._run_id(window, run)
         )
         window.send(requests)
 
-    def _note_window(self, snapshot: Any) -> None:
+    def _note_window(self, snapshot: Any, sent: int) -> None:
+        """A window committed: ``sent`` requests, ``snapshot`` the metrics before its finish."""
         with self._lock:
             totals = self._totals
             totals["windows"] += 1
-            totals["messages_sent"] += snapshot.messages_sent
-            totals["bytes_sent"] += snapshot.bytes_sent
+            totals["messages_sent"] += sent
             totals["stream_retries"] += snapshot.cur_retry_count
             self._last = {
                 "ingestion_channel_depth": snapshot.ingestion_channel_depth,
