@@ -13,7 +13,7 @@ import pytest
 
 from daq_agent.agent import Agent
 from daq_agent.config import load_config
-from daq_agent.core.errors import ConfigError, RpcStatusError
+from daq_agent.core.errors import ConfigError
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.local import LocalIngestServer, make_server
 from daq_agent.server.store import Store
@@ -72,22 +72,50 @@ def test_key_from_environment_delivers(tmp_path: Path, keyed_server: LocalIngest
         assert store.count_samples(run_id=agent.run_id) == 50
 
 
-def test_wrong_key_fails_without_showing_it(
+def test_wrong_key_is_retried_slowly_and_delivers_once_fixed(
     tmp_path: Path, keyed_server: LocalIngestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A wrong key from a file is refused (UNAUTHENTICATED); neither key appears in error or log."""
+    """With a wrong key in its file the agent still starts and reads; the refusal is logged once
+    at ERROR (never the key); once the file holds the right key, everything read is stored."""
     wrong = "wrong-" + uuid.uuid4().hex
-    (tmp_path / "key.txt").write_text(wrong + "\n")
-    config = load_config(sift_config(tmp_path, keyed_server.port, "api_key_file: key.txt"))
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(wrong + "\n")
+    path = sift_config(tmp_path, keyed_server.port, "api_key_file: key.txt")
+    path.write_text(
+        path.read_text() + "flush: {auth_retry_s: 0.3, retry_initial_s: 0.05, retry_max_s: 0.2}\n"
+    )
+    config = load_config(path)
     agent = Agent(config)
-    with caplog.at_level(logging.DEBUG), pytest.raises(RpcStatusError) as info:
+    with caplog.at_level(logging.DEBUG):
         agent.start()
-    agent.stop()
-    assert info.value.code.name == "UNAUTHENTICATED"  # type: ignore[attr-defined]
-    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("daq_agent"))
-    for text in (str(info.value), ours):
-        assert wrong not in text
-        assert KEY not in text
+        try:
+            reader = agent.readers[0]
+            assert reader.wait_state(ReaderState.RUNNING, timeout=10)
+            with can.Bus(interface="virtual", channel=config.buses[0].channel) as bus:
+                for i in range(40):
+                    bus.send(can.Message(arbitration_id=0x100, data=bytes([i] * 8)))
+            deadline = time.monotonic() + 20
+            while agent.status().flusher.auth_failures < 2:
+                assert time.monotonic() < deadline, "the wrong key was never refused"
+                time.sleep(0.02)
+            assert agent.status().received == 40
+            assert agent.status().flusher.delivered == 0
+            key_file.write_text(KEY + "\n")
+            while agent.status().flusher.delivered < 40:
+                assert time.monotonic() < deadline + 20, "never delivered after the fix"
+                time.sleep(0.02)
+        finally:
+            final = agent.stop()
+    assert final.flusher.delivered == 40
+    errors = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and "API key" in r.getMessage()
+    ]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    everything = "\n".join(r.getMessage() for r in caplog.records) + "\n".join(final.summary())
+    assert wrong not in everything
+    assert KEY not in everything
+    with Store.open(tmp_path / "remote.sqlite", readonly=True) as store:
+        assert store.count_samples(run_id=agent.run_id) == 40
 
 
 def test_missing_key_variable_is_a_config_error(tmp_path: Path) -> None:

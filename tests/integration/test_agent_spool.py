@@ -13,18 +13,19 @@ from pathlib import Path
 import can
 import pytest
 
+from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent.agent import Agent
 from daq_agent.config import AgentConfig, LocalTarget, load_config
 from daq_agent.core.errors import SpoolError
 from daq_agent.core.model import TelemetryConfig
 from daq_agent.core.sample import Sample
-from daq_agent.ingestion import IngestionService, use_sift_channel
-from daq_agent.ingestion.encode import RequestEncoder
+from daq_agent.pipeline.batch import unpack_payloads
 from daq_agent.pipeline.deadletter import read_dead_letters
 from daq_agent.pipeline.spool import Spool
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.local import LocalIngestServer
 from daq_agent.server.store import Store
+from daq_agent.sinks.sift import SiftSink
 
 pytestmark = pytest.mark.integration
 
@@ -149,63 +150,68 @@ def test_backlog_of_a_stopped_agent_is_replayed_first_at_start(
 
 
 def test_a_resent_window_is_stored_once(local_server: LocalIngestServer) -> None:
-    """The same serialized window sent on two streams (a re-send after a lost answer) is one set
-    of samples in the store."""
+    """The same window sent twice (a re-send after a lost answer) is one set of samples in the
+    store."""
     flow_config = Agent(make_config(local_server.db_path.parent, "unused")).plan.flows[0]
-    with use_sift_channel(
-        {"uri": f"127.0.0.1:{local_server.port}", "apikey": "", "use_ssl": False}
-    ) as channel:
-        service = IngestionService(
-            channel, TelemetryConfig("dedup", "dedup-key", flows=[flow_config])
-        )
-        encoder = RequestEncoder(service.ingestion_config.ingestion_config_id, [flow_config])
-        zeros = tuple(0 for _ in flow_config.channels)
-        payloads = encoder.encode_many(
-            [Sample(flow_config.name, 1_000_000 + i, zeros) for i in range(200)]
-        )
+    sink = SiftSink(
+        uri=f"127.0.0.1:{local_server.port}",
+        use_tls=False,
+        api_key=lambda: "any",  # the server has no key: any is accepted
+        telemetry=TelemetryConfig("dedup", "dedup-key", flows=[flow_config]),
+    )
+    zeros = tuple(0 for _ in flow_config.channels)
+    rows = [(flow_config.name, 1_000_000 + i, zeros) for i in range(200)]
+    try:
         for _ in range(2):
-            stream = service.open_stream()
-            stream.send_serialized(payloads)
-            stream.close(timeout=10)
+            window = sink.open()
+            window.send(rows, None)
+            window.commit(10.0)
+    finally:
+        sink.close()
     with Store.open(local_server.db_path, readonly=True) as store:
         assert store.count_samples(flow=flow_config.name) == 200
 
 
 def test_a_request_the_server_refuses_is_dead_lettered(tmp_path: Path, channel: str) -> None:
-    """A spooled batch holding one request the server ends the stream on (INVALID_ARGUMENT) is
-    bisected: the bad request goes to the dead-letter file, the others are delivered."""
+    """A spooled batch (of the earlier version: serialized requests) holding one request the
+    server refuses (an unknown run) is bisected: the refused sample goes to the dead-letter file,
+    the others are delivered."""
     config = make_config(tmp_path, channel)
     agent = started(Agent(config))
     try:
-        assert agent.service is not None
         flow = agent.plan.flows[0]
-        config_id = agent.service.ingestion_config.ingestion_config_id
-        good = RequestEncoder(config_id, [flow], run_id=agent.run_id)
-        bad = RequestEncoder(
-            config_id, [flow], run_id="no-such-run", end_stream_on_validation_error=True
-        )
-        zeros = tuple(0 for _ in flow.channels)
-        samples = [Sample(flow.name, 2_000_000 + i, zeros) for i in range(7)]
     finally:
         agent.stop()
-    payloads = [
-        *good.encode_many(samples[:3]),
-        bad.encode(samples[3]),
-        *good.encode_many(samples[4:]),
-    ]
+    zeros = tuple(0 for _ in flow.channels)
+    samples = [Sample(flow.name, 2_000_000 + i, zeros) for i in range(7)]
+
+    def request(sample: Sample, run_id: str) -> bytes:
+        message = ingest_pb2.IngestWithConfigDataStreamRequest(
+            ingestion_config_id="from-0.1", flow=sample.flow, run_id=run_id
+        )
+        message.timestamp.FromNanoseconds(sample.timestamp_ns)
+        for channel_config in flow.channels:
+            message.channel_values.add(**{channel_config.data_type.value_field: 0})
+        return message.SerializeToString()
+
+    payloads = [request(s, "no-such-run" if i == 3 else "") for i, s in enumerate(samples)]
     with Spool(config.spool_config.directory) as spool:
         spool.append(payloads, 7, samples[0].timestamp_ns, samples[-1].timestamp_ns)
     again = started(Agent(config))
     try:
-        wait_for(lambda: again.status().flusher.pending == 0, 20, "the batch to be handled")
+        wait_for(lambda: again.status().flusher.pending == 0, 30, "the batch to be handled")
     finally:
         final = again.stop()
     f = final.flusher
     assert (f.recovered, f.delivered, f.dead_lettered) == (7, 6, 1)
     assert f.balanced
     entries = list(read_dead_letters(config.dead_letter_path))
-    assert [e.payload for e in entries] == [payloads[3]]
-    assert "INVALID_ARGUMENT" in entries[0].reason
+    assert len(entries) == 1
+    (unpacked,) = unpack_payloads([entries[0].payload])
+    assert unpacked.rows == [(flow.name, samples[3].timestamp_ns, zeros)]
+    assert unpacked.run is not None
+    assert unpacked.run.run_id == "no-such-run"
+    assert "no-such-run" in entries[0].reason
     assert stored(config) == 6
 
 
