@@ -9,11 +9,16 @@ ended and everything is delivered. A summary is printed at the end.
 With the spool (the default), what could not be delivered before the exit stays on disk and is
 replayed first at the next start; the summary says how much is left in it.
 
-Exit codes: 0 when everything read was delivered or is safe in the spool, 1 when samples were
-abandoned (the API never acknowledged them and there is no spool), the API could not be reached,
+The API is not needed to start: sources open at once and everything read is spooled until the
+API accepts it (a server that is down, a network that is not up yet, a key that is refused are
+retried in the background, and logged once per change of state).
+
+Exit codes: 0 when everything read was delivered or is safe in the spool; 1 when anything was
+lost (the ring dropped samples of a live source, samples were abandoned because the API never
+acknowledged them and there is no spool, the spool quota dropped some, or records were corrupt)
 or the spool failed (a write or fsync error: the service manager restarts the agent, which
-recovers what was synced) or is owned by another agent; 2 for an invalid config (also a source that
-can never open as configured, e.g. an unknown python-can interface).
+recovers what was synced) or is owned by another agent; 2 for an invalid config (also a source
+that can never open as configured, e.g. an unknown python-can interface).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any, TextIO
 
 from daq_agent.agent import Agent
 from daq_agent.config import load_config
-from daq_agent.core.errors import SpoolError, TransportError
+from daq_agent.core.errors import SpoolError
 from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
 
@@ -154,9 +159,6 @@ def _do_run(args: argparse.Namespace) -> int:
     with stop_signals(agent):
         try:
             agent.start()
-        except TransportError as exc:
-            print(f"daq-agent run: cannot reach the ingestion API: {exc}", file=sys.stderr)
-            return EXIT_INCOMPLETE
         except SpoolError as exc:
             print(f"daq-agent run: cannot use the spool: {exc}", file=sys.stderr)
             return EXIT_INCOMPLETE
@@ -179,8 +181,7 @@ def _do_run(args: argparse.Namespace) -> int:
             f"daq-agent: asset {config.asset}, {len(agent.readers)} "
             f"source{'' if len(agent.readers) == 1 else 's'}, "
             f"{len(agent.plan.flows)} flows"
-            + (" (lazy flow creation)" if agent.lazy_flow_creation else "")
-            + f", run {agent.run_name or '(none)'} -> {agent.target_uri}",
+            f", run {agent.run_name or '(none)'} -> {agent.target_uri}",
             flush=True,
         )
         final = drive_agent(
@@ -199,4 +200,7 @@ def _do_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INCOMPLETE
-    return EXIT_OK if final.flusher.abandoned == 0 and final.balanced else EXIT_INCOMPLETE
+    lost = final.lost
+    if lost:
+        print(f"daq-agent run: samples were lost: {lost}", file=sys.stderr)
+    return EXIT_OK if not lost and final.balanced else EXIT_INCOMPLETE

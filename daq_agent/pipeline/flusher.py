@@ -815,7 +815,7 @@ class Flusher:
             pending = self._backlog.pending_samples
             if kind is FailureKind.AUTH:
                 log.error(
-                    "the ingestion API refused the API key (%s); retrying about every %.0f s, "
+                    "the ingestion API refused the API key (%s); retrying about every %.3g s, "
                     "%d samples kept until it is accepted: fix the key",
                     exc,
                     self.settings.auth_retry_s,

@@ -202,6 +202,19 @@ class AgentStatus:
             and self.flusher.balanced
         )
 
+    @property
+    def lost(self) -> str:
+        """What was lost, by reason (``""`` when nothing): the exit status of a run says so."""
+        f = self.flusher
+        reasons = (
+            (self.ring.dropped, "dropped by the ring (a live source faster than delivery)"),
+            (f.abandoned, "abandoned (never acknowledged, no spool)"),
+            (f.dropped, "dropped by the spool quota"),
+            (f.corrupt, "corrupt in the spool"),
+            (f.dead_lettered, "refused by the API (in the dead-letter file)"),
+        )
+        return ", ".join(f"{n} {why}" for n, why in reasons if n)
+
     def line(self, previous: AgentStatus | None = None) -> str:
         """The one-line live status; rates are computed against ``previous`` when given."""
         if previous is not None and self.time_s > previous.time_s:
@@ -292,6 +305,7 @@ class AgentStatus:
             )
         if f.last_error:
             lines.append(f"last transport error: {f.last_error}")
+        lines.append("lost: " + (self.lost or "nothing"))
         lines.append("accounting: " + ("balanced" if self.balanced else "NOT BALANCED"))
         return lines
 
