@@ -78,8 +78,14 @@ _MAX_HEADER_LIST = 65536
 _TLS_HANDSHAKE_TIMEOUT = 10.0
 _REFUSAL_LOG_INTERVAL = 10.0  # seconds between two warnings about refused connections
 _ACCEPTED_ENCODINGS = ("identity", "gzip", "deflate")
-# The client reset the stream, or the stream was forgotten by h2 (a newer stream closed it).
-_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.StreamIDTooLowError)
+# Sending on a stream h2 has closed (the client reset it) or forgotten (closed streams are dropped
+# once a newer one opens: h2 then takes the id for a new stream of ours and refuses it as too low
+# or, against a client that allows no pushes, as one stream too many).
+_GONE = (
+    h2.exceptions.StreamClosedError,
+    h2.exceptions.StreamIDTooLowError,
+    h2.exceptions.TooManyStreamsError,
+)
 _REQUEST = h2.utilities.HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
 )
@@ -386,7 +392,6 @@ class _Connection(asyncio.Protocol):
         try:
             if call.handler is not None:
                 response = call.handler.on_end()
-                call.handler = None  # done: it hears of no abort after this
             else:
                 assert call.unary is not None
                 if not call.unary_messages:
@@ -395,17 +400,15 @@ class _Connection(asyncio.Protocol):
                     )
                 response = call.unary(call.unary_messages[0], call.context)
         except RpcError as exc:
-            call.handler = None
             self._finish(call, exc.code, exc.message)
             return
         except Exception as exc:
-            call.handler = None
             log.exception("error in %s", call.context.method)
             self._finish(call, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
             return
         assert self._loop is not None
         if call.deadline is not None and self._loop.time() >= call.deadline:
-            self._deadline_exceeded(call)  # the handler ran past it
+            self._deadline_exceeded(call)  # the handler ran past it (and hears on_abort)
             return
         self._respond(call, response)
 
@@ -428,6 +431,9 @@ class _Connection(asyncio.Protocol):
 
     def _respond(self, call: _Call, response: bytes) -> None:
         call.finished = True
+        if not self._is_open(call.stream_id):  # the client gave up on the call
+            self._abandon(call)
+            return
         try:
             self._h2.send_headers(
                 call.stream_id,
@@ -437,9 +443,8 @@ class _Connection(asyncio.Protocol):
                     ("grpc-accept-encoding", ",".join(_ACCEPTED_ENCODINGS)),
                 ],
             )
-        except _GONE:  # the client gave up on the call
-            self._server.stats.calls_abandoned += 1
-            self._forget(call)
+        except _GONE:
+            self._abandon(call)
             return
         call.pending = frame([response])
         call.trailers = [("grpc-status", "0")]
@@ -456,22 +461,32 @@ class _Connection(asyncio.Protocol):
             ("grpc-status", str(code.value[0])),
             ("grpc-message", encode_grpc_message(message)),
         ]
-        try:
-            self._h2.send_headers(call.stream_id, headers, end_stream=True)
-            # The request may still be arriving: ask the client to stop sending it.
-            self._h2.reset_stream(call.stream_id, error_code=0)
-        except _GONE:
-            pass
+        if self._is_open(call.stream_id):
+            try:
+                self._h2.send_headers(call.stream_id, headers, end_stream=True)
+                # The request may still be arriving: ask the client to stop sending it.
+                self._h2.reset_stream(call.stream_id, error_code=0)
+            except _GONE:
+                pass
         self._forget(call)
 
     def _reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
-        try:
-            self._h2.reset_stream(stream_id, error_code=code)
-        except _GONE:
-            pass
+        if self._is_open(stream_id):
+            try:
+                self._h2.reset_stream(stream_id, error_code=code)
+            except _GONE:
+                pass
+
+    def _is_open(self, stream_id: int) -> bool:
+        """Whether h2 still has the stream open (sending on any other raises)."""
+        stream = self._h2.streams.get(stream_id)
+        return stream is not None and not stream.closed
 
     def _send_pending(self, call: _Call) -> None:
         stream_id = call.stream_id
+        if not self._is_open(stream_id):  # reset while the answer waited for window
+            self._abandon(call)
+            return
         try:
             while call.pending:
                 window = min(
@@ -502,6 +517,12 @@ class _Connection(asyncio.Protocol):
                 log.exception("error aborting %s", call.context.method)
         call.finished = True
         call.handler = None
+
+    def _abandon(self, call: _Call) -> None:
+        """Drop a call whose stream the client reset or h2 forgot: it cannot be answered."""
+        self._server.stats.calls_abandoned += 1
+        log.debug("%s from %s abandoned by the client", call.context.method, self._peer)
+        self._forget(call)
 
     def _forget(self, call: _Call) -> None:
         if self._calls.get(call.stream_id) is call:

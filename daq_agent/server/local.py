@@ -21,6 +21,7 @@ from daq_agent.h2grpc.server import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     DEFAULT_MAX_CONNECTIONS,
     GrpcH2Server,
+    ServerStats,
     server_ssl_context,
 )
 from daq_agent.server.rpc import CallContext, RpcError
@@ -107,6 +108,16 @@ class LocalIngestServer:
     def address(self) -> str:
         """``host:port`` to give a client."""
         return self._server.address
+
+    @property
+    def stats(self) -> ServerStats:
+        """What the server refused or cut short (connections, malformed requests, deadlines)."""
+        return self._server.stats
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        return self._server.connections
 
     def start(self) -> None:
         """Serve on the thread ``daq-server``; returns once connections are accepted.

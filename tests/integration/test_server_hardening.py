@@ -34,6 +34,7 @@ from server_calls import call
 
 from daq_agent import methods
 from daq_agent._proto.sift.ping.v1 import ping_pb2
+from daq_agent.cli import main
 from daq_agent.core.errors import ConfigError
 from daq_agent.h2grpc.server import GrpcH2Server, server_ssl_context
 from daq_agent.server.local import make_server
@@ -257,8 +258,8 @@ def test_an_empty_or_malformed_bearer_is_unauthenticated_never_a_protocol_error(
         for value in (f"Bearer {KEY}", f"bearer  {KEY} "):
             md = [("authorization", value)]
             assert call(channel, methods.PING, ping_pb2.PingRequest(), ping_pb2.PingResponse, md)
-        assert server._server.stats.protocol_errors == 0
-        assert server._server.connections == 1  # every call above on one connection
+        assert server.stats.protocol_errors == 0
+        assert server.connections == 1  # every call above on one connection
 
 
 def test_an_empty_bearer_is_accepted_by_a_server_without_a_key(tmp_path: Path) -> None:
@@ -294,8 +295,8 @@ def test_raw_garbage_headers_fail_their_own_stream_only(
         client.wait(lambda: newline in client.resets and upper in client.resets)
         assert client.resets[newline] == client.resets[upper] == 1  # PROTOCOL_ERROR
         assert not client.closed
-        assert server._server.stats.malformed_requests == 2
-        assert server._server.stats.protocol_errors == 0
+        assert server.stats.malformed_requests == 2
+        assert server.stats.protocol_errors == 0
     assert not _errors(caplog)
 
 
@@ -399,6 +400,20 @@ def test_serve_with_tls_flags(
         assert process.wait(timeout=20) == 0
     finally:
         _end(process)
+
+
+def test_serve_refuses_half_a_tls_configuration(
+    tmp_path: Path, tls_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--tls-cert`` without ``--tls-key`` (or a missing file) is a clear error, exit code 2."""
+    cert_file = tls_files[0]
+    db = str(tmp_path / "half.sqlite")
+    assert main(["serve", "--db", db, "--port", "0", "--tls-cert", str(cert_file)]) == 2
+    assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.key")
+    args = ["serve", "--db", db, "--port", "0", "--tls-cert", str(cert_file), "--tls-key", missing]
+    assert main(args) == 2
+    assert f"{missing}: no such TLS private key file" in capsys.readouterr().err
 
 
 def _state(pid: int) -> str:
@@ -632,11 +647,14 @@ def test_a_stream_given_up_while_the_server_was_not_reading(
     assert not _errors(caplog)
 
 
-def test_sigstop_longer_than_the_client_timeout_leaves_no_traceback(tmp_path: Path) -> None:
+def test_sigstop_longer_than_the_client_timeout_leaves_no_traceback(
+    tmp_path: Path, raw: Callable[[int], RawClient]
+) -> None:
     """``daq-agent serve`` stopped past a client's deadline resumes without an error logged."""
     db = tmp_path / "stopped.sqlite"
+    command = [sys.executable, "-m", "daq_agent.cli", "serve", "--port", "0", "--db", str(db)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "daq_agent.cli", "serve", "--port", "0", "--db", str(db)],
+        [*command, "--max-streams", "7"],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -654,6 +672,8 @@ def test_sigstop_longer_than_the_client_timeout_leaves_no_traceback(tmp_path: Pa
             name="serve-log",
         )
         reader.start()
+        settings = raw(port).h2.remote_settings  # the flag reached the server
+        assert settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == 7
         with _channel(f"127.0.0.1:{port}") as channel:
             ping = channel.unary_unary(methods.PING)
             assert ping(b"", timeout=10)
