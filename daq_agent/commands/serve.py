@@ -2,8 +2,10 @@
 
 The API key comes from ``--api-key`` or the environment variable ``DAQ_AGENT_API_KEY``; it is
 never logged. The database defaults to ``local.sqlite`` in ``$DAQ_AGENT_STATE_DIR`` (else
-``./daq-agent-state``). Started by the agent (``--control-fd``, see
-:mod:`daq_agent.server.process`), it reports its port there and stops when the agent is gone.
+``./daq-agent-state``). ``--tls-cert`` and ``--tls-key`` serve TLS (what Sift's clients use by
+default); ``--max-connections``, ``--max-streams`` and ``--idle-timeout`` bound what clients hold.
+Started by the agent (``--control-fd``, see :mod:`daq_agent.server.process`), it reports its port
+there and stops when the agent is gone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from types import FrameType
 from typing import Any
 
 from daq_agent.core.errors import DaqError
+from daq_agent.h2grpc.server import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_CONNECTIONS,
+)
 from daq_agent.server.local import make_server
 from daq_agent.server.process import ParentLink
 
@@ -52,13 +59,56 @@ def add_subparser(subparsers: Any) -> None:
     )
     # Internal: set by LocalServerProcess (the port goes there; end of file there means stop).
     parser.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, help="serve TLS with this PEM certificate chain"
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, default=None, help="the unencrypted PEM private key of --tls-cert"
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=DEFAULT_MAX_CONNECTIONS,
+        help=f"connections served at once; more are refused ({DEFAULT_MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--max-streams",
+        type=_positive(int),
+        default=DEFAULT_MAX_CONCURRENT_STREAMS,
+        help=f"calls open at once on one connection ({DEFAULT_MAX_CONCURRENT_STREAMS})",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive(float, zero=True),
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"close a connection silent for this long, 0 for never ({DEFAULT_IDLE_TIMEOUT:g})",
+    )
     parser.set_defaults(func=_do_serve)
+
+
+def _positive(kind: type[int] | type[float], *, zero: bool = False) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(
+                f"must be {'0 or more' if zero else 'more than 0'}: {text!r}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
 
 
 def _do_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     db_path: Path = args.db or default_db_path()
-    if args.host not in _LOOPBACK:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise DaqError("--tls-cert and --tls-key go together")
+    if args.host not in _LOOPBACK and args.tls_cert is None:
         log.warning("serving plain-text gRPC on %s: keep it on a trusted network", args.host)
     stop = threading.Event()
 
@@ -68,7 +118,17 @@ def _do_serve(args: argparse.Namespace) -> int:
 
     link = ParentLink(args.control_fd) if args.control_fd is not None else None
     try:
-        server = make_server(db_path, host=args.host, port=args.port, api_key=api_key)
+        server = make_server(
+            db_path,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            max_connections=args.max_connections,
+            max_concurrent_streams=args.max_streams,
+            idle_timeout=args.idle_timeout or None,
+        )
     except OSError as exc:
         raise DaqError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

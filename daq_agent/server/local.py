@@ -16,7 +16,14 @@ from pathlib import Path
 
 import grpc
 
-from daq_agent.h2grpc.server import GrpcH2Server
+from daq_agent.h2grpc.server import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_CONNECTIONS,
+    GrpcH2Server,
+    ServerStats,
+    server_ssl_context,
+)
 from daq_agent.server.rpc import CallContext, RpcError
 from daq_agent.server.services import LocalServices
 from daq_agent.server.store import Store
@@ -43,13 +50,26 @@ class LocalIngestServer:
         port: int = 0,
         api_key: str | None = None,
         durable: bool = True,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         """Open the store and bind the port; see :func:`make_server`.
 
         Raises:
-            DaqError: the database cannot be opened.
+            DaqError: the database cannot be opened, or the TLS files cannot be loaded.
             OSError: the address cannot be bound.
+            ValueError: a limit is not positive, or only one of the TLS files is given.
         """
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        ssl_context = (
+            server_ssl_context(tls_cert, tls_key)
+            if tls_cert is not None and tls_key is not None
+            else None
+        )
         self.db_path = Path(db_path)
         self.store = Store.open(self.db_path, durable=durable)
         self.services = LocalServices(self.store)
@@ -62,8 +82,12 @@ class LocalIngestServer:
                 streams=self.services.stream_handlers(),
                 authorize=self._authorize if self._api_key is not None else None,
                 tick=self.services.commit_if_due,
+                max_connections=max_connections,
+                max_concurrent_streams=max_concurrent_streams,
+                idle_timeout=idle_timeout,
+                ssl_context=ssl_context,
             )
-        except OSError:
+        except (OSError, ValueError):
             self.store.close()
             raise
         self._lock = threading.Lock()
@@ -85,6 +109,16 @@ class LocalIngestServer:
         """``host:port`` to give a client."""
         return self._server.address
 
+    @property
+    def stats(self) -> ServerStats:
+        """What the server refused or cut short (connections, malformed requests, deadlines)."""
+        return self._server.stats
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        return self._server.connections
+
     def start(self) -> None:
         """Serve on the thread ``daq-server``; returns once connections are accepted.
 
@@ -97,9 +131,10 @@ class LocalIngestServer:
             self._started = True
         self._server.start()
         log.info(
-            "listening on %s (db %s%s)",
+            "listening on %s (db %s%s%s)",
             self.address,
             self.db_path,
+            ", TLS" if self._server.ssl_context is not None else "",
             ", API key required" if self._api_key is not None else "",
         )
 
@@ -163,18 +198,41 @@ def make_server(
     port: int = 0,
     api_key: str | None = None,
     durable: bool = True,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
 ) -> LocalIngestServer:
     """Build the local ingestion server, unstarted, with its port bound (``port=0``: any free one).
 
     Args:
         db_path: the SQLite file (created if missing).
-        host: the address to listen on; plain text, so keep it on loopback.
+        host: the address to listen on; without TLS, keep it on loopback.
         port: the port, 0 for a free one (read it from ``.port``).
         api_key: when set, every call must carry ``authorization: Bearer <api_key>``.
         durable: fsync at every commit (a stream's OK then survives a power loss).
+        tls_cert: serve TLS (ALPN h2) with this PEM certificate chain; needs ``tls_key``.
+        tls_key: the PEM private key of ``tls_cert`` (unencrypted).
+        max_connections: connections served at once; more are closed at once.
+        max_concurrent_streams: calls open at once per connection.
+        idle_timeout: seconds a silent connection is kept; None keeps it forever.
 
     Raises:
-        DaqError: the database cannot be opened.
+        DaqError: the database cannot be opened, or the TLS files cannot be loaded
+            (:class:`~daq_agent.core.errors.ConfigError` naming the file).
         OSError: the address cannot be bound.
+        ValueError: a limit is not positive, or only one of the TLS files is given.
     """
-    return LocalIngestServer(db_path, host=host, port=port, api_key=api_key, durable=durable)
+    return LocalIngestServer(
+        db_path,
+        host=host,
+        port=port,
+        api_key=api_key,
+        durable=durable,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_connections=max_connections,
+        max_concurrent_streams=max_concurrent_streams,
+        idle_timeout=idle_timeout,
+    )

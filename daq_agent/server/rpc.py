@@ -1,4 +1,4 @@
-"""The seam between the HTTP/2 gRPC server core (:mod:`daq_agent.server.grpc_h2`) and the services.
+"""The seam between the HTTP/2 gRPC server core (:mod:`daq_agent.h2grpc.server`) and the services.
 
 Handlers run on the server's event-loop thread, one call at a time, and take and return serialized
 protobuf bytes. A handler ends a call with a non-OK status by raising :class:`RpcError`.
@@ -40,6 +40,13 @@ class CallContext:
     """Request headers other than pseudo-headers, names in lower case."""
     peer: str = ""
     """The client's address, ``127.0.0.1:54321``."""
+
+    def __repr__(self) -> str:  # the authorization header carries the API key: never show it
+        shown = {k: "<redacted>" if k in _SECRET_HEADERS else v for k, v in self.metadata.items()}
+        return f"CallContext(method={self.method!r}, metadata={shown!r}, peer={self.peer!r})"
+
+
+_SECRET_HEADERS = frozenset({"authorization", "x-api-key"})
 
 
 UnaryHandler = Callable[[bytes, CallContext], bytes]
