@@ -807,7 +807,7 @@ class Flusher:
         if self._memory:
             self._healthy.clear()
         self._retry_at = time.monotonic() + delay
-        reason = f"{kind.value}: {exc}"
+        reason = kind.value  # the state: transient, auth (a refusal starts its own streak)
         if reason != self._streak:  # once per change of state, never once per attempt
             if not self._streak:
                 self._streak_since = time.monotonic()
