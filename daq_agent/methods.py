@@ -28,3 +28,15 @@ PING = "/sift.ping.v1.PingService/Ping"
 GET_ASSET = "/sift.assets.v1.AssetService/GetAsset"
 LIST_ASSETS = "/sift.assets.v1.AssetService/ListAssets"
 UPDATE_ASSET = "/sift.assets.v1.AssetService/UpdateAsset"
+
+LIST_CHANNELS = "/sift.channels.v3.ChannelService/ListChannels"
+
+CREATE_TAG = "/sift.tags.v2.TagService/CreateTag"
+LIST_TAGS = "/sift.tags.v2.TagService/ListTags"
+
+GET_RULE = "/sift.rules.v1.RuleService/GetRule"
+BATCH_GET_RULES = "/sift.rules.v1.RuleService/BatchGetRules"
+CREATE_RULE = "/sift.rules.v1.RuleService/CreateRule"
+UPDATE_RULE = "/sift.rules.v1.RuleService/UpdateRule"
+BATCH_UPDATE_RULES = "/sift.rules.v1.RuleService/BatchUpdateRules"
+LIST_RULES = "/sift.rules.v1.RuleService/ListRules"

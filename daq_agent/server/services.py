@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,11 +30,14 @@ from google.protobuf.message import Message
 
 from daq_agent import methods
 from daq_agent._proto.sift.assets.v1 import assets_pb2
+from daq_agent._proto.sift.channels.v3 import channels_pb2
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
 from daq_agent._proto.sift.ping.v1 import ping_pb2
+from daq_agent._proto.sift.rules.v1 import rules_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
+from daq_agent._proto.sift.tags.v2 import tags_pb2
 from daq_agent.core.errors import DaqError
 from daq_agent.server.filters import FilterError
 from daq_agent.server.rpc import (
@@ -47,6 +51,7 @@ from daq_agent.server.store import (
     AssetRecord,
     FlowRecord,
     IngestionConfigRecord,
+    RuleRecord,
     RunRecord,
     SampleRow,
     Store,
@@ -94,7 +99,9 @@ _RUN_UPDATABLE = {
     "name", "description", "start_time", "stop_time", "is_pinned", "client_key", "tags",
     "is_archived", "metadata",
 }  # fmt: skip
-_RUN_ORDERS = frozenset({"", "created_date", "created_date asc", "created_date desc"})
+# order_by values the local server supports, and whether each lists newest first; as in Sift,
+# no order_by means newest first.
+_ORDERS = {"": True, "created_date": False, "created_date asc": False, "created_date desc": True}
 _WRITE_ROWS = 1024  # accepted samples buffered before one multi-row INSERT
 _MAX_SIGNATURES = 4096  # accepted value signatures cached per flow (multiplexed flows vary)
 
@@ -162,6 +169,21 @@ def _parse(message_class: type[Message], data: bytes) -> Any:
         return message_class.FromString(data)
     except ProtobufDecodeError as exc:
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}") from exc
+
+
+def _newest_first(order_by: str) -> bool:
+    """Whether ``order_by`` lists newest first (also when empty, as in Sift).
+
+    Raises:
+        RpcError: INVALID_ARGUMENT for an order the local server does not support.
+    """
+    order = " ".join(order_by.lower().split())
+    if order not in _ORDERS:
+        raise RpcError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"unsupported order_by {order_by!r} (supported: created_date [asc|desc])",
+        )
+    return _ORDERS[order]
 
 
 def _mask_paths(request: Any, allowed: set[str]) -> set[str]:
@@ -422,6 +444,15 @@ class LocalServices:
             methods.GET_ASSET: self.get_asset,
             methods.LIST_ASSETS: self.list_assets,
             methods.UPDATE_ASSET: self.update_asset,
+            methods.LIST_CHANNELS: self.list_channels,
+            methods.CREATE_TAG: self.create_tag,
+            methods.LIST_TAGS: self.list_tags,
+            methods.GET_RULE: self.get_rule,
+            methods.BATCH_GET_RULES: self.batch_get_rules,
+            methods.CREATE_RULE: self.create_rule,
+            methods.UPDATE_RULE: self.update_rule,
+            methods.BATCH_UPDATE_RULES: self.batch_update_rules,
+            methods.LIST_RULES: self.list_rules,
         }
 
     def stream_handlers(self) -> dict[str, StreamHandlerFactory]:
@@ -798,26 +829,19 @@ class LocalServices:
         return runs_pb2.GetRunResponse(run=self._run_pb(record)).SerializeToString()
 
     def list_runs(self, data: bytes, ctx: CallContext) -> bytes:
-        """ListRuns with ``name``/``run_id``/``client_key`` filters, by creation (``order_by``
-        ``created_date desc``: newest first).
+        """ListRuns with a filter (``run_id``, ``name``, ``description``, ``client_key``,
+        ``organization_id``, ``is_stopped``), newest first unless ``order_by`` is
+        ``created_date [asc]``.
 
         Raises:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: runs_pb2.ListRunsRequest = _parse(runs_pb2.ListRunsRequest, data)
         limit, after = _page(request.page_size, request.page_token)
-        order = " ".join(request.order_by.lower().split())
-        if order not in _RUN_ORDERS:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unsupported order_by {request.order_by!r} (created_date [asc|desc])",
-            )
+        newest_first = _newest_first(request.order_by)
         records = _listing(
             lambda: self.store.list_runs(
-                request.filter,
-                after=after,
-                limit=limit + 1,
-                newest_first=order == "created_date desc",
+                request.filter, after=after, limit=limit + 1, newest_first=newest_first
             )
         )
         return runs_pb2.ListRunsResponse(
@@ -914,15 +938,19 @@ class LocalServices:
         return assets_pb2.GetAssetResponse(asset=self._asset_pb(record)).SerializeToString()
 
     def list_assets(self, data: bytes, ctx: CallContext) -> bytes:
-        """ListAssets with a filter on ``asset_id``, ``name``, ``name_lower``, ``is_archived``.
+        """ListAssets with a filter on ``asset_id``, ``name``, ``name_lower``, ``is_archived``,
+        newest first unless ``order_by`` is ``created_date [asc]``.
 
         Raises:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: assets_pb2.ListAssetsRequest = _parse(assets_pb2.ListAssetsRequest, data)
         limit, after = _page(request.page_size, request.page_token)
+        newest_first = _newest_first(request.order_by)
         records = _listing(
-            lambda: self.store.list_assets(request.filter, after=after, limit=limit + 1)
+            lambda: self.store.list_assets(
+                request.filter, after=after, limit=limit + 1, newest_first=newest_first
+            )
         )
         return assets_pb2.ListAssetsResponse(
             assets=[self._asset_pb(r) for r in records[:limit]],
@@ -953,6 +981,355 @@ class LocalServices:
         if record is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"asset {asset.asset_id!r} not found")
         return assets_pb2.UpdateAssetResponse(asset=self._asset_pb(record)).SerializeToString()
+
+    # -- channels and tags ---------------------------------------------------------------------
+
+    def list_channels(self, data: bytes, ctx: CallContext) -> bytes:
+        """ListChannels (v3): an asset's channels are those of its configs' flows; filter fields
+        ``channel_id``, ``asset_id``, ``name``.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT for a bad filter or page token.
+        """
+        request: channels_pb2.ListChannelsRequest = _parse(channels_pb2.ListChannelsRequest, data)
+        limit, after = _page(request.page_size, request.page_token)
+        records = _listing(
+            lambda: self.store.list_channels(request.filter, after=after, limit=limit + 1)
+        )
+        channels = []
+        for record in records[:limit]:
+            config = record.channel_config()
+            channel = channels_pb2.Channel(
+                channel_id=record.channel_id,
+                name=record.name,
+                asset_id=record.asset_id,
+                description=config.description,
+                data_type=config.data_type,
+                enum_types=config.enum_types,
+                bit_field_elements=config.bit_field_elements,
+                active=True,
+            )
+            _set_timestamp(channel.created_date, record.created_ns)
+            _set_timestamp(channel.modified_date, record.created_ns)
+            channels.append(channel)
+        return channels_pb2.ListChannelsResponse(
+            channels=channels, next_page_token=_next_token([r.pk for r in records], limit)
+        ).SerializeToString()
+
+    def create_tag(self, data: bytes, ctx: CallContext) -> bytes:
+        """CreateTag.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (no name), ALREADY_EXISTS.
+        """
+        request: tags_pb2.CreateTagRequest = _parse(tags_pb2.CreateTagRequest, data)
+        if not request.name:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
+        try:
+            record = self.store.create_tag(request.name)
+        except DaqError as exc:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        tag = tags_pb2.Tag(tag_id=record.tag_id, name=record.name)
+        _set_timestamp(tag.created_date, record.created_ns)
+        return tags_pb2.CreateTagResponse(tag=tag).SerializeToString()
+
+    def list_tags(self, data: bytes, ctx: CallContext) -> bytes:
+        """ListTags with a filter on ``tag_id``/``name``; ``tag_type`` is accepted and ignored
+        (every tag is listed whatever it tags).
+
+        Raises:
+            RpcError: INVALID_ARGUMENT for a bad filter or page token.
+        """
+        request: tags_pb2.ListTagsRequest = _parse(tags_pb2.ListTagsRequest, data)
+        limit, after = _page(request.page_size, request.page_token)
+        records = _listing(
+            lambda: self.store.list_tags(request.filter, after=after, limit=limit + 1)
+        )
+        tags = []
+        for record in records[:limit]:
+            tag = tags_pb2.Tag(tag_id=record.tag_id, name=record.name)
+            _set_timestamp(tag.created_date, record.created_ns)
+            tags.append(tag)
+        return tags_pb2.ListTagsResponse(
+            tags=tags, next_page_token=_next_token([r.pk for r in records], limit)
+        ).SerializeToString()
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _rule_pb(record: RuleRecord) -> rules_pb2.Rule:
+        rule = rules_pb2.Rule.FromString(record.definition)
+        _set_timestamp(rule.created_date, record.created_ns)
+        _set_timestamp(rule.modified_date, record.modified_ns)
+        return rule
+
+    def _existing_rule(self, update: rules_pb2.UpdateRuleRequest) -> RuleRecord | None:
+        """The rule an update names by ``rule_id`` (which must exist) or else by ``client_key``.
+
+        Raises:
+            RpcError: NOT_FOUND for a ``rule_id`` that does not exist.
+        """
+        if update.HasField("rule_id") and update.rule_id:
+            record = self.store.get_rule(rule_id=update.rule_id)
+            if record is None:
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {update.rule_id!r} not found")
+            return record
+        if update.HasField("client_key") and update.client_key:
+            return self.store.get_rule(client_key=update.client_key)
+        return None
+
+    def _build_rule(
+        self, update: rules_pb2.UpdateRuleRequest, rule_id: str, previous: RuleRecord | None
+    ) -> rules_pb2.Rule:
+        """The rule an UpdateRuleRequest describes, with ids for its conditions and actions
+        (those it names that exist are kept).
+
+        Raises:
+            RpcError: INVALID_ARGUMENT for a missing name or expression, an unknown asset or tag,
+                or a client key that differs from the rule's.
+        """
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if not update.name:
+            raise RpcError(invalid, "name is required")
+        old = rules_pb2.Rule.FromString(previous.definition) if previous else rules_pb2.Rule()
+        client_key = update.client_key if update.HasField("client_key") else ""
+        if previous is not None and previous.client_key:
+            if client_key and client_key != previous.client_key:
+                raise RpcError(
+                    invalid,
+                    f"rule {rule_id!r} has client key {previous.client_key!r};"
+                    " a client key can only be set once",
+                )
+            client_key = previous.client_key
+        if not update.conditions:
+            raise RpcError(invalid, "a rule needs at least one condition")
+        assets = update.asset_configuration
+        for asset_id in assets.asset_ids:
+            if self.store.get_asset(asset_id) is None:
+                raise RpcError(
+                    invalid, f"asset_configuration.asset_ids: unknown asset {asset_id!r}"
+                )
+        for tag_id in assets.tag_ids:
+            if not self.store.list_tags({"tag_id": tag_id}, limit=1):
+                raise RpcError(invalid, f"asset_configuration.tag_ids: unknown tag {tag_id!r}")
+        old_conditions = {c.rule_condition_id: c for c in old.conditions}
+        rule = rules_pb2.Rule(
+            rule_id=rule_id,
+            name=update.name,
+            description=update.description,
+            is_enabled=True,
+            organization_id=update.organization_id or old.organization_id,
+            client_key=client_key,
+            asset_configuration=assets,
+            contextual_channels=update.contextual_channels,
+            is_external=update.is_external,
+            metadata=update.metadata,
+            is_archived=update.is_archived,
+            is_live_evaluation_enabled=(
+                update.is_live_evaluation_enabled
+                if update.HasField("is_live_evaluation_enabled")
+                else old.is_live_evaluation_enabled
+            ),
+            current_version_id=str(uuid.uuid4()),
+        )
+        for i, condition in enumerate(update.conditions):
+            kind = condition.expression.WhichOneof("expression")
+            if kind is None:
+                raise RpcError(invalid, f"conditions[{i}].expression is required")
+            if (
+                kind == "calculated_channel"
+                and not condition.expression.calculated_channel.expression
+            ):
+                raise RpcError(invalid, f"conditions[{i}]: the expression is empty")
+            before = old_conditions.get(condition.rule_condition_id)
+            condition_id = before.rule_condition_id if before else str(uuid.uuid4())
+            old_actions = {a.rule_action_id for a in before.actions} if before else set()
+            stored = rule.conditions.add(
+                rule_condition_id=condition_id,
+                rule_id=rule_id,
+                expression=condition.expression,
+                rule_condition_version_id=str(uuid.uuid4()),
+            )
+            for action in condition.actions:
+                for tag_id in action.configuration.annotation.tag_ids:
+                    if not self.store.list_tags({"tag_id": tag_id}, limit=1):
+                        raise RpcError(
+                            invalid, f"conditions[{i}].actions: unknown annotation tag {tag_id!r}"
+                        )
+                stored.actions.add(
+                    rule_action_id=(
+                        action.rule_action_id
+                        if action.rule_action_id in old_actions
+                        else str(uuid.uuid4())
+                    ),
+                    rule_condition_id=condition_id,
+                    action_type=action.action_type,
+                    configuration=action.configuration,
+                    rule_action_version_id=str(uuid.uuid4()),
+                )
+        return rule
+
+    def _save_rule(
+        self, update: rules_pb2.UpdateRuleRequest, previous: RuleRecord | None
+    ) -> RuleRecord:
+        """Create (``previous`` None) or replace a rule.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (see :meth:`_build_rule`), ALREADY_EXISTS (client key).
+        """
+        rule_id = previous.rule_id if previous is not None else str(uuid.uuid4())
+        rule = self._build_rule(update, rule_id, previous)
+        try:
+            if previous is None:
+                return self.store.create_rule(
+                    rule_id=rule_id,
+                    name=rule.name,
+                    client_key=rule.client_key or None,
+                    definition=rule.SerializeToString(),
+                )
+            record = self.store.update_rule(
+                rule_id,
+                name=rule.name,
+                client_key=rule.client_key or None,
+                definition=rule.SerializeToString(),
+            )
+        except DaqError as exc:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        if record is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {rule_id!r} not found")
+        return record
+
+    def get_rule(self, data: bytes, ctx: CallContext) -> bytes:
+        """GetRule by ``rule_id`` or else ``client_key``.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (neither given), NOT_FOUND.
+        """
+        request: rules_pb2.GetRuleRequest = _parse(rules_pb2.GetRuleRequest, data)
+        if not request.rule_id and not request.client_key:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "rule_id or client_key is required")
+        record = self.store.get_rule(
+            rule_id=request.rule_id or None, client_key=request.client_key or None
+        )
+        if record is None:
+            which = request.rule_id or f"with client key {request.client_key!r}"
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {which} not found")
+        return rules_pb2.GetRuleResponse(rule=self._rule_pb(record)).SerializeToString()
+
+    def batch_get_rules(self, data: bytes, ctx: CallContext) -> bytes:
+        """BatchGetRules by ids and client keys.
+
+        Raises:
+            RpcError: NOT_FOUND naming the first that does not exist.
+        """
+        request: rules_pb2.BatchGetRulesRequest = _parse(rules_pb2.BatchGetRulesRequest, data)
+        rules = []
+        for rule_id in request.rule_ids:
+            record = self.store.get_rule(rule_id=rule_id)
+            if record is None:
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {rule_id!r} not found")
+            rules.append(self._rule_pb(record))
+        for client_key in request.client_keys:
+            record = self.store.get_rule(client_key=client_key)
+            if record is None:
+                raise RpcError(
+                    grpc.StatusCode.NOT_FOUND, f"rule with client key {client_key!r} not found"
+                )
+            rules.append(self._rule_pb(record))
+        return rules_pb2.BatchGetRulesResponse(rules=rules).SerializeToString()
+
+    def create_rule(self, data: bytes, ctx: CallContext) -> bytes:
+        """CreateRule: the rule its ``update`` describes (stored, never evaluated).
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (see :meth:`_build_rule`, or a rule id given),
+                ALREADY_EXISTS (client key).
+        """
+        request: rules_pb2.CreateRuleRequest = _parse(rules_pb2.CreateRuleRequest, data)
+        update = request.update
+        if update.rule_id:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "a new rule cannot have a rule_id")
+        if update.client_key and self.store.get_rule(client_key=update.client_key) is not None:
+            raise RpcError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"a rule with client key {update.client_key!r} exists",
+            )
+        record = self._save_rule(update, None)
+        log.info("created rule %s (%r)", record.rule_id, record.name)
+        return rules_pb2.CreateRuleResponse(rule_id=record.rule_id).SerializeToString()
+
+    def update_rule(self, data: bytes, ctx: CallContext) -> bytes:
+        """UpdateRule: replaces the rule named by ``rule_id`` or ``client_key``.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT (neither given, or see :meth:`_build_rule`), NOT_FOUND.
+        """
+        request: rules_pb2.UpdateRuleRequest = _parse(rules_pb2.UpdateRuleRequest, data)
+        if not request.rule_id and not request.client_key:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "rule_id or client_key is required")
+        previous = self._existing_rule(request)
+        if previous is None:
+            raise RpcError(
+                grpc.StatusCode.NOT_FOUND, f"rule with client key {request.client_key!r} not found"
+            )
+        record = self._save_rule(request, previous)
+        return rules_pb2.UpdateRuleResponse(rule_id=record.rule_id).SerializeToString()
+
+    def batch_update_rules(self, data: bytes, ctx: CallContext) -> bytes:
+        """BatchUpdateRules: creates or updates every rule, or none when one is invalid (then
+        ``success`` is false and its ValidationResult says why); ``validate_only`` writes nothing.
+        """
+        request: rules_pb2.BatchUpdateRulesRequest = _parse(rules_pb2.BatchUpdateRulesRequest, data)
+        response = rules_pb2.BatchUpdateRulesResponse(validate_only=request.validate_only)
+        plans: list[tuple[rules_pb2.UpdateRuleRequest, RuleRecord | None]] = []
+        for update in request.rules:
+            try:
+                previous = self._existing_rule(update)
+                self._build_rule(update, previous.rule_id if previous else "", previous)
+            except RpcError as exc:
+                response.validation_results.add(
+                    rule_id=update.rule_id,
+                    client_key=update.client_key,
+                    rule_name=update.name,
+                    error=exc.message,
+                )
+                continue
+            plans.append((update, previous))
+        response.success = not response.validation_results
+        if not response.success or request.validate_only:
+            return response.SerializeToString()
+        for update, previous in plans:
+            record = self._save_rule(update, previous)
+            if previous is None:
+                response.rules_created_count += 1
+                identifier = response.created_rule_identifiers.add(
+                    rule_id=record.rule_id, name=record.name
+                )
+                if record.client_key:
+                    identifier.client_key = record.client_key
+            else:
+                response.rules_updated_count += 1
+        return response.SerializeToString()
+
+    def list_rules(self, data: bytes, ctx: CallContext) -> bytes:
+        """ListRules with a filter on ``rule_id``, ``client_key``, ``name`` (newest first unless
+        ``order_by`` is ``created_date [asc]``).
+
+        Raises:
+            RpcError: INVALID_ARGUMENT for a bad filter, order or page token.
+        """
+        request: rules_pb2.ListRulesRequest = _parse(rules_pb2.ListRulesRequest, data)
+        limit, after = _page(request.page_size, request.page_token)
+        newest_first = _newest_first(request.order_by)
+        records = _listing(
+            lambda: self.store.list_rules(
+                request.filter, after=after, limit=limit + 1, newest_first=newest_first
+            )
+        )
+        return rules_pb2.ListRulesResponse(
+            rules=[self._rule_pb(r) for r in records[:limit]],
+            next_page_token=_next_token([r.pk for r in records], limit),
+        ).SerializeToString()
 
     # -- ping ----------------------------------------------------------------------------------
 

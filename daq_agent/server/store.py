@@ -12,6 +12,10 @@ Layout (schema version 2)::
     samples             (flow, run, timestamp_ns) primary key, WITHOUT ROWID; data = a serialized
                         IngestWithConfigDataStreamRequest carrying the values: the request as
                         received, or only its channel_values entries (decoded on read)
+    channels            id, channel_id (uuid), asset -> assets, name, definition (serialized
+                        ChannelConfig), created ns; (asset, name) unique: an asset's channels
+                        are those of the flows of its configs, the first definition of a name wins
+    tags                id, tag_id (uuid), name (unique), created ns
     rules               id, rule_id (uuid), client_key (unique), name, definition (serialized
                         ``rules.v1.Rule``), created/modified ns
     validation_errors   time ns, ingestion config id, flow, run id, request index, reason, peer;
@@ -53,6 +57,7 @@ __all__ = [
     "DEFAULT_MAX_VALIDATION_ERRORS",
     "AssetRecord",
     "ChannelInfo",
+    "ChannelRecord",
     "FlowRecord",
     "IngestionConfigRecord",
     "RuleRecord",
@@ -60,6 +65,7 @@ __all__ = [
     "SampleRow",
     "Store",
     "StoredSample",
+    "TagRecord",
     "ValidationErrorRecord",
     "Value",
 ]
@@ -123,6 +129,21 @@ CREATE TABLE IF NOT EXISTS samples (
     data BLOB NOT NULL,
     PRIMARY KEY (flow, run, timestamp_ns)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS channels (
+    id INTEGER PRIMARY KEY,
+    channel_id TEXT NOT NULL UNIQUE,
+    asset INTEGER NOT NULL REFERENCES assets(id),
+    name TEXT NOT NULL,
+    definition BLOB NOT NULL,
+    created_ns INTEGER NOT NULL,
+    UNIQUE (asset, name)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    id INTEGER PRIMARY KEY,
+    tag_id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    created_ns INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rules (
     id INTEGER PRIMARY KEY,
     rule_id TEXT NOT NULL UNIQUE,
@@ -144,8 +165,8 @@ CREATE TABLE IF NOT EXISTS validation_errors (
 );
 """
 
-# Version 1 to 2: asset tags, metadata and modification time; the rules table (created by
-# _SCHEMA, which every open runs).
+# Version 1 to 2: asset tags, metadata and modification time; the channels, tags and rules
+# tables are created by _SCHEMA (which every open runs), channels are then filled from the flows.
 _MIGRATE_1_TO_2 = """
 ALTER TABLE assets ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE assets ADD COLUMN metadata BLOB NOT NULL DEFAULT x'';
@@ -248,6 +269,33 @@ class AssetRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelRecord:
+    """A channel of an asset, as its first flow defined it."""
+
+    pk: int
+    channel_id: str
+    asset_id: str
+    name: str
+    definition: bytes
+    """The serialized ``ingestion_configs.v2.ChannelConfig``."""
+    created_ns: int
+
+    def channel_config(self) -> ingestion_configs_pb2.ChannelConfig:
+        """The channel's definition."""
+        return ingestion_configs_pb2.ChannelConfig.FromString(self.definition)
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    """A tag (Sift's tags are names, unique per organization)."""
+
+    pk: int
+    tag_id: str
+    name: str
+    created_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class RuleRecord:
     """A stored rule: its identity and its definition as Sift's ``Rule`` message."""
 
@@ -291,6 +339,11 @@ _ASSET_SELECT = "SELECT id, asset_id, name, tags, metadata, created_ns, modified
 _RULE_SELECT = (
     "SELECT id, rule_id, client_key, name, definition, created_ns, modified_ns FROM rules"
 )
+_CHANNEL_SELECT = (
+    "SELECT ch.id, ch.channel_id, a.asset_id, ch.name, ch.definition, ch.created_ns"
+    " FROM channels ch JOIN assets a ON a.id = ch.asset"
+)
+_TAG_SELECT = "SELECT id, tag_id, name, created_ns FROM tags"
 # Filterable fields (Sift's names) of each listing.
 _CONFIG_COLUMNS = {
     "ingestion_config_id": Column("c.ingestion_config_id"),
@@ -314,6 +367,12 @@ _ASSET_COLUMNS = {
     "name_lower": Column("lower(name)"),
     "is_archived": Column("0", bool),
 }
+_CHANNEL_COLUMNS = {
+    "channel_id": Column("ch.channel_id"),
+    "asset_id": Column("a.asset_id"),
+    "name": Column("ch.name"),
+}
+_TAG_COLUMNS = {"tag_id": Column("tag_id"), "name": Column("name")}
 _RULE_COLUMNS = {
     "rule_id": Column("rule_id"),
     "client_key": Column("client_key", nullable=True),
@@ -391,6 +450,13 @@ def _where(filters: Filters, columns: Mapping[str, Column]) -> tuple[str, list[o
     return " AND ".join(clauses) or "1", params
 
 
+def _keyset(pk: str, after: int, newest_first: bool) -> tuple[str, int, str]:
+    """(condition, parameter, ORDER BY) of one page in pk order after the pk ``after``."""
+    if newest_first:
+        return f"{pk} < ?", after or (1 << 62), f"{pk} DESC"
+    return f"{pk} > ?", after, pk
+
+
 def _asset(row: Sequence[object]) -> AssetRecord:
     pk, asset_id, name, tags, metadata, created, modified = row
     return AssetRecord(
@@ -434,6 +500,21 @@ def decode_values(data: bytes) -> list[Value]:
     return values
 
 
+def _insert_channels(conn: sqlite3.Connection, flows: Iterable[tuple[int, bytes]]) -> None:
+    """Record the channels of flows ``(asset pk, serialized FlowConfig)``; known names are kept."""
+    now = _now_ns()
+    rows = [
+        (str(uuid.uuid4()), asset, channel.name, channel.SerializeToString(), now)
+        for asset, definition in flows
+        for channel in ingestion_configs_pb2.FlowConfig.FromString(definition).channels
+    ]
+    conn.executemany(
+        "INSERT OR IGNORE INTO channels (channel_id, asset, name, definition, created_ns)"
+        " VALUES (?, ?, ?, ?, ?)",
+        rows,
+    )
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring an older file to :data:`SCHEMA_VERSION` (one transaction per step)."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -441,6 +522,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN")
         for statement in filter(None, (s.strip() for s in _MIGRATE_1_TO_2.split(";"))):
             conn.execute(statement)
+        rows = conn.execute(
+            "SELECT c.asset, f.definition FROM flows f JOIN ingestion_configs c ON c.id = f.config"
+            " ORDER BY f.id"
+        ).fetchall()
+        _insert_channels(conn, [(int(asset), bytes(definition)) for asset, definition in rows])
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
         conn.execute("COMMIT")
 
@@ -796,18 +882,24 @@ class Store:
         return None if row is None else _asset(row)
 
     def list_assets(
-        self, filters: Filters = None, *, after: int = 0, limit: int = 1000
+        self,
+        filters: Filters = None,
+        *,
+        after: int = 0,
+        limit: int = 1000,
+        newest_first: bool = False,
     ) -> list[AssetRecord]:
         """Assets matching ``filters`` (fields ``asset_id``, ``name``, ``name_lower``,
-        ``is_archived``), by pk after ``after``.
+        ``is_archived``) in creation order (or newest first), past pk ``after``.
 
         Raises:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
         where, params = _where(filters, _ASSET_COLUMNS)
-        sql = f"{_ASSET_SELECT} WHERE ({where}) AND id > ? ORDER BY id LIMIT ?"
+        position, start, order = _keyset("id", after, newest_first)
+        sql = f"{_ASSET_SELECT} WHERE ({where}) AND {position} ORDER BY {order} LIMIT ?"
         with self._lock:
-            return [_asset(r) for r in self._conn.execute(sql, [*params, after, limit])]
+            return [_asset(r) for r in self._conn.execute(sql, [*params, start, limit])]
 
     def update_asset(
         self,
@@ -873,6 +965,10 @@ class Store:
                     "INSERT INTO flows (config, name, definition, created_ns) VALUES (?, ?, ?, ?)",
                     [(config_pk, name, definition, now) for name, definition in flows],
                 )
+                (asset,) = self._conn.execute(
+                    "SELECT asset FROM ingestion_configs WHERE id = ?", (config_pk,)
+                ).fetchone()
+                _insert_channels(self._conn, [(int(asset), d) for _, d in flows])
             except sqlite3.IntegrityError as exc:
                 self._conn.execute("ROLLBACK")
                 self._pending = 0
@@ -995,15 +1091,10 @@ class Store:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
         where, params = _where(filters, _RUN_COLUMNS)
-        if newest_first:
-            position = "id < ?"
-            after = after or (1 << 62)
-        else:
-            position = "id > ?"
-        order = "DESC" if newest_first else "ASC"
-        sql = f"{_RUN_SELECT} WHERE ({where}) AND {position} ORDER BY id {order} LIMIT ?"
+        position, start, order = _keyset("id", after, newest_first)
+        sql = f"{_RUN_SELECT} WHERE ({where}) AND {position} ORDER BY {order} LIMIT ?"
         with self._lock:
-            return [_run(r) for r in self._conn.execute(sql, [*params, after, limit])]
+            return [_run(r) for r in self._conn.execute(sql, [*params, start, limit])]
 
     def stop_run(self, run_id: str, stop_ns: int | None = None) -> RunRecord | None:
         """Mark a run stopped (stop time now unless given) and commit; None if it does not exist."""
@@ -1066,14 +1157,16 @@ class Store:
 
     # -- rules -------------------------------------------------------------------------------
 
-    def create_rule(self, *, name: str, client_key: str | None, definition: bytes) -> RuleRecord:
-        """Create a rule and commit; the store gives it its ``rule_id``.
+    def create_rule(
+        self, *, name: str, client_key: str | None, definition: bytes, rule_id: str | None = None
+    ) -> RuleRecord:
+        """Create a rule and commit (with a new ``rule_id`` unless given).
 
         Raises:
-            DaqError: when the client key is already taken.
+            DaqError: when the client key or rule id is already taken.
         """
         now = _now_ns()
-        rule_id = str(uuid.uuid4())
+        rule_id = rule_id or str(uuid.uuid4())
         with self._lock:
             self._begin()
             try:
@@ -1130,26 +1223,82 @@ class Store:
         return None if row is None else _rule(row)
 
     def list_rules(
-        self, filters: Filters = None, *, after: int = 0, limit: int = 1000
+        self,
+        filters: Filters = None,
+        *,
+        after: int = 0,
+        limit: int = 1000,
+        newest_first: bool = False,
     ) -> list[RuleRecord]:
-        """Rules matching ``filters`` (fields ``rule_id``, ``client_key``, ``name``), by pk.
+        """Rules matching ``filters`` (fields ``rule_id``, ``client_key``, ``name``) in creation
+        order (or newest first), past pk ``after``.
 
         Raises:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
         where, params = _where(filters, _RULE_COLUMNS)
-        sql = f"{_RULE_SELECT} WHERE ({where}) AND id > ? ORDER BY id LIMIT ?"
+        position, start, order = _keyset("id", after, newest_first)
+        sql = f"{_RULE_SELECT} WHERE ({where}) AND {position} ORDER BY {order} LIMIT ?"
         with self._lock:
-            return [_rule(r) for r in self._conn.execute(sql, [*params, after, limit])]
+            return [_rule(r) for r in self._conn.execute(sql, [*params, start, limit])]
 
-    def asset_flows(self, asset_id: str) -> list[FlowRecord]:
-        """Every flow of every ingestion config of an asset, by pk."""
+    # -- channels and tags -------------------------------------------------------------------
+
+    def list_channels(
+        self, filters: Filters = None, *, after: int = 0, limit: int = 1000
+    ) -> list[ChannelRecord]:
+        """Channels matching ``filters`` (fields ``channel_id``, ``asset_id``, ``name``), by pk.
+
+        Raises:
+            DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
+        """
+        where, params = _where(filters, _CHANNEL_COLUMNS)
+        sql = f"{_CHANNEL_SELECT} WHERE ({where}) AND ch.id > ? ORDER BY ch.id LIMIT ?"
         with self._lock:
             return [
-                _flow(r)
-                for r in self._conn.execute(
-                    f"{_FLOW_SELECT} JOIN assets a ON a.id = c.asset WHERE a.asset_id = ?"
-                    " ORDER BY f.id",
-                    (asset_id,),
+                ChannelRecord(
+                    int(pk), str(cid), str(aid), str(name), bytes(definition), int(created)
                 )
+                for pk, cid, aid, name, definition, created in self._conn.execute(
+                    sql, [*params, after, limit]
+                )
+            ]
+
+    def create_tag(self, name: str) -> TagRecord:
+        """Create a tag and commit.
+
+        Raises:
+            DaqError: when a tag has this name.
+        """
+        now = _now_ns()
+        tag_id = str(uuid.uuid4())
+        with self._lock:
+            self._begin()
+            try:
+                pk = self._conn.execute(
+                    "INSERT INTO tags (tag_id, name, created_ns) VALUES (?, ?, ?)",
+                    (tag_id, name, now),
+                ).lastrowid
+            except sqlite3.IntegrityError as exc:
+                self._conn.execute("ROLLBACK")
+                self._pending = 0
+                raise DaqError(f"a tag named {name!r} exists") from exc
+            self.commit()
+        assert pk is not None
+        return TagRecord(pk, tag_id, name, now)
+
+    def list_tags(
+        self, filters: Filters = None, *, after: int = 0, limit: int = 1000
+    ) -> list[TagRecord]:
+        """Tags matching ``filters`` (fields ``tag_id``, ``name``), by pk.
+
+        Raises:
+            DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
+        """
+        where, params = _where(filters, _TAG_COLUMNS)
+        sql = f"{_TAG_SELECT} WHERE ({where}) AND id > ? ORDER BY id LIMIT ?"
+        with self._lock:
+            return [
+                TagRecord(int(pk), str(tag_id), str(name), int(created))
+                for pk, tag_id, name, created in self._conn.execute(sql, [*params, after, limit])
             ]

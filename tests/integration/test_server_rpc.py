@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from server_calls import (
     BASE_NS,
     Request,
@@ -24,12 +25,16 @@ from server_calls import (
 )
 
 from daq_agent import methods
+from daq_agent._proto.sift.assets.v1 import assets_pb2
+from daq_agent._proto.sift.channels.v3 import channels_pb2
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
 from daq_agent._proto.sift.common.type.v1.channel_enum_type_pb2 import ChannelEnumType
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic
 from daq_agent._proto.sift.metadata.v1 import metadata_pb2
 from daq_agent._proto.sift.ping.v1 import ping_pb2
+from daq_agent._proto.sift.rules.v1 import rules_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
+from daq_agent._proto.sift.tags.v2 import tags_pb2
 from daq_agent.server.local import LocalIngestServer, make_server
 from daq_agent.server.services import PING_RESPONSE
 from daq_agent.server.store import Store
@@ -631,3 +636,438 @@ def test_a_quiet_open_stream_is_committed_by_the_tick(
     finally:
         release.set()
     pending.result(timeout=10)
+
+
+def _metadata(key: str, value: str) -> metadata_pb2.MetadataValue:
+    return metadata_pb2.MetadataValue(
+        key=metadata_pb2.MetadataKey(name=key, type=metadata_pb2.METADATA_KEY_TYPE_STRING),
+        string_value=value,
+    )
+
+
+def test_filters_of_every_list_rpc(grpc_channel: grpc.Channel) -> None:
+    """`in [...]`, `&&` and `!=` work through every List* RPC; a bad filter is INVALID_ARGUMENT
+    naming the offset and the fields the RPC supports."""
+    a = create_config(grpc_channel, "ka", [double_flow("x"), double_flow("y"), double_flow("z")])
+    create_config(grpc_channel, "kb", [], asset="other")
+    configs = call(
+        grpc_channel,
+        methods.LIST_INGESTION_CONFIGS,
+        ic.ListIngestionConfigsRequest(filter="client_key in ['ka', 'kc'] && asset_id != ''"),
+        ic.ListIngestionConfigsResponse,
+    )
+    assert [c.client_key for c in configs.ingestion_configs] == ["ka"]
+    flows = call(
+        grpc_channel,
+        methods.LIST_INGESTION_CONFIG_FLOWS,
+        ic.ListIngestionConfigFlowsRequest(
+            ingestion_config_id=a.ingestion_config_id, filter="flow_name in ['z','x','q']"
+        ),
+        ic.ListIngestionConfigFlowsResponse,
+    )
+    assert [f.name for f in flows.flows] == ["x", "z"]
+    assets = call(
+        grpc_channel,
+        methods.LIST_ASSETS,
+        assets_pb2.ListAssetsRequest(filter='name in ["bench", "nope"]'),
+        assets_pb2.ListAssetsResponse,
+    )
+    assert [x.name for x in assets.assets] == ["bench"]
+    channels = call(
+        grpc_channel,
+        methods.LIST_CHANNELS,
+        channels_pb2.ListChannelsRequest(
+            filter=f'asset_id == \'{a.asset_id}\' && name in ["y.c1", "x.c0"]'
+        ),
+        channels_pb2.ListChannelsResponse,
+    )
+    assert [c.name for c in channels.channels] == ["x.c0", "y.c1"]
+    assert {c.asset_id for c in channels.channels} == {a.asset_id}
+    assert channels.channels[0].data_type == cdt.CHANNEL_DATA_TYPE_DOUBLE
+    code, details = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.LIST_RUNS,
+            runs_pb2.ListRunsRequest(filter="name == 'a' && colour == 'red'"),
+            runs_pb2.ListRunsResponse,
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at offset 15" in details
+    assert "cannot filter on 'colour'" in details
+    assert "client_key" in details
+    code, details = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.LIST_ASSETS,
+            assets_pb2.ListAssetsRequest(filter="name in ['a'"),
+            assets_pb2.ListAssetsResponse,
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at offset 12: expected ',' or ']', found end of filter" in details
+
+
+def test_assets_get_list_and_update(grpc_channel: grpc.Channel) -> None:
+    """A config's asset is got by id, listed newest first, and its tags and metadata updated;
+    unknown ids are NOT_FOUND, a missing or unknown mask INVALID_ARGUMENT."""
+    first = create_config(grpc_channel, "k1", [], asset="rig-1")
+    second = create_config(grpc_channel, "k2", [], asset="rig-2")
+    asset = call(
+        grpc_channel,
+        methods.GET_ASSET,
+        assets_pb2.GetAssetRequest(asset_id=first.asset_id),
+        assets_pb2.GetAssetResponse,
+    ).asset
+    assert (asset.asset_id, asset.name, list(asset.tags)) == (first.asset_id, "rig-1", [])
+    assert asset.created_date.ToNanoseconds() > 0
+    listed = call(
+        grpc_channel,
+        methods.LIST_ASSETS,
+        assets_pb2.ListAssetsRequest(),
+        assets_pb2.ListAssetsResponse,
+    )
+    assert [x.asset_id for x in listed.assets] == [second.asset_id, first.asset_id]
+    page = call(
+        grpc_channel,
+        methods.LIST_ASSETS,
+        assets_pb2.ListAssetsRequest(page_size=1, order_by="created_date"),
+        assets_pb2.ListAssetsResponse,
+    )
+    assert [x.name for x in page.assets] == ["rig-1"]
+    assert page.next_page_token
+    update = assets_pb2.UpdateAssetRequest(
+        asset=assets_pb2.Asset(
+            asset_id=first.asset_id,
+            name="ignored",
+            tags=["t1", "t2"],
+            metadata=[_metadata("k", "v")],
+        ),
+        update_mask=FieldMask(paths=["tags", "metadata"]),
+    )
+    updated = call(grpc_channel, methods.UPDATE_ASSET, update, assets_pb2.UpdateAssetResponse).asset
+    assert updated.name == "rig-1"
+    assert list(updated.tags) == ["t1", "t2"]
+    assert list(updated.metadata) == [_metadata("k", "v")]
+    assert updated.modified_date.ToNanoseconds() >= asset.modified_date.ToNanoseconds()
+    only_tags = assets_pb2.UpdateAssetRequest(
+        asset=assets_pb2.Asset(asset_id=first.asset_id, tags=["t3"]),
+        update_mask=FieldMask(paths=["tags"]),
+    )
+    again = call(grpc_channel, methods.UPDATE_ASSET, only_tags, assets_pb2.UpdateAssetResponse)
+    assert list(again.asset.tags) == ["t3"]
+    assert list(again.asset.metadata) == [_metadata("k", "v")]
+    for request, expected in (
+        (
+            assets_pb2.UpdateAssetRequest(asset=assets_pb2.Asset(asset_id=first.asset_id)),
+            "update_mask",
+        ),
+        (
+            assets_pb2.UpdateAssetRequest(
+                asset=assets_pb2.Asset(asset_id=first.asset_id),
+                update_mask=FieldMask(paths=["name"]),
+            ),
+            "cannot update name",
+        ),
+    ):
+        code, details = code_of(
+            lambda: call(
+                grpc_channel,
+                methods.UPDATE_ASSET,
+                request,  # noqa: B023
+                assets_pb2.UpdateAssetResponse,
+            )
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in details
+    code, _ = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.GET_ASSET,
+            assets_pb2.GetAssetRequest(asset_id="nope"),
+            assets_pb2.GetAssetResponse,
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_update_run_and_get_or_create_by_client_key(grpc_channel: grpc.Channel) -> None:
+    """ListRuns by client key finds the run CreateRun made; UpdateRun sets the masked fields only;
+    a client key is set once; the newest run of a name is listed first."""
+    created = call(
+        grpc_channel,
+        methods.CREATE_RUN,
+        runs_pb2.CreateRunRequest(name="r", client_key="rk", tags=["a"]),
+        runs_pb2.CreateRunResponse,
+    ).run
+    found = call(
+        grpc_channel,
+        methods.LIST_RUNS,
+        runs_pb2.ListRunsRequest(page_size=1, filter="client_key == 'rk'"),
+        runs_pb2.ListRunsResponse,
+    )
+    assert [r.run_id for r in found.runs] == [created.run_id]
+    run = runs_pb2.Run(run_id=created.run_id, name="r2", description="d", tags=["b", "c"])
+    run.metadata.append(_metadata("op", "me"))
+    run.stop_time.FromNanoseconds(BASE_NS)
+    updated = call(
+        grpc_channel,
+        methods.UPDATE_RUN,
+        runs_pb2.UpdateRunRequest(
+            run=run, update_mask=FieldMask(paths=["description", "tags", "metadata", "stop_time"])
+        ),
+        runs_pb2.UpdateRunResponse,
+    ).run
+    assert (updated.name, updated.description, list(updated.tags)) == ("r", "d", ["b", "c"])
+    assert list(updated.metadata) == [_metadata("op", "me")]
+    assert updated.stop_time.ToNanoseconds() == BASE_NS
+    assert updated.client_key == "rk"
+    got = call(
+        grpc_channel,
+        methods.GET_RUN,
+        runs_pb2.GetRunRequest(run_id=created.run_id),
+        runs_pb2.GetRunResponse,
+    ).run
+    assert got == updated
+    same_key = runs_pb2.UpdateRunRequest(
+        run=runs_pb2.Run(run_id=created.run_id, client_key="rk"),
+        update_mask=FieldMask(paths=["client_key", "is_pinned"]),
+    )
+    call(grpc_channel, methods.UPDATE_RUN, same_key, runs_pb2.UpdateRunResponse)
+    for request, code_wanted in (
+        (
+            runs_pb2.UpdateRunRequest(
+                run=runs_pb2.Run(run_id=created.run_id, client_key="other"),
+                update_mask=FieldMask(paths=["client_key"]),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            runs_pb2.UpdateRunRequest(
+                run=runs_pb2.Run(run_id=created.run_id), update_mask=FieldMask(paths=["name"])
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            runs_pb2.UpdateRunRequest(
+                run=runs_pb2.Run(run_id="nope", name="x"), update_mask=FieldMask(paths=["name"])
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+    ):
+        code, _ = code_of(
+            lambda: call(grpc_channel, methods.UPDATE_RUN, request, runs_pb2.UpdateRunResponse)  # noqa: B023
+        )
+        assert code == code_wanted
+    later = call(
+        grpc_channel,
+        methods.CREATE_RUN,
+        runs_pb2.CreateRunRequest(name="r"),
+        runs_pb2.CreateRunResponse,
+    ).run
+    by_name = call(
+        grpc_channel,
+        methods.LIST_RUNS,
+        runs_pb2.ListRunsRequest(page_size=1, filter='name=="r"'),
+        runs_pb2.ListRunsResponse,
+    )
+    assert [r.run_id for r in by_name.runs] == [later.run_id]
+
+
+def _rule_update(
+    name: str, client_key: str, asset_id: str, tag_id: str
+) -> rules_pb2.UpdateRuleRequest:
+    update = rules_pb2.UpdateRuleRequest(
+        name=name, description="too hot", client_key=client_key, is_live_evaluation_enabled=True
+    )
+    update.asset_configuration.asset_ids.append(asset_id)
+    condition = update.conditions.add()
+    calculated = condition.expression.calculated_channel
+    calculated.expression = "$1 > 80"
+    calculated.channel_references["$1"].name = "x.c0"
+    action = condition.actions.add(action_type=rules_pb2.ANNOTATION)
+    action.configuration.annotation.tag_ids.append(tag_id)
+    update.contextual_channels.channels.add(name="x.c1")
+    return update
+
+
+def test_rules_create_update_and_read_back(grpc_channel: grpc.Channel) -> None:
+    """A rule is created, read back by id and client key, updated (ids of its conditions kept),
+    listed and batch-updated; bad rules are refused with the field named."""
+    config = create_config(grpc_channel, "k", [double_flow("x")])
+    tag = call(
+        grpc_channel,
+        methods.CREATE_TAG,
+        tags_pb2.CreateTagRequest(name="hot"),
+        tags_pb2.CreateTagResponse,
+    ).tag
+    code, _ = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.CREATE_TAG,
+            tags_pb2.CreateTagRequest(name="hot"),
+            tags_pb2.CreateTagResponse,
+        )
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    tags = call(
+        grpc_channel,
+        methods.LIST_TAGS,
+        tags_pb2.ListTagsRequest(
+            filter="name in ['hot', 'cold']", tag_type=tags_pb2.TAG_TYPE_ANNOTATION
+        ),
+        tags_pb2.ListTagsResponse,
+    )
+    assert [t.tag_id for t in tags.tags] == [tag.tag_id]
+    update = _rule_update("overheat", "rule-key", config.asset_id, tag.tag_id)
+    rule_id = call(
+        grpc_channel,
+        methods.CREATE_RULE,
+        rules_pb2.CreateRuleRequest(update=update),
+        rules_pb2.CreateRuleResponse,
+    ).rule_id
+    by_key = call(
+        grpc_channel,
+        methods.GET_RULE,
+        rules_pb2.GetRuleRequest(client_key="rule-key"),
+        rules_pb2.GetRuleResponse,
+    ).rule
+    by_id = call(
+        grpc_channel,
+        methods.GET_RULE,
+        rules_pb2.GetRuleRequest(rule_id=rule_id),
+        rules_pb2.GetRuleResponse,
+    ).rule
+    assert by_key == by_id
+    assert (by_key.rule_id, by_key.name, by_key.client_key) == (rule_id, "overheat", "rule-key")
+    assert by_key.is_enabled
+    assert by_key.is_live_evaluation_enabled
+    assert list(by_key.asset_configuration.asset_ids) == [config.asset_id]
+    (condition,) = by_key.conditions
+    assert condition.rule_id == rule_id
+    assert condition.expression == update.conditions[0].expression
+    (action,) = condition.actions
+    assert list(action.configuration.annotation.tag_ids) == [tag.tag_id]
+    assert action.rule_condition_id == condition.rule_condition_id
+    assert [c.name for c in by_key.contextual_channels.channels] == ["x.c1"]
+
+    edited = _rule_update("overheat", "rule-key", config.asset_id, tag.tag_id)
+    edited.rule_id = rule_id
+    edited.description = "much too hot"
+    edited.conditions[0].rule_condition_id = condition.rule_condition_id
+    edited.conditions[0].actions[0].rule_action_id = action.rule_action_id
+    edited.conditions[0].expression.calculated_channel.expression = "$1 > 90"
+    call(grpc_channel, methods.UPDATE_RULE, edited, rules_pb2.UpdateRuleResponse)
+    after = call(
+        grpc_channel,
+        methods.GET_RULE,
+        rules_pb2.GetRuleRequest(rule_id=rule_id),
+        rules_pb2.GetRuleResponse,
+    ).rule
+    assert after.description == "much too hot"
+    assert after.conditions[0].rule_condition_id == condition.rule_condition_id
+    assert after.conditions[0].actions[0].rule_action_id == action.rule_action_id
+    assert after.conditions[0].expression.calculated_channel.expression == "$1 > 90"
+    assert after.created_date == by_key.created_date
+
+    batch = call(
+        grpc_channel,
+        methods.BATCH_UPDATE_RULES,
+        rules_pb2.BatchUpdateRulesRequest(
+            rules=[
+                _rule_update("second", "rule-2", config.asset_id, tag.tag_id),
+                _rule_update("overheat", "rule-key", config.asset_id, tag.tag_id),
+            ]
+        ),
+        rules_pb2.BatchUpdateRulesResponse,
+    )
+    assert batch.success
+    assert (batch.rules_created_count, batch.rules_updated_count) == (1, 1)
+    assert [(r.name, r.client_key) for r in batch.created_rule_identifiers] == [
+        ("second", "rule-2")
+    ]
+    listed = call(
+        grpc_channel,
+        methods.LIST_RULES,
+        rules_pb2.ListRulesRequest(
+            filter="client_key in ['rule-2', 'rule-key']", order_by="created_date"
+        ),
+        rules_pb2.ListRulesResponse,
+    )
+    assert [r.name for r in listed.rules] == ["overheat", "second"]
+    got = call(
+        grpc_channel,
+        methods.BATCH_GET_RULES,
+        rules_pb2.BatchGetRulesRequest(rule_ids=[rule_id], client_keys=["rule-2"]),
+        rules_pb2.BatchGetRulesResponse,
+    )
+    assert [r.name for r in got.rules] == ["overheat", "second"]
+
+    bad_asset = _rule_update("x", "rule-3", "no-such-asset", tag.tag_id)
+    no_expression = _rule_update("y", "rule-4", config.asset_id, tag.tag_id)
+    no_expression.conditions[0].ClearField("expression")
+    invalid = call(
+        grpc_channel,
+        methods.BATCH_UPDATE_RULES,
+        rules_pb2.BatchUpdateRulesRequest(rules=[bad_asset, no_expression]),
+        rules_pb2.BatchUpdateRulesResponse,
+    )
+    assert not invalid.success
+    assert [v.error for v in invalid.validation_results] == [
+        "asset_configuration.asset_ids: unknown asset 'no-such-asset'",
+        "conditions[0].expression is required",
+    ]
+    for path, request, response, wanted in (
+        (
+            methods.CREATE_RULE,
+            rules_pb2.CreateRuleRequest(
+                update=_rule_update("z", "rule-key", config.asset_id, tag.tag_id)
+            ),
+            rules_pb2.CreateRuleResponse,
+            grpc.StatusCode.ALREADY_EXISTS,
+        ),
+        (
+            methods.CREATE_RULE,
+            rules_pb2.CreateRuleRequest(update=_rule_update("z", "k5", config.asset_id, "no-tag")),
+            rules_pb2.CreateRuleResponse,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            methods.GET_RULE,
+            rules_pb2.GetRuleRequest(client_key="nope"),
+            rules_pb2.GetRuleResponse,
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            methods.GET_RULE,
+            rules_pb2.GetRuleRequest(),
+            rules_pb2.GetRuleResponse,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            methods.UPDATE_RULE,
+            _rule_update("z", "no-such-rule", config.asset_id, tag.tag_id),
+            rules_pb2.UpdateRuleResponse,
+            grpc.StatusCode.NOT_FOUND,
+        ),
+    ):
+        code, _ = code_of(lambda: call(grpc_channel, path, request, response))  # noqa: B023
+        assert code == wanted, (path, request)
+    with_rules = call(
+        grpc_channel, methods.LIST_RULES, rules_pb2.ListRulesRequest(), rules_pb2.ListRulesResponse
+    )
+    assert len(with_rules.rules) == 2
+
+
+def test_unimplemented_methods_name_themselves(grpc_channel: grpc.Channel) -> None:
+    """A Sift method the local server does not serve answers UNIMPLEMENTED with its name."""
+    code, details = code_of(
+        lambda: call(
+            grpc_channel,
+            "/sift.rules.v1.RuleService/EvaluateRules",
+            rules_pb2.GetRuleRequest(),
+            rules_pb2.GetRuleResponse,
+        )
+    )
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert "/sift.rules.v1.RuleService/EvaluateRules" in details

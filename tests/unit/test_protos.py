@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from daq_agent._proto.sift.annotations.v1 import annotations_pb2
 from daq_agent._proto.sift.assets.v1 import assets_pb2
+from daq_agent._proto.sift.channels.v3 import channels_pb2
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2
 from daq_agent._proto.sift.metadata.v1 import metadata_pb2
 from daq_agent._proto.sift.ping.v1 import ping_pb2
+from daq_agent._proto.sift.rules.v1 import rules_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
+from daq_agent._proto.sift.tags.v2 import tags_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -199,6 +203,203 @@ CONTRACT: list[tuple[Descriptor, dict[str, tuple[int, int, bool]]]] = [
         {"asset": (1, MESSAGE, False), "update_mask": (2, MESSAGE, False)},
     ),
     (assets_pb2.UpdateAssetResponse.DESCRIPTOR, {"asset": (1, MESSAGE, False)}),
+    (
+        rules_pb2.Rule.DESCRIPTOR,
+        {
+            "rule_id": (1, STRING, False),
+            "asset_id": (2, STRING, False),
+            "name": (3, STRING, False),
+            "description": (4, STRING, False),
+            "is_enabled": (6, BOOL, False),
+            "created_date": (7, MESSAGE, False),
+            "modified_date": (8, MESSAGE, False),
+            "created_by_user_id": (9, STRING, False),
+            "modified_by_user_id": (10, STRING, False),
+            "organization_id": (11, STRING, False),
+            "conditions": (12, MESSAGE, True),
+            "client_key": (14, STRING, False),
+            "asset_configuration": (15, MESSAGE, False),
+            "contextual_channels": (16, MESSAGE, False),
+            "deleted_date": (17, MESSAGE, False),
+            "is_external": (18, BOOL, False),
+            "metadata": (19, MESSAGE, True),
+            "archived_date": (20, MESSAGE, False),
+            "is_archived": (21, BOOL, False),
+            "is_live_evaluation_enabled": (22, BOOL, False),
+            "current_version_id": (23, STRING, False),
+            "folder_ids": (24, STRING, True),
+        },
+    ),
+    (
+        rules_pb2.RuleCondition.DESCRIPTOR,
+        {
+            "rule_condition_id": (1, STRING, False),
+            "rule_id": (2, STRING, False),
+            "expression": (3, MESSAGE, False),
+            "created_date": (5, MESSAGE, False),
+            "modified_date": (6, MESSAGE, False),
+            "created_by_user_id": (7, STRING, False),
+            "modified_by_user_id": (8, STRING, False),
+            "actions": (9, MESSAGE, True),
+            "rule_condition_version_id": (10, STRING, False),
+        },
+    ),
+    (
+        rules_pb2.RuleAction.DESCRIPTOR,
+        {
+            "rule_action_id": (1, STRING, False),
+            "rule_condition_id": (2, STRING, False),
+            "action_type": (3, ENUM, False),
+            "configuration": (4, MESSAGE, False),
+            "created_date": (5, MESSAGE, False),
+            "modified_date": (6, MESSAGE, False),
+            "created_by_user_id": (7, STRING, False),
+            "modified_by_user_id": (8, STRING, False),
+            "rule_action_version_id": (9, STRING, False),
+        },
+    ),
+    (
+        rules_pb2.UpdateRuleRequest.DESCRIPTOR,
+        {
+            "rule_id": (1, STRING, False),
+            "name": (2, STRING, False),
+            "description": (3, STRING, False),
+            "asset_id": (4, STRING, False),
+            "is_enabled": (5, BOOL, False),
+            "conditions": (6, MESSAGE, True),
+            "organization_id": (7, STRING, False),
+            "version_notes": (8, STRING, False),
+            "client_key": (9, STRING, False),
+            "asset_configuration": (10, MESSAGE, False),
+            "contextual_channels": (11, MESSAGE, False),
+            "is_external": (12, BOOL, False),
+            "metadata": (13, MESSAGE, True),
+            "is_archived": (14, BOOL, False),
+            "is_live_evaluation_enabled": (15, BOOL, False),
+        },
+    ),
+    (
+        rules_pb2.UpdateConditionRequest.DESCRIPTOR,
+        {
+            "rule_condition_id": (1, STRING, False),
+            "expression": (3, MESSAGE, False),
+            "actions": (4, MESSAGE, True),
+        },
+    ),
+    (
+        rules_pb2.UpdateActionRequest.DESCRIPTOR,
+        {
+            "rule_action_id": (1, STRING, False),
+            "action_type": (2, ENUM, False),
+            "configuration": (3, MESSAGE, False),
+        },
+    ),
+    (
+        rules_pb2.GetRuleRequest.DESCRIPTOR,
+        {"rule_id": (1, STRING, False), "client_key": (2, STRING, False)},
+    ),
+    (rules_pb2.CreateRuleRequest.DESCRIPTOR, {"update": (1, MESSAGE, False)}),
+    (rules_pb2.CreateRuleResponse.DESCRIPTOR, {"rule_id": (1, STRING, False)}),
+    (rules_pb2.UpdateRuleResponse.DESCRIPTOR, {"rule_id": (1, STRING, False)}),
+    (
+        rules_pb2.RuleAssetConfiguration.DESCRIPTOR,
+        {"asset_ids": (1, STRING, True), "tag_ids": (2, STRING, True)},
+    ),
+    (rules_pb2.ContextualChannels.DESCRIPTOR, {"channels": (1, MESSAGE, True)}),
+    (
+        rules_pb2.RuleConditionExpression.DESCRIPTOR,
+        {
+            "single_channel_comparison": (1, MESSAGE, False),
+            "calculated_channel": (2, MESSAGE, False),
+        },
+    ),
+    (
+        rules_pb2.CalculatedChannelConfig.DESCRIPTOR,
+        {"channel_references": (1, MESSAGE, True), "expression": (2, STRING, False)},
+    ),
+    (
+        rules_pb2.ChannelReference.DESCRIPTOR,
+        {
+            "name": (1, STRING, False),
+            "component": (2, STRING, False),
+            "calculated_channel_version_id": (3, STRING, False),
+        },
+    ),
+    (
+        rules_pb2.RuleActionConfiguration.DESCRIPTOR,
+        {
+            "notification": (1, MESSAGE, False),
+            "annotation": (2, MESSAGE, False),
+            "webhook": (3, MESSAGE, False),
+        },
+    ),
+    (
+        rules_pb2.AnnotationActionConfiguration.DESCRIPTOR,
+        {
+            "tag_ids": (1, STRING, True),
+            "annotation_type": (2, ENUM, False),
+            "assigned_to_user_id": (3, STRING, False),
+            "metadata": (4, MESSAGE, True),
+        },
+    ),
+    (
+        channels_pb2.Channel.DESCRIPTOR,
+        {
+            "channel_id": (1, STRING, False),
+            "name": (2, STRING, False),
+            "asset_id": (3, STRING, False),
+            "description": (4, STRING, False),
+            "unit_id": (5, STRING, False),
+            "created_date": (6, MESSAGE, False),
+            "modified_date": (7, MESSAGE, False),
+            "created_by_user_id": (8, STRING, False),
+            "modified_by_user_id": (9, STRING, False),
+            "data_type": (10, ENUM, False),
+            "enum_types": (11, MESSAGE, True),
+            "bit_field_elements": (12, MESSAGE, True),
+            "display_description": (13, STRING, False),
+            "display_unit_id": (14, STRING, False),
+            "metadata": (15, MESSAGE, True),
+            "active": (16, BOOL, False),
+        },
+    ),
+    (
+        channels_pb2.ListChannelsRequest.DESCRIPTOR,
+        {
+            "page_size": (1, UINT32, False),
+            "page_token": (2, STRING, False),
+            "filter": (3, STRING, False),
+            "order_by": (4, STRING, False),
+        },
+    ),
+    (
+        channels_pb2.ListChannelsResponse.DESCRIPTOR,
+        {"channels": (1, MESSAGE, True), "next_page_token": (2, STRING, False)},
+    ),
+    (
+        tags_pb2.Tag.DESCRIPTOR,
+        {
+            "tag_id": (1, STRING, False),
+            "name": (2, STRING, False),
+            "created_by_user_id": (3, STRING, False),
+            "created_date": (4, MESSAGE, False),
+        },
+    ),
+    (tags_pb2.CreateTagRequest.DESCRIPTOR, {"name": (1, STRING, False)}),
+    (
+        tags_pb2.ListTagsRequest.DESCRIPTOR,
+        {
+            "page_size": (1, UINT32, False),
+            "page_token": (2, STRING, False),
+            "filter": (3, STRING, False),
+            "order_by": (4, STRING, False),
+            "tag_type": (5, ENUM, False),
+        },
+    ),
+    (
+        tags_pb2.ListTagsResponse.DESCRIPTOR,
+        {"tags": (1, MESSAGE, True), "next_page_token": (2, STRING, False)},
+    ),
 ]
 
 
@@ -221,7 +422,16 @@ def test_packages_services_and_enums_match_the_wire_contract() -> None:
     assert assets_pb2.DESCRIPTOR.package == "sift.assets.v1"
     services = {
         s.full_name: sorted(m.name for m in s.methods)
-        for module in (ingest_pb2, ingestion_configs_pb2, runs_pb2, ping_pb2, assets_pb2)
+        for module in (
+            ingest_pb2,
+            ingestion_configs_pb2,
+            runs_pb2,
+            ping_pb2,
+            assets_pb2,
+            rules_pb2,
+            channels_pb2,
+            tags_pb2,
+        )
         for s in module.DESCRIPTOR.services_by_name.values()
     }
     assert services == {
@@ -236,7 +446,32 @@ def test_packages_services_and_enums_match_the_wire_contract() -> None:
         "sift.runs.v2.RunService": ["CreateRun", "GetRun", "ListRuns", "StopRun", "UpdateRun"],
         "sift.ping.v1.PingService": ["Ping"],
         "sift.assets.v1.AssetService": ["GetAsset", "ListAssets", "UpdateAsset"],
+        "sift.rules.v1.RuleService": [
+            "BatchGetRules",
+            "BatchUpdateRules",
+            "CreateRule",
+            "GetRule",
+            "ListRules",
+            "UpdateRule",
+        ],
+        "sift.channels.v3.ChannelService": ["ListChannels"],
+        "sift.tags.v2.TagService": ["CreateTag", "ListTags"],
     }
+    assert annotations_pb2.AnnotationType.items() == [
+        ("ANNOTATION_TYPE_UNSPECIFIED", 0),
+        ("ANNOTATION_TYPE_DATA_REVIEW", 1),
+        ("ANNOTATION_TYPE_PHASE", 2),
+    ]
+    assert rules_pb2.ActionKind.items() == [
+        ("ACTION_KIND_UNSPECIFIED", 0),
+        ("NOTIFICATION", 1),
+        ("ANNOTATION", 2),
+        ("WEBHOOK", 3),
+    ]
+    assert tags_pb2.TagType.values() == list(range(7))
+    assert rules_pb2.DESCRIPTOR.package == "sift.rules.v1"
+    assert channels_pb2.DESCRIPTOR.package == "sift.channels.v3"
+    assert tags_pb2.DESCRIPTOR.package == "sift.tags.v2"
     names = channel_data_type_pb2.ChannelDataType.keys()
     assert names == [
         f"CHANNEL_DATA_TYPE_{n}"
