@@ -12,11 +12,12 @@ from typing import Any
 import can
 import cantools
 import pytest
-from can_support import CantoolsDecoder
+from can_support import CantoolsDecoder, wait_for
 
+from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.readers import BackoffPolicy, ReaderState, ReplayReader, get_reader_class
+from daq_agent.readers import ReaderState, ReplayReader, get_reader_class
 
 pytestmark = pytest.mark.integration
 
@@ -247,7 +248,7 @@ def test_corrupt_log_line_fails_after_one_retry_keeping_what_came_before(
         ring.put,
         realtime=False,
         on_error=lambda _r, exc: errors.append(exc),
-        backoff=BackoffPolicy(initial=0.01, maximum=0.02),
+        retry=RetryPolicy(initial_s=0.01, max_s=0.02),
     )
     with reader:
         assert reader.wait_state(ReaderState.FAILED, timeout=10)
@@ -256,3 +257,90 @@ def test_corrupt_log_line_fails_after_one_retry_keeping_what_came_before(
     assert reader.counters.get("opens") == 2
     assert "corrupt log" in reader.counters.last_error
     assert [type(e).__name__ for e in errors] == ["ReaderError", "ConfigError"]
+
+
+def test_replay_into_a_small_ring_drained_slowly_loses_nothing(db: Any, tmp_path: Path) -> None:
+    """A replay into a 64-slot drop_oldest ring, drained slowly, waits for room: all N, no drop."""
+    n = 3000
+    path = write_log(tmp_path / "rec.log", good_frames(db, n))
+    _, reference = replay(path, db, realtime=False)
+    assert len(reference) == n
+    ring: RingBuffer[Sample] = RingBuffer(64, "drop_oldest")
+    reader = ReplayReader("replay0", path, CantoolsDecoder(db), ring, realtime=False)
+    assert not reader.live
+    received: list[Sample] = []
+    ended = threading.Event()
+
+    def consume() -> None:
+        while True:
+            batch = ring.get_batch(16, timeout=0.05)
+            received.extend(batch)
+            if not batch and ended.is_set():
+                return
+            time.sleep(0.0005)  # a consumer slower than the replay: the ring fills up
+
+    consumer = threading.Thread(target=consume, name="test-slow-consumer", daemon=True)
+    with reader:
+        consumer.start()
+        try:
+            assert reader.wait_ended(timeout=60), reader.counters.snapshot()
+        finally:
+            ended.set()
+            consumer.join(30)
+    assert not consumer.is_alive()
+    stats = ring.stats()
+    assert stats.dropped == 0, stats
+    assert stats.high_water == 64  # it was full: the reader had to wait
+    assert received == reference  # every frame once, in order
+    assert reader.counters.get("unsent") == 0
+    assert stats.put_count == reader.counters.get("decoded") == n
+
+
+def _blocked_replay(db: Any, tmp_path: Path, ring: RingBuffer[Sample]) -> ReplayReader:
+    """A started fast replay of 6000 frames (more than one read), blocked on ``ring`` (full,
+    nobody draining it)."""
+    path = write_log(tmp_path / "rec.log", good_frames(db, 6000))
+    reader = ReplayReader("replay0", path, CantoolsDecoder(db), ring, realtime=False)
+    reader.start()
+    assert wait_for(lambda: ring.depth == ring.capacity)
+    assert reader.state is ReaderState.RUNNING
+    return reader
+
+
+def test_stopping_a_replay_blocked_on_a_full_ring_is_prompt(db: Any, tmp_path: Path) -> None:
+    """stop() ends a replay waiting on a full ring within a poll interval; nothing is dropped and
+    the samples it held are counted as unsent."""
+    ring: RingBuffer[Sample] = RingBuffer(8)
+    reader = _blocked_replay(db, tmp_path, ring)
+    try:
+        started = time.monotonic()
+        assert reader.stop(timeout=5)
+        assert time.monotonic() - started < 1.0
+    finally:
+        reader.stop()
+    assert reader.state is ReaderState.STOPPED
+    assert not reader.ended
+    stats = ring.stats()
+    assert stats.dropped == 0
+    assert stats.depth == 8
+    unsent = reader.counters.get("unsent")
+    assert unsent > 0
+    assert reader.counters.get("decoded") == stats.put_count + unsent
+    assert reader.position < 6000  # it stopped in the middle of the log
+
+
+def test_closing_the_ring_under_a_blocked_replay_stops_it(db: Any, tmp_path: Path) -> None:
+    """A replay waiting on a full ring stops by itself when the ring closes (it cannot deliver)."""
+    ring: RingBuffer[Sample] = RingBuffer(8)
+    reader = _blocked_replay(db, tmp_path, ring)
+    try:
+        ring.close()
+        assert reader.wait_state(ReaderState.STOPPED, timeout=2)
+        assert wait_for(lambda: not reader.is_alive(), timeout=2)
+    finally:
+        reader.stop()
+    stats = ring.stats()
+    assert (stats.dropped, stats.dropped_closed) == (0, 0)
+    assert reader.counters.get("unsent") > 0
+    assert reader.counters.get("decoded") == stats.put_count + reader.counters.get("unsent")
+    assert reader.position < 6000  # it stopped in the middle of the log
