@@ -17,6 +17,7 @@ from can_support import CantoolsDecoder, wait_for
 from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import RingBuffer
+from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
 from daq_agent.readers import ReaderState, ReplayReader, get_reader_class
 
 pytestmark = pytest.mark.integration
@@ -344,3 +345,52 @@ def test_closing_the_ring_under_a_blocked_replay_stops_it(db: Any, tmp_path: Pat
     assert reader.counters.get("unsent") > 0
     assert reader.counters.get("decoded") == stats.put_count + reader.counters.get("unsent")
     assert reader.position < 6000  # it stopped in the middle of the log
+
+
+def test_status_of_a_stopped_replay_balances_and_a_drop_is_reported(
+    db: Any, tmp_path: Path
+) -> None:
+    """The agent's accounting counts a stopped replay's unsent samples (still balanced, nothing
+    dropped); a ring overflow from a live source makes the summary say DROPPED."""
+    ring: RingBuffer[Sample] = RingBuffer(8)
+    reader = _blocked_replay(db, tmp_path, ring)
+    reader.stop()
+    taken = ring.get_batch(100, timeout=0)
+    c = reader.counters
+    source = SourceStats(
+        reader.name,
+        reader.kind,
+        reader.state.value,
+        received=c.get("received"),
+        decoded=c.get("decoded"),
+        unknown=c.get("unknown"),
+        errors=c.get("decode_errors"),
+        counters=c.snapshot(),
+        live=reader.live,
+    )
+    rs = ring.stats()
+    flusher = FlusherStats(taken=len(taken), delivered=len(taken))
+
+    def agent_status(*sources: SourceStats, ring: RingStats) -> AgentStatus:
+        return AgentStatus(1.0, 1.0, sources, ring, flusher, run_name="r", target="local:x")
+
+    ring_stats = RingStats(rs.capacity, rs.depth, rs.high_water, rs.put_count, rs.got, rs.dropped)
+    status = agent_status(source, ring=ring_stats)
+    assert source.unsent == status.unsent > 0
+    assert status.balanced
+    assert status.dropped == 0
+    summary = status.summary()
+    assert f"unsent {source.unsent} (stopped while waiting for room)" in summary[2]
+    assert not any(line.startswith("DROPPED") for line in summary)
+    assert status.as_dict()["sources"][0]["live"] is False
+
+    # a live bus that overflowed the same ring by 5 samples
+    bus = SourceStats("can0", "can", "running", 5, 5, 0, 0, live=True)
+    overflowed = RingStats(rs.capacity, rs.depth, rs.high_water, rs.put_count + 5, rs.got, 5)
+    status = agent_status(source, bus, ring=overflowed)
+    assert status.balanced
+    assert status.dropped == 5
+    assert "DROPPED 5 samples: ring overflow 5 (live sources: can0), spool quota 0" in (
+        status.summary()
+    )
+    assert "dropped 5" in status.line()
