@@ -612,10 +612,11 @@ class ReaderABC(abc.ABC):
 
 
 def describe(reader: ReaderABC) -> Mapping[str, Any]:
-    """A reader's name, kind, state and counters as plain values (for status and metrics)."""
+    """A reader's name, kind, liveness, state and counters as plain values (status, metrics)."""
     return {
         "name": reader.name,
         "kind": reader.kind,
+        "live": reader.live,
         "state": reader.state.value,
         "counters": reader.counters.snapshot(),
     }

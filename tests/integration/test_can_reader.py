@@ -19,7 +19,14 @@ from daq_agent.core.backoff import Backoff, RetryPolicy
 from daq_agent.core.errors import ReaderError
 from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.readers import BACKENDS, CanReader, ReaderABC, ReaderState, get_reader_class
+from daq_agent.readers import (
+    BACKENDS,
+    CanReader,
+    ReaderABC,
+    ReaderState,
+    describe,
+    get_reader_class,
+)
 from daq_agent.readers.base import READER_RETRY
 
 pytestmark = pytest.mark.integration
@@ -323,6 +330,7 @@ def test_live_reader_into_a_full_ring_drops_oldest_and_counts(
         "bus0", {"interface": "virtual", "channel": channel}, CantoolsDecoder(db), ring
     )
     assert reader.live
+    assert describe(reader)["live"] is True
     message = db.get_message_by_name("StdOne")
     with reader:
         assert reader.wait_state(ReaderState.RUNNING, timeout=5)

@@ -18,7 +18,7 @@ from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
-from daq_agent.readers import ReaderState, ReplayReader, get_reader_class
+from daq_agent.readers import ReaderState, ReplayReader, describe, get_reader_class
 
 pytestmark = pytest.mark.integration
 
@@ -147,10 +147,12 @@ def test_realtime_replay_keeps_the_recorded_pace(db: Any, tmp_path: Path) -> Non
     with reader:
         assert reader.wait_ended(timeout=10)
     assert len(emitted) == 6
-    span = emitted[-1] - emitted[0]
-    assert span >= 0.45
-    gaps = [b - a for a, b in itertools.pairwise(emitted)]
-    assert min(gaps) >= 0.08
+    # no frame before its recorded offset from the first (a late one, on a loaded machine, may
+    # leave a shorter gap before the next, which is due on the recorded clock, not after it)
+    offsets = [t - emitted[0] for t in emitted]
+    for i, offset in enumerate(offsets):
+        assert offset >= 0.1 * i - 0.02, offsets
+    assert offsets[-1] >= 0.45
 
 
 def test_fast_replay_ignores_recorded_pace(db: Any, tmp_path: Path) -> None:
@@ -269,6 +271,7 @@ def test_replay_into_a_small_ring_drained_slowly_loses_nothing(db: Any, tmp_path
     ring: RingBuffer[Sample] = RingBuffer(64, "drop_oldest")
     reader = ReplayReader("replay0", path, CantoolsDecoder(db), ring, realtime=False)
     assert not reader.live
+    assert describe(reader)["live"] is False
     received: list[Sample] = []
     ended = threading.Event()
 
