@@ -593,6 +593,7 @@ class Agent:
                     reopens=c.get("reopens"),
                     last_error=c.last_error,
                     counters=c.snapshot(),
+                    live=reader.live,
                 )
             )
         rs = self.ring.stats()

@@ -10,6 +10,12 @@ overflow policy decides, and both policies are counted so that every item is acc
 * ``"block"``: the producer waits for space, up to ``block_timeout`` seconds (None: until there is
   space or the buffer is closed); if the wait runs out the *new* item is counted in ``dropped``.
 
+A producer that can wait (a recorded log) bypasses the policy with ``put_many(items,
+block=True)``: the items go in, in order, as the consumer makes room, and none is ever dropped.
+It returns once every item is in, the buffer is closed, or its ``timeout`` has passed; the items
+it did not enqueue were not offered (not counted anywhere: the caller still holds them), so a
+producer can wait in slices and notice its own stop in between.
+
 After :meth:`RingBuffer.close`, puts are refused and counted in ``dropped`` (and in
 ``dropped_closed``); gets drain what is left and then return ``[]`` at once.
 """
@@ -39,7 +45,8 @@ class RingBufferStats:
         capacity: the most items the buffer holds.
         depth: items held now.
         high_water: the largest depth seen.
-        put_count: items offered with put/put_many.
+        put_count: items offered with put/put_many (a waiting put_many offers only what it
+            enqueued).
         got: items handed out by get_batch.
         dropped: items discarded (overflow or closed).
         dropped_closed: of those, items refused because the buffer was closed.
@@ -178,15 +185,29 @@ class RingBuffer(Generic[T]):
                 self._not_empty.notify()
             return True
 
-    def put_many(self, items: Iterable[T]) -> int:
-        """Add several items in order, applying the policy to each.
+    def put_many(
+        self, items: Iterable[T], *, block: bool = False, timeout: float | None = None
+    ) -> int:
+        """Add several items in order.
+
+        Args:
+            items: the items, oldest first.
+            block: wait for room instead of applying the overflow policy: the items go in as the
+                consumer makes room (a batch larger than the capacity goes in in parts), and none
+                is dropped.
+            timeout: with ``block``, the longest wait, seconds (None: until every item is in or
+                the buffer is closed).
 
         Returns:
-            How many were enqueued.
+            How many were enqueued. With ``block``, fewer than offered only if the buffer was
+            closed or the timeout passed first: the items from that index on were not offered
+            (not counted in ``put_count`` nor ``dropped``) and are still the caller's.
         """
         batch = list(items)
         if not batch:
             return 0
+        if block:
+            return self._put_waiting(batch, timeout)
         if self.policy == "block":
             return sum(self.put(item) for item in batch)
         with self._lock:
@@ -212,6 +233,40 @@ class RingBuffer(Generic[T]):
             if self._waiting_consumers:
                 self._not_empty.notify_all()
             return len(batch)
+
+    def _put_waiting(self, batch: list[T], timeout: float | None) -> int:
+        """``put_many(block=True)``: enqueue as room is made; how many went in."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        total = len(batch)
+        done = 0
+        queue = self._items
+        with self._lock:
+            while not self._closed:
+                room = self.capacity - len(queue)
+                if room > 0:
+                    part = batch if done == 0 and room >= total else batch[done : done + room]
+                    queue.extend(part)
+                    done += len(part)
+                    self._put += len(part)
+                    depth = len(queue)
+                    if depth > self._high_water:
+                        self._high_water = depth
+                    if self._waiting_consumers:
+                        self._not_empty.notify_all()
+                    if done == total:
+                        break
+                if deadline is None:
+                    remaining = None
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                self._waiting_producers += 1
+                try:
+                    self._not_full.wait(remaining)
+                finally:
+                    self._waiting_producers -= 1
+        return done
 
     def _wait_for_space(self, n: int) -> bool | None:
         """With the lock held: wait until ``n`` items fit; False on timeout, None on close."""

@@ -6,7 +6,9 @@ Every frame a reader receives lands in exactly one bucket, and every sample in e
                                                                   other reason a frame is not a
                                                                   sample: error/remote frames,
                                                                   wrong length, decode failure)
-    decoded   = ring.put_count                                   (each decoded frame is offered)
+    decoded   = ring.put_count + unsent                          (each decoded frame is offered,
+                                                                  but what a source that waits
+                                                                  still held when it was stopped)
     put_count = ring.got + ring.dropped + ring.depth
     taken + recovered = delivered + pending + rejected + abandoned
                         + dropped + corrupt + dead_lettered     (flusher; pending: in the spool,
@@ -43,6 +45,8 @@ class SourceStats:
         reopens: times the source was reopened after a failure.
         last_error: the most recent source failure, "" if none.
         counters: every raw counter of the reader.
+        live: False for a source that waits on a full ring and is never dropped (a recorded
+            log); True for one whose samples go in under the ring's overflow policy.
     """
 
     name: str
@@ -55,6 +59,13 @@ class SourceStats:
     reopens: int = 0
     last_error: str = ""
     counters: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    live: bool = True
+
+    @property
+    def unsent(self) -> int:
+        """Samples decoded but never offered to the ring: a source that waits was stopped (or the
+        ring closed) while the ring was full."""
+        return int(self.counters.get("unsent", 0))
 
     @property
     def balanced(self) -> bool:
@@ -186,6 +197,17 @@ class AgentStatus:
         return sum(s.errors for s in self.sources)
 
     @property
+    def unsent(self) -> int:
+        """Samples decoded but never offered to the ring, over every source."""
+        return sum(s.unsent for s in self.sources)
+
+    @property
+    def dropped(self) -> int:
+        """Samples discarded for lack of room: ring overflow (live sources only) plus the spool
+        quota. A run with any is incomplete."""
+        return self.ring.dropped + self.flusher.dropped
+
+    @property
     def queued(self) -> int:
         """Samples waiting: in the ring plus sent but not acknowledged."""
         return self.ring.depth + self.flusher.pending
@@ -196,7 +218,7 @@ class AgentStatus:
         ring = self.ring
         return (
             all(s.balanced for s in self.sources)
-            and self.decoded == ring.put_count
+            and self.decoded == ring.put_count + self.unsent
             and ring.put_count == ring.got + ring.dropped + ring.depth
             and self.flusher.taken == ring.got
             and self.flusher.balanced
@@ -231,8 +253,8 @@ class AgentStatus:
         if self.errors:
             parts.append(f"err {format_count(self.errors)}")
         parts.append(f"queued {format_count(self.queued)}")
-        if self.ring.dropped:
-            parts.append(f"dropped {format_count(self.ring.dropped)}")
+        if self.dropped:
+            parts.append(f"dropped {format_count(self.dropped)}")
         parts.append(f"delivered {format_count(self.flusher.delivered)}")
         if self.spool is not None and self.spool.pending_bytes:
             parts.append(f"spool {format_count(self.spool.pending_bytes / 1e6)}MB")
@@ -262,6 +284,7 @@ class AgentStatus:
             lines.append(
                 f"  {s.kind} {s.name} [{s.state}]: received {s.received}, decoded {s.decoded}, "
                 f"unknown {s.unknown}, errors {s.errors}, reopens {s.reopens}"
+                + (f", unsent {s.unsent} (stopped while waiting for room)" if s.unsent else "")
                 + (f", last error: {s.last_error}" if s.last_error else "")
             )
         lines.append(
@@ -319,6 +342,8 @@ class AgentStatus:
             "decoded": self.decoded,
             "unknown": self.unknown,
             "errors": self.errors,
+            "dropped": self.dropped,
+            "unsent": self.unsent,
             "sources": [
                 {
                     "name": s.name,
@@ -329,6 +354,8 @@ class AgentStatus:
                     "unknown": s.unknown,
                     "errors": s.errors,
                     "reopens": s.reopens,
+                    "live": s.live,
+                    "unsent": s.unsent,
                     "last_error": s.last_error,
                 }
                 for s in self.sources

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from daq_agent.readers.base import (
     BACKENDS,
-    BackoffPolicy,
     ErrorCallback,
     KeyedCounter,
     ReaderABC,
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS",
-    "BackoffPolicy",
     "CanReader",
     "ErrorCallback",
     "KeyedCounter",

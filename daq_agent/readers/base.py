@@ -2,9 +2,17 @@
 
 A reader owns one named thread (``daq-reader[<name>]``). The thread opens the source, reads it,
 decodes what it reads into :class:`~daq_agent.core.sample.Sample` objects handed to a ``sink``
-(in practice ``RingBuffer.put``), and when the source fails it reports the failure (log,
-``on_error`` callback, counter), backs off (capped exponential with jitter) and reopens it. The
+(in practice the :class:`~daq_agent.pipeline.ring_buffer.RingBuffer`), and when the source fails it
+reports the failure (log, ``on_error`` callback, counter), backs off
+(:class:`~daq_agent.core.backoff.Backoff`: capped exponential, full jitter) and reopens it. The
 agent never stops because a bus went away.
+
+A source is :attr:`~ReaderABC.live` or not. A live source (a bus, a serial port) cannot wait: what
+is not read in time is lost, so its samples go in under the ring's overflow policy. A source that
+can wait (a recorded log) is never dropped: it blocks on a full ring (``put_many(block=True)``)
+until the consumer makes room, waking every ``poll_interval`` to notice a stop. If it is stopped
+(or the ring is closed) while it waits, the samples it could not hand over are counted in
+``unsent`` and the reader stops (``stopped``, not ``ended``).
 
 A subclass implements three private hooks, like a python-can backend implements
 ``_recv_internal``::
@@ -27,15 +35,15 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Protocol, Self
 
+from daq_agent.core.backoff import Backoff, RetryPolicy
 from daq_agent.core.errors import ConfigError, ReaderError
 from daq_agent.core.sample import Sample
 
 __all__ = [
     "BACKENDS",
-    "BackoffPolicy",
+    "READER_RETRY",
     "ErrorCallback",
     "KeyedCounter",
     "ReaderABC",
@@ -53,15 +61,31 @@ log = logging.getLogger(__name__)
 class SampleQueue(Protocol):
     """A sink taking samples in batches (a :class:`~daq_agent.pipeline.ring_buffer.RingBuffer`)."""
 
-    def put_many(self, items: Iterable[Sample]) -> int:
-        """Enqueue ``items`` in order; returns how many were enqueued."""
+    def put_many(
+        self, items: Iterable[Sample], *, block: bool = False, timeout: float | None = None
+    ) -> int:
+        """Enqueue ``items`` in order; returns how many were enqueued.
+
+        Without ``block`` the queue's overflow policy applies when it is full. With ``block`` the
+        items go in as room is made, until all are in, the queue is closed or ``timeout`` seconds
+        have passed; those not enqueued were not offered (the caller still holds them).
+        """
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """True once the queue takes no more items."""
         ...
 
 
 Sink = Callable[[Sample], object] | SampleQueue
 """Where a reader hands its decoded samples: a callable taking one sample (its result is ignored),
 or a queue with ``put_many`` that receives each read's samples in one call (one lock, not one per
-frame)."""
+frame). Only a queue lets a source that is not live wait for room."""
+
+READER_RETRY: Final = RetryPolicy(initial_s=0.1, max_s=5.0)
+"""The readers' default delays between reopen attempts (full jitter under a cap that doubles
+from 0.1 s up to 5 s)."""
 
 ErrorCallback = Callable[["ReaderABC", BaseException], None]
 """Called from the reader thread with the reader and the error whenever the source fails."""
@@ -151,39 +175,6 @@ class ReaderState(enum.Enum):
     """The source cannot work with this configuration (a ConfigError); not retried."""
     STOPPED = "stopped"
     """Stopped by :meth:`ReaderABC.stop`."""
-
-
-@dataclass(frozen=True, slots=True)
-class BackoffPolicy:
-    """Capped exponential back-off with jitter between reopen attempts.
-
-    Attributes:
-        initial: delay after the first failure, seconds.
-        maximum: the cap, seconds.
-        multiplier: growth factor per consecutive failure.
-        jitter: the delay is multiplied by a random factor in ``[1 - jitter, 1 + jitter]``.
-    """
-
-    initial: float = 0.1
-    maximum: float = 5.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.initial <= 0 or self.maximum < self.initial or self.multiplier < 1:
-            raise ConfigError(
-                f"invalid back-off: initial={self.initial}, maximum={self.maximum}, "
-                f"multiplier={self.multiplier}"
-            )
-        if not 0 <= self.jitter < 1:
-            raise ConfigError(f"invalid back-off jitter {self.jitter} (0 <= jitter < 1)")
-
-    def delay(self, failures: int, rng: random.Random | None = None) -> float:
-        """The delay before the next attempt after ``failures`` consecutive failures (>= 1)."""
-        base = min(self.maximum, self.initial * self.multiplier ** max(0, failures - 1))
-        if self.jitter:
-            base *= 1.0 + (rng or random).uniform(-self.jitter, self.jitter)
-        return min(self.maximum, base)
 
 
 class KeyedCounter:
@@ -296,18 +287,25 @@ class ReaderABC(abc.ABC):
 
     Args:
         name: the reader's name (the bus or port alias); the thread is ``daq-reader[<name>]``.
-        sink: receives every decoded sample, on the reader thread; must not block for long.
+        sink: receives every decoded sample, on the reader thread; must not block for long
+            (a queue sink of a reader that is not :attr:`live` is asked to wait for room).
         on_error: called on the reader thread with (reader, error) whenever the source fails.
-        backoff: the delays between reopen attempts.
-        poll_interval: the longest a single ``_read`` waits, seconds; bounds stop latency.
+        retry: the delays between reopen attempts (default :data:`READER_RETRY`).
+        rng: the random source of the back-off's jitter (seed it for reproducible delays).
+        poll_interval: the longest a single ``_read`` (or a wait for room in the sink) lasts,
+            seconds; bounds stop latency.
 
     Raises:
         ConfigError: an argument is invalid.
     """
 
     kind: ClassVar[str] = "abstract"
-    COUNTERS: ClassVar[tuple[str, ...]] = ("opens", "reopens", "failures", "sink_errors")
-    """Counters every reader has; subclasses extend this tuple."""
+    LIVE: ClassVar[bool] = True
+    """Whether this kind of source is live (see :attr:`live`); a recorded log sets False."""
+    COUNTERS: ClassVar[tuple[str, ...]] = ("opens", "reopens", "failures", "sink_errors", "unsent")
+    """Counters every reader has; subclasses extend this tuple. ``unsent``: samples decoded but
+    never handed over, because a source that is not live was stopped (or its sink closed) while it
+    waited for room."""
     KEYED_COUNTERS: ClassVar[tuple[str, ...]] = ()
     """Bounded per-key maps a subclass declares."""
 
@@ -317,7 +315,8 @@ class ReaderABC(abc.ABC):
         sink: Sink,
         *,
         on_error: ErrorCallback | None = None,
-        backoff: BackoffPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
         poll_interval: float = 0.1,
         key_limit: int = 1024,
     ) -> None:
@@ -329,7 +328,8 @@ class ReaderABC(abc.ABC):
         self._sink = sink
         self._batch: list[Sample] | None = [] if hasattr(sink, "put_many") else None
         self._on_error = on_error
-        self.backoff = backoff or BackoffPolicy()
+        self.backoff = Backoff(retry or READER_RETRY, rng)
+        """The reader's own back-off between reopen attempts (reset by a successful read)."""
         self.poll_interval = poll_interval
         self.counters = ReaderCounters(self.COUNTERS, self.KEYED_COUNTERS, key_limit=key_limit)
         self._stop = threading.Event()
@@ -337,7 +337,6 @@ class ReaderABC(abc.ABC):
         self._state_cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._shut_down = False
-        self._rng = random.Random()
 
     # -- public -----------------------------------------------------------------------------
 
@@ -345,6 +344,14 @@ class ReaderABC(abc.ABC):
     def state(self) -> ReaderState:
         """The reader's current state."""
         return self._state
+
+    @property
+    def live(self) -> bool:
+        """True for a source that cannot wait (a bus, a serial port): what is not read in time is
+        lost, so its samples go to the sink under the sink's overflow policy and may be dropped.
+        False for a source that can wait (a recorded log): it blocks on a full sink and is never
+        dropped."""
+        return self.LIVE
 
     @property
     def ended(self) -> bool:
@@ -467,16 +474,45 @@ class ReaderABC(abc.ABC):
         except Exception as exc:  # the sink is someone else's code; the reader must survive
             self._sink_failed(exc, 1)
 
-    def _flush_batch(self) -> None:
-        """Hand the samples of the last read to a batching sink."""
+    def _flush_batch(self) -> bool:
+        """Hand the samples of the last read to a batching sink.
+
+        Returns:
+            False if some were left unsent (not live, stopped or sink closed while it was full).
+        """
         batch = self._batch
         if not batch:
-            return
+            return True
         self._batch = []
+        sink: SampleQueue = self._sink  # type: ignore[assignment]  # _batch implies put_many
+        if not self.live:
+            return self._put_waiting(sink, batch)
         try:
-            self._sink.put_many(batch)  # type: ignore[union-attr]  # _batch implies put_many
+            sink.put_many(batch)
         except Exception as exc:
             self._sink_failed(exc, len(batch))
+        return True
+
+    def _put_waiting(self, sink: SampleQueue, batch: list[Sample]) -> bool:
+        """Put ``batch`` into a full sink as room is made, noticing a stop every poll interval."""
+        while True:
+            try:
+                n = sink.put_many(batch, block=True, timeout=self.poll_interval)
+            except Exception as exc:
+                self._sink_failed(exc, len(batch))
+                return True
+            if n >= len(batch):
+                return True
+            batch = batch[n:]
+            if self._stop.is_set() or sink.closed:
+                self.counters.add("unsent", len(batch))
+                log.warning(
+                    "reader %s: %d samples not handed over: %s while waiting for room",
+                    self.name,
+                    len(batch),
+                    "the sink closed" if sink.closed else "stopped",
+                )
+                return False
 
     def _sink_failed(self, exc: Exception, samples: int) -> None:
         self.counters.add("sink_errors", samples)
@@ -514,7 +550,7 @@ class ReaderABC(abc.ABC):
                 log.exception("reader %s: on_error callback failed", self.name)
 
     def _run(self) -> None:
-        failures = 0
+        backoff = self.backoff
         final = ReaderState.STOPPED
         try:
             while not self._stop.is_set():
@@ -527,54 +563,60 @@ class ReaderABC(abc.ABC):
                     return
                 except Exception as exc:
                     self._report(exc, "open")
-                    failures += 1
-                    self._back_off(failures)
+                    self._back_off()
                     continue
                 if self.counters.get("opens"):
                     self.counters.add("reopens")
                 self.counters.add("opens")
                 self._set_state(ReaderState.RUNNING)
-                exhausted = fatal = False
+                done: ReaderState | None = None
+                failed = False
                 try:
                     while not self._stop.is_set():
                         more = self._read(self.poll_interval)
-                        self._flush_batch()
-                        if not more:
-                            exhausted = True
+                        if not self._flush_batch():
+                            # a source that waits was stopped, or its sink closed, while the
+                            # sink was full: nothing more can go in
+                            done = ReaderState.STOPPED
                             break
-                        failures = 0
+                        if not more:
+                            done = ReaderState.ENDED
+                            break
+                        if backoff.attempts:
+                            backoff.reset()
                 except ConfigError as exc:
                     self._report(exc, "read")
-                    fatal = True
+                    done = ReaderState.FAILED
                 except Exception as exc:
                     self._report(exc, "read")
-                    failures += 1
+                    failed = True
                 finally:
                     self._flush_batch()  # what a failing read decoded before it failed
                     try:
                         self._close()
                     except Exception as exc:
                         log.warning("reader %s: close failed: %s", self.name, exc)
-                if exhausted or fatal:
-                    final = ReaderState.ENDED if exhausted else ReaderState.FAILED
+                if done is not None:
+                    final = done
                     return
-                if failures:
-                    self._back_off(failures)
+                if failed:
+                    self._back_off()
         finally:
             self._set_state(final)
 
-    def _back_off(self, failures: int) -> None:
+    def _back_off(self) -> None:
         if self._stop.is_set():
             return
         self._set_state(ReaderState.BACKOFF)
-        self._stop.wait(self.backoff.delay(failures, self._rng))
+        self._stop.wait(self.backoff.failure())
 
 
 def describe(reader: ReaderABC) -> Mapping[str, Any]:
-    """A reader's name, kind, state and counters as plain values (for status and metrics)."""
+    """A reader's name, kind, liveness, state and counters as plain values (status, metrics)."""
     return {
         "name": reader.name,
         "kind": reader.kind,
+        "live": reader.live,
         "state": reader.state.value,
         "counters": reader.counters.snapshot(),
     }

@@ -20,15 +20,17 @@ reader, :class:`~daq_agent.readers.base.ReaderABC` reports it, backs off and reo
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, Protocol
 
 import can
 
+from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.clock import HostClock, host_clock, seconds_to_ns
 from daq_agent.core.errors import ConfigError, DecodeError
 from daq_agent.core.sample import Sample
-from daq_agent.readers.base import BackoffPolicy, ErrorCallback, ReaderABC, Sink
+from daq_agent.readers.base import ErrorCallback, ReaderABC, Sink
 
 __all__ = ["ERROR_CLASSES", "CanReader", "FrameDecoder", "MessageProcessor", "frame_key"]
 
@@ -165,7 +167,8 @@ class CanReader(ReaderABC):
         decoder: decodes a frame into a sample (None for an unknown id).
         sink: receives every sample, on the reader thread.
         on_error: called with (reader, error) whenever the bus fails.
-        backoff: delays between reopen attempts.
+        retry: delays between reopen attempts (default: the readers' ``READER_RETRY``).
+        rng: the random source of the back-off's jitter.
         poll_interval: the longest one ``recv`` waits, seconds (bounds the stop latency).
         timestamp_resolution_ns: resolution of the driver's timestamps (1000: microseconds).
         clock: host clock for frames without a driver timestamp (default: the process clock).
@@ -204,7 +207,8 @@ class CanReader(ReaderABC):
         sink: Sink,
         *,
         on_error: ErrorCallback | None = None,
-        backoff: BackoffPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
         poll_interval: float = 0.1,
         timestamp_resolution_ns: int = 1000,
         clock: HostClock | None = None,
@@ -214,7 +218,8 @@ class CanReader(ReaderABC):
             name,
             sink,
             on_error=on_error,
-            backoff=backoff,
+            retry=retry,
+            rng=rng,
             poll_interval=poll_interval,
             key_limit=key_limit,
         )

@@ -5,6 +5,11 @@ SQLite ``.db`` and MF4 (when asammdf is installed), also gzip-compressed (``.asc
 counted and decoded exactly like a live bus (see :mod:`daq_agent.readers.can`); when the log is
 exhausted the reader becomes ``ended`` so the agent can finish the run once everything is delivered.
 
+A recorded log is not a live bus: it can wait, so it is never dropped (:attr:`ReplayReader.live`
+is False). On a full ring the reader waits for room (``put_many(block=True)``), whatever the
+ring's overflow policy and whether it plays ``realtime`` or not (a paced replay that had to wait
+catches up with its frames that fell due meanwhile).
+
 Timestamps (``time_base``):
 
 * ``"recorded"``: the log's own timestamps, converted to ns;
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +35,10 @@ from typing import Any, ClassVar, Final, Literal, get_args
 
 import can
 
+from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.clock import HostClock, host_clock, seconds_to_ns
 from daq_agent.core.errors import ConfigError, ReaderError
-from daq_agent.readers.base import BackoffPolicy, ErrorCallback, ReaderABC, Sink
+from daq_agent.readers.base import ErrorCallback, ReaderABC, Sink
 from daq_agent.readers.can import CanReader, FrameDecoder, MessageProcessor
 
 __all__ = ["ReplayReader", "TimeBase"]
@@ -51,7 +58,9 @@ class ReplayReader(ReaderABC):
         name: the bus alias; the thread is ``daq-reader[<name>]``.
         path: the log file; its suffix selects the format.
         decoder: decodes a frame into a sample (None for an unknown id).
-        sink: receives every sample, on the reader thread.
+        sink: receives every sample, on the reader thread; give it the ring itself (a queue with
+            ``put_many``), not ``ring.put``, so that the replay waits for room instead of being
+            dropped.
         realtime: play at the recorded pace (True) or as fast as possible (False).
         speed: pace multiplier with ``realtime`` (2.0 plays twice as fast).
         time_base: ``"auto"``, ``"recorded"`` or ``"now"`` (see the module docstring).
@@ -59,7 +68,8 @@ class ReplayReader(ReaderABC):
         max_gap: with ``realtime``, idle gaps longer than this many seconds are skipped.
         log_kwargs: extra keyword arguments for ``can.LogReader``.
         on_error: called with (reader, error) whenever reading the log fails.
-        backoff: delays between reopen attempts.
+        retry: delays between reopen attempts (default: the readers' ``READER_RETRY``).
+        rng: the random source of the back-off's jitter.
         poll_interval: the longest one ``_read`` call lasts, seconds.
         timestamp_resolution_ns: resolution of the recorded timestamps (1000: microseconds).
         clock: host clock for ``time_base="now"`` and frames without a timestamp.
@@ -75,6 +85,7 @@ class ReplayReader(ReaderABC):
     """
 
     kind: ClassVar[str] = "replay"
+    LIVE: ClassVar[bool] = False
     COUNTERS: ClassVar[tuple[str, ...]] = (*CanReader.COUNTERS, "other_channel", "log_errors")
     KEYED_COUNTERS: ClassVar[tuple[str, ...]] = CanReader.KEYED_COUNTERS
 
@@ -92,7 +103,8 @@ class ReplayReader(ReaderABC):
         max_gap: float = 60.0,
         log_kwargs: dict[str, Any] | None = None,
         on_error: ErrorCallback | None = None,
-        backoff: BackoffPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
         poll_interval: float = 0.1,
         timestamp_resolution_ns: int = 1000,
         clock: HostClock | None = None,
@@ -102,7 +114,8 @@ class ReplayReader(ReaderABC):
             name,
             sink,
             on_error=on_error,
-            backoff=backoff,
+            retry=retry,
+            rng=rng,
             poll_interval=poll_interval,
             key_limit=key_limit,
         )

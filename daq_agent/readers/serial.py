@@ -36,6 +36,7 @@ Counters (``reader.counters``), named like the CAN reader's where they mean the 
 from __future__ import annotations
 
 import os
+import random
 import select
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,10 +44,11 @@ from typing import Any, ClassVar, Final
 
 import serial
 
+from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.clock import host_clock
 from daq_agent.core.errors import ConfigError, ReaderError
 from daq_agent.core.model import FlowConfig
-from daq_agent.readers.base import BackoffPolicy, ErrorCallback, ReaderABC, Sink
+from daq_agent.readers.base import ErrorCallback, ReaderABC, Sink
 from daq_agent.serialdefs.codec import DEFAULT_FLOW_NAME_TEMPLATE, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions
 from daq_agent.serialdefs.model import SerialDefinitions
@@ -170,7 +172,8 @@ class SerialReader(ReaderABC):
             network URLs and ptys.
         clock: host time in ns (default: the process's monotonic-anchored host clock).
         on_error: called on the reader thread with (reader, error) when the port fails.
-        backoff: delays between reopen attempts.
+        retry: delays between reopen attempts (default: the readers' ``READER_RETRY``).
+        rng: the random source of the back-off's jitter.
         poll_interval: the longest one read waits, seconds (bounds stop latency).
         key_limit: distinct unknown frame ids counted separately.
 
@@ -207,7 +210,8 @@ class SerialReader(ReaderABC):
         byte_time_ns: int | None = None,
         clock: Callable[[], int] | None = None,
         on_error: ErrorCallback | None = None,
-        backoff: BackoffPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
         poll_interval: float = 0.1,
         key_limit: int = 1024,
     ) -> None:
@@ -215,7 +219,8 @@ class SerialReader(ReaderABC):
             name,
             sink,
             on_error=on_error,
-            backoff=backoff,
+            retry=retry,
+            rng=rng,
             poll_interval=poll_interval,
             key_limit=key_limit,
         )
@@ -254,7 +259,7 @@ class SerialReader(ReaderABC):
                 ``bytesize``, ``parity``, ``stopbits``, ``rtscts``, ``xonxoff``.
             sink: receives every sample.
             flow_name_template: the config's ``naming.serial_flow``.
-            **kwargs: further :class:`SerialReader` keyword arguments (``on_error``, ``backoff``…).
+            **kwargs: further :class:`SerialReader` keyword arguments (``on_error``, ``retry``…).
 
         Returns:
             The reader, not started.

@@ -15,11 +15,19 @@ import cantools
 import pytest
 from can_support import CantoolsDecoder, wait_for
 
+from daq_agent.core.backoff import Backoff, RetryPolicy
 from daq_agent.core.errors import ReaderError
 from daq_agent.core.sample import Sample
 from daq_agent.pipeline.ring_buffer import RingBuffer
-from daq_agent.readers import BACKENDS, CanReader, ReaderABC, ReaderState, get_reader_class
-from daq_agent.readers.base import BackoffPolicy
+from daq_agent.readers import (
+    BACKENDS,
+    CanReader,
+    ReaderABC,
+    ReaderState,
+    describe,
+    get_reader_class,
+)
+from daq_agent.readers.base import READER_RETRY
 
 pytestmark = pytest.mark.integration
 
@@ -219,7 +227,7 @@ def test_bus_shut_down_under_the_reader_is_reopened(db: Any, channel: str, sende
         db,
         ring,
         on_error=lambda _r, exc: errors.append(exc),
-        backoff=BackoffPolicy(initial=0.01, maximum=0.05),
+        retry=RetryPolicy(initial_s=0.01, max_s=0.05),
     )
     with reader:
         assert reader.wait_state(ReaderState.RUNNING, timeout=5)
@@ -247,7 +255,7 @@ def test_interface_that_fails_to_open_is_retried_with_backoff(db: Any) -> None:
         {"interface": "socketcan", "channel": "daqabsent0"},
         CantoolsDecoder(db),
         ring.put,
-        backoff=BackoffPolicy(initial=0.01, maximum=0.02),
+        retry=RetryPolicy(initial_s=0.01, max_s=0.02),
     )
     with reader:
         assert wait_for(lambda: reader.counters.get("failures") >= 3)
@@ -312,6 +320,34 @@ def test_sink_failure_is_counted_not_fatal(db: Any, channel: str, sender: Any) -
     assert reader.counters.get("sink_errors") == 1
 
 
+def test_live_reader_into_a_full_ring_drops_oldest_and_counts(
+    db: Any, channel: str, sender: Any
+) -> None:
+    """A bus cannot wait: on a full ring its samples go in under the overflow policy and the
+    drops are counted (put == got + dropped + depth); the reader never blocks."""
+    ring: RingBuffer[Sample] = RingBuffer(8, "drop_oldest")
+    reader = CanReader(
+        "bus0", {"interface": "virtual", "channel": channel}, CantoolsDecoder(db), ring
+    )
+    assert reader.live
+    assert describe(reader)["live"] is True
+    message = db.get_message_by_name("StdOne")
+    with reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        for i in range(50):
+            sender.send(
+                can.Message(
+                    arbitration_id=1, is_extended_id=False, data=message.encode({"Word": i})
+                )
+            )
+        assert wait_for(lambda: reader.counters.get("decoded") == 50)
+        assert reader.state is ReaderState.RUNNING
+    stats = ring.stats()
+    assert (stats.put_count, stats.dropped, stats.depth) == (50, 42, 8)
+    assert [s.values for s in ring.get_batch(8, timeout=0)] == [(i,) for i in range(42, 50)]
+    assert reader.counters.get("unsent") == 0
+
+
 def test_backend_registry_resolves_lazily() -> None:
     """BACKENDS maps kinds to classes; a missing module becomes a ReaderError."""
     assert get_reader_class("can") is CanReader
@@ -340,9 +376,15 @@ class FlakyVirtualReader(CanReader):
 
 
 def test_failed_opens_back_off_exponentially_then_read(db: Any, channel: str, sender: Any) -> None:
-    """Failed opens are retried with growing delays; once open, frames flow and no reopen counts."""
+    """Failed opens are retried after the core back-off's delays (full jitter under a cap that
+    doubles); once open, frames flow and no reopen counts."""
     ring: RingBuffer[Sample] = RingBuffer(10)
     errors: list[BaseException] = []
+    policy = RetryPolicy(initial_s=0.1, max_s=1.0)
+    seed = 5
+    twin = Backoff(policy, random.Random(seed))  # the same rng gives the same delays
+    expected = [twin.failure() for _ in range(3)]
+    assert expected == sorted(expected)  # this seed's delays grow, so the gaps must too
     reader = FlakyVirtualReader(
         "flaky",
         {"interface": "virtual", "channel": channel},
@@ -350,7 +392,8 @@ def test_failed_opens_back_off_exponentially_then_read(db: Any, channel: str, se
         ring.put,
         fail_opens=3,
         on_error=lambda _r, exc: errors.append(exc),
-        backoff=BackoffPolicy(initial=0.02, maximum=1.0, multiplier=2.0, jitter=0.0),
+        retry=policy,
+        rng=random.Random(seed),
     )
     data = db.get_message_by_name("StdOne").encode({"Word": 9})
     with reader:
@@ -359,25 +402,25 @@ def test_failed_opens_back_off_exponentially_then_read(db: Any, channel: str, se
         assert [s.values for s in ring.get_batch(5, timeout=5)] == [(9,)]
     gaps = [b - a for a, b in itertools.pairwise(reader.open_times)]
     assert len(gaps) == 3
-    assert gaps[0] >= 0.02
-    assert gaps[1] >= 0.04
-    assert gaps[2] >= 0.08
+    for gap, delay, cap in zip(gaps, expected, (0.1, 0.2, 0.4), strict=True):
+        assert delay <= cap
+        assert delay <= gap < delay + 0.5
     assert [str(e) for e in errors] == [f"adapter absent (attempt {i})" for i in (1, 2, 3)]
     assert reader.counters.get("failures") == 3
     assert reader.counters.get("opens") == 1
     assert reader.counters.get("reopens") == 0
 
 
-def test_backoff_policy_is_capped_with_bounded_jitter() -> None:
-    """Delays double from the initial value up to the cap; jitter stays within its fraction."""
-    policy = BackoffPolicy(initial=0.1, maximum=5.0, multiplier=2.0, jitter=0.0)
-    assert [policy.delay(n) for n in range(1, 9)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
-    jittered = BackoffPolicy(initial=1.0, maximum=5.0, jitter=0.2)
-    rng = random.Random(1)
-    delays = [jittered.delay(1, rng) for _ in range(200)]
-    assert min(delays) >= 0.8
-    assert max(delays) <= 1.2
-    assert len(set(delays)) > 100
+def test_readers_use_the_core_backoff_with_reader_defaults(db: Any, channel: str) -> None:
+    """Without a policy a reader backs off under READER_RETRY: caps 0.1 s doubling up to 5 s."""
+    reader = make_reader(channel, db, RingBuffer(10))
+    assert isinstance(reader.backoff, Backoff)
+    assert reader.backoff.policy is READER_RETRY
+    caps = []
+    for _ in range(9):
+        assert 0.0 <= reader.backoff.failure() <= READER_RETRY.max_s
+        caps.append(reader.backoff.cap())
+    assert caps == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
 
 
 @pytest.mark.hardware

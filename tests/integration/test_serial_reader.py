@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.errors import ConfigError
 from daq_agent.core.sample import Sample, Value
-from daq_agent.readers.base import BackoffPolicy, ReaderState
+from daq_agent.readers.base import ReaderState
 from daq_agent.readers.serial import SerialReader
 from daq_agent.serialdefs import SerialCodec, load_definitions
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.integration
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "serial"
 IMU = CONFIGS / "imu_cobs.yaml"
 GPS = CONFIGS / "gps_nmea.yaml"
-FAST_BACKOFF = BackoffPolicy(initial=0.02, maximum=0.1, jitter=0.0)
+FAST_RETRY = RetryPolicy(initial_s=0.02, max_s=0.1)
 
 
 class Collector:
@@ -176,7 +177,7 @@ def test_port_vanishes_and_comes_back(tmp_path: Path) -> None:
         {"baudrate": 115200},
         defs,
         sink,
-        backoff=FAST_BACKOFF,
+        retry=FAST_RETRY,
         on_error=lambda _reader, exc: errors.append(exc),
     )
     try:
@@ -226,9 +227,7 @@ def test_socket_peer_goes_away_and_returns() -> None:
     sink = Collector()
     server = _listen()
     port = server.getsockname()[1]
-    reader = SerialReader(
-        "net", f"socket://127.0.0.1:{port}", None, defs, sink, backoff=FAST_BACKOFF
-    )
+    reader = SerialReader("net", f"socket://127.0.0.1:{port}", None, defs, sink, retry=FAST_RETRY)
     try:
         reader.start()
         conn, _ = server.accept()
@@ -257,7 +256,7 @@ def test_socket_peer_goes_away_and_returns() -> None:
 
 def test_unknown_url_scheme_fails_without_retrying() -> None:
     """A URL scheme pyserial does not know is a configuration error: the reader stops trying."""
-    reader = SerialReader("bad", "nosuchscheme://x", None, IMU, Collector(), backoff=FAST_BACKOFF)
+    reader = SerialReader("bad", "nosuchscheme://x", None, IMU, Collector(), retry=FAST_RETRY)
     with reader:
         assert reader.wait_state(ReaderState.FAILED, timeout=5)
     assert reader.counters.get("failures") == 1
@@ -267,7 +266,7 @@ def test_unknown_url_scheme_fails_without_retrying() -> None:
 def test_missing_device_is_retried(tmp_path: Path) -> None:
     """A device path that does not exist yet is retried with back-off, never fatal."""
     reader = SerialReader(
-        "later", str(tmp_path / "ttyNONE"), None, IMU, Collector(), backoff=FAST_BACKOFF
+        "later", str(tmp_path / "ttyNONE"), None, IMU, Collector(), retry=FAST_RETRY
     )
     with reader:
         deadline = time.monotonic() + 5

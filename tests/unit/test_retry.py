@@ -1,57 +1,16 @@
-"""Retry classification, the full-jitter back-off, and the dead-letter file format."""
+"""The full-jitter back-off and the dead-letter file format (the classification of failures is
+the sink's: tests/unit/test_sink_errors.py)."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
-import grpc
 import pytest
 
 from daq_agent.core.backoff import Backoff, FailureKind, RetryPolicy
-from daq_agent.core.errors import ConfigError, RpcStatusError, TransportError
+from daq_agent.core.errors import ConfigError
 from daq_agent.pipeline.deadletter import DeadLetter, read_dead_letters
-from daq_agent.pipeline.retry import classify
-
-TRANSIENT = [
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.CANCELLED,
-]
-
-
-@pytest.mark.parametrize("code", TRANSIENT)
-def test_transient_codes_are_retried(code: grpc.StatusCode) -> None:
-    """Server away, overloaded, reset or slow: transient (retried forever)."""
-    assert classify(RpcStatusError(code, "x")) is FailureKind.TRANSIENT
-
-
-def test_connection_errors_are_transient() -> None:
-    """A TransportError without a status (a lost connection) is transient."""
-    assert classify(TransportError("connection lost")) is FailureKind.TRANSIENT
-
-
-@pytest.mark.parametrize(
-    "code", [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED]
-)
-def test_auth_codes(code: grpc.StatusCode) -> None:
-    """A refused key is its own kind (slow retries)."""
-    assert classify(RpcStatusError(code, "bad key")) is FailureKind.AUTH
-
-
-def test_refused_requests() -> None:
-    """INVALID_ARGUMENT and a message too large are requests the server can never accept."""
-    assert classify(RpcStatusError(grpc.StatusCode.INVALID_ARGUMENT, "bad")) is (
-        FailureKind.REJECTED
-    )
-    too_large = RpcStatusError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (5 vs. 4)"
-    )
-    assert classify(too_large) is FailureKind.REJECTED
 
 
 def test_full_jitter_stays_under_a_growing_capped_bound() -> None:

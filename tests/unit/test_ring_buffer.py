@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -20,6 +21,16 @@ def _run_threads(targets: list[Callable[[], None]], prefix: str) -> None:
     for thread in threads:
         thread.join(30)
         assert not thread.is_alive(), f"{thread.name} did not finish"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def test_fifo_order_and_batch_limit() -> None:
@@ -83,6 +94,80 @@ def test_block_policy_waits_for_a_consumer() -> None:
     thread.join(5)
     assert ring.get_batch(1, timeout=1) == [1]
     assert ring.dropped == 0
+
+
+def test_waiting_put_many_never_drops_and_keeps_order() -> None:
+    """put_many(block=True) on a full drop_oldest ring waits for room, in parts: nothing dropped."""
+    ring: RingBuffer[int] = RingBuffer(4, "drop_oldest")
+    ring.put_many(range(4))
+    results: list[int] = []
+    producer = threading.Thread(
+        target=lambda: results.append(ring.put_many(range(4, 14), block=True)),
+        name="test-waiting-producer",
+        daemon=True,
+    )
+    producer.start()
+    received: list[int] = []
+    while len(received) < 14:
+        batch = ring.get_batch(3, timeout=5)
+        assert batch, "the waiting producer made no progress"
+        received.extend(batch)
+    producer.join(5)
+    assert not producer.is_alive()
+    assert results == [10]
+    assert received == list(range(14))
+    stats = ring.stats()
+    assert stats.dropped == 0
+    assert stats.high_water == 4
+    assert stats.put_count == stats.got == 14
+
+
+def test_waiting_put_many_timeout_leaves_the_rest_unoffered() -> None:
+    """A waiting put that times out enqueues what fits; the rest is left uncounted to the caller."""
+    ring: RingBuffer[str] = RingBuffer(3)
+    ring.put_many(["a", "b"])
+    batch = ["c", "d", "e"]
+    started = time.monotonic()
+    n = ring.put_many(batch, block=True, timeout=0.05)
+    assert time.monotonic() - started >= 0.05
+    assert n == 1
+    stats = ring.stats()
+    assert (stats.put_count, stats.dropped, stats.depth) == (3, 0, 3)
+    assert ring.get_batch(2, timeout=0) == ["a", "b"]
+    assert ring.put_many(batch[n:], block=True, timeout=0) == 2  # room now: no wait
+    assert ring.get_batch(5, timeout=0) == ["c", "d", "e"]
+    stats = ring.stats()
+    assert stats.put_count == stats.got + stats.dropped + stats.depth == 5
+
+
+def test_waiting_put_many_waits_on_a_condition_and_returns_on_close() -> None:
+    """A producer waiting on a full ring uses no CPU; close() wakes it and it enqueued nothing."""
+    ring: RingBuffer[int] = RingBuffer(2, "block", block_timeout=0.0)
+    ring.put_many([1, 2])
+    results: list[tuple[int, float]] = []
+    waiting = threading.Event()
+
+    def produce() -> None:
+        cpu = time.thread_time()
+        waiting.set()
+        n = ring.put_many([3, 4, 5], block=True)  # no timeout: until room or close
+        results.append((n, time.thread_time() - cpu))
+
+    producer = threading.Thread(target=produce, name="test-waiting-producer", daemon=True)
+    producer.start()
+    assert waiting.wait(5)
+    assert wait_until(lambda: ring._waiting_producers == 1)
+    time.sleep(0.3)  # let a busy loop, if there were one, burn CPU
+    assert producer.is_alive()
+    ring.close()
+    producer.join(5)
+    assert not producer.is_alive()
+    [(n, cpu_s)] = results
+    assert n == 0
+    assert cpu_s < 0.1, f"the waiting producer used {cpu_s:.3f} s of CPU in 0.3 s"
+    stats = ring.stats()
+    assert (stats.put_count, stats.dropped, stats.dropped_closed) == (2, 0, 0)
+    assert ring.put_many([6], block=True) == 0  # closed: returns at once
 
 
 def test_get_batch_waits_for_first_item() -> None:
