@@ -228,8 +228,9 @@ class AgentStatus:
     def lost(self) -> str:
         """What was lost, by reason (``""`` when nothing): the exit status of a run says so."""
         f = self.flusher
+        live = ", ".join(s.name for s in self.sources if s.live) or "none"
         reasons = (
-            (self.ring.dropped, "dropped by the ring (a live source faster than delivery)"),
+            (self.ring.dropped, f"dropped by the ring (live sources: {live})"),
             (f.abandoned, "abandoned (never acknowledged, no spool)"),
             (f.dropped, "dropped by the spool quota"),
             (f.corrupt, "corrupt in the spool"),
