@@ -18,6 +18,7 @@ from typing import Any
 
 from daq_agent.core.errors import DaqError
 from daq_agent.server.local import make_server
+from daq_agent.server.store import DEFAULT_MAX_VALIDATION_ERRORS
 
 __all__ = ["API_KEY_ENV", "STATE_DIR_ENV", "add_subparser", "default_db_path"]
 
@@ -48,6 +49,14 @@ def add_subparser(subparsers: Any) -> None:
         default=None,
         help=f"require 'authorization: Bearer KEY' on every call (or set {API_KEY_ENV})",
     )
+    parser.add_argument(
+        "--max-validation-errors",
+        type=int,
+        default=DEFAULT_MAX_VALIDATION_ERRORS,
+        metavar="N",
+        help="validation errors kept, the newest; older ones are counted"
+        f" ({DEFAULT_MAX_VALIDATION_ERRORS})",
+    )
     parser.set_defaults(func=_do_serve)
 
 
@@ -63,7 +72,13 @@ def _do_serve(args: argparse.Namespace) -> int:
         stop.set()
 
     try:
-        server = make_server(db_path, host=args.host, port=args.port, api_key=api_key)
+        server = make_server(
+            db_path,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            max_validation_errors=args.max_validation_errors,
+        )
     except OSError as exc:
         raise DaqError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

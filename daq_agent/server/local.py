@@ -19,7 +19,7 @@ import grpc
 from daq_agent.h2grpc.server import GrpcH2Server
 from daq_agent.server.rpc import CallContext, RpcError
 from daq_agent.server.services import LocalServices
-from daq_agent.server.store import Store
+from daq_agent.server.store import DEFAULT_MAX_VALIDATION_ERRORS, Store
 
 __all__ = ["LocalIngestServer", "make_server"]
 
@@ -43,6 +43,7 @@ class LocalIngestServer:
         port: int = 0,
         api_key: str | None = None,
         durable: bool = True,
+        max_validation_errors: int = DEFAULT_MAX_VALIDATION_ERRORS,
     ) -> None:
         """Open the store and bind the port; see :func:`make_server`.
 
@@ -52,7 +53,7 @@ class LocalIngestServer:
         """
         self.db_path = Path(db_path)
         self.store = Store.open(self.db_path, durable=durable)
-        self.services = LocalServices(self.store)
+        self.services = LocalServices(self.store, max_validation_errors=max_validation_errors)
         self._api_key = api_key.encode() if api_key else None
         try:
             self._server = GrpcH2Server(
@@ -163,6 +164,7 @@ def make_server(
     port: int = 0,
     api_key: str | None = None,
     durable: bool = True,
+    max_validation_errors: int = DEFAULT_MAX_VALIDATION_ERRORS,
 ) -> LocalIngestServer:
     """Build the local ingestion server, unstarted, with its port bound (``port=0``: any free one).
 
@@ -172,9 +174,18 @@ def make_server(
         port: the port, 0 for a free one (read it from ``.port``).
         api_key: when set, every call must carry ``authorization: Bearer <api_key>``.
         durable: fsync at every commit (a stream's OK then survives a power loss).
+        max_validation_errors: validation errors kept (the newest); older ones are deleted and
+            counted, and ``daq-agent errors`` reports how many.
 
     Raises:
         DaqError: the database cannot be opened.
         OSError: the address cannot be bound.
     """
-    return LocalIngestServer(db_path, host=host, port=port, api_key=api_key, durable=durable)
+    return LocalIngestServer(
+        db_path,
+        host=host,
+        port=port,
+        api_key=api_key,
+        durable=durable,
+        max_validation_errors=max_validation_errors,
+    )
