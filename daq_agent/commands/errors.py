@@ -31,6 +31,7 @@ def _do_errors(args: argparse.Namespace) -> int:
     with Store.open(args.db, readonly=True) as store:
         total = store.count_validation_errors()
         records = store.validation_errors(limit=args.limit)
+        overflow = store.validation_errors_overflow()
     out = sys.stdout
     for record in records:
         out.write(
@@ -40,4 +41,9 @@ def _do_errors(args: argparse.Namespace) -> int:
         )
     shown = f"{len(records)} of {total}" if len(records) != total else str(total)
     out.write(f"{shown} validation error{'s' if total != 1 else ''}\n")
+    if overflow:
+        out.write(
+            f"{overflow} older validation error{'s' if overflow != 1 else ''} not kept"
+            " (the server keeps the newest: serve --max-validation-errors)\n"
+        )
     return 0

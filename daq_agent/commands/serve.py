@@ -27,6 +27,7 @@ from daq_agent.h2grpc.server import (
 )
 from daq_agent.server.local import make_server
 from daq_agent.server.process import ParentLink
+from daq_agent.server.store import DEFAULT_MAX_VALIDATION_ERRORS
 
 __all__ = ["API_KEY_ENV", "STATE_DIR_ENV", "add_subparser", "default_db_path"]
 
@@ -84,6 +85,14 @@ def add_subparser(subparsers: Any) -> None:
         metavar="SECONDS",
         help=f"close a connection silent for this long, 0 for never ({DEFAULT_IDLE_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--max-validation-errors",
+        type=int,
+        default=DEFAULT_MAX_VALIDATION_ERRORS,
+        metavar="N",
+        help="validation errors kept, the newest; older ones are counted"
+        f" ({DEFAULT_MAX_VALIDATION_ERRORS})",
+    )
     parser.set_defaults(func=_do_serve)
 
 
@@ -128,6 +137,7 @@ def _do_serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
             max_concurrent_streams=args.max_streams,
             idle_timeout=args.idle_timeout or None,
+            max_validation_errors=args.max_validation_errors,
         )
     except OSError as exc:
         raise DaqError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc

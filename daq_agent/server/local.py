@@ -26,7 +26,7 @@ from daq_agent.h2grpc.server import (
 )
 from daq_agent.server.rpc import CallContext, RpcError
 from daq_agent.server.services import LocalServices
-from daq_agent.server.store import Store
+from daq_agent.server.store import DEFAULT_MAX_VALIDATION_ERRORS, Store
 
 __all__ = ["LocalIngestServer", "make_server"]
 
@@ -55,6 +55,7 @@ class LocalIngestServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_validation_errors: int = DEFAULT_MAX_VALIDATION_ERRORS,
     ) -> None:
         """Open the store and bind the port; see :func:`make_server`.
 
@@ -72,7 +73,7 @@ class LocalIngestServer:
         )
         self.db_path = Path(db_path)
         self.store = Store.open(self.db_path, durable=durable)
-        self.services = LocalServices(self.store)
+        self.services = LocalServices(self.store, max_validation_errors=max_validation_errors)
         self._api_key = api_key.encode() if api_key else None
         try:
             self._server = GrpcH2Server(
@@ -203,6 +204,7 @@ def make_server(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    max_validation_errors: int = DEFAULT_MAX_VALIDATION_ERRORS,
 ) -> LocalIngestServer:
     """Build the local ingestion server, unstarted, with its port bound (``port=0``: any free one).
 
@@ -217,6 +219,8 @@ def make_server(
         max_connections: connections served at once; more are closed at once.
         max_concurrent_streams: calls open at once per connection.
         idle_timeout: seconds a silent connection is kept; None keeps it forever.
+        max_validation_errors: validation errors kept (the newest); older ones are deleted and
+            counted, and ``daq-agent errors`` reports how many.
 
     Raises:
         DaqError: the database cannot be opened, or the TLS files cannot be loaded
@@ -235,4 +239,5 @@ def make_server(
         max_connections=max_connections,
         max_concurrent_streams=max_concurrent_streams,
         idle_timeout=idle_timeout,
+        max_validation_errors=max_validation_errors,
     )

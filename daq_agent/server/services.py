@@ -1,4 +1,7 @@
-"""The local ingestion server's services: Sift's ingest, ingestion-config, run and ping RPCs.
+"""The local ingestion server's services: the parts of Sift's API that Sift's clients call.
+
+Ingest, ingestion configs, runs, assets, rules, channels (list), tags and ping; every List* RPC
+takes Sift's CEL filters (:mod:`daq_agent.server.filters`).
 
 Handlers take and return serialized protobuf bytes (the seam in :mod:`daq_agent.server.rpc`) and
 run on the server's one thread, so the caches here need no lock.
@@ -8,8 +11,10 @@ once, with a *shadow* message that has the wire layout of ``IngestWithConfigData
 keeps ``channel_values`` as raw bytes. The types of all values are then checked in one C call: a
 per-flow compiled pattern over the canonical serialization of the request (flows with only fixed
 and varint types), or else a signature of the values' oneof tags (the first byte of each value)
-looked up in the flow's set of accepted signatures. Anything the fast path does not accept is
-decided by the full, authoritative parse (``WhichOneof`` per value).
+looked up in the flow's set of accepted signatures, each value also checked to be exactly one
+well-formed field (a value's last field wins in a parse, so a tag alone proves nothing). Anything
+the fast path does not accept is decided by the full, authoritative parse (``WhichOneof`` per
+value); a property test (tests/unit/test_fast_path.py) holds the two to the same decisions.
 The request is stored as received (see :mod:`daq_agent.server.store`).
 """
 
@@ -48,6 +53,7 @@ from daq_agent.server.rpc import (
     UnaryHandler,
 )
 from daq_agent.server.store import (
+    DEFAULT_MAX_VALIDATION_ERRORS,
     AssetRecord,
     FlowRecord,
     IngestionConfigRecord,
@@ -102,6 +108,7 @@ _RUN_UPDATABLE = {
 # order_by values the local server supports, and whether each lists newest first; as in Sift,
 # no order_by means newest first.
 _ORDERS = {"": True, "created_date": False, "created_date asc": False, "created_date desc": True}
+_MAX_TIMESTAMP_NS = 1 << 63  # samples are stored as SQLite (64-bit) integer nanoseconds
 _WRITE_ROWS = 1024  # accepted samples buffered before one multi-row INSERT
 _MAX_SIGNATURES = 4096  # accepted value signatures cached per flow (multiplexed flows vary)
 
@@ -284,6 +291,43 @@ _TIMESTAMP_PATTERN = (
     + b")"
 )
 _VARINT_FIELDS = frozenset({"bool", "int32", "uint32", "int64", "uint64", "enum"})
+# A serialized varint value (tag byte, then 1 to 10 varint bytes), matched in full.
+_one_varint_value = re.compile(rb"[\x00-\xff][\x80-\xff]{0,9}[\x00-\x7f]", re.DOTALL).fullmatch
+
+
+def _one_field(value: bytes) -> bool:
+    """Whether a serialized ``IngestWithConfigDataChannelValue`` is exactly one well-formed
+    field (its first byte, the tag, then says what the full parse sees). ``empty`` must be
+    empty, and no caller passes string values (UTF-8 is for the full parse to check)."""
+    tag = value[0]
+    wire = tag & 7
+    size = len(value)
+    if wire == 1:
+        return size == 9
+    if wire == 5:
+        return size == 5
+    if wire == 0:
+        return _one_varint_value(value) is not None
+    if tag == _EMPTY_TAG:
+        return value == b"\x5a\x00"
+    if wire != 2:
+        return False
+    length = shift = 0
+    for i in range(1, min(size, 6)):
+        byte = value[i]
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return i + 1 + length == size
+        shift += 7
+    return False
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _value_pattern(field_name: str) -> bytes | None:
@@ -366,8 +410,11 @@ class _IngestStream:
                 ts = request.timestamp
                 timestamp_ns = ts.seconds * 1_000_000_000 + ts.nanos
                 data = raw
-                if flow is None or run_pk is None or timestamp_ns <= 0:
+                org = request.organization_id
+                if flow is None or run_pk is None or not 0 < timestamp_ns < _MAX_TIMESTAMP_NS:
                     valid = False
+                elif org and not _utf8(org):
+                    valid = False  # the full parse refuses the request: it says why
                 elif flow.match is not None:
                     found = flow.match(raw)
                     valid = found is not None and len(request.channel_values) == flow.count
@@ -375,8 +422,11 @@ class _IngestStream:
                         # only the serialized values: itself a valid request, half the bytes
                         data = found.group(1)  # type: ignore[union-attr]
                 else:
+                    values = request.channel_values
                     try:
-                        valid = bytes([v[0] for v in request.channel_values]) in flow.accepted
+                        valid = bytes([v[0] for v in values]) in flow.accepted and all(
+                            map(_one_field, values)
+                        )
                     except IndexError:
                         valid = False  # a value with no type
                 if not valid:
@@ -412,20 +462,30 @@ class LocalServices:
         commit_interval: seconds between commits while streams are open (a stream's end always
             commits).
         commit_rows: sample rows after which a commit happens regardless of time.
+        max_validation_errors: validation errors kept in the store (the newest); older ones are
+            deleted and counted (:meth:`Store.validation_errors_overflow`).
     """
 
     def __init__(
-        self, store: Store, *, commit_interval: float = 1.0, commit_rows: int = 200_000
+        self,
+        store: Store,
+        *,
+        commit_interval: float = 1.0,
+        commit_rows: int = 200_000,
+        max_validation_errors: int = DEFAULT_MAX_VALIDATION_ERRORS,
     ) -> None:
         self.store = store
         self.commit_interval = commit_interval
         self.commit_rows = commit_rows
+        self.max_validation_errors = max_validation_errors
         self.rows: list[SampleRow] = []
         """Accepted samples not yet written to the store (written in chunks)."""
         self.flows: dict[tuple[bytes, bytes], _Flow] = {}
         self.runs: dict[bytes, int] = {}
         self._last_commit = time.monotonic()
         self.validation_errors = 0
+        self.full_parses = 0
+        """Requests the fast path left to the full parse (:meth:`check_request`)."""
 
     def unary_handlers(self) -> dict[str, UnaryHandler]:
         """The unary handlers by method path."""
@@ -501,6 +561,7 @@ class LocalServices:
         Raises:
             RpcError: INVALID_ARGUMENT when the request is invalid and asks to end the stream.
         """
+        self.full_parses += 1
         try:
             request = _parse_request(raw)
         except ProtobufDecodeError as exc:
@@ -523,7 +584,8 @@ class LocalServices:
                     reason=reason,
                     peer=ctx.peer,
                 )
-            ]
+            ],
+            max_rows=self.max_validation_errors,
         )
         if self.validation_errors <= 10 or self.validation_errors % 1000 == 0:
             log.warning(
@@ -562,6 +624,12 @@ class LocalServices:
         timestamp_ns = _timestamp_ns(request, "timestamp")
         if timestamp_ns is None or timestamp_ns <= 0:
             return f"request for flow {flow_name!r} has a timestamp before 1970", flow, run_pk
+        if timestamp_ns >= _MAX_TIMESTAMP_NS:
+            reason = (
+                f"request for flow {flow_name!r} has a timestamp after 2262-04-11, the latest"
+                " the local server stores (integer nanoseconds)"
+            )
+            return reason, flow, run_pk
         values = request.channel_values
         if len(values) != len(flow.fields):
             return (

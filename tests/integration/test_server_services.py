@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from daq_agent import cli
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic
@@ -189,3 +190,26 @@ def test_invalid_utf8_string_ends_the_stream(services: LocalServices) -> None:
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     handler.on_abort()
     assert [s.values for s in services.store.iter_samples()] == [{"c0": "ok"}]
+
+
+def test_validation_errors_are_capped_and_daq_agent_errors_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With max_validation_errors=3, 8 refused requests keep the newest 3 and count 5 more;
+    ``daq-agent errors`` shows the 3 and says 5 older ones were not kept."""
+    db = tmp_path / "s.sqlite"
+    with Store.open(db) as store:
+        services = LocalServices(store, max_validation_errors=3)
+        config_id = _config(services, _flow("f", cdt.CHANNEL_DATA_TYPE_DOUBLE))
+        bad = [_request(config_id, "f", BASE + i, int64=i).SerializeToString() for i in range(8)]
+        good = _request(config_id, "f", BASE + 100, double=1.5).SerializeToString()
+        _ingest(services, *bad, good)
+        assert services.validation_errors == 8
+        assert store.count_samples() == 1
+        assert [e.request_index for e in store.validation_errors()] == [5, 6, 7]
+        assert store.validation_errors_overflow() == 5
+    assert cli.main(["errors", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("is int64, expected double") == 3
+    assert "3 validation errors\n" in out
+    assert "5 older validation errors not kept" in out

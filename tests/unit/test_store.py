@@ -12,6 +12,7 @@ from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic
 from daq_agent.core.errors import DaqError
+from daq_agent.server.filters import FilterError
 from daq_agent.server.store import SampleRow, Store, ValidationErrorRecord
 
 BASE = 1_700_000_000_000_000_007
@@ -185,3 +186,176 @@ def test_runs(store: Store) -> None:
     assert stopped.start_ns == BASE
     assert store.stop_run("missing") is None
     assert store.get_run("missing") is None
+
+
+def test_validation_errors_are_capped_and_the_overflow_counted(store: Store) -> None:
+    """Only the newest max_rows errors are kept; every deleted one is counted, across calls and
+    commits, and a reader sees the count."""
+    for i in range(25):
+        store.insert_validation_errors(
+            [ValidationErrorRecord(BASE + i, "cfg", "f", "", i, f"reason {i}", "p")], max_rows=10
+        )
+    store.insert_validation_errors(
+        (ValidationErrorRecord(BASE, "cfg", "f", "", 100 + i, "batch", "p") for i in range(4)),
+        max_rows=10,
+    )
+    store.commit()
+    assert store.count_validation_errors() == 10
+    assert store.validation_errors_overflow() == 19
+    kept = [e.request_index for e in store.validation_errors()]
+    assert kept == [*range(19, 25), 100, 101, 102, 103]
+    with Store.open(store.path, readonly=True) as reader:
+        assert reader.validation_errors_overflow() == 19
+    store.insert_validation_errors(
+        [ValidationErrorRecord(BASE, "cfg", "f", "", 200, "none kept", "p")], max_rows=0
+    )
+    assert store.count_validation_errors() == 0
+    assert store.validation_errors_overflow() == 30
+
+
+def test_assets_channels_tags_and_rules(store: Store) -> None:
+    """Assets keep tags and metadata; an asset's channels follow its flows (first definition of
+    a name wins); tag names and rule client keys are unique; Sift filters select rows."""
+    config = store.create_ingestion_config(asset_name="rig", client_key="k")
+    store.create_ingestion_config(asset_name="other", client_key="k2")
+    store.add_flows(config.pk, [("a", _flow("a", "x", "y"))])
+    store.add_flows(config.pk, [("b", _flow("b", "y", "z"))])
+    asset = store.get_asset(config.asset_id)
+    assert asset is not None
+    assert (asset.name, asset.tags, asset.metadata) == ("rig", (), b"")
+    updated = store.update_asset(config.asset_id, tags=["t1"], metadata=b"\x52\x00")
+    assert updated is not None
+    assert (updated.tags, updated.metadata) == (("t1",), b"\x52\x00")
+    assert store.update_asset(config.asset_id, tags=["t2"]).metadata == b"\x52\x00"  # type: ignore[union-attr]
+    assert store.update_asset("missing", tags=[]) is None
+    assert [a.name for a in store.list_assets("name in ['rig', 'nope']")] == ["rig"]
+    assert [a.name for a in store.list_assets(newest_first=True)] == ["other", "rig"]
+    channels = store.list_channels(f"asset_id == '{config.asset_id}'")
+    assert [c.name for c in channels] == ["x", "y", "z"]
+    assert channels[1].channel_config().data_type == cdt.CHANNEL_DATA_TYPE_DOUBLE
+    assert store.list_channels("name == 'z' && asset_id != ''")[0].asset_id == config.asset_id
+
+    tag = store.create_tag("hot")
+    with pytest.raises(DaqError, match="hot"):
+        store.create_tag("hot")
+    assert [t.tag_id for t in store.list_tags({"name": "hot"})] == [tag.tag_id]
+
+    rule = store.create_rule(name="r1", client_key="rk", definition=b"\x1a\x02r1")
+    with pytest.raises(DaqError, match="rk"):
+        store.create_rule(name="r2", client_key="rk", definition=b"")
+    second = store.create_rule(name="r2", client_key=None, definition=b"")
+    assert store.get_rule(client_key="rk") == rule
+    assert store.get_rule(rule_id=second.rule_id) == second
+    assert store.get_rule() is None
+    changed = store.update_rule(rule.rule_id, name="r1b", client_key="rk", definition=b"")
+    assert changed is not None
+    assert (changed.name, changed.created_ns) == ("r1b", rule.created_ns)
+    with pytest.raises(DaqError, match="rk"):
+        store.update_rule(second.rule_id, name="r2", client_key="rk", definition=b"")
+    assert store.update_rule("missing", name="x", client_key=None, definition=b"") is None
+    assert [r.name for r in store.list_rules("client_key == ''")] == ["r2"]
+    with pytest.raises(FilterError, match="offset 5"):
+        store.list_rules("name = 'x'")
+
+
+def test_update_run(store: Store) -> None:
+    """update_run sets only the given fields; a client key another run has is refused."""
+    run = store.create_run(name="r", description="d", tags=["a"], start_ns=BASE)
+    store.create_run(name="other", client_key="taken")
+    updated = store.update_run(run.run_id, {"tags": ["b"], "stop_ns": BASE + 1, "client_key": "ck"})
+    assert updated is not None
+    assert (updated.name, updated.description, updated.tags) == ("r", "d", ("b",))
+    assert (updated.start_ns, updated.stop_ns, updated.client_key) == (BASE, BASE + 1, "ck")
+    assert store.update_run(run.run_id, {"start_ns": None}).start_ns is None  # type: ignore[union-attr]
+    with pytest.raises(DaqError, match="taken"):
+        store.update_run(run.run_id, {"client_key": "taken"})
+    with pytest.raises(DaqError, match="run_id"):
+        store.update_run(run.run_id, {"run_id": "x"})
+    assert store.update_run("missing", {"name": "x"}) is None
+    assert [r.name for r in store.list_runs("client_key == 'ck'")] == ["r"]
+
+
+def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
+    """A schema-1 file opened for writing gains asset tags/metadata and the channels, tags and
+    rules tables (channels filled from its flows), keeping its data."""
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO assets VALUES (1, 'asset-1', 'rig', 5)")
+    conn.execute("INSERT INTO ingestion_configs VALUES (1, 'cfg-1', 1, 'k', '', 6)")
+    conn.execute("INSERT INTO flows VALUES (1, 1, 'a', ?, 7)", (_flow("a", "x", "y"),))
+    conn.commit()
+    conn.close()
+    with Store.open(path) as store:
+        asset = store.get_asset("asset-1")
+        assert asset is not None
+        assert (asset.name, asset.tags, asset.modified_ns) == ("rig", (), 5)
+        assert [c.name for c in store.list_channels()] == ["x", "y"]
+        assert store.list_rules() == []
+        assert [f.name for f in store.list_flows()] == ["a"]
+    with Store.open(path, readonly=True) as reader:
+        assert reader.get_asset("asset-1") is not None
+
+
+_V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assets (
+    id INTEGER PRIMARY KEY,
+    asset_id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingestion_configs (
+    id INTEGER PRIMARY KEY,
+    ingestion_config_id TEXT NOT NULL UNIQUE,
+    asset INTEGER NOT NULL REFERENCES assets(id),
+    client_key TEXT UNIQUE,
+    organization_id TEXT NOT NULL DEFAULT '',
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flows (
+    id INTEGER PRIMARY KEY,
+    config INTEGER NOT NULL REFERENCES ingestion_configs(id),
+    name TEXT NOT NULL,
+    definition BLOB NOT NULL,
+    created_ns INTEGER NOT NULL,
+    UNIQUE (config, name)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]',
+    metadata BLOB NOT NULL DEFAULT x'',
+    client_key TEXT UNIQUE,
+    organization_id TEXT NOT NULL DEFAULT '',
+    start_ns INTEGER,
+    stop_ns INTEGER,
+    is_stopped INTEGER NOT NULL DEFAULT 0,
+    created_ns INTEGER NOT NULL,
+    modified_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_name ON runs (name);
+CREATE TABLE IF NOT EXISTS samples (
+    flow INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    timestamp_ns INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (flow, run, timestamp_ns)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS validation_errors (
+    id INTEGER PRIMARY KEY,
+    time_ns INTEGER NOT NULL,
+    ingestion_config_id TEXT NOT NULL,
+    flow TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    request_index INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    peer TEXT NOT NULL DEFAULT ''
+);
+"""
