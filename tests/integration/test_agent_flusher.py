@@ -5,6 +5,7 @@ acknowledged."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -242,10 +243,12 @@ def test_a_spool_of_the_earlier_version_is_delivered(
 
 
 def test_the_agent_spools_while_the_api_is_down_and_delivers_when_it_comes(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """No server at first: the sink fails (transient) and the flusher keeps everything; once a
-    server listens on the port, everything is delivered."""
+    server listens on the port, everything is delivered. The outage is logged once when it
+    starts and once when it ends (with the count of attempts), never once per attempt."""
+    caplog.set_level(logging.INFO, logger="daq_agent.pipeline.flusher")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -273,6 +276,10 @@ def test_the_agent_spools_while_the_api_is_down_and_delivers_when_it_comes(
         if srv is not None:
             srv.stop(grace=1.0)
     assert len(stored(tmp_path / "late.sqlite")) == 500
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([m for m in said if m.startswith("cannot deliver")]) == 1, said
+    (recovered,) = [m for m in said if m.startswith("delivering again")]
+    assert f"after {stats.failures} failed attempts" in recovered
 
 
 def test_a_stream_the_server_ends_early_is_not_acknowledged(
