@@ -42,6 +42,7 @@ from daq_agent.core.sample import Value
 __all__ = [
     "RequestBuilder",
     "StreamLoop",
+    "StreamRetried",
     "StreamSettings",
     "StreamTimeout",
     "Window",
@@ -69,6 +70,21 @@ _CONSTRUCTORS: dict[ChannelDataType, Callable[[Any], Any]] = {
 
 class StreamTimeout(TransportError):
     """A call into sift_stream did not complete in time (a hung server or a dead path)."""
+
+
+class StreamRetried(TransportError):
+    """A window's stream failed and was reconnected before its finish: what it carried may be lost.
+
+    Attributes:
+        retries: the stream's retry count.
+        statuses: how many streams ended with each gRPC status code (by its number), OK included
+            (a stream that completed before the finish ended early).
+    """
+
+    def __init__(self, message: str, *, retries: int, statuses: dict[int, int]) -> None:
+        super().__init__(message)
+        self.retries = retries
+        self.statuses = statuses
 
 
 def stream_uri(uri: str, *, use_tls: bool) -> str:
@@ -152,8 +168,11 @@ class RequestBuilder:
         rows: Sequence[tuple[str, int, Sequence[Value]]],
         config_id: str,
         run_id: str,
+        *,
+        end_stream_on_validation_error: bool = False,
+        organization_id: str = "",
     ) -> list[Any]:
-        """One request per row, in order.
+        """One request per row, in order (with the given flag and organization on each).
 
         Raises:
             IngestionValidationError: a row's flow is unknown, or a value does not fit its
@@ -174,7 +193,17 @@ class RequestBuilder:
                 channel_values = [
                     empty if v is None else m(v) for m, v in zip(make, values, strict=True)
                 ]
-                out.append(request(config_id, flow, from_ns(ts), channel_values, run_id, False, ""))
+                out.append(
+                    request(
+                        config_id,
+                        flow,
+                        from_ns(ts),
+                        channel_values,
+                        run_id,
+                        end_stream_on_validation_error,
+                        organization_id,
+                    )
+                )
         except KeyError as exc:
             raise IngestionValidationError(f"flow {exc.args[0]!r} is not in the config") from None
         except (TypeError, OverflowError, ValueError) as exc:
@@ -274,8 +303,8 @@ class Window:
 
         Raises:
             StreamTimeout: no status in time.
-            TransportError: the stream failed and was reconnected before the finish (what it
-                carried may be lost: the window must be re-sent).
+            StreamRetried: (a TransportError) the stream failed and was reconnected before the
+                finish (what it carried may be lost: the window must be re-sent).
             RuntimeError: the server answered an error status.
         """
         stream = self._stream
@@ -284,9 +313,11 @@ class Window:
         self._loop.call(stream.finish, self._timeout)
         if failed:
             codes = {i: n for i, n in enumerate(snapshot.grpc_status_counts) if n}
-            raise TransportError(
+            raise StreamRetried(
                 f"the stream failed and was reconnected during the window (retries "
-                f"{snapshot.cur_retry_count}, statuses {codes}): re-sending it"
+                f"{snapshot.cur_retry_count}, statuses {codes}): re-sending it",
+                retries=snapshot.cur_retry_count,
+                statuses=codes,
             )
         return snapshot
 
