@@ -32,7 +32,10 @@ from typing import TYPE_CHECKING, Any
 import sift_stream_bindings as ssb
 
 from daq_agent import methods
-from daq_agent._proto.sift.ingest.v1.ingest_pb2 import IngestWithConfigDataStreamRequest
+from daq_agent._proto.sift.ingest.v1.ingest_pb2 import (
+    IngestWithConfigDataChannelValue,
+    IngestWithConfigDataStreamRequest,
+)
 from daq_agent.core.errors import DaqError, TransportError
 from daq_agent.core.sample import Sample
 from daq_agent.ingestion.errors import stream_error
@@ -53,18 +56,25 @@ _CHUNK = 4_096  # requests per call into the bindings, so each one returns well 
 
 _V = ssb.IngestWithConfigDataChannelValuePy
 _EMPTY = _V.empty()
-_FROM_FIELD: dict[str, Callable[[Any], Any]] = {
-    "double": _V.double,
-    "float": _V.float,
-    "string": _V.string,
-    "bool": _V.bool,
-    "int32": _V.int32,
-    "uint32": _V.uint32,
-    "int64": _V.int64,
-    "uint64": _V.uint64,
-    "enum": _V.enum_value,
-    "bit_field": _V.bitfield,
-    "bytes": _V.bytes,
+_REQUEST = ssb.IngestWithConfigDataStreamRequestPy
+_FROM_TIMESTAMP = ssb.TimeValuePy.from_timestamp
+_WHICH = IngestWithConfigDataChannelValue.WhichOneof
+# One converter per oneof field of a channel value (None: no field set, sent as empty). Looked up
+# by the unbound WhichOneof, this is about 1 µs per value, half the cost of a generic getattr.
+_CONVERT: dict[str | None, Callable[[IngestWithConfigDataChannelValue], Any]] = {
+    None: lambda _v: _EMPTY,
+    "empty": lambda _v: _EMPTY,
+    "double": lambda v: _V.double(v.double),
+    "float": lambda v: _V.float(v.float),
+    "string": lambda v: _V.string(v.string),
+    "bool": lambda v: _V.bool(v.bool),
+    "int32": lambda v: _V.int32(v.int32),
+    "uint32": lambda v: _V.uint32(v.uint32),
+    "int64": lambda v: _V.int64(v.int64),
+    "uint64": lambda v: _V.uint64(v.uint64),
+    "enum": lambda v: _V.enum_value(v.enum),
+    "bit_field": lambda v: _V.bitfield(v.bit_field),
+    "bytes": lambda v: _V.bytes(v.bytes),
 }
 
 
@@ -73,23 +83,17 @@ def to_stream_request(request: IngestWithConfigDataStreamRequest) -> Any:
 
     A channel value with no type set is sent as empty.
     """
-    values = []
-    for value in request.channel_values:
-        kind = value.WhichOneof("type")
-        if kind is None or kind == "empty":
-            values.append(_EMPTY)
-        else:
-            values.append(_FROM_FIELD[kind](getattr(value, kind)))
-    timestamp = (
-        ssb.TimeValuePy.from_timestamp(request.timestamp.seconds, request.timestamp.nanos)
-        if request.HasField("timestamp")
-        else None
-    )
-    return ssb.IngestWithConfigDataStreamRequestPy(
+    timestamp = None
+    if request.HasField("timestamp"):
+        stamp = request.timestamp
+        timestamp = _FROM_TIMESTAMP(stamp.seconds, stamp.nanos)
+    convert = _CONVERT
+    which = _WHICH
+    return _REQUEST(
         request.ingestion_config_id,
         request.flow,
         timestamp,
-        values,
+        [convert[which(value, "type")](value) for value in request.channel_values],
         request.run_id,
         request.end_stream_on_validation_error,
         request.organization_id,
