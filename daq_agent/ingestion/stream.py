@@ -103,6 +103,8 @@ def to_stream_request(request: IngestWithConfigDataStreamRequest) -> Any:
 class IngestStream:
     """One data stream of an :class:`IngestionService`; see the module's documentation.
 
+    Use a stream from one thread at a time (streams of one service may run in parallel).
+
     Args:
         service: the service whose ingestion config, run and flows the data belongs to.
         channel: the channel the service was built on (its address, TLS setting and key).
