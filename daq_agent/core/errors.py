@@ -87,13 +87,16 @@ class RpcStatusError(TransportError):
     """The ingestion API answered with a gRPC status other than OK.
 
     Attributes:
-        code: the ``grpc.StatusCode`` of the answer.
-        details: the status message sent by the server.
+        status_code: the ``grpc.StatusCode`` of the answer.
+        status_details: the status message sent by the server.
+
+    (The ingestion API raises :class:`daq_agent.ingestion.errors.RpcError`, which is also a
+    ``grpc.RpcError`` with grpc's ``code()`` and ``details()`` methods.)
     """
 
     def __init__(self, code: object, details: str, *, method: str = "") -> None:
-        self.code = code
-        self.details = details
+        self.status_code = code
+        self.status_details = details
         self.method = method
         name = getattr(code, "name", str(code))
         where = f"{method}: " if method else ""

@@ -5,7 +5,8 @@ Code written against that client switches by changing its imports::
     from daq_agent.ingestion import IngestionService, TelemetryConfig, use_sift_channel
 
 Modules: ``config`` (telemetry config), ``channel`` (channel values), ``transport`` (the channel,
-error mapping), ``service`` and ``buffer`` (ingestion).
+error mapping), ``errors`` (:class:`RpcError`, a ``grpc.RpcError``), ``service`` and ``buffer``
+(ingestion), ``stream`` (data streams on Sift's own streaming client, sift_stream).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from daq_agent.core.model import (
     FlowConfig,
     TelemetryConfig,
 )
+from daq_agent.core.sample import Sample
 from daq_agent.ingestion.buffer import (
     DEFAULT_BUFFER_SIZE,
     BufferedIngestionService,
@@ -46,7 +48,10 @@ from daq_agent.ingestion.channel import (
     uint32_value,
     uint64_value,
 )
+from daq_agent.ingestion.config import telemetry_config_hash
+from daq_agent.ingestion.errors import RpcError
 from daq_agent.ingestion.service import MAX_MESSAGE_BYTES, IngestionService
+from daq_agent.ingestion.stream import IngestStream
 from daq_agent.ingestion.transport import (
     SiftChannel,
     SiftChannelConfig,
@@ -66,11 +71,14 @@ __all__ = [
     "Flow",
     "FlowConfig",
     "FlowOrderedChannelValues",
+    "IngestStream",
     "IngestWithConfigDataChannelValue",
     "IngestWithConfigDataStreamRequest",
     "IngestionService",
     "IngestionValidationError",
     "OnErrorCallback",
+    "RpcError",
+    "Sample",
     "SiftChannel",
     "SiftChannelConfig",
     "TelemetryConfig",
@@ -87,6 +95,7 @@ __all__ = [
     "is_data_type",
     "map_rpc_errors",
     "string_value",
+    "telemetry_config_hash",
     "uint32_value",
     "uint64_value",
     "use_sift_channel",

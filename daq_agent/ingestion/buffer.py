@@ -9,14 +9,23 @@ it in a ``with`` block::
 
 A flush happens when the buffer is full (on the caller's thread), every ``flush_interval_sec``
 seconds (on one long-lived thread, ``daq-buffer-flush``, whose timer restarts after any flush), and
-when the block is left. The buffer lock is never held across a network call: a flush swaps the
-buffer out under the lock and sends outside it; flushes are serialized so requests keep their order.
+when the block is left. Each flush is one data stream (sift_stream, see
+:meth:`IngestionService.ingest`). The buffer lock is never held across a network call: a flush
+copies the buffer under the lock, sends outside it, and removes what it delivered; flushes are
+serialized so requests keep their order.
 
-When a flush fails, its requests go back to the front of the buffer and the error is kept. The
-periodic thread keeps retrying at each interval; the kept error is raised by the next
-:meth:`~BufferedIngestionService.ingest` (or ``ingest_flows``/``try_ingest_flows``), and by
-:meth:`~BufferedIngestionService.flush` or leaving the block if their own send fails too. A flush
-that delivers everything clears it.
+The buffer is one list for the life of the service: requests stay in it until a flush has
+delivered them. When a flush fails they stay where they are, and the calls that follow keep
+adding theirs behind them; the next flush sends them all. A failed flush raises its error to the
+call that flushed (a full buffer's ``ingest``, :meth:`~BufferedIngestionService.flush`, leaving
+the block), once. A failed *periodic* flush has no caller: its error is raised by the next
+``ingest`` (or ``ingest_flows``/``try_ingest_flows``) after that call's requests were buffered,
+unless that call's own flush delivers everything. :attr:`~BufferedIngestionService.last_error`
+holds the error of the last failed flush until a flush succeeds.
+
+When the ``with`` block raises, ``on_error(error, buffer, flush)`` gets the error, the live
+buffer (the same list: what it holds when ``flush()`` is called is what is sent, as in sift_py)
+and the flush; without ``on_error`` one last flush is tried. The block's error is then re-raised.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ DEFAULT_BUFFER_SIZE = 1_000
 OnErrorCallback = Callable[
     [BaseException, list[IngestWithConfigDataStreamRequest], Callable[[], None]], None
 ]
-"""``on_error(error, unsent_requests, flush)``, called when the ``with`` block raises."""
+"""``on_error(error, buffer, flush)``, called when the ``with`` block raises; ``buffer`` is the
+live list of requests not yet delivered (changing it changes what ``flush()`` sends)."""
 
 _THREAD_NAME = "daq-buffer-flush"
 _JOIN_TIMEOUT_SEC = 30.0
@@ -87,15 +97,22 @@ class _Timer:
 def _run_periodic(
     ref: weakref.ref[BufferedIngestionService], timer: _Timer, interval: float
 ) -> None:
+    failures = 0  # in a row: the first is logged as a warning, the recovery says how many
     while timer.wait_due(interval):
         service = ref()
         if service is None:
             return
         try:
-            service._flush()
+            service._flush(periodic=True)
         except Exception as exc:
             # Kept by _flush for the producer; the requests wait for the next interval.
-            _log.warning("periodic flush failed, retrying in %.3g s: %s", interval, exc)
+            failures += 1
+            level = logging.WARNING if failures == 1 else logging.DEBUG
+            _log.log(level, "periodic flush failed, retrying every %.3g s: %s", interval, exc)
+        else:
+            if failures:
+                _log.info("periodic flush delivered again after %d failed tries", failures)
+            failures = 0
         # Dropped outside any lock: the last reference may go here and run __del__.
         del service
 
@@ -129,15 +146,17 @@ class BufferedIngestionService:
         self.flush_interval_sec = flush_interval_sec
         self._service = service
         self._on_error = on_error
+        # The live buffer: requests stay in it, in order, until a flush delivered them.
         self._buffer: list[IngestWithConfigDataStreamRequest] = []
-        # _lock guards _buffer, _in_flight, _error and the timer's fields; the timer's condition
+        # _lock guards _buffer, _error, _unraised and the timer's fields; the timer's condition
         # (on _lock) wakes the flush thread.
         self._timer = _Timer()
         self._lock = self._timer.lock
         # Serializes sends (held across the network call, never by a producer appending).
         self._send_lock = threading.Lock()
         self._error: BaseException | None = None
-        self._in_flight = 0
+        # The error of a failed periodic flush, not raised to any caller yet.
+        self._unraised: BaseException | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
         if flush_interval_sec is not None:
@@ -156,27 +175,34 @@ class BufferedIngestionService:
     def ingest(self, *requests: IngestWithConfigDataStreamRequest) -> None:
         """Buffer ``requests``; flush when the buffer is full.
 
+        The requests are buffered even when the call raises a flush's error: they are sent by a
+        later flush, behind those still waiting.
+
         Raises:
-            RpcStatusError: the error of an earlier failed flush (raised once; its requests stay
-                buffered and are retried), or of this call's flush.
-            TransportError: likewise, when the API could not be reached.
-            RuntimeError: when the service is closed.
+            RpcError: this call's flush failed, or (once, when this call does not flush) the
+                last periodic flush did; the requests stay buffered and are retried.
+            TransportError: likewise, for a failure that carries no gRPC status.
+            RuntimeError: when the service is closed (nothing is buffered then).
         """
         with self._lock:
             if self._closed:
                 raise RuntimeError("buffered ingestion is closed")
-            self._raise_kept_error()
             self._buffer.extend(requests)
             full = len(self._buffer) >= self.buffer_size
+            unraised = None
+            if not full:
+                unraised, self._unraised = self._unraised, None
         if full:
             self._flush()
+        elif unraised is not None:
+            raise unraised
 
     def ingest_flows(self, *flows: FlowOrderedChannelValues) -> None:
         """Build requests unvalidated (as :meth:`IngestionService.ingest_flows`) and buffer them.
 
         Raises:
             IngestionValidationError: when a timestamp is out of range.
-            RpcStatusError: see :meth:`ingest`.
+            RpcError: see :meth:`ingest`.
             TransportError: see :meth:`ingest`.
         """
         self.ingest(*self._service._requests_from_ordered(flows))
@@ -186,7 +212,7 @@ class BufferedIngestionService:
 
         Raises:
             IngestionValidationError: when a flow does not match its config; nothing is buffered.
-            RpcStatusError: see :meth:`ingest`.
+            RpcError: see :meth:`ingest`.
             TransportError: see :meth:`ingest`.
         """
         self.ingest(*self._service._requests_from_flows(flows))
@@ -195,7 +221,7 @@ class BufferedIngestionService:
         """Send everything buffered now, on one stream.
 
         Raises:
-            RpcStatusError: when the send fails; the requests stay buffered.
+            RpcError: when the send fails; the requests stay buffered.
             TransportError: when the API cannot be reached; the requests stay buffered.
         """
         self._flush()
@@ -204,28 +230,20 @@ class BufferedIngestionService:
     def buffered(self) -> int:
         """How many requests are not delivered yet (buffered, or in a flush under way)."""
         with self._lock:
-            return len(self._buffer) + self._in_flight
+            return len(self._buffer)
 
     @property
     def last_error(self) -> BaseException | None:
-        """The error of the last failed flush, until a flush delivers everything or it is raised."""
+        """The error of the last failed flush, until a flush delivers everything."""
         with self._lock:
             return self._error
 
     # -- flushing -------------------------------------------------------------------------------
 
-    def _raise_kept_error(self) -> None:
-        # Called with _lock held.
-        error = self._error
-        if error is not None:
-            self._error = None
-            raise error
-
-    def _flush(self) -> None:
+    def _flush(self, *, periodic: bool = False) -> None:
         with self._send_lock:
             with self._lock:
-                batch, self._buffer = self._buffer, []
-                self._in_flight = len(batch)
+                batch = list(self._buffer)
                 self._timer.restart()
             if not batch:
                 return
@@ -233,14 +251,16 @@ class BufferedIngestionService:
                 self._service.ingest(*batch)
             except Exception as exc:
                 with self._lock:
-                    self._buffer[:0] = batch
-                    self._in_flight = 0
                     self._error = exc
+                    # A caller's flush raises its own error: an older periodic one is superseded.
+                    self._unraised = exc if periodic else None
                 raise
             with self._lock:
-                self._in_flight = 0
-                # The requests of a failed flush were at the front of this batch: delivered now.
+                # Only flushes remove requests, from the front, and never two at once: what this
+                # one sent is still the buffer's head, whatever producers appended meanwhile.
+                del self._buffer[: len(batch)]
                 self._error = None
+                self._unraised = None
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -256,7 +276,7 @@ class BufferedIngestionService:
         """Stop the periodic flushes and flush what is left; calling it again does nothing.
 
         Raises:
-            RpcStatusError: when the final flush fails; the requests stay in :attr:`buffered`.
+            RpcError: when the final flush fails; the requests stay in :attr:`buffered`.
             TransportError: when the API cannot be reached.
         """
         if self._closed:
@@ -291,9 +311,8 @@ class BufferedIngestionService:
         self._stop_thread()
         try:
             if self._on_error is not None:
-                with self._lock:
-                    unsent = list(self._buffer)
-                self._on_error(exc_val, unsent, self._flush)
+                # The live buffer, as sift_py passes it: the callback may inspect or change it.
+                self._on_error(exc_val, self._buffer, self.flush)
             else:
                 try:
                     self._flush()

@@ -3,7 +3,7 @@
 :class:`IngestionService` has the names and behaviour of Sift's Python client
 (``sift_py.ingestion.service.IngestionService``)::
 
-    with use_sift_channel({"uri": "127.0.0.1:50051", "apikey": "", "use_ssl": False}) as channel:
+    with use_sift_channel({"uri": "127.0.0.1:50051", "apikey": key, "use_ssl": False}) as channel:
         service = IngestionService(channel, TelemetryConfig.try_from_yaml("telemetry.yml"))
         service.attach_run(channel, "bench-42")
         service.try_ingest_flows({
@@ -12,18 +12,23 @@
             "channel_values": [{"channel_name": "voltage", "value": double_value(3.3)}],
         })
 
-On construction the ingestion config is fetched by its client key, or created. A config whose
-``CreateIngestionConfig`` request would not fit one gRPC message (4 MiB) is created without flows,
-and each flow is registered the first time it is ingested (*lazy flow creation*).
+On construction the ingestion config is fetched by its client key, or created. A config without
+an ``ingestion_client_key`` gets one derived from its content (:func:`telemetry_config_hash`, the
+hash sift_py uses): every start with the same config finds the same ingestion config. A config
+whose ``CreateIngestionConfig`` request would not fit one gRPC message (4 MiB) is created without
+flows, and each flow is registered the first time it is ingested (*lazy flow creation*).
 
-Every data stream goes through one private method, :meth:`IngestionService._stream`.
+Unary calls (configs, flows, runs) go through grpcio on the channel. Every data stream goes through
+Sift's own streaming client, sift_stream, as an :class:`~daq_agent.ingestion.stream.IngestStream`
+(:meth:`IngestionService.open_stream`), to the channel's address with its key: :meth:`ingest` is
+one such stream per call. Errors for gRPC statuses are
+:class:`~daq_agent.ingestion.errors.RpcError`, a ``grpc.RpcError``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
@@ -38,7 +43,7 @@ from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
 from daq_agent._proto.sift.metadata.v1 import metadata_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
-from daq_agent.core.errors import IngestionValidationError, RpcStatusError
+from daq_agent.core.errors import ConfigError, IngestionValidationError
 from daq_agent.core.model import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.channel import (
     ChannelValue,
@@ -47,7 +52,9 @@ from daq_agent.ingestion.channel import (
     empty_value,
     is_data_type,
 )
-from daq_agent.ingestion.stream import GrpcioIngestStream, H2IngestStream, IngestStream
+from daq_agent.ingestion.config import telemetry_config_hash
+from daq_agent.ingestion.errors import RpcError
+from daq_agent.ingestion.stream import DEFAULT_STREAM_TIMEOUT_SEC, IngestStream
 from daq_agent.ingestion.transport import SiftChannel, map_rpc_errors
 
 if TYPE_CHECKING:
@@ -113,14 +120,15 @@ class IngestionService:
 
         Args:
             channel: the channel to the API (see :func:`use_sift_channel`).
-            config: the asset, its client key and flows. Without a client key, one is generated
-                (and a new ingestion config created).
+            config: the asset, its client key and flows. Without a client key, the key is the
+                hash of the config's content (:func:`telemetry_config_hash`, as sift_py does);
+                flows cannot be added at runtime then.
             run_id: a run to associate data with.
             end_stream_on_error: see the class attributes.
             force_lazy_flow_creation: register flows when first ingested, whatever the size.
 
         Raises:
-            RpcStatusError: when the API answers an error.
+            RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
         self.transport_channel = channel
@@ -134,7 +142,8 @@ class IngestionService:
         # threads never register the same flow twice.
         self._flows_lock = threading.Lock()
         self._registered: set[str] = set()
-        client_key = config.ingestion_client_key or str(uuid.uuid4())
+        self._generated_key = not config.ingestion_client_key
+        client_key = config.ingestion_client_key or telemetry_config_hash(config)
         request = ic_pb2.CreateIngestionConfigRequest(
             asset_name=config.asset_name,
             organization_id=config.organization_id or "",
@@ -232,15 +241,15 @@ class IngestionService:
     def _send_flow_batch(self, batch: Sequence[ic_pb2.FlowConfig]) -> None:
         try:
             self._create_flows_call(batch)
-        except RpcStatusError as exc:
-            if exc.code is grpc.StatusCode.ALREADY_EXISTS and len(batch) == 1:
+        except RpcError as exc:
+            if exc.status_code is grpc.StatusCode.ALREADY_EXISTS and len(batch) == 1:
                 return
-            if len(batch) == 1 or exc.code not in (
+            if len(batch) == 1 or exc.status_code not in (
                 grpc.StatusCode.ALREADY_EXISTS,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             ):
                 raise
-            _log.debug("flow batch refused (%s): one flow at a time", exc.code)
+            _log.debug("flow batch refused (%s): one flow at a time", exc.status_code.name)
             for flow in batch:
                 self._send_flow_batch([flow])
 
@@ -258,11 +267,13 @@ class IngestionService:
         """Create new flows at runtime, refusing a name that already exists.
 
         Raises:
-            IngestionValidationError: when a flow of that name exists (or is given twice), or a
-                flow has two channels of the same name; nothing is created then.
-            RpcStatusError: when the API answers an error.
+            IngestionValidationError: when a flow of that name exists (or is given twice), a flow
+                has two channels of the same name, or the config's client key was derived from
+                its content (it cannot change at runtime); nothing is created then.
+            RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
+        self._check_key_not_derived(flow_config)
         with self._flows_lock:
             seen: set[str] = set()
             for flow in flow_config:
@@ -276,8 +287,9 @@ class IngestionService:
         """See :meth:`try_create_flow`.
 
         Raises:
-            IngestionValidationError: when a flow of that name exists.
-            RpcStatusError: when the API answers an error.
+            IngestionValidationError: when a flow of that name exists, or the client key was
+                derived from the config's content.
+            RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
         self.try_create_flow(*flow_configs)
@@ -289,8 +301,9 @@ class IngestionService:
         registered now, with the service's config of it.
 
         Raises:
-            IngestionValidationError: when a flow has two channels of the same name.
-            RpcStatusError: when the API answers an error.
+            IngestionValidationError: when a flow has two channels of the same name, or is new
+                and the client key was derived from the config's content.
+            RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
         self.register_flows(flow_config)
@@ -299,8 +312,9 @@ class IngestionService:
         """See :meth:`create_flow`.
 
         Raises:
-            IngestionValidationError: when a flow has two channels of the same name.
-            RpcStatusError: when the API answers an error.
+            IngestionValidationError: when a flow has two channels of the same name, or is new
+                and the client key was derived from the config's content.
+            RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
         self.register_flows(flow_configs)
@@ -312,10 +326,13 @@ class IngestionService:
         registered cost nothing; ``ALREADY_EXISTS`` from the API counts as registered.
 
         Raises:
-            IngestionValidationError: when a new flow has two channels of the same name.
-            RpcStatusError: when the API answers an error.
+            IngestionValidationError: when a new flow has two channels of the same name, or the
+                client key was derived from the config's content (no flow can be added then).
+            RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
+        flows = list(flows)
+        self._check_key_not_derived(flows)
         with self._flows_lock:
             todo: dict[str, FlowConfig] = {}
             for flow in flows:
@@ -335,10 +352,20 @@ class IngestionService:
         for flow in flows:
             self.flow_configs_by_name.setdefault(flow.name, flow)
 
-    def _register_lazily(self, requests: Iterable[IngestWithConfigDataStreamRequest]) -> None:
+    def _check_key_not_derived(self, flows: Iterable[FlowConfig]) -> None:
+        if not self._generated_key:
+            return
+        new = [flow.name for flow in flows if flow.name not in self.flow_configs_by_name]
+        if new:
+            raise IngestionValidationError(
+                f"cannot add flows {new} at runtime: the config has no ingestion_client_key, so "
+                "its key is derived from its content; give it an ingestion_client_key to add flows"
+            )
+
+    def _register_lazily(self, names: Iterable[str]) -> None:
+        """Register the flows named that the service knows and the API does not yet."""
         pending: dict[str, FlowConfig] = {}
-        for request in requests:
-            name = request.flow
+        for name in names:
             if name not in self._registered and name not in pending:
                 flow = self.flow_configs_by_name.get(name)
                 if flow is not None:  # an unknown flow is left for the API to report
@@ -375,7 +402,7 @@ class IngestionService:
 
         Raises:
             IngestionValidationError: when a metadata value is not a string, number or boolean.
-            RpcStatusError: when the API answers an error.
+            RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
         values = _metadata_values(metadata or {})
@@ -408,7 +435,7 @@ class IngestionService:
         """Mark a run stopped (``StopRun``).
 
         Raises:
-            RpcStatusError: when the API answers an error.
+            RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
         self._unary(
@@ -518,26 +545,30 @@ class IngestionService:
     def ingest(self, *requests: IngestWithConfigDataStreamRequest) -> None:
         """Send ``requests`` on one stream and return when the API has accepted them.
 
-        With lazy flow creation, flows not yet registered are registered first.
+        With lazy flow creation, flows not yet registered are registered first. The stream is
+        an :class:`~daq_agent.ingestion.stream.IngestStream` (sift_stream); when it failed and
+        was reconnected on the way, the call fails: some requests may not be stored, send them
+        again.
 
         Raises:
-            RpcStatusError: when the API ends the stream with an error (``INVALID_ARGUMENT`` for a
-                request that does not match its flow when ``end_stream_on_error`` is set).
-            TransportError: when the API cannot be reached.
+            RpcError: when the API ends the stream with an error (``INVALID_ARGUMENT`` for a
+                request that does not match its flow when ``end_stream_on_error`` is set), cannot
+                be reached (``UNAVAILABLE``), refuses the key (``UNAUTHENTICATED``) or does not
+                answer in time (``DEADLINE_EXCEEDED``).
+            ConfigError: when the channel is not a :class:`SiftChannel`.
         """
         if not requests:
             return
-        if self.lazy_flow_creation:
-            self._register_lazily(requests)
-        self._stream(requests)
+        with self.open_stream() as stream:
+            stream.send(*requests)
 
     def ingest_flows(self, *flows: FlowOrderedChannelValues) -> None:
         """Build requests with :meth:`create_ingestion_request` (no validation) and ingest them.
 
         Raises:
             IngestionValidationError: when a timestamp is out of range.
-            RpcStatusError: when the API ends the stream with an error.
-            TransportError: when the API cannot be reached.
+            RpcError: when the API ends the stream with an error.
+            ConfigError: when the channel is not a :class:`SiftChannel`.
         """
         self.ingest(*self._requests_from_ordered(flows))
 
@@ -548,8 +579,8 @@ class IngestionService:
 
         Raises:
             IngestionValidationError: when a flow does not match its config.
-            RpcStatusError: when the API ends the stream with an error.
-            TransportError: when the API cannot be reached.
+            RpcError: when the API ends the stream with an error.
+            ConfigError: when the channel is not a :class:`SiftChannel`.
         """
         self.ingest(*self._requests_from_flows(flows))
 
@@ -564,8 +595,9 @@ class IngestionService:
         The buffer is flushed when it holds ``buffer_size`` requests (default
         :data:`~daq_agent.ingestion.buffer.DEFAULT_BUFFER_SIZE`), every ``flush_interval_sec``
         seconds if given (the interval restarts after a flush), and on leaving the block. When
-        the block raises, ``on_error(error, unsent_requests, flush)`` is called if given, else
-        one last flush is tried; the error is then re-raised.
+        the block raises, ``on_error(error, buffer, flush)`` is called if given (``buffer`` is
+        the live list of requests not yet delivered: what it holds when ``flush()`` is called
+        is what is sent), else one last flush is tried; the error is then re-raised.
 
         Raises:
             ValueError: when ``buffer_size`` or ``flush_interval_sec`` is not positive.
@@ -590,48 +622,34 @@ class IngestionService:
             for f in flows
         ]
 
-    def open_stream(
-        self, timeout: float | None = None, *, send_timeout: float | None = None
-    ) -> IngestStream:
-        """Open a long-lived data stream for serialized requests (the agent's fast path).
+    def open_stream(self, timeout: float | None = None) -> IngestStream:
+        """Open a data stream on Sift's own streaming client (sift_stream).
 
-        Send with ``send_serialized(payloads)``; ``close()`` returns once the API answered OK,
-        which acknowledges every request of the stream. Flows must be registered first (see
-        :meth:`register_flows`). On a :class:`SiftChannel` the stream travels on a coalescing
-        HTTP/2 connection; on any other ``grpc.Channel`` through grpcio.
+        Send protobuf requests with ``send(*requests)`` or samples (``Sample(flow, timestamp_ns,
+        values)``, the faster path) with ``send_samples(samples)``; ``close()`` returns once
+        the API answered OK, which acknowledges everything the stream carried. Use it as a
+        context manager: closed on leaving the block, cancelled if the block raises. See
+        :mod:`daq_agent.ingestion.stream`.
 
         Args:
-            timeout: a deadline for the whole stream, in seconds (None: no deadline).
-            send_timeout: the longest one send may wait for the server to take data (a hung
-                server) before failing with a TransportError; HTTP/2 path only (None: no limit).
+            timeout: the longest building the stream, one send or the close may take, in seconds
+                (default :data:`~daq_agent.ingestion.stream.DEFAULT_STREAM_TIMEOUT_SEC`).
 
         Raises:
-            TransportError: when the API cannot be reached.
+            RpcError: when the API cannot be reached (``UNAVAILABLE``) or refuses the key.
+            ConfigError: when the channel is not a :class:`SiftChannel` (sift_stream needs the
+                API's address and key, which only a channel from :func:`use_sift_channel` knows).
         """
         channel = self.transport_channel
-        if isinstance(channel, SiftChannel):
-            with channel.map_errors(methods.INGEST_WITH_CONFIG_DATA_STREAM):
-                return H2IngestStream(
-                    channel.h2_channel(), timeout=timeout, send_timeout=send_timeout
-                )
-        return GrpcioIngestStream(channel, timeout=timeout)
-
-    def _stream(self, requests: Sequence[IngestWithConfigDataStreamRequest]) -> None:
-        """Send ``requests`` on one client stream; return when the API answered OK.
-
-        The only path :meth:`ingest` data takes to the API.
-
-        Raises:
-            RpcStatusError: when the stream ends with a status other than OK.
-            TransportError: when the API cannot be reached.
-        """
-        stream = self.open_stream()
-        try:
-            stream.send_serialized([request.SerializeToString() for request in requests])
-        except BaseException:
-            stream.cancel()
-            raise
-        stream.close()
+        if not isinstance(channel, SiftChannel):
+            raise ConfigError(
+                f"data streams go through sift_stream, which needs the API's address and key: "
+                f"open the channel with use_sift_channel(), not {type(channel).__name__}",
+                key="channel",
+            )
+        return IngestStream(
+            self, channel, timeout=DEFAULT_STREAM_TIMEOUT_SEC if timeout is None else timeout
+        )
 
     # -- plumbing -------------------------------------------------------------------------------
 

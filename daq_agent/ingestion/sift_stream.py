@@ -86,12 +86,15 @@ class StreamFailed(TransportError):
     had taken may be lost, so the window is not committed.
 
     Attributes:
-        codes: the gRPC status codes (numbers) the failed streams ended with, and how often.
+        codes: how many streams ended with each gRPC status code (by its number), OK included
+            (a stream that completed before the finish ended early).
+        retries: the stream's retry count.
     """
 
-    def __init__(self, message: str, codes: dict[int, int]) -> None:
+    def __init__(self, message: str, codes: dict[int, int], retries: int = 0) -> None:
         super().__init__(message)
         self.codes = codes
+        self.retries = retries
 
 
 def stream_uri(uri: str, *, use_tls: bool) -> str:
@@ -180,8 +183,12 @@ class RequestBuilder:
         rows: Sequence[tuple[str, int, Sequence[Value]]],
         config_id: str,
         run_id: str,
+        *,
+        end_stream_on_validation_error: bool | None = None,
+        organization_id: str = "",
     ) -> list[Any]:
-        """One request per row, in order.
+        """One request per row, in order (with the given flag, default the builder's, and
+        organization on each).
 
         Raises:
             IngestionValidationError: a row's flow is unknown, or a value does not fit its
@@ -191,7 +198,11 @@ class RequestBuilder:
         request = ssb.IngestWithConfigDataStreamRequestPy
         from_ns = ssb.TimeValuePy.from_timestamp_nanos
         empty = _EMPTY
-        end_stream = self._end_stream
+        end_stream = (
+            self._end_stream
+            if end_stream_on_validation_error is None
+            else end_stream_on_validation_error
+        )
         out = []
         try:
             for flow, ts, values in rows:
@@ -204,7 +215,15 @@ class RequestBuilder:
                     empty if v is None else m(v) for m, v in zip(make, values, strict=True)
                 ]
                 out.append(
-                    request(config_id, flow, from_ns(ts), channel_values, run_id, end_stream, "")
+                    request(
+                        config_id,
+                        flow,
+                        from_ns(ts),
+                        channel_values,
+                        run_id,
+                        end_stream,
+                        organization_id,
+                    )
                 )
         except KeyError as exc:
             raise IngestionValidationError(f"flow {exc.args[0]!r} is not in the config") from None

@@ -10,9 +10,14 @@ Every call on the channel carries ``authorization: Bearer <apikey>``. TLS is on 
 text is refused unless the host is a loopback address (development against the local server).
 The gRPC default message limit (4 MiB) is kept, as on the real API: the service guards sizes itself.
 
-:func:`map_rpc_errors` is the only place that turns a :class:`grpc.RpcError` into a
-:class:`~daq_agent.core.errors.RpcStatusError`; every status code has an entry in
-:data:`STATUS_ERRORS`.
+Unary calls go through grpcio. Data streams go through Sift's own streaming client (sift_stream),
+to the same address with the same TLS setting and key: the channel owns the asyncio loop thread
+the bindings run on (:meth:`SiftChannel.stream_loop`, started on first use, stopped by
+:meth:`SiftChannel.close`).
+
+:func:`map_rpc_errors` is the only place that turns a :class:`grpc.RpcError` from grpcio into a
+daq-agent error: an :class:`~daq_agent.ingestion.errors.RpcError` (itself a ``grpc.RpcError``)
+for every status code (:data:`STATUS_ERRORS`).
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from typing import Any, NamedTuple, NotRequired, TypedDict
 
 import grpc
 
-from daq_agent.core.errors import ConfigError, RpcStatusError, TransportError
-from daq_agent.h2grpc.client import H2Channel
+from daq_agent.core.errors import ConfigError, TransportError
+from daq_agent.ingestion.errors import RpcError
+from daq_agent.ingestion.sift_stream import StreamLoop
 
 __all__ = [
     "STATUS_ERRORS",
@@ -58,9 +64,7 @@ class SiftChannelConfig(TypedDict):
     use_ssl: NotRequired[bool]
 
 
-STATUS_ERRORS: Mapping[grpc.StatusCode, type[RpcStatusError]] = dict.fromkeys(
-    grpc.StatusCode, RpcStatusError
-)
+STATUS_ERRORS: Mapping[grpc.StatusCode, type[RpcError]] = dict.fromkeys(grpc.StatusCode, RpcError)
 """The daq-agent error raised for each gRPC status code (every code has an entry)."""
 
 
@@ -73,8 +77,8 @@ def map_rpc_errors(method: str = "", *, secret: str | None = None) -> Iterator[N
         secret: a value (the API key) scrubbed from the server's details before they are kept.
 
     Raises:
-        RpcStatusError: (a :class:`TransportError`) for an RPC that ended with a non-OK status,
-            with ``code`` set to its :class:`grpc.StatusCode`.
+        RpcError: (a :class:`~daq_agent.core.errors.RpcStatusError` and a ``grpc.RpcError``) for
+            an RPC that ended with a non-OK status: ``code()`` returns its status code.
         TransportError: for a gRPC failure that carries no status.
     """
     try:
@@ -229,8 +233,8 @@ class SiftChannel(grpc.Channel):
         self._metadata = tuple(metadata)
         self._inner = inner
         self._closed = False
-        self._h2: H2Channel | None = None
-        self._h2_lock = threading.Lock()
+        self._loop: StreamLoop | None = None
+        self._lock = threading.Lock()
 
     @property
     def target(self) -> str:
@@ -310,33 +314,36 @@ class SiftChannel(grpc.Channel):
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def h2_channel(self) -> H2Channel:
-        """The HTTP/2 connection that carries data streams (opened on first use, then shared).
+    @property
+    def api_key(self) -> str:
+        """The API key data streams authenticate with (never log it)."""
+        return self.config.get("apikey") or ""
 
-        Data streams bypass grpcio: this connection packs many requests into each HTTP/2 DATA
-        frame. It goes to the same address, with the same TLS setting and metadata.
+    def stream_loop(self) -> StreamLoop:
+        """The asyncio loop (thread ``daq-ingest-stream``) sift_stream's calls run on.
+
+        Started on first use and shared by every data stream on this channel; stopped and joined
+        by :meth:`close`.
 
         Raises:
             TransportError: the channel is closed.
         """
-        with self._h2_lock:
+        with self._lock:
             if self._closed:
                 raise TransportError("channel closed")
-            if self._h2 is None:
-                self._h2 = H2Channel(
-                    self.host, self.port, use_ssl=self.use_ssl, metadata=self._metadata
-                )
-            return self._h2
+            if self._loop is None:
+                self._loop = StreamLoop("daq-ingest-stream")
+            return self._loop
 
     def close(self) -> None:
         """Close the channel, cancelling its active calls; calling it again does nothing."""
-        with self._h2_lock:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-            h2, self._h2 = self._h2, None
-        if h2 is not None:
-            h2.close()
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.close()
         self._inner.close()
 
     def __enter__(self) -> SiftChannel:

@@ -87,11 +87,11 @@ def sink_error(exc: BaseException, secret: str = "") -> SinkError:
     if isinstance(exc, IngestionValidationError):
         kind = FailureKind.REJECTED
     elif isinstance(exc, RpcStatusError):
-        if exc.code in _AUTH_CODES:
+        if exc.status_code in _AUTH_CODES:
             kind = FailureKind.AUTH
-        elif exc.code is grpc.StatusCode.INVALID_ARGUMENT or (
-            exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-            and any(h in str(exc.details).lower() for h in _TOO_LARGE_HINTS)
+        elif exc.status_code is grpc.StatusCode.INVALID_ARGUMENT or (
+            exc.status_code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            and any(h in str(exc.status_details).lower() for h in _TOO_LARGE_HINTS)
         ):
             kind = FailureKind.REJECTED
     elif isinstance(exc, StreamTimeout):
@@ -235,7 +235,7 @@ class SiftSink:
             window = Window(self._loop, self._settings, key)
         except (DaqError, RuntimeError) as exc:
             self._note_failure()
-            if isinstance(exc, RpcStatusError) and exc.code in _AUTH_CODES:
+            if isinstance(exc, RpcStatusError) and exc.status_code in _AUTH_CODES:
                 self._service = None  # set up again (with the key read again) next time
             raise sink_error(exc, key) from exc
         return _SiftWindow(self, window, key)

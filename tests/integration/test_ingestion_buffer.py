@@ -1,4 +1,5 @@
-"""Buffered ingestion against the real local ingestion server (127.0.0.1, port 0)."""
+"""Buffered ingestion against the real local ingestion server (127.0.0.1, port 0), each flush a
+sift_stream data stream."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 import grpc
 import pytest
 
-from daq_agent.core.errors import RpcStatusError
 from daq_agent.ingestion import (
     DEFAULT_BUFFER_SIZE,
     BufferedIngestionService,
@@ -25,8 +25,11 @@ from daq_agent.ingestion import (
     IngestionService,
     IngestionValidationError,
     IngestWithConfigDataStreamRequest,
+    RpcError,
+    SiftChannelConfig,
     TelemetryConfig,
     double_value,
+    string_value,
     use_sift_channel,
 )
 from daq_agent.server.local import LocalIngestServer, make_server
@@ -38,6 +41,8 @@ _T0 = 1_700_000_000_000_000_000
 _FLOW = FlowConfig("readings", [ChannelConfig("voltage", ChannelDataType.DOUBLE)])
 _THREAD = "daq-buffer-flush"
 _WAIT_SEC = 20.0
+# A keyless server takes any key; sift_stream needs a non-empty one (it sends "Bearer " for none).
+_ANY_KEY = "any-key"
 
 
 class _Server:
@@ -64,10 +69,18 @@ class _Server:
         with Store.open(self.db_path, readonly=True) as store:
             return store.count_samples()
 
+    def values(self) -> list[float]:
+        """The stored voltages, in time order."""
+        with Store.open(self.db_path, readonly=True) as store:
+            return [s.values["voltage"] for s in store.iter_samples()]
+
+    def channel_config(self) -> SiftChannelConfig:
+        return {"uri": f"127.0.0.1:{self.port}", "apikey": _ANY_KEY, "use_ssl": False}
+
     def stop(self) -> None:
         if self.running:
             self.running = False
-            self.server.stop()
+            self.server.stop(grace=0.5)
 
 
 @pytest.fixture
@@ -79,8 +92,7 @@ def server(local_server: LocalIngestServer) -> _Server:
 @pytest.fixture
 def service(server: _Server) -> Iterator[IngestionService]:
     """An IngestionService with one double flow, on a plain-text channel to the server."""
-    config = {"uri": f"127.0.0.1:{server.port}", "apikey": "", "use_ssl": False}
-    with use_sift_channel(config) as channel:  # type: ignore[arg-type]
+    with use_sift_channel(server.channel_config()) as channel:
         telemetry = TelemetryConfig("bench", ingestion_client_key="buffer-key", flows=[_FLOW])
         yield IngestionService(channel, telemetry)
 
@@ -209,18 +221,23 @@ def test_error_in_block_flushes_then_reraises(server: _Server, service: Ingestio
     assert server.count() == 6
 
 
-def test_on_error_receives_unsent_requests(server: _Server, service: IngestionService) -> None:
-    """on_error gets the error, the unsent requests and a flush; the error is re-raised."""
-    seen: list[tuple[BaseException, list[IngestWithConfigDataStreamRequest]]] = []
+def test_on_error_gets_the_live_buffer(server: _Server, service: IngestionService) -> None:
+    """on_error gets the error, the live buffer and a flush, as in sift_py: what the callback
+    leaves in the buffer is what the flush sends; the error is re-raised."""
+    seen: list[tuple[BaseException, list[float]]] = []
+    extra = service.create_ingestion_request("readings", _T0 + 100, [double_value(100.0)])
 
     def on_error(
         error: BaseException,
-        unsent: list[IngestWithConfigDataStreamRequest],
+        buffer: list[IngestWithConfigDataStreamRequest],
         flush: Callable[[], None],
     ) -> None:
-        seen.append((error, unsent))
+        seen.append((error, [r.channel_values[0].double for r in buffer]))
         assert server.count() == 0
+        del buffer[0]  # drop one request, add another: the flush sends the list as it is now
+        buffer.append(extra)
         flush()
+        assert buffer == []  # delivered requests leave the live buffer
 
     def block() -> None:
         with service.buffered_ingestion(on_error=on_error) as buffered:
@@ -231,14 +248,14 @@ def test_on_error_receives_unsent_requests(server: _Server, service: IngestionSe
         block()
     ((error, unsent),) = seen
     assert isinstance(error, ValueError)
-    assert [r.timestamp.nanos for r in unsent] == [(_T0 + i) % 10**9 for i in range(4)]
-    assert server.count() == 4
+    assert unsent == [0.0, 1.0, 2.0, 3.0]
+    assert server.values() == [1.0, 2.0, 3.0, 100.0]
 
 
 def test_failed_size_flush_keeps_requests(tmp_path: Path, server: _Server) -> None:
-    """A size flush that fails raises, keeps the requests, and on_error receives them."""
-    config = {"uri": f"127.0.0.1:{server.port}", "apikey": "", "use_ssl": False}
-    with use_sift_channel(config) as channel:  # type: ignore[arg-type]
+    """A size flush that fails raises an RpcError (a grpc.RpcError), keeps the requests, and
+    on_error receives them."""
+    with use_sift_channel(server.channel_config()) as channel:
         telemetry = TelemetryConfig("bench", ingestion_client_key="k", flows=[_FLOW])
         service = IngestionService(channel, telemetry)
         server.stop()
@@ -254,22 +271,117 @@ def test_failed_size_flush_keeps_requests(tmp_path: Path, server: _Server) -> No
                 buffered.ingest_flows(*_flows(2))
                 buffered.ingest_flows(*_flows(1, start=2))  # the size flush fails
 
-        with pytest.raises(RpcStatusError) as info:
+        with pytest.raises(grpc.RpcError) as info:
             block()
-        assert info.value.code is grpc.StatusCode.UNAVAILABLE
+        assert isinstance(info.value, RpcError)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert unsent_seen == [3]
         assert buffered.buffered == 3
 
 
-def test_periodic_flush_survives_a_server_outage(tmp_path: Path) -> None:
-    """A failed periodic flush keeps its requests, surfaces the error, and later recovers."""
+def _outage_test(tmp_path: Path, buffer_size: int, scenario: Callable[..., None]) -> list[float]:
+    """Run ``scenario(buffered, restart)`` with the server down from the start; ``restart()``
+    brings it back on the same port. Returns the voltages stored in the end."""
+    db = tmp_path / "store.db"
+    first = _Server(db)
+    servers = [first]
+    try:
+        with use_sift_channel(first.channel_config()) as channel:
+            telemetry = TelemetryConfig("bench", ingestion_client_key="k", flows=[_FLOW])
+            service = IngestionService(channel, telemetry)
+            first.stop()
+
+            def restart() -> None:
+                servers.append(_Server(db, port=first.port))
+
+            with service.buffered_ingestion(buffer_size=buffer_size) as buffered:
+                scenario(buffered, restart)
+        return servers[-1].values()
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_after_a_failed_flush_the_next_calls_are_kept(tmp_path: Path) -> None:
+    """A failed flush raises once, to its caller; the calls after it buffer their requests
+    behind the unsent ones (none is dropped, the old error is not raised again) and the next
+    flush that succeeds delivers them all, in order."""
+
+    def scenario(buffered: BufferedIngestionService, restart: Callable[[], None]) -> None:
+        buffered.ingest_flows(*_flows(2))
+        with pytest.raises(grpc.RpcError):
+            buffered.flush()
+        assert buffered.last_error is not None
+        buffered.ingest_flows(*_flows(2, start=2))  # not full: no flush, and no old error
+        buffered.try_ingest_flows(
+            {
+                "flow_name": "readings",
+                "timestamp": _T0 + 4,
+                "channel_values": [{"channel_name": "voltage", "value": double_value(4)}],
+            }
+        )
+        assert buffered.buffered == 5
+        restart()  # the exit flush delivers everything
+
+    assert _outage_test(tmp_path, 100, scenario) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_full_buffer_tries_again_at_each_call(tmp_path: Path) -> None:
+    """While the buffer stays full after a failed flush, each call buffers its requests and
+    tries again, raising its own failure; once the server is back, one flush delivers all."""
+
+    def scenario(buffered: BufferedIngestionService, restart: Callable[[], None]) -> None:
+        with pytest.raises(grpc.RpcError) as failed:
+            buffered.ingest_flows(*_flows(3))  # full: the flush fails
+        assert buffered.buffered == 3
+        with pytest.raises(grpc.RpcError) as again:
+            buffered.ingest_flows(*_flows(2, start=3))  # still full: a new try fails
+        assert again.value is not failed.value  # its own failure, not the old one raised again
+        assert buffered.buffered == 5
+        restart()
+        buffered.ingest_flows(*_flows(1, start=5))  # full: this flush delivers everything
+        assert buffered.buffered == 0
+        assert buffered.last_error is None
+
+    assert _outage_test(tmp_path, 3, scenario) == [float(i) for i in range(6)]
+
+
+def test_a_stream_error_surfaces_from_the_flush(server: _Server) -> None:
+    """A request the server ends the stream on (INVALID_ARGUMENT, with end_stream_on_error)
+    fails the flush with that RpcError, never silently; the requests stay buffered."""
+    with use_sift_channel(server.channel_config()) as channel:
+        telemetry = TelemetryConfig("bench", ingestion_client_key="k", flows=[_FLOW])
+        service = IngestionService(channel, telemetry, end_stream_on_error=True)
+        buffered = service.buffered_ingestion(buffer_size=100)
+        buffered.ingest_flows(*_flows(3))
+        buffered.ingest(service.create_ingestion_request("readings", _T0 + 3, [string_value("x")]))
+        with pytest.raises(grpc.RpcError) as info:
+            buffered.flush()
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert buffered.buffered == 4
+        assert buffered.last_error is info.value
+        with pytest.raises(grpc.RpcError):
+            buffered.close()  # the last flush fails the same way: close says so
+        assert buffered.buffered == 4
+
+
+def test_periodic_flush_survives_a_server_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed periodic flush keeps its requests, surfaces its error once on the next ingest
+    (whose requests are buffered all the same), logs one warning however many tries fail, and
+    later recovers."""
+    caplog.set_level(logging.DEBUG, logger="daq_agent.ingestion.buffer")
     db = tmp_path / "store.db"
     first = _Server(db)
     port = first.port
-    config = {"uri": f"127.0.0.1:{port}", "apikey": "", "use_ssl": False}
     second: _Server | None = None
+
+    def failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "periodic flush failed" in r.getMessage()]
+
     try:
-        with use_sift_channel(config) as channel:  # type: ignore[arg-type]
+        with use_sift_channel(first.channel_config()) as channel:
             telemetry = TelemetryConfig("bench", ingestion_client_key="k", flows=[_FLOW])
             service = IngestionService(channel, telemetry)
             first.stop()
@@ -277,23 +389,26 @@ def test_periodic_flush_survives_a_server_outage(tmp_path: Path) -> None:
                 buffered.ingest_flows(*_flows(3))
                 _wait_for(lambda: buffered.last_error is not None, "a failed periodic flush")
                 assert buffered.buffered == 3
-                # The error surfaces on the next ingest, which buffers nothing.
-                with pytest.raises(RpcStatusError) as info:
+                # The error surfaces on the next ingest, which buffers its requests all the same.
+                with pytest.raises(grpc.RpcError) as info:
                     buffered.ingest_flows(*_flows(1, start=3))
-                assert info.value.code is grpc.StatusCode.UNAVAILABLE
-                assert buffered.buffered == 3
+                assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert buffered.buffered == 4
                 assert len(_flush_threads()) == 1  # still flushing periodically
+                _wait_for(lambda: len(failures()) >= 3, "more failed periodic flushes")
 
                 second = _Server(db, port=port)
                 _wait_for(lambda: buffered.buffered == 0, "the periodic flush to recover")
-                assert second.count() == 3
+                assert second.count() == 4
                 assert buffered.last_error is None
-                buffered.ingest_flows(*_flows(2, start=3))
-            assert second.count() == 5
+                buffered.ingest_flows(*_flows(2, start=4))
+            assert second.values() == [float(i) for i in range(6)]
     finally:
         first.stop()
         if second is not None:
             second.stop()
+    assert [r.levelno for r in failures()].count(logging.WARNING) == 1
+    assert "delivered again after" in caplog.text
 
 
 def test_bad_arguments(service: IngestionService) -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from daq_agent.core.errors import RpcStatusError, TransportError
-from daq_agent.ingestion import SiftChannel, map_rpc_errors, use_sift_channel
+from daq_agent.ingestion import RpcError, SiftChannel, map_rpc_errors, use_sift_channel
 
 pytestmark = pytest.mark.integration
 
@@ -116,25 +116,32 @@ def test_streaming_calls_are_delegated(channel: SiftChannel) -> None:
 
 
 @pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK])
-def test_every_status_maps_to_rpc_status_error(channel: SiftChannel, code: grpc.StatusCode) -> None:
-    """Each non-OK status becomes an RpcStatusError with its code, the key scrubbed."""
+def test_every_status_maps_to_rpc_error(channel: SiftChannel, code: grpc.StatusCode) -> None:
+    """Each non-OK status becomes an RpcError (a grpc.RpcError and an RpcStatusError) with its
+    code and details, the key scrubbed."""
     call = channel.unary_unary(_FAIL, _identity, _identity)
-    with pytest.raises(RpcStatusError) as info, channel.map_errors(_FAIL):
+    with pytest.raises(grpc.RpcError) as info, channel.map_errors(_FAIL):
         call(code.name.encode(), timeout=10)
-    assert info.value.code is code
-    assert info.value.method == _FAIL
-    assert f"failed with {code.name}" in info.value.details
-    assert _KEY not in str(info.value)
-    assert isinstance(info.value, TransportError)
+    error = info.value
+    assert isinstance(error, RpcError)
+    assert error.code() is code
+    assert error.method == _FAIL
+    details = error.details()
+    assert details is not None
+    assert f"failed with {code.name}" in details
+    assert _KEY not in details
+    assert _KEY not in str(error)
+    assert isinstance(error, RpcStatusError)
+    assert isinstance(error, TransportError)
 
 
 def test_unreachable_server_is_unavailable() -> None:
-    """A call to a closed port fails with an UNAVAILABLE RpcStatusError."""
+    """A call to a closed port fails with an UNAVAILABLE RpcError."""
     with use_sift_channel({"uri": "127.0.0.1:1", "apikey": _KEY, "use_ssl": False}) as ch:
         call = ch.unary_unary(_ECHO, _identity, _identity)
-        with pytest.raises(RpcStatusError) as info, map_rpc_errors(_ECHO, secret=_KEY):
+        with pytest.raises(RpcError) as info, map_rpc_errors(_ECHO, secret=_KEY):
             call(b"", timeout=10)
-    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
 def test_connectivity_subscription(channel: SiftChannel) -> None:

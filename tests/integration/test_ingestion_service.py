@@ -1,4 +1,5 @@
-"""IngestionService against the real local ingestion server (127.0.0.1, port 0)."""
+"""IngestionService against the real local ingestion server (127.0.0.1, port 0): unary calls on
+grpcio, data streams on sift_stream, every value read back from the server's SQLite store."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 from daq_agent import methods
 from daq_agent._proto.sift.ingestion_configs.v2 import ingestion_configs_pb2 as ic_pb2
 from daq_agent._proto.sift.runs.v2 import runs_pb2
-from daq_agent.core.errors import RpcStatusError
+from daq_agent.core.errors import ConfigError, DaqError, TransportError
+from daq_agent.core.sample import Sample
 from daq_agent.ingestion import (
     MAX_MESSAGE_BYTES,
     ChannelBitFieldElement,
@@ -30,6 +32,7 @@ from daq_agent.ingestion import (
     IngestionService,
     IngestionValidationError,
     IngestWithConfigDataChannelValue,
+    RpcError,
     SiftChannel,
     TelemetryConfig,
     bit_field_value,
@@ -41,6 +44,7 @@ from daq_agent.ingestion import (
     int32_value,
     int64_value,
     string_value,
+    telemetry_config_hash,
     uint32_value,
     uint64_value,
     use_sift_channel,
@@ -87,11 +91,12 @@ _READINGS = FlowConfig(
 class _Server:
     """A started local server, the path of its store and a way to read it back."""
 
-    def __init__(self, db_path: Path, api_key: str | None = None) -> None:
+    def __init__(self, db_path: Path, api_key: str | None = None, port: int = 0) -> None:
         self.db_path = db_path
-        self.server: Any = make_server(db_path, host="127.0.0.1", port=0, api_key=api_key)
+        self.server: Any = make_server(db_path, host="127.0.0.1", port=port, api_key=api_key)
         self.server.start()
         self.port: int = self.server.port
+        self.running = True
 
     @classmethod
     def wrap(cls, started: LocalIngestServer) -> _Server:
@@ -100,6 +105,7 @@ class _Server:
         wrapper.db_path = started.db_path
         wrapper.server = started
         wrapper.port = started.port
+        wrapper.running = True
         return wrapper
 
     def samples(self, **filters: Any) -> list[StoredSample]:
@@ -114,8 +120,10 @@ class _Server:
         with Store.open(self.db_path, readonly=True) as store:
             return store.count_validation_errors()
 
-    def stop(self) -> None:
-        self.server.stop()
+    def stop(self, grace: float = 1.0) -> None:
+        if self.running:
+            self.running = False
+            self.server.stop(grace=grace)
 
 
 @pytest.fixture
@@ -124,10 +132,14 @@ def server(local_server: LocalIngestServer) -> _Server:
     return _Server.wrap(local_server)
 
 
+# A keyless server takes any key; sift_stream needs a non-empty one (it sends "Bearer " for none).
+_ANY_KEY = "any-key"
+
+
 @pytest.fixture
 def channel(server: _Server) -> Iterator[SiftChannel]:
-    """A plain-text SiftChannel to the local server (no API key needed)."""
-    config = {"uri": f"127.0.0.1:{server.port}", "apikey": "", "use_ssl": False}
+    """A plain-text SiftChannel to the local server."""
+    config = {"uri": f"127.0.0.1:{server.port}", "apikey": _ANY_KEY, "use_ssl": False}
     with use_sift_channel(config) as ch:  # type: ignore[arg-type]
         yield ch
 
@@ -214,13 +226,54 @@ def test_config_is_fetched_by_client_key(channel: SiftChannel) -> None:
     second.ingest(*_readings(second, 2))
 
 
-def test_generated_client_key(channel: SiftChannel) -> None:
-    """Without a client key, each service gets a generated one and its own config."""
-    a = IngestionService(channel, _config(key=None))
-    b = IngestionService(channel, _config(key=None))
-    assert a.ingestion_config.client_key
-    assert a.ingestion_config.client_key != b.ingestion_config.client_key
-    assert a.ingestion_config.ingestion_config_id != b.ingestion_config.ingestion_config_id
+def _config_count(channel: SiftChannel) -> int:
+    call = channel.unary_unary(
+        methods.LIST_INGESTION_CONFIGS,
+        ic_pb2.ListIngestionConfigsRequest.SerializeToString,
+        ic_pb2.ListIngestionConfigsResponse.FromString,
+    )
+    response = call(ic_pb2.ListIngestionConfigsRequest(page_size=1000), timeout=10)
+    return len(response.ingestion_configs)
+
+
+def test_derived_client_key_finds_the_same_config(server: _Server, channel: SiftChannel) -> None:
+    """Without a client key, the key is the hash of the config's content: a second start with
+    the same config finds the same ingestion config (and its data), a changed config gets its
+    own."""
+    first = IngestionService(channel, _config(key=None))
+    assert first.ingestion_config.client_key == telemetry_config_hash(_config(key=None))
+    first.ingest(*_readings(first, 3))
+    again = IngestionService(channel, _config(key=None))
+    assert again.ingestion_config.ingestion_config_id == first.ingestion_config.ingestion_config_id
+    assert _config_count(channel) == 1
+    again.ingest(*_readings(again, 2, t0=_T0 + 10))
+    assert server.count() == 5
+    changed = IngestionService(channel, _config(_READINGS, _ALL_TYPES, key=None))
+    assert changed.ingestion_config.client_key != first.ingestion_config.client_key
+    assert (
+        changed.ingestion_config.ingestion_config_id != first.ingestion_config.ingestion_config_id
+    )
+    assert _config_count(channel) == 2
+
+
+def test_a_derived_key_refuses_new_flows_at_runtime(channel: SiftChannel) -> None:
+    """As in sift_py, a config whose key is derived from its content cannot gain flows at
+    runtime (its key would no longer describe it); a named key can."""
+    service = IngestionService(channel, _config(key=None))
+    extra = FlowConfig("extra", [ChannelConfig("x", ChannelDataType.DOUBLE)])
+    for create in (service.try_create_flow, service.create_flows):
+        with pytest.raises(IngestionValidationError, match="ingestion_client_key"):
+            create(extra)
+    assert "extra" not in service.flow_configs_by_name
+    config_id = service.ingestion_config.ingestion_config_id
+    assert _server_flows(channel, config_id) == {"readings"}
+    service.create_flow(_READINGS)  # a flow of the config itself is fine
+    named = IngestionService(channel, _config(key="named"))
+    named.create_flows(extra)
+    assert _server_flows(channel, named.ingestion_config.ingestion_config_id) == {
+        "readings",
+        "extra",
+    }
 
 
 # -- data round trips -------------------------------------------------------------------------
@@ -419,12 +472,18 @@ def test_invalid_request_is_recorded_without_end_stream(
 def test_invalid_request_ends_the_stream_with_end_stream(
     server: _Server, channel: SiftChannel
 ) -> None:
-    """With end_stream_on_error a bad request ends the stream with INVALID_ARGUMENT."""
+    """With end_stream_on_error a bad request ends the stream with INVALID_ARGUMENT: ingest
+    raises it as a grpc.RpcError (and a DaqError) with the server's details."""
     service = IngestionService(channel, _config(), end_stream_on_error=True)
     bad = service.create_ingestion_request("readings", _T0 + 5, [string_value("x"), int64_value(1)])
-    with pytest.raises(RpcStatusError) as info:
+    with pytest.raises(grpc.RpcError) as info:
         service.ingest(*_readings(service, 3), bad)
-    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    error = info.value
+    assert isinstance(error, RpcError)
+    assert isinstance(error, DaqError)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "expected double" in str(error.details())
+    assert error.method == methods.INGEST_WITH_CONFIG_DATA_STREAM
     assert server.validation_errors() == 1
 
 
@@ -599,9 +658,9 @@ def test_wrong_api_key_is_unauthenticated(tmp_path: Path, caplog: pytest.LogCapt
     try:
         uri = f"127.0.0.1:{secured.port}"
         with use_sift_channel({"uri": uri, "apikey": "wrong-key", "use_ssl": False}) as ch:
-            with pytest.raises(RpcStatusError) as info:
+            with pytest.raises(grpc.RpcError) as info:
                 IngestionService(ch, _config())
-            assert info.value.code is grpc.StatusCode.UNAUTHENTICATED
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
             assert "wrong-key" not in str(info.value)
         with use_sift_channel({"uri": uri, "apikey": "right-key", "use_ssl": False}) as ch:
             service = IngestionService(ch, _config())
@@ -675,3 +734,142 @@ def test_component_names_a_channel(channel: SiftChannel) -> None:
     ]
     request = service.try_create_ingestion_request("motor", _T0, values)
     assert request.channel_values[0].double == 1200.0
+
+
+# -- data streams on sift_stream ----------------------------------------------------------------
+
+
+def _all_types_row(i: int) -> tuple[Any, ...]:
+    return (
+        1.5 + i,
+        0.25,
+        f"s{i}",
+        bool(i % 2),
+        -(2**31) + i,
+        2**32 - 1 - i,
+        -(2**63) + i,
+        2**64 - 1 - i,
+        i % 2,
+        bytes([i]),
+        b"\x00\xff" * i,
+    )
+
+
+def test_open_stream_carries_requests_and_samples(server: _Server, channel: SiftChannel) -> None:
+    """One stream carries protobuf requests and plain samples (None for empty); close returns
+    once they are committed, and the store holds every value as sent."""
+    service = IngestionService(channel, _config(_ALL_TYPES))
+    makers: list[Callable[[Any], IngestWithConfigDataChannelValue]] = [
+        double_value,
+        float_value,
+        string_value,
+        bool_value,
+        int32_value,
+        uint32_value,
+        int64_value,
+        uint64_value,
+        enum_value,
+        bit_field_value,
+        bytes_value,
+    ]
+    rows = [_all_types_row(i) for i in range(6)]
+    requests = [
+        service.try_create_ingestion_request(
+            "all_types", _T0 + i, [make(v) for make, v in zip(makers, row, strict=True)]
+        )
+        for i, row in enumerate(rows[:3])
+    ]
+    samples = [Sample("all_types", _T0 + i, row) for i, row in enumerate(rows) if i >= 3]
+    samples.append(Sample("all_types", _T0 + 9, (None,) * len(_ALL_TYPES.channels)))
+    with service.open_stream() as stream:
+        stream.send(*requests)
+        stream.send_samples(samples)
+        assert stream.sent == 7
+    assert stream.closed
+    stored = server.samples(flows=["all_types"])
+    assert [s.timestamp_ns for s in stored] == [_T0 + i for i in (0, 1, 2, 3, 4, 5, 9)]
+    names = [c.name for c in _ALL_TYPES.channels]
+    for sample, row in zip(stored, rows, strict=False):
+        expected = dict(zip(names, row, strict=True))
+        expected["f"] = struct.unpack("<f", struct.pack("<f", row[1]))[0]
+        assert sample.values == expected
+        assert [type(sample.values[n]) for n in names] == [type(expected[n]) for n in names]
+    assert stored[-1].values == dict.fromkeys(names)
+    with pytest.raises(TransportError, match="closed"):
+        stream.send(*requests)
+
+
+def test_samples_that_do_not_fit_are_refused_before_sending(
+    server: _Server, channel: SiftChannel
+) -> None:
+    """A sample of an unknown flow, with a wrong value count or a value out of its channel's
+    range is refused (IngestionValidationError); nothing of that call is sent, the stream goes
+    on."""
+    service = IngestionService(channel, _config())
+    with service.open_stream() as stream:
+        for bad in (
+            Sample("nope", _T0, (1.0,)),
+            Sample("readings", _T0, (1.0,)),
+            Sample("readings", _T0, (1.0, 2**63)),
+            Sample("readings", _T0, ("volts", 1)),
+        ):
+            with pytest.raises(IngestionValidationError):
+                stream.send_samples([Sample("readings", _T0 + 1, (0.5, 1)), bad])
+        stream.send_samples([Sample("readings", _T0 + 2, (2.5, -3))])
+    (stored,) = server.samples()
+    assert (stored.timestamp_ns, stored.values) == (_T0 + 2, {"voltage": 2.5, "count": -3})
+
+
+def test_lazy_flows_are_registered_on_an_open_stream(server: _Server, channel: SiftChannel) -> None:
+    """With lazy flow creation, a flow first sent on a stream already open is registered then,
+    and its data is stored."""
+    service = IngestionService(
+        channel, _config(_READINGS, _ALL_TYPES), force_lazy_flow_creation=True
+    )
+    config_id = service.ingestion_config.ingestion_config_id
+    with service.open_stream() as stream:
+        assert _server_flows(channel, config_id) == set()
+        stream.send_samples([Sample("readings", _T0, (1.0, 1))])
+        stream.send(*_readings(service, 2, t0=_T0 + 1))
+    assert _server_flows(channel, config_id) == {"readings"}
+    assert server.count(flow="readings") == 3
+
+
+def test_a_server_gone_before_close_fails_the_close(tmp_path: Path) -> None:
+    """A stream whose server stops before its close fails with an RpcError (never a silent OK);
+    sent again once the server is back, every sample is stored once."""
+    db = tmp_path / "store.db"
+    first = _Server(db)
+    second: _Server | None = None
+    try:
+        uri = f"127.0.0.1:{first.port}"
+        with use_sift_channel({"uri": uri, "apikey": _ANY_KEY, "use_ssl": False}) as ch:
+            service = IngestionService(ch, _config())
+            requests = _readings(service, 200)
+            stream = service.open_stream(timeout=10)
+            stream.send(*requests)
+            first.stop(grace=0.2)
+            with pytest.raises(grpc.RpcError) as info:
+                stream.close()
+            assert isinstance(info.value, RpcError)
+            assert info.value.code() is not grpc.StatusCode.OK
+            with pytest.raises(grpc.RpcError) as down:
+                service.ingest(*requests)
+            assert down.value.code() is grpc.StatusCode.UNAVAILABLE
+            second = _Server(db, port=first.port)
+            service.ingest(*requests)
+        assert second.count() == 200
+        assert [s.values["count"] for s in second.samples()] == list(range(200))
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_a_plain_grpc_channel_refuses_data_streams(grpc_channel: grpc.Channel) -> None:
+    """On a grpcio channel of the user's own, unary calls work but a data stream needs the
+    address and key only a SiftChannel knows: a ConfigError says so."""
+    service = IngestionService(grpc_channel, _config())
+    assert service.ingestion_config.ingestion_config_id
+    with pytest.raises(ConfigError, match="use_sift_channel"):
+        service.ingest(*_readings(service, 1))

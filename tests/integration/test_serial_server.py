@@ -1,5 +1,6 @@
-"""Serial frames end to end: simulator bytes on a pty → SerialReader → wire requests →
-IngestionService → the local ingestion server, where every frame is stored with its values."""
+"""Serial frames end to end: simulator bytes on a pty → SerialReader → samples → a data stream of
+IngestionService (sift_stream) → the local ingestion server, where every frame is stored with its
+values."""
 
 from __future__ import annotations
 
@@ -8,13 +9,10 @@ import threading
 import tty
 from pathlib import Path
 
-import grpc
 import pytest
 
-from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent.core.sample import Sample
-from daq_agent.ingestion import IngestionService, TelemetryConfig
-from daq_agent.ingestion.encode import RequestEncoder
+from daq_agent.ingestion import IngestionService, TelemetryConfig, use_sift_channel
 from daq_agent.readers.base import ReaderState
 from daq_agent.readers.serial import SerialReader
 from daq_agent.serialdefs import load_definitions
@@ -28,9 +26,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "serial"
 
 
 @pytest.mark.parametrize("defs_name", ["imu_cobs.yaml", "gps_nmea.yaml"])
-def test_pty_to_local_server(
-    defs_name: str, local_server: LocalIngestServer, grpc_channel: grpc.Channel
-) -> None:
+def test_pty_to_local_server(defs_name: str, local_server: LocalIngestServer) -> None:
     """Every simulated frame read from a pty is accepted by the server and stored with the
     values the reader decoded (enum keys, bools, strings, bytes, scaled doubles)."""
     defs = load_definitions(CONFIGS / defs_name)
@@ -57,21 +53,18 @@ def test_pty_to_local_server(
         os.close(master)
         os.close(slave)
     flows = reader.flows
-    service = IngestionService(
-        grpc_channel,
-        TelemetryConfig(
-            asset_name="bench", ingestion_client_key=f"serial-{defs.name}", flows=flows
-        ),
-        end_stream_on_error=True,
-    )
-    encoder = RequestEncoder(
-        service.ingestion_config.ingestion_config_id, flows, end_stream_on_validation_error=True
-    )
-    requests = [
-        ingest_pb2.IngestWithConfigDataStreamRequest.FromString(payload)
-        for payload in encoder.encode_many(samples)
-    ]
-    service.ingest(*requests)
+    # A keyless server takes any key; sift_stream needs a non-empty one.
+    uri = f"127.0.0.1:{local_server.port}"
+    with use_sift_channel({"uri": uri, "apikey": "any-key", "use_ssl": False}) as channel:
+        service = IngestionService(
+            channel,
+            TelemetryConfig(
+                asset_name="bench", ingestion_client_key=f"serial-{defs.name}", flows=flows
+            ),
+            end_stream_on_error=True,
+        )
+        with service.open_stream() as stream:
+            stream.send_samples(samples)
     with Store.open(local_server.db_path, readonly=True) as store:
         stored = list(store.iter_samples())
         errors = store.count_validation_errors()

@@ -1,8 +1,9 @@
-"""Telemetry config: YAML loading, errors naming the key, wire conversion."""
+"""Telemetry config: YAML loading, errors naming the key, wire conversion, the derived key."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from daq_agent.ingestion import (
     FlowConfig,
     TelemetryConfig,
     TelemetryConfigError,
+    telemetry_config_hash,
 )
 
 _GOOD = """\
@@ -167,3 +169,81 @@ def test_data_type_names() -> None:
     assert ChannelDataType.from_str("boolean") is ChannelDataType.BOOL
     assert ChannelDataType.from_str("nope") is None
     assert [t.as_human_str() for t in ChannelDataType][:3] == ["double", "string", "enum"]
+
+
+# -- the client key derived from a config's content -------------------------------------------
+
+
+_IDLE_RUN = (ChannelEnumType("idle", 0), ChannelEnumType("run", 1))
+_A_B = (ChannelBitFieldElement("a", 0, 1), ChannelBitFieldElement("b", 1, 7))
+
+
+def _hash_config(
+    *,
+    asset: str = "bench-1",
+    flow_name: str = "readings",
+    channel_name: str = "voltage",
+    data_type: ChannelDataType = ChannelDataType.DOUBLE,
+    description: str = "supply",
+    unit: str = "V",
+    enum_types: tuple[ChannelEnumType, ...] = _IDLE_RUN,
+    bits: tuple[ChannelBitFieldElement, ...] = _A_B,
+    reverse_channels: bool = False,
+    reverse_flows: bool = False,
+    key: str | None = None,
+    org: str | None = None,
+) -> TelemetryConfig:
+    """A config with every field the hash covers; each argument changes one of them."""
+    channels = [
+        ChannelConfig(channel_name, data_type, description=description, unit=unit),
+        ChannelConfig("state", ChannelDataType.ENUM, enum_types=list(enum_types)),
+        ChannelConfig("flags", ChannelDataType.BIT_FIELD, bit_field_elements=list(bits)),
+    ]
+    if reverse_channels:
+        channels.reverse()
+    flows = [
+        FlowConfig(flow_name, channels),
+        FlowConfig("log", [ChannelConfig("line", ChannelDataType.STRING)]),
+    ]
+    if reverse_flows:
+        flows.reverse()
+    return TelemetryConfig(
+        asset_name=asset, ingestion_client_key=key, organization_id=org, flows=flows
+    )
+
+
+def test_derived_key_is_a_stable_sha256_of_the_content() -> None:
+    """The key is 64 hex digits, the same for equal configs built apart, and does not depend on
+    the order of flows, the organization or the config's own client key."""
+    key = telemetry_config_hash(_hash_config())
+    assert len(key) == 64
+    int(key, 16)
+    assert telemetry_config_hash(_hash_config()) == key
+    assert telemetry_config_hash(_hash_config(reverse_flows=True)) == key
+    assert telemetry_config_hash(_hash_config(org="org-7", key="explicit")) == key
+    # The order of enum types and bit-field elements as written does not matter either.
+    reordered = _hash_config(enum_types=_IDLE_RUN[::-1], bits=_A_B[::-1])
+    assert telemetry_config_hash(reordered) == key
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"asset": "bench-2"},
+        {"flow_name": "readings2"},
+        {"channel_name": "volts"},
+        {"data_type": ChannelDataType.FLOAT},
+        {"description": "main supply"},
+        {"unit": "mV"},
+        {"enum_types": (ChannelEnumType("idle", 0), ChannelEnumType("running", 1))},
+        {"enum_types": (ChannelEnumType("idle", 0), ChannelEnumType("run", 2))},
+        {"bits": (ChannelBitFieldElement("a", 0, 2), ChannelBitFieldElement("b", 2, 6))},
+        {"bits": (ChannelBitFieldElement("x", 0, 1), ChannelBitFieldElement("b", 1, 7))},
+        {"reverse_channels": True},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_derived_key_changes_with_the_telemetry(change: dict[str, Any]) -> None:
+    """Any change to what the data means (names, types, units, enums, bits, channel order)
+    gives another key, so a changed config never lands in the old ingestion config."""
+    assert telemetry_config_hash(_hash_config(**change)) != telemetry_config_hash(_hash_config())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 import daq_agent.ingestion as ingestion
 
 
@@ -75,6 +77,16 @@ def test_service_has_the_documented_methods() -> None:
         "ingest",
         "ingest_flows",
         "try_ingest_flows",
+        "open_stream",
     ]
     missing = [m for m in documented if not callable(getattr(ingestion.IngestionService, m, None))]
     assert missing == []
+
+
+def test_stream_and_errors_are_exported() -> None:
+    """The data stream, its sample type and the grpc.RpcError of the API are exported, and the
+    stream has its documented methods."""
+    assert {"IngestStream", "RpcError", "Sample", "telemetry_config_hash"} <= set(ingestion.__all__)
+    assert issubclass(ingestion.RpcError, grpc.RpcError)
+    for method in ("send", "send_samples", "close", "cancel", "__enter__", "__exit__"):
+        assert callable(getattr(ingestion.IngestStream, method, None)), method

@@ -1,12 +1,16 @@
-"""The channel factory: URI forms, TLS policy, secrets kept out of text."""
+"""The channel factory: URI forms, TLS policy, secrets kept out of text; the status errors."""
 
 from __future__ import annotations
+
+import copy
+import pickle
+import threading
 
 import grpc
 import pytest
 
-from daq_agent.core.errors import ConfigError, RpcStatusError, TransportError
-from daq_agent.ingestion import SiftChannel, use_sift_channel
+from daq_agent.core.errors import ConfigError, DaqError, RpcStatusError, TransportError
+from daq_agent.ingestion import RpcError, SiftChannel, use_sift_channel
 from daq_agent.ingestion.transport import STATUS_ERRORS
 
 _KEY = "s3cr3t-key-0123456789"
@@ -82,9 +86,45 @@ def test_close_is_idempotent() -> None:
     assert channel.closed
 
 
+def test_the_stream_loop_is_shared_and_stopped_with_the_channel() -> None:
+    """Data streams share one loop thread per channel; closing the channel joins it, and a
+    closed channel opens no new one."""
+    channel = use_sift_channel({"uri": "127.0.0.1:1", "apikey": _KEY, "use_ssl": False})
+    loop = channel.stream_loop()
+    assert channel.stream_loop() is loop
+    (thread,) = [t for t in threading.enumerate() if t.name == "daq-ingest-stream"]
+    assert loop.call_sync(lambda: threading.current_thread().name, 5) == "daq-ingest-stream"
+    channel.close()
+    assert not thread.is_alive()
+    with pytest.raises(TransportError, match="closed"):
+        channel.stream_loop()
+
+
 def test_every_status_code_is_mapped() -> None:
-    """Every gRPC status code maps to a daq-agent transport error."""
+    """Every gRPC status code maps to a daq-agent transport error that is a grpc.RpcError."""
     assert set(STATUS_ERRORS) == set(grpc.StatusCode)
     for error_type in STATUS_ERRORS.values():
         assert issubclass(error_type, RpcStatusError)
         assert issubclass(error_type, TransportError)
+        assert issubclass(error_type, grpc.RpcError)
+
+
+def test_rpc_error_has_grpc_accessors() -> None:
+    """RpcError answers code() and details() as grpc's errors do, is caught by
+    ``except grpc.RpcError`` and ``except DaqError``, and survives pickling and copying."""
+    error = RpcError(grpc.StatusCode.NOT_FOUND, "no such run", method="/sift.runs.v2/GetRun")
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+    assert error.details() == "no such run"
+    assert (error.status_code, error.status_details) == (grpc.StatusCode.NOT_FOUND, "no such run")
+    assert error.trailing_metadata() == ()
+    assert str(error) == "/sift.runs.v2/GetRun: NOT_FOUND: no such run"
+    for catch in (grpc.RpcError, DaqError, RpcStatusError):
+        with pytest.raises(catch):
+            raise error
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert isinstance(clone, RpcError)
+        assert (clone.code(), clone.details(), clone.method) == (
+            grpc.StatusCode.NOT_FOUND,
+            "no such run",
+            "/sift.runs.v2/GetRun",
+        )
