@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import sift_stream_bindings as ssb
 
-from daq_agent.core.errors import DaqError, RpcStatusError, TransportError
+from daq_agent.core.errors import DaqError, RpcStatusError
 from daq_agent.ingestion.sift_stream import StreamFailed, StreamTimeout
 
 __all__ = ["RpcError", "stream_error"]
