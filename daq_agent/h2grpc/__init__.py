@@ -1,7 +1,7 @@
-"""gRPC over HTTP/2 with the ``h2`` library: a server core and a coalescing client-streaming client.
+"""gRPC over HTTP/2 with the ``h2`` library: the local server's core.
 
-Both speak standard gRPC (any gRPC client can call the server; the client works against any gRPC
-server, Sift included). The point of owning them is throughput: many length-prefixed messages travel
-in one HTTP/2 DATA frame and are parsed in one pass, where grpcio pays a round trip through its core
-for every message.
+It speaks standard gRPC (any gRPC client can call it: grpcio, Sift's sift_stream and sift_py). The
+point of owning it is throughput: many length-prefixed messages arrive in one HTTP/2 DATA frame
+and are handed to a handler in one call, where grpcio's server pays a round trip through its core
+for every message. Clients use grpcio (unary calls) and sift_stream (data streams).
 """
