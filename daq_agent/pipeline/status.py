@@ -308,8 +308,9 @@ class AgentStatus:
                 f"{st.get('windows_failed', 0):.0f} failed; requests committed "
                 f"{st.get('messages_sent', 0):.0f}, "
                 f"stream retries {st.get('stream_retries', 0):.0f}, lazy flows "
-                f"{st.get('lazy_flows', 0):.0f}, queue depth "
-                f"{st.get('ingestion_channel_depth', 0):.0f}"
+                f"{st.get('lazy_flows', 0):.0f}, queue depths "
+                f"{st.get('ingestion_channel_depth', 0):.0f} (ingestion) "
+                f"{st.get('backup_channel_depth', 0):.0f} (backup)"
             )
         if f.durable or f.dropped or f.corrupt or f.dead_lettered:
             lines.append(
