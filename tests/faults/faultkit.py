@@ -521,7 +521,7 @@ class GoawayProxy:
 
     def streams_past_goaway(self) -> int:
         """Client streams that ended well after their connection's maximum age: they went on
-        after the connection's GOAWAY (grpcio jitters the age by up to 10 %%)."""
+        after the connection's GOAWAY (grpcio jitters the age by up to 10 %)."""
         age = self.max_age_ms / 1000 * 1.1 + 0.05
         with self._lock:
             return sum(
@@ -602,7 +602,9 @@ class _PathHandler(grpc.GenericRpcHandler):
     def __init__(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         self._handlers = handlers
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
 

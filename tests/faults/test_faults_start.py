@@ -79,7 +79,8 @@ def test_starts_while_the_server_is_down_and_delivers_once_it_is_up(
         wait_for(lambda: status()[0] >= RATE, down_for + 5, "status lines with frames read")
         time.sleep(max(0.0, down_for - (time.monotonic() - started)))
         lines = [line for line in agent.stderr().splitlines() if _STATUS.search(line)]
-        assert agent.proc is not None and agent.proc.poll() is None, agent.stderr()
+        assert agent.proc is not None
+        assert agent.proc.poll() is None, agent.stderr()  # still running
         assert lines, agent.stderr()
         assert all("down:" not in line for line in lines), lines  # the bus was never down
         received, delivered = status()

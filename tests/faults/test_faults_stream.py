@@ -113,7 +113,7 @@ def test_stalled_path_is_detected_and_the_agent_reconnects(
     (new connections) and delivers everything: missing 0, duplicates 0; then it stops within
     the timeout, and the run is marked stopped."""
     timeout = 3.0
-    frames = int(RATE * scaled(8.0))
+    frames = int(RATE * scaled(6.0))
     with CuttingProxy(server.port, cut=False) as proxy:
         agent = _agent(
             tmp_path,
