@@ -115,6 +115,7 @@ class IngestionService:
         run_id: str | None = None,
         end_stream_on_error: bool = False,
         force_lazy_flow_creation: bool = False,
+        unary_timeout_s: float = _UNARY_TIMEOUT_SEC,
     ) -> None:
         """Fetch the ingestion config by its client key, or create it, and register its flows.
 
@@ -126,12 +127,14 @@ class IngestionService:
             run_id: a run to associate data with.
             end_stream_on_error: see the class attributes.
             force_lazy_flow_creation: register flows when first ingested, whatever the size.
+            unary_timeout_s: the deadline of each unary call (set-up, flows, runs).
 
         Raises:
             RpcError: when the API answers an error.
             TransportError: when the API cannot be reached.
         """
         self.transport_channel = channel
+        self._unary_timeout = unary_timeout_s
         self.asset_name = config.asset_name
         self.organization_id = config.organization_id
         self.run_id = run_id
@@ -673,7 +676,7 @@ class IngestionService:
             response_deserializer=response_type.FromString,
         )
         with self._errors(method):
-            response: _M = call(request, timeout=_UNARY_TIMEOUT_SEC)
+            response: _M = call(request, timeout=self._unary_timeout)
         return response
 
 

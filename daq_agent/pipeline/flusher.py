@@ -734,13 +734,6 @@ class Flusher:
         try:
             stream.commit(self.settings.checkpoint_timeout_s)
         except DaqError as exc:
-            if isinstance(exc, SinkError) and exc.timed_out:
-                with self._lock:
-                    self.checkpoint_timeouts += 1
-                log.warning(
-                    "no answer at the checkpoint within %.1f s: abandoning the stream",
-                    self.settings.checkpoint_timeout_s,
-                )
             self._failed(exc)
             return
         self._stream = None
@@ -793,12 +786,17 @@ class Flusher:
         end_seq = max(window.sent_seq if window is not None else self._acked, through)
         self._drop_stream()
         kind = exc.kind if isinstance(exc, SinkError) else FailureKind.TRANSIENT
+        # no answer in time: a hung server or a dead path, whether the window was being built
+        # (a new stream per window: a hang between windows is met there), sent or committed
+        timed_out = isinstance(exc, SinkError) and exc.timed_out
         with self._lock:
             self.failures += 1
             self.retries += 1
             self.last_error = str(exc)
             if kind is FailureKind.AUTH:
                 self.auth_failures += 1
+            if timed_out:
+                self.checkpoint_timeouts += 1
         if kind is FailureKind.REJECTED and end_seq > self._acked:
             log.warning("the ingestion API refused a request (%s): isolating it", exc)
             self._isolate(end_seq)

@@ -146,17 +146,18 @@ class _SiftWindow:
     def send(self, rows: Sequence[Row], run: RunRef | None) -> None:
         try:
             self._sink._send(self._window, rows, run)
-        except DaqError as exc:
-            raise sink_error(exc, self._secret) from exc
-        except RuntimeError as exc:
-            raise sink_error(exc, self._secret) from exc
+        except (DaqError, RuntimeError) as exc:
+            error = sink_error(exc, self._secret)
+            self._sink._note_failure(error, exc, window=False)
+            raise error from exc
 
     def commit(self, timeout: float) -> None:
         try:
             snapshot = self._window.finish()
         except (DaqError, RuntimeError) as exc:
-            self._sink._note_failure()
-            raise sink_error(exc, self._secret) from exc
+            error = sink_error(exc, self._secret)
+            self._sink._note_failure(error, exc)
+            raise error from exc
         self._sink._note_window(snapshot, self._window.sent)
 
     def cancel(self) -> None:
@@ -234,10 +235,11 @@ class SiftSink:
                 self._loop = StreamLoop()
             window = Window(self._loop, self._settings, key)
         except (DaqError, RuntimeError) as exc:
-            self._note_failure()
+            error = sink_error(exc, key)
+            self._note_failure(error, exc)
             if isinstance(exc, RpcStatusError) and exc.status_code in _AUTH_CODES:
                 self._service = None  # set up again (with the key read again) next time
-            raise sink_error(exc, key) from exc
+            raise error from exc
         return _SiftWindow(self, window, key)
 
     @property
@@ -289,7 +291,10 @@ class SiftSink:
         if old is not None:
             old.close()
         self._service = IngestionService(
-            self._channel, self._telemetry, force_lazy_flow_creation=self._force_lazy
+            self._channel,
+            self._telemetry,
+            force_lazy_flow_creation=self._force_lazy,
+            unary_timeout_s=self._timeout,
         )
         if self._key and key != self._key:
             log.warning("the API key changed: connecting with the new key")
@@ -344,6 +349,15 @@ class SiftSink:
                 "message_rate": snapshot.message_rate,
             }
 
-    def _note_failure(self) -> None:
-        with self._lock:
-            self._totals["windows_failed"] += 1
+    def _note_failure(self, error: SinkError, cause: BaseException, *, window: bool = True) -> None:
+        if error.timed_out or (
+            isinstance(cause, RpcStatusError)
+            and cause.status_code is grpc.StatusCode.DEADLINE_EXCEEDED
+        ):
+            # no answer in time: the path may be dead, and grpcio never retires a connection
+            # for a deadline; set up again on a fresh channel, so the unary calls (flows, runs,
+            # stopping the run at shutdown) do not wait on a black hole
+            self._service = None
+        if window:
+            with self._lock:
+                self._totals["windows_failed"] += 1

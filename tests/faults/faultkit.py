@@ -12,6 +12,7 @@ documented in each test; raise it to lengthen every outage and run).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import random
 import select
@@ -23,10 +24,12 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import can
+import grpc
 
 from daq_agent.server.store import Store
 
@@ -263,45 +266,104 @@ class UdpGenerator:
         return {seq for seq, at in enumerate(self.sent_at) if start <= at <= end}
 
 
-# -- a TCP proxy that cuts connections -------------------------------------------------------------
+# -- a TCP proxy that cuts or stalls connections ---------------------------------------------------
+
+
+class _Link:
+    """One proxied connection: its two sockets and what the proxy does to it."""
+
+    __slots__ = ("client", "cut", "dead", "moved", "server")
+
+    def __init__(self, client: socket.socket, server: socket.socket, dead: bool) -> None:
+        self.client = client
+        self.server = server
+        self.cut = False  # reset it at the next turn of its pipe
+        self.dead = dead  # never forward a byte again (kept open: a black hole)
+        self.moved = 0  # bytes forwarded
 
 
 class CuttingProxy:
-    """Forwards 127.0.0.1:``port`` to the server and cuts connections at random moments.
+    """Forwards 127.0.0.1:``port`` to the server; cuts connections, or stalls the path.
 
-    Each connection lives a random time in ``[min_life, max_life]`` seconds, then both sides are
-    reset (the client sees the connection lost: UNAVAILABLE). With ``hold`` set, bytes are no
-    longer forwarded (a hung path). ``cuts`` counts the connections cut.
+    Cutting: while ``cutting`` is set, at random moments ``min_life``-``max_life`` seconds apart,
+    every open connection is reset (RST: the client sees the connection lost, UNAVAILABLE);
+    ``cuts`` counts the connections reset. (Moments, not connection ages: sift_stream opens a
+    connection per window, most of which live less than a second.)
+
+    Stalling: :meth:`stall` turns every open connection, and every one accepted until
+    :meth:`unstall`, into a black hole: kept open, nothing forwarded, ever (as after a NAT or
+    firewall lost its state). Only connections made after :meth:`unstall` forward again, so a
+    client recovers only by noticing and reconnecting. ``connections`` counts every connection
+    accepted, ``stalled_connections`` the black holes.
     """
 
-    def __init__(self, upstream: int, *, min_life: float, max_life: float, seed: int = 5) -> None:
+    def __init__(
+        self,
+        upstream: int,
+        *,
+        min_life: float = 1.0,
+        max_life: float = 2.0,
+        cut: bool = True,
+        seed: int = 5,
+    ) -> None:
         self.upstream = upstream
         self.min_life = min_life
         self.max_life = max_life
         self.cutting = threading.Event()
-        self.cutting.set()
+        if cut:
+            self.cutting.set()
         self.cuts = 0
         self.connections = 0
+        self.stalled_connections = 0
+        self._stalled = False
+        self._links: list[_Link] = []
+        self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
+        self._listener.listen(64)
         self.port = int(self._listener.getsockname()[1])
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._accept = threading.Thread(target=self._accept_loop, name="faults-proxy", daemon=True)
+        self._cutter = threading.Thread(target=self._cut_loop, name="faults-cutter", daemon=True)
 
     def __enter__(self) -> CuttingProxy:
         self._accept.start()
+        self._cutter.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._listener.close()
         self._accept.join(5)
+        self._cutter.join(5)
         for thread in self._threads:
             thread.join(5)
+
+    def stall(self) -> None:
+        """From now on nothing is forwarded on any open or new connection."""
+        with self._lock:
+            self._stalled = True
+            for link in self._links:
+                if not link.dead:
+                    link.dead = True
+                    self.stalled_connections += 1
+
+    def unstall(self) -> None:
+        """Connections accepted from now on forward again (the stalled ones stay dead)."""
+        with self._lock:
+            self._stalled = False
+
+    def _cut_loop(self) -> None:
+        while not self._stop.wait(self._rng.uniform(self.min_life, self.max_life)):
+            if not self.cutting.is_set():
+                continue
+            with self._lock:
+                for link in self._links:
+                    if not link.dead and link.moved:
+                        link.cut = True
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
@@ -317,37 +379,233 @@ class CuttingProxy:
             except OSError:
                 client.close()
                 continue
-            self.connections += 1
-            life = self._rng.uniform(self.min_life, self.max_life)
+            with self._lock:
+                self.connections += 1
+                link = _Link(client, server, dead=self._stalled)
+                self.stalled_connections += int(link.dead)
+                self._links.append(link)
             thread = threading.Thread(
-                target=self._pipe, args=(client, server, life), name="faults-pipe", daemon=True
+                target=self._pipe, args=(link,), name="faults-pipe", daemon=True
             )
             self._threads.append(thread)
             thread.start()
 
-    def _pipe(self, client: socket.socket, server: socket.socket, life: float) -> None:
-        end = time.monotonic() + life
+    def _pipe(self, link: _Link) -> None:
+        client, server = link.client, link.server
         peers = {client: server, server: client}
         try:
             while not self._stop.is_set():
-                if self.cutting.is_set() and time.monotonic() >= end:
-                    self.cuts += 1
+                if link.cut:
+                    with self._lock:
+                        self.cuts += 1
                     for sock in (client, server):  # RST, not FIN: a broken connection
                         sock.setsockopt(
                             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
                         )
                     return
+                if link.dead:
+                    self._stop.wait(0.05)  # read nothing: the peers' buffers fill, then block
+                    continue
                 ready, _, _ = select.select(list(peers), [], [], 0.05)
                 for sock in ready:
+                    if link.dead:
+                        break
                     data = sock.recv(65536)
                     if not data:
                         return
                     peers[sock].sendall(data)
+                    link.moved += len(data)
         except OSError:
             return
         finally:
+            with self._lock:
+                self._links.remove(link)
             client.close()
             server.close()
+
+
+# -- a grpcio server in front of the server: GOAWAY ------------------------------------------------
+
+_PROTO_MODULES = (
+    "daq_agent._proto.sift.assets.v1.assets_pb2",
+    "daq_agent._proto.sift.ingest.v1.ingest_pb2",
+    "daq_agent._proto.sift.ingestion_configs.v2.ingestion_configs_pb2",
+    "daq_agent._proto.sift.metadata.v1.metadata_pb2",
+    "daq_agent._proto.sift.ping.v1.ping_pb2",
+    "daq_agent._proto.sift.runs.v2.runs_pb2",
+)
+_HOP_HEADERS = ("user-agent", "content-type", "te", "host")
+
+
+def _methods() -> dict[str, bool]:
+    """Every RPC of the project's protos: its path and whether the client streams."""
+    out: dict[str, bool] = {}
+    for name in _PROTO_MODULES:
+        module = importlib.import_module(name)
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                assert not method.server_streaming, f"{method.full_name}: not forwarded"
+                out[f"/{service.full_name}/{method.name}"] = method.client_streaming
+    return out
+
+
+@dataclass
+class StreamRecord:
+    """One forwarded client stream: its connection (the peer's address), when, how it ended."""
+
+    peer: str
+    started: float
+    ended: float = 0.0
+    broken: bool = False  # the client's side failed before it half-closed (GOAWAY, reset)
+
+
+class GoawayProxy:
+    """A grpcio server on 127.0.0.1 forwarding every RPC of the project's protos to ``upstream``
+    (bytes as they are, with the caller's metadata), that sends HTTP/2 GOAWAY.
+
+    ``grpc.max_connection_age_ms`` makes it send GOAWAY to every connection ``max_age_ms`` after
+    it opened; streams still open ``grace_ms`` later are cancelled. :meth:`restart` starts a new
+    server on the same port (SO_REUSEPORT: the port never stops listening) and stops the old one
+    gracefully (GOAWAY now, in-flight streams cancelled after ``restart_grace_s``), as a rolling
+    restart behind a load balancer does.
+
+    A client stream is forwarded once the client half-closed it, whole: a server may keep or lose
+    what a broken stream carried (``daq-agent serve`` commits as it goes), this one always loses
+    it, so a sender that does not re-send a broken stream's data loses it in the store.
+    """
+
+    def __init__(self, upstream: int, *, max_age_ms: int, grace_ms: int) -> None:
+        self.upstream = upstream
+        self.max_age_ms = max_age_ms
+        self.grace_ms = grace_ms
+        self.port = 0
+        self.restarts = 0
+        self.streams: list[StreamRecord] = []
+        self.conn_first_seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{upstream}")
+        self._handlers = {
+            path: (
+                grpc.stream_unary_rpc_method_handler(self._forward_stream(path))
+                if streaming
+                else grpc.unary_unary_rpc_method_handler(self._forward_unary(path))
+            )
+            for path, streaming in _methods().items()
+        }
+        self._server: grpc.Server | None = None
+        self._pools: list[futures.ThreadPoolExecutor] = []
+
+    def __enter__(self) -> GoawayProxy:
+        self._server = self._new_server()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.stop(0).wait(10)
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+        self._channel.close()
+
+    def restart(self, grace_s: float) -> None:
+        """A graceful restart: the new server listens, then the old one stops (GOAWAY)."""
+        old = self._server
+        self._server = self._new_server()
+        assert old is not None
+        old.stop(grace_s)  # GOAWAY now; streams still open after grace_s are cancelled
+        self.restarts += 1
+
+    def broken_streams(self) -> int:
+        """Client streams whose client side failed before half-closing."""
+        with self._lock:
+            return sum(1 for s in self.streams if s.broken)
+
+    def streams_past_goaway(self) -> int:
+        """Client streams that ended well after their connection's maximum age: they went on
+        after the connection's GOAWAY (grpcio jitters the age by up to 10 %)."""
+        age = self.max_age_ms / 1000 * 1.1 + 0.05
+        with self._lock:
+            return sum(
+                1
+                for s in self.streams
+                if s.ended and not s.broken and s.ended - self.conn_first_seen[s.peer] > age
+            )
+
+    def _new_server(self) -> grpc.Server:
+        pool = futures.ThreadPoolExecutor(16, thread_name_prefix="faults-grpc-proxy")
+        self._pools.append(pool)
+        server = grpc.server(
+            pool,
+            options=[
+                ("grpc.max_connection_age_ms", self.max_age_ms),
+                ("grpc.max_connection_age_grace_ms", self.grace_ms),
+                ("grpc.so_reuseport", 1),
+            ],
+        )
+        server.add_generic_rpc_handlers([_PathHandler(self._handlers)])
+        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        assert port, "the proxy cannot listen"
+        self.port = port
+        server.start()
+        return server
+
+    def _metadata(self, context: grpc.ServicerContext) -> list[tuple[str, str | bytes]]:
+        peer = context.peer()
+        with self._lock:
+            self.conn_first_seen.setdefault(peer, time.monotonic())
+        return [
+            (k, v)
+            for k, v in context.invocation_metadata()
+            if not k.startswith((":", "grpc-")) and k not in _HOP_HEADERS
+        ]
+
+    def _forward_unary(self, path: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        call = self._channel.unary_unary(path)
+
+        def forward(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                response: bytes = call(request, metadata=self._metadata(context), timeout=30)
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details() or "")
+            return response
+
+        return forward
+
+    def _forward_stream(
+        self, path: str
+    ) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
+        call = self._channel.stream_unary(path)
+
+        def forward(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            metadata = self._metadata(context)
+            record = StreamRecord(context.peer(), time.monotonic())
+            with self._lock:
+                self.streams.append(record)
+            try:
+                # the whole stream, then upstream: a broken stream leaves nothing behind
+                carried = list(requests)
+            except grpc.RpcError:
+                record.broken = True
+                record.ended = time.monotonic()
+                context.abort(grpc.StatusCode.CANCELLED, "the client's stream broke")
+            try:
+                response: bytes = call(iter(carried), metadata=metadata, timeout=30)
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details() or "")
+            finally:
+                record.ended = time.monotonic()
+            return response
+
+        return forward
+
+
+class _PathHandler(grpc.GenericRpcHandler):
+    def __init__(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._handlers = handlers
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
 
 
 # -- configs and the oracle ------------------------------------------------------------------------

@@ -87,11 +87,12 @@ def test_server_killed_mid_stream_then_restarted(
 
 
 def test_streams_cut_at_random_points(tmp_path: Path, server: ServeProcess, key_file: Path) -> None:
-    """A proxy resets the connection at random moments for 6 s x DAQ_FAULTS_SCALE (issue: 60 s),
-    about 10% of the 0.2 s windows end UNAVAILABLE: missing 0, duplicates 0."""
+    """A proxy resets every open connection at random moments 0.2-0.8 s apart for 6 s x
+    DAQ_FAULTS_SCALE (issue: 60 s): a fifth to a third of the 0.2 s windows fail (UNAVAILABLE,
+    or reconnected by sift_stream and so re-sent): missing 0, duplicates 0."""
     duration = scaled(6.0)
     frames = int(RATE * duration)
-    with CuttingProxy(server.port, min_life=0.3, max_life=1.5) as proxy:
+    with CuttingProxy(server.port, min_life=0.2, max_life=0.8) as proxy:
         agent = _agent(
             tmp_path,
             proxy.port,
@@ -118,9 +119,14 @@ def test_streams_cut_at_random_points(tmp_path: Path, server: ServeProcess, key_
 def test_hung_server_is_detected_within_the_checkpoint_timeout(
     tmp_path: Path, server: ServeProcess, key_file: Path
 ) -> None:
-    """The server is SIGSTOPped for 3 s x DAQ_FAULTS_SCALE: the agent abandons the stream within
-    the checkpoint timeout (1 s, after a window of 0.3 s), and after SIGCONT nothing is
-    missing."""
+    """The server is SIGSTOPped for 3 s x DAQ_FAULTS_SCALE just after a commit: the agent gives
+    up within the timeout (1 s, after a window of 0.3 s) and counts it in checkpoint_timeouts,
+    and after SIGCONT nothing is missing.
+
+    AGENT BUG 1 (see the faults report): each window is a new stream, so a hang that starts
+    between windows is met by the next window's build, which times out but was not counted
+    (only a commit's timeout was): the hang went unseen in the status.
+    """
     hang = scaled(3.0)
     frames = int(RATE * (hang + 3.0))
     agent = _agent(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from faultkit import (
     COUNTER_DBC,
+    FLOW,
     ServeProcess,
     agent_config,
     judge,
@@ -17,9 +18,9 @@ from faultkit import (
     write_counter_log,
 )
 
-from daq_agent._proto.sift.ingest.v1.ingest_pb2 import IngestWithConfigDataStreamRequest
 from daq_agent.agent import Agent
 from daq_agent.config import load_config
+from daq_agent.pipeline.batch import unpack_payloads
 from daq_agent.pipeline.spool import Spool
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
@@ -145,12 +146,12 @@ def test_tampered_spool_starts_and_counts_exactly_what_was_lost(
     (directory / "ack").unlink()
 
     def seqs(seq: int) -> set[int]:
-        """The counter values carried by spool record ``seq`` (decoded from its requests)."""
+        """The counter values carried by spool record ``seq`` (its packed samples)."""
         out = set()
-        for payload in records[seq].payloads:
-            request = IngestWithConfigDataStreamRequest.FromString(payload)
-            value = request.channel_values[0]
-            out.add(getattr(value, value.WhichOneof("type") or "uint32"))
+        for unpacked in unpack_payloads(records[seq].payloads):
+            for flow, _, values in unpacked.rows:
+                assert flow == FLOW
+                out.add(int(values[0]))  # type: ignore[arg-type]  # seq: the first channel
         assert len(out) == records[seq].count
         return out
 
