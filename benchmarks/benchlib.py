@@ -33,11 +33,14 @@ __all__ = [
     "cpu_seconds",
     "free_port",
     "machine",
+    "make_frames",
+    "resolve_dbc",
     "rss_mb",
     "socket_inodes",
     "stored_samples",
     "udp_drops",
     "wait_for",
+    "write_candump",
 ]
 
 
@@ -134,6 +137,45 @@ def stored_samples(db: Path, run_name: str | None = None) -> int:
                 (run_name,),
             ).fetchone()
     return int(row[0])
+
+
+# -- frames ------------------------------------------------------------------------------------
+
+
+def resolve_dbc(name: str, tmp: Path) -> Path:
+    """``bench`` (dbc/bench.dbc), ``vehicle`` (generated into ``tmp``, fixed seed) or a path."""
+    if name == "bench":
+        return BENCH_DBC
+    if name == "vehicle":
+        from vehicle_dbc import write_vehicle_dbc
+
+        return write_vehicle_dbc(tmp / "vehicle.dbc")
+    return Path(name)
+
+
+def make_frames(dbc: Path, count: int, base_s: float, seed: int = 1) -> list[Any]:
+    """``count`` frames of ``dbc`` from the agent's simulator, in schedule order, stamped from
+    ``base_s`` (so a flow's timestamps are unique)."""
+    from daq_agent.decode.dbc import load_database
+    from daq_agent.sim.can import CanSimulator
+
+    simulator = CanSimulator([load_database(dbc)], seed=seed)
+    frames = []
+    for _plan, msg in simulator.frames(count=count):
+        msg.timestamp = base_s + msg.timestamp
+        frames.append(msg)
+    return frames
+
+
+def write_candump(frames: Sequence[Any], path: Path, channel: str = "can0") -> None:
+    """Frames as a candump ``-l`` log (``(ts) can0 ID#DATA``, CAN FD ``ID##<flags>DATA``)."""
+    with path.open("w") as out:
+        for msg in frames:
+            ident = msg.arbitration_id
+            text = f"{ident:08X}" if msg.is_extended_id else f"{ident:03X}"
+            data = bytes(msg.data).hex().upper()
+            sep = f"##{1 if msg.bitrate_switch else 0}" if msg.is_fd else "#"
+            out.write(f"({msg.timestamp:.6f}) {channel} {text}{sep}{data}\n")
 
 
 # -- /proc -------------------------------------------------------------------------------------

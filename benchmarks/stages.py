@@ -45,8 +45,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import can
-from benchlib import BENCH_DBC, Server, cpu_seconds, machine, stored_samples
-from vehicle_dbc import write_vehicle_dbc
+from benchlib import (
+    Server,
+    cpu_seconds,
+    machine,
+    make_frames,
+    resolve_dbc,
+    stored_samples,
+    write_candump,
+)
 
 from daq_agent.core.clock import host_clock
 from daq_agent.core.model import TelemetryConfig
@@ -60,7 +67,6 @@ from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.spool import Spool
 from daq_agent.readers.base import ReaderABC
 from daq_agent.readers.can import CanReader, MessageProcessor
-from daq_agent.sim.can import CanSimulator
 
 BATCH = 4000  # the benchmarks' flush.max_batch
 BURST = 1024  # frames per read burst (the CAN reader's _MAX_BURST)
@@ -92,36 +98,6 @@ class _Collect:
     def put_many(self, items: Sequence[Sample]) -> int:
         self.items.extend(items)
         return len(items)
-
-
-def resolve_dbc(name: str, tmp: Path) -> Path:
-    if name == "bench":
-        return BENCH_DBC
-    if name == "vehicle":
-        return write_vehicle_dbc(tmp / "vehicle.dbc")
-    return Path(name)
-
-
-def make_frames(dbc: Path, count: int, base_s: float) -> list[can.Message]:
-    """``count`` frames of ``dbc`` in schedule order, stamped from ``base_s`` (unique per flow)."""
-    simulator = CanSimulator([load_database(dbc)], seed=1)
-    frames = []
-    for _plan, msg in simulator.frames(count=count):
-        msg.timestamp = base_s + msg.timestamp
-        frames.append(msg)
-    return frames
-
-
-def write_candump(frames: Sequence[can.Message], path: Path) -> None:
-    """The frames as a candump ``-l`` log."""
-    with path.open("w") as out:
-        for msg in frames:
-            ident = (
-                f"{msg.arbitration_id:08X}" if msg.is_extended_id else f"{msg.arbitration_id:03X}"
-            )
-            data = bytes(msg.data).hex().upper()
-            sep = f"##{1 if msg.bitrate_switch else 0}" if msg.is_fd else "#"
-            out.write(f"({msg.timestamp:.6f}) can0 {ident}{sep}{data}\n")
 
 
 def per_frame(seconds: float, frames: int) -> float:
