@@ -1,13 +1,13 @@
 """Benchmark: the agent through a server outage on a live ``udp_multicast`` bus, then the drain.
 
-``daq-agent simulate can`` sends ``--rate`` frames/s (5k) of the database on a ``udp_multicast``
-bus from its own process. The agent (in this process, a real CAN reader on that bus, the spool on,
-a Sift target at ``daq-agent serve`` in its own process) delivers them. After ``--warmup``
-seconds the server is killed (SIGKILL) for ``--outage`` seconds (60): the backlog goes to the
-spool on disk, and this process's RSS is sampled every second (the figure: its spread through the
-outage). The server is then restarted on the same port and the drain is timed, from the restart
-until less than a second of input is left undelivered, while frames keep arriving; then
-``--tail`` seconds more at the steady rate.
+A generator process (``steady.py``'s, or ``daq-agent simulate can`` with ``--simulator``) sends
+``--rate`` frames/s (5k) of the database on a ``udp_multicast`` bus. The agent (in this process,
+a real CAN reader on that bus, the spool on, a Sift target at ``daq-agent serve`` in its own
+process) delivers them. After ``--warmup`` seconds the server is killed (SIGKILL) for
+``--outage`` seconds (60): the backlog goes to the spool on disk, and this process's RSS is
+sampled every second (the figure: its spread through the outage). The server is then restarted
+on the same port and the drain is timed, from the restart until less than a second of input is
+left undelivered, while frames keep arriving; then ``--tail`` seconds more at the steady rate.
 
 All along, the kernel's drop counter of the agent's UDP socket (``/proc/net/udp``, the ``drops``
 column, matched by the inodes of this process's sockets in ``/proc/self/fd``) is read: a datagram
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from benchlib import Server, free_port, machine, resolve_dbc, rss_mb, stored_samples, udp_drops
+from steady import generator_command
 
 from daq_agent.agent import Agent
 from daq_agent.config import parse_config
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-limit", type=float, default=300.0, help="give up after (s)")
     parser.add_argument("--dbc", default="vehicle", help="bench, vehicle (generated) or a file")
     parser.add_argument("--udp-port", type=int, default=43_223)
+    parser.add_argument("--simulator", action="store_true", help="generate with daq-agent simulate")
     args = parser.parse_args(argv)
     warmup, outage, tail = (x * args.scale for x in (args.warmup, args.outage, args.tail))
 
@@ -91,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         assert flusher is not None
         if not agent.readers[0].wait_state(ReaderState.RUNNING, timeout=10):
             raise SystemExit(f"the bus did not open: {agent.readers[0].counters.last_error}")
-        command = [sys.executable, "-m", "daq_agent.cli", "simulate", "can", "--dbc", str(dbc)]
-        command += ["--interface", "udp_multicast", "--channel", GROUP]
-        command += ["--bus-option", f"port={args.udp_port}", "--rate", str(args.rate), "--json"]
+        command = generator_command(dbc, args.rate, 86_400.0, args.udp_port, GROUP, args.simulator)
         generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         drops = {"start": total_drops()}
         rss: dict[str, list[float]] = {"outage": [], "drain": []}

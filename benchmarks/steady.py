@@ -1,8 +1,11 @@
 """Benchmark: the agent's CPU at a steady frame rate on a ``udp_multicast`` bus, and its latency.
 
 Three processes, as on a bench PC: ``daq-agent run`` (one ``udp_multicast`` bus of the database,
-the spool on, the default local target, so its server runs in a fourth process it starts), and
-``daq-agent simulate can`` sending ``--rate`` frames/s (10k) on that bus from its own process.
+the spool on, the default local target, so its server runs in a fourth process it starts), and a
+generator sending ``--rate`` frames/s (10k) on that bus from its own process: this script with
+``--generate``, which sends frames made beforehand by the agent's simulator (``daq-agent
+simulate can`` encodes every frame with cantools as it goes and cannot keep 10k frames/s on a busy
+machine; ``--simulator`` uses it anyway).
 After ``--warmup`` seconds the agent's CPU (utime + stime of every thread, from
 ``/proc/<pid>/stat``) is read over ``--seconds``; the server's likewise. Then the generator ends
 and the agent is stopped with SIGINT (it drains and prints its summary): the latency p50/p99
@@ -31,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from benchlib import cpu_seconds, machine, resolve_dbc, rss_mb, stored_samples, udp_drops
+from benchlib import (
+    cpu_seconds,
+    machine,
+    make_frames,
+    resolve_dbc,
+    rss_mb,
+    stored_samples,
+    udp_drops,
+)
 
 GROUP = "239.74.163.17"
 
@@ -45,6 +56,51 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def generate(dbc: Path, rate: float, duration: float, port: int, group: str = GROUP) -> None:
+    """Send frames of ``dbc`` at ``rate`` frames/s for ``duration`` s (or until SIGTERM), paced
+    every millisecond; print a JSON summary like ``daq-agent simulate can --json``."""
+    import can
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    frames = make_frames(dbc, max(1000, min(int(rate * 10), 200_000)), 0.0)
+    for msg in frames:
+        msg.timestamp = 0.0  # the receiving socket stamps it
+    bus = can.Bus(interface="udp_multicast", channel=group, port=port)
+    sent = errors = 0
+    started = time.monotonic()
+    try:
+        while not stop.is_set():
+            elapsed = time.monotonic() - started
+            if elapsed >= duration:
+                break
+            due = int(elapsed * rate)
+            while sent + errors < due:
+                try:
+                    bus.send(frames[(sent + errors) % len(frames)])
+                    sent += 1
+                except (can.CanError, OSError):
+                    errors += 1
+            stop.wait(0.001)
+    finally:
+        bus.shutdown()
+    elapsed = time.monotonic() - started
+    print(json.dumps({"frames": sent, "errors": errors, "elapsed_s": round(elapsed, 3)}))
+
+
+def generator_command(
+    dbc: Path, rate: float, duration: float, port: int, group: str, simulator: bool
+) -> list[str]:
+    """The command of a generator process."""
+    if simulator:
+        command = [sys.executable, "-m", "daq_agent.cli", "simulate", "can", "--dbc", str(dbc)]
+        command += ["--interface", "udp_multicast", "--channel", group]
+        command += ["--bus-option", f"port={port}", "--rate", str(rate), "--json"]
+        return [*command, "--duration", str(duration)]
+    command = [sys.executable, __file__, "--generate", "--dbc", str(dbc), "--rate", str(rate)]
+    return [*command, "--port", str(port), "--group", group, "--seconds", str(duration)]
 
 
 def agent_document(tmp: Path, dbc: Path, port: int, checkpoint_s: float | None) -> dict[str, Any]:
@@ -107,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint", type=float, default=None, help="checkpoint_seconds (default: the config's)"
     )
+    parser.add_argument("--simulator", action="store_true", help="generate with daq-agent simulate")
+    parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--group", default=GROUP, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.generate:
+        generate(Path(args.dbc), args.rate, args.seconds, args.port, args.group)
+        return 0
     python = sys.executable
     with tempfile.TemporaryDirectory(prefix="daq-bench-steady-") as tmp_name:
         tmp = Path(tmp_name)
@@ -127,12 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             if not out.wait_for(r"^daq-agent: asset", 60):
                 raise SystemExit("the agent did not start:\n" + "\n".join(err.lines[-20:]))
             duration = args.warmup + args.seconds + 1.0
-            command = [python, "-m", "daq_agent.cli", "simulate", "can", "--dbc", str(dbc)]
-            command += ["--interface", "udp_multicast", "--channel", GROUP]
-            command += ["--bus-option", f"port={args.port}", "--rate", str(args.rate)]
-            command += ["--duration", str(duration), "--json"]
             generator = subprocess.Popen(
-                command,
+                generator_command(dbc, args.rate, duration, args.port, GROUP, args.simulator),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
