@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dbc", default="vehicle", help="bench, vehicle (generated) or a file")
     parser.add_argument("--udp-port", type=int, default=43_223)
     parser.add_argument("--simulator", action="store_true", help="generate with daq-agent simulate")
+    parser.add_argument(
+        "--checkpoint-records", type=int, default=None, help="flush.checkpoint_records (200000)"
+    )
     args = parser.parse_args(argv)
     warmup, outage, tail = (x * args.scale for x in (args.warmup, args.outage, args.tail))
 
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                     "sift": {"uri": server.uri, "api_key_env": "BENCH_KEY", "use_ssl": False}
                 },
                 "run": {"name": "outage"},
+                "flush": {}
+                if args.checkpoint_records is None
+                else {"checkpoint_records": args.checkpoint_records},
                 "buses": [
                     {
                         "name": "can0",
