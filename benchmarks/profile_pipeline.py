@@ -44,6 +44,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     (
         "request build",
         (
+            "sift_stream.py:<listcomp>",
             "RequestBuilder",
             "Py.double",
             "Py.float",
