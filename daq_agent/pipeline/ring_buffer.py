@@ -209,7 +209,7 @@ class RingBuffer(Generic[T]):
         if block:
             return self._put_waiting(batch, timeout)
         if self.policy == "block":
-            return sum(self.put(item) for item in batch)
+            return self._put_many_blocking(batch)
         with self._lock:
             self._put += len(batch)
             if self._closed:
@@ -267,6 +267,44 @@ class RingBuffer(Generic[T]):
                 finally:
                     self._waiting_producers -= 1
         return done
+
+    def _put_many_blocking(self, batch: list[T]) -> int:
+        """``put`` of each item in turn (the same waits, drops and counts), one lock for all:
+        what fits goes in at once; when full, wait for one slot as ``put`` does."""
+        queue = self._items
+        enqueued = 0
+        i = 0
+        n = len(batch)
+        with self._lock:
+            while i < n:
+                if self._closed:
+                    rest = n - i
+                    self._put += rest
+                    self._dropped += rest
+                    self._dropped_closed += rest
+                    break
+                room = self.capacity - len(queue)
+                if room > 0:
+                    chunk = batch[i : i + room] if i or room < n else batch
+                    queue.extend(chunk)
+                    taken = len(chunk)
+                    self._put += taken
+                    enqueued += taken
+                    i += taken
+                    depth = len(queue)
+                    if depth > self._high_water:
+                        self._high_water = depth
+                    if self._waiting_consumers:
+                        self._not_empty.notify_all()
+                    continue
+                space = self._wait_for_space(1)
+                if not space:
+                    self._put += 1
+                    self._dropped += 1
+                    if space is None:
+                        self._dropped_closed += 1
+                    i += 1
+        return enqueued
 
     def _wait_for_space(self, n: int) -> bool | None:
         """With the lock held: wait until ``n`` items fit; False on timeout, None on close."""

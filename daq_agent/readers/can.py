@@ -20,7 +20,9 @@ reader, :class:`~daq_agent.readers.base.ReaderABC` reports it, backs off and reo
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, Protocol
 
@@ -51,6 +53,37 @@ ERROR_CLASSES: Final = {
 
 _MAX_BURST: Final = 1024
 """Frames handled per ``_read`` call before the loop checks for a stop request again."""
+RECEIVE_BUFFER_BYTES: Final = 4 * 2**20
+"""The receive buffer asked for on a socket-based bus (SocketCAN, udp_multicast): the kernel's
+default (~208 KiB, some 250 frames) overflows after a few tens of ms without a read, and a frame
+the kernel drops never reaches the reader. The kernel caps it at ``net.core.rmem_max``."""
+
+
+def enlarge_receive_buffer(bus: can.BusABC, size: int = RECEIVE_BUFFER_BYTES) -> int | None:
+    """Ask for a receive buffer of at least ``size`` bytes on the bus's socket, never shrinking it.
+
+    Returns:
+        The buffer size the kernel reports afterwards, or None when the bus has no socket.
+    """
+    try:
+        fd = bus.fileno()
+    except (NotImplementedError, AttributeError, OSError, ValueError):
+        return None
+    if not isinstance(fd, int) or fd < 0:
+        return None
+    try:
+        sock = socket.socket(fileno=os.dup(fd))  # a duplicate: closing it leaves the bus's own
+    except OSError:
+        return None  # not a socket
+    try:
+        current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if current < size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    except OSError:
+        return None
+    finally:
+        sock.close()
 
 
 class FrameDecoder(Protocol):
@@ -252,7 +285,13 @@ class CanReader(ReaderABC):
             raise ConfigError(f"bus {self.name!r}: {exc}") from exc
         except TypeError as exc:
             raise ConfigError(f"bus {self.name!r}: invalid bus options: {exc}") from exc
-        log.info("reader %s: opened %s", self.name, self._describe_bus())
+        buffer = enlarge_receive_buffer(self._bus)
+        log.info(
+            "reader %s: opened %s%s",
+            self.name,
+            self._describe_bus(),
+            "" if buffer is None else f" (receive buffer {buffer // 1024} KiB)",
+        )
 
     def _read(self, timeout: float) -> bool:
         bus = self._bus

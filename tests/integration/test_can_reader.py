@@ -28,6 +28,7 @@ from daq_agent.readers import (
     get_reader_class,
 )
 from daq_agent.readers.base import READER_RETRY
+from daq_agent.readers.can import enlarge_receive_buffer
 
 pytestmark = pytest.mark.integration
 
@@ -472,3 +473,24 @@ def test_reader_dropped_without_shutdown_logs_it(db: Any, caplog: pytest.LogCapt
         del reader
         gc.collect()
     assert "forgotten was not properly shut down" in caplog.text
+
+
+def test_a_socket_bus_gets_a_larger_receive_buffer() -> None:
+    """A udp_multicast bus (a socket, like SocketCAN) gets a receive buffer above the kernel's
+    default, so a burst while the reader waits for the GIL is not dropped by the kernel; a bus
+    without a socket is left alone."""
+
+    group = f"239.74.{random.randint(1, 250)}.{random.randint(1, 250)}"
+    with can.Bus(
+        interface="udp_multicast", channel=group, port=43_000 + random.randint(0, 999)
+    ) as bus:
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain:
+            default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        size = enlarge_receive_buffer(bus)
+        assert size is not None
+        assert size > default
+        assert enlarge_receive_buffer(bus) == size  # never shrunk, idempotent
+    with can.Bus(interface="virtual", channel=f"rcvbuf-{uuid.uuid4().hex}") as virtual:
+        assert enlarge_receive_buffer(virtual) is None
