@@ -155,6 +155,24 @@ class StreamLoop:
         self._thread.join(5.0)
 
 
+def _compile_values(flow: FlowConfig) -> Callable[[Sequence[Value]], list[Any]]:
+    """A function turning a flow's values into the bindings' channel values, generated for the
+    flow: one constructor call per channel with no loop, a value of None is ``empty``.
+
+    Generated code, because the bindings need one object per value: for 12 channels this takes
+    2.2 µs against 3.8 µs for a comprehension over (constructor, value) pairs
+    (``benchmarks/stages.py`` stage "request build").
+    """
+    n = len(flow.channels)
+    env: dict[str, Any] = {"E": _EMPTY}
+    env.update({f"m{i}": _CONSTRUCTORS[c.data_type] for i, c in enumerate(flow.channels)})
+    items = ", ".join(f"E if (v{i} := values[{i}]) is None else m{i}(v{i})" for i in range(n))
+    namespace: dict[str, Any] = {}
+    exec(f"def values_of(values):\n    return [{items}]\n", env, namespace)
+    fn: Callable[[Sequence[Value]], list[Any]] = namespace["values_of"]
+    return fn
+
+
 class RequestBuilder:
     """Samples → ``IngestWithConfigDataStreamRequestPy``, with per-flow compiled constructors.
 
@@ -169,8 +187,8 @@ class RequestBuilder:
     ) -> None:
         self._end_stream = end_stream_on_validation_error
         self._flows = {flow.name: flow for flow in flows}
-        self._makers: dict[str, tuple[Callable[[Any], Any], ...]] = {
-            flow.name: tuple(_CONSTRUCTORS[c.data_type] for c in flow.channels) for flow in flows
+        self._makers: dict[str, tuple[int, Callable[[Sequence[Value]], list[Any]]]] = {
+            flow.name: (len(flow.channels), _compile_values(flow)) for flow in flows
         }
 
     @property
@@ -197,7 +215,6 @@ class RequestBuilder:
         makers = self._makers
         request = ssb.IngestWithConfigDataStreamRequestPy
         from_ns = ssb.TimeValuePy.from_timestamp_nanos
-        empty = _EMPTY
         end_stream = (
             self._end_stream
             if end_stream_on_validation_error is None
@@ -206,20 +223,17 @@ class RequestBuilder:
         out = []
         try:
             for flow, ts, values in rows:
-                make = makers[flow]
-                if len(values) != len(make):
+                count, values_of = makers[flow]
+                if len(values) != count:
                     raise IngestionValidationError(
-                        f"flow {flow!r}: {len(values)} values for {len(make)} channels"
+                        f"flow {flow!r}: {len(values)} values for {count} channels"
                     )
-                channel_values = [
-                    empty if v is None else m(v) for m, v in zip(make, values, strict=True)
-                ]
                 out.append(
                     request(
                         config_id,
                         flow,
                         from_ns(ts),
-                        channel_values,
+                        values_of(values),
                         run_id,
                         end_stream,
                         organization_id,
