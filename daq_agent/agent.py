@@ -406,6 +406,9 @@ class Agent:
             runs=runs,
             timeout_s=config.flush.checkpoint_timeout_s,
             force_lazy_flow_creation=self._force_lazy,
+            # a window stops taking records at checkpoint_records; the last may add a batch
+            window_requests=self.flusher_settings.checkpoint_records
+            + self.flusher_settings.max_batch,
         )
         self.flusher = Flusher(
             self.ring,

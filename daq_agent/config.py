@@ -33,7 +33,7 @@ tuning of the ring buffer and the flusher::
     serial:
       - {name: gps, port: /dev/ttyUSB0, baudrate: 9600, defs: serial/gps.yaml}
     ring: {capacity: 65536, policy: drop_oldest}      # or block
-    flush: {max_batch: 2000, max_age_ms: 50, checkpoint_seconds: 1, checkpoint_records: 200000,
+    flush: {max_batch: 2000, max_age_ms: 50, checkpoint_seconds: 1, checkpoint_records: 50000,
             checkpoint_timeout_s: 30, retry_initial_s: 0.2, retry_max_s: 10, auth_retry_s: 30,
             drain_timeout_s: 30}
     spool:                               # the durable backlog between the flusher and the API
@@ -333,7 +333,7 @@ class FlushConfig:
     max_batch: int = 2000
     max_age_ms: int = 50
     checkpoint_seconds: float = 1.0
-    checkpoint_records: int = 200_000
+    checkpoint_records: int = 50_000
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
     checkpoint_timeout_s: float = 30.0

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import sift_stream_bindings as ssb
 
@@ -248,6 +248,10 @@ class RequestBuilder:
         return out
 
 
+DEFAULT_CAPACITY: Final = 262_144
+"""The stream's queue by default, in requests (more than a default window)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
     """How a window's stream is built.
@@ -265,7 +269,7 @@ class StreamSettings:
     use_tls: bool
     asset: str
     client_key: str
-    capacity: int = 262_144
+    capacity: int = DEFAULT_CAPACITY
     timeout_s: float = 30.0
 
 

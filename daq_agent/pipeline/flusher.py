@@ -257,7 +257,7 @@ class FlusherSettings:
     max_batch: int = 2000
     max_age_s: float = 0.05
     checkpoint_seconds: float = 1.0
-    checkpoint_records: int = 200_000
+    checkpoint_records: int = 50_000
     idle_checkpoint_s: float = 0.2
     checkpoint_timeout_s: float = 30.0
     retry_initial_s: float = 0.2

@@ -38,6 +38,7 @@ from daq_agent.core.errors import (
 from daq_agent.core.model import TelemetryConfig
 from daq_agent.ingestion.service import IngestionService
 from daq_agent.ingestion.sift_stream import (
+    DEFAULT_CAPACITY,
     RequestBuilder,
     StreamFailed,
     StreamLoop,
@@ -176,6 +177,8 @@ class SiftSink:
         runs: the details of runs to create, by run client key.
         timeout_s: the longest a build, a send or a commit may take.
         force_lazy_flow_creation: register each flow when first sent, whatever the size.
+        window_requests: the most requests one window carries (its stream's queue holds them
+            all, so a send never waits on it).
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class SiftSink:
         runs: Mapping[str, RunDetails] | None = None,
         timeout_s: float = 30.0,
         force_lazy_flow_creation: bool = False,
+        window_requests: int = 0,
     ) -> None:
         if not telemetry.ingestion_client_key:
             raise ConfigError("the sink needs an ingestion client key")
@@ -200,7 +204,12 @@ class SiftSink:
         self._force_lazy = force_lazy_flow_creation
         self._builder = RequestBuilder(telemetry.flows)
         self._settings = StreamSettings(
-            uri, use_tls, telemetry.asset_name, telemetry.ingestion_client_key, timeout_s=timeout_s
+            uri,
+            use_tls,
+            telemetry.asset_name,
+            telemetry.ingestion_client_key,
+            capacity=max(DEFAULT_CAPACITY, window_requests),
+            timeout_s=timeout_s,
         )
         self._loop: StreamLoop | None = None
         self._channel: SiftChannel | None = None
