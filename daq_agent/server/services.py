@@ -20,13 +20,14 @@ The request is stored as received (see :mod:`daq_agent.server.store`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -61,6 +62,7 @@ from daq_agent.server.store import (
     RunRecord,
     SampleRow,
     Store,
+    TagRecord,
     ValidationErrorRecord,
 )
 
@@ -113,6 +115,16 @@ _WRITE_ROWS = 1024  # accepted samples buffered before one multi-row INSERT
 _MAX_SIGNATURES = 4096  # accepted value signatures cached per flow (multiplexed flows vary)
 
 
+class _Record(Protocol):
+    """A stored record a listing pages by."""
+
+    @property
+    def pk(self) -> int: ...
+
+
+_R = TypeVar("_R", bound=_Record)
+
+
 def _shadow_request_class() -> Any:
     """A message with the wire layout of IngestWithConfigDataStreamRequest, values kept as bytes."""
     f = descriptor_pb2.FieldDescriptorProto
@@ -149,12 +161,23 @@ _INGEST_RESPONSE = ingest_pb2.IngestWithConfigDataStreamResponse().SerializeToSt
 # -- filters and paging ------------------------------------------------------------------------
 
 
-def _listing(call: Callable[[], list[Any]]) -> list[Any]:
-    """Run a store listing, turning a bad filter into INVALID_ARGUMENT."""
+def _paged(
+    request: Any, lister: Callable[..., list[_R]], *, ordered: bool = False
+) -> tuple[list[_R], str]:
+    """One page of a List* RPC and the next page token: ``lister`` (a store listing) called
+    with the request's ``filter``, page size and token, and with ``ordered`` its ``order_by``.
+
+    Raises:
+        RpcError: INVALID_ARGUMENT for a bad filter, page token or order.
+    """
+    limit, after = _page(request.page_size, request.page_token)
+    order = {"newest_first": _newest_first(request.order_by)} if ordered else {}
     try:
-        return call()
+        records = lister(request.filter, after=after, limit=limit + 1, **order)
     except FilterError as exc:
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+    next_token = str(records[limit - 1].pk) if len(records) > limit else ""
+    return records[:limit], next_token
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, int]:
@@ -165,10 +188,6 @@ def _page(page_size: int, page_token: str) -> tuple[int, int]:
     if not page_token.isdigit():
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token {page_token!r}")
     return limit, int(page_token)
-
-
-def _next_token(pks: list[int], limit: int) -> str:
-    return str(pks[limit - 1]) if len(pks) > limit else ""
 
 
 def _parse(message_class: type[Message], data: bytes) -> Any:
@@ -776,13 +795,9 @@ class LocalServices:
         request: ic_pb2.ListIngestionConfigsRequest = _parse(
             ic_pb2.ListIngestionConfigsRequest, data
         )
-        limit, after = _page(request.page_size, request.page_token)
-        records = _listing(
-            lambda: self.store.list_ingestion_configs(request.filter, after=after, limit=limit + 1)
-        )
+        records, token = _paged(request, self.store.list_ingestion_configs)
         return ic_pb2.ListIngestionConfigsResponse(
-            ingestion_configs=[self._config_pb(r) for r in records[:limit]],
-            next_page_token=_next_token([r.pk for r in records], limit),
+            ingestion_configs=[self._config_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     def create_ingestion_config_flows(self, data: bytes, ctx: CallContext) -> bytes:
@@ -821,13 +836,9 @@ class LocalServices:
             ic_pb2.ListIngestionConfigFlowsRequest, data
         )
         record = self._config_or_404(request.ingestion_config_id)
-        limit, after = _page(request.page_size, request.page_token)
-        flows = _listing(
-            lambda: self.store.list_flows(record.pk, request.filter, after=after, limit=limit + 1)
-        )
+        flows, token = _paged(request, functools.partial(self.store.list_flows, record.pk))
         return ic_pb2.ListIngestionConfigFlowsResponse(
-            flows=[f.flow_config() for f in flows[:limit]],
-            next_page_token=_next_token([f.pk for f in flows], limit),
+            flows=[f.flow_config() for f in flows], next_page_token=token
         ).SerializeToString()
 
     # -- runs ----------------------------------------------------------------------------------
@@ -905,16 +916,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: runs_pb2.ListRunsRequest = _parse(runs_pb2.ListRunsRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        newest_first = _newest_first(request.order_by)
-        records = _listing(
-            lambda: self.store.list_runs(
-                request.filter, after=after, limit=limit + 1, newest_first=newest_first
-            )
-        )
+        records, token = _paged(request, self.store.list_runs, ordered=True)
         return runs_pb2.ListRunsResponse(
-            runs=[self._run_pb(r) for r in records[:limit]],
-            next_page_token=_next_token([r.pk for r in records], limit),
+            runs=[self._run_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     def stop_run(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1013,16 +1017,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: assets_pb2.ListAssetsRequest = _parse(assets_pb2.ListAssetsRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        newest_first = _newest_first(request.order_by)
-        records = _listing(
-            lambda: self.store.list_assets(
-                request.filter, after=after, limit=limit + 1, newest_first=newest_first
-            )
-        )
+        records, token = _paged(request, self.store.list_assets, ordered=True)
         return assets_pb2.ListAssetsResponse(
-            assets=[self._asset_pb(r) for r in records[:limit]],
-            next_page_token=_next_token([r.pk for r in records], limit),
+            assets=[self._asset_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     def update_asset(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1060,12 +1057,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: channels_pb2.ListChannelsRequest = _parse(channels_pb2.ListChannelsRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        records = _listing(
-            lambda: self.store.list_channels(request.filter, after=after, limit=limit + 1)
-        )
+        records, token = _paged(request, self.store.list_channels)
         channels = []
-        for record in records[:limit]:
+        for record in records:
             config = record.channel_config()
             channel = channels_pb2.Channel(
                 channel_id=record.channel_id,
@@ -1081,7 +1075,7 @@ class LocalServices:
             _set_timestamp(channel.modified_date, record.created_ns)
             channels.append(channel)
         return channels_pb2.ListChannelsResponse(
-            channels=channels, next_page_token=_next_token([r.pk for r in records], limit)
+            channels=channels, next_page_token=token
         ).SerializeToString()
 
     def create_tag(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1097,9 +1091,13 @@ class LocalServices:
             record = self.store.create_tag(request.name)
         except DaqError as exc:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        return tags_pb2.CreateTagResponse(tag=self._tag_pb(record)).SerializeToString()
+
+    @staticmethod
+    def _tag_pb(record: TagRecord) -> tags_pb2.Tag:
         tag = tags_pb2.Tag(tag_id=record.tag_id, name=record.name)
         _set_timestamp(tag.created_date, record.created_ns)
-        return tags_pb2.CreateTagResponse(tag=tag).SerializeToString()
+        return tag
 
     def list_tags(self, data: bytes, ctx: CallContext) -> bytes:
         """ListTags with a filter on ``tag_id``/``name``; ``tag_type`` is accepted and ignored
@@ -1109,17 +1107,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: tags_pb2.ListTagsRequest = _parse(tags_pb2.ListTagsRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        records = _listing(
-            lambda: self.store.list_tags(request.filter, after=after, limit=limit + 1)
-        )
-        tags = []
-        for record in records[:limit]:
-            tag = tags_pb2.Tag(tag_id=record.tag_id, name=record.name)
-            _set_timestamp(tag.created_date, record.created_ns)
-            tags.append(tag)
+        records, token = _paged(request, self.store.list_tags)
         return tags_pb2.ListTagsResponse(
-            tags=tags, next_page_token=_next_token([r.pk for r in records], limit)
+            tags=[self._tag_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     # -- rules ---------------------------------------------------------------------------------
@@ -1387,16 +1377,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter, order or page token.
         """
         request: rules_pb2.ListRulesRequest = _parse(rules_pb2.ListRulesRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        newest_first = _newest_first(request.order_by)
-        records = _listing(
-            lambda: self.store.list_rules(
-                request.filter, after=after, limit=limit + 1, newest_first=newest_first
-            )
-        )
+        records, token = _paged(request, self.store.list_rules, ordered=True)
         return rules_pb2.ListRulesResponse(
-            rules=[self._rule_pb(r) for r in records[:limit]],
-            next_page_token=_next_token([r.pk for r in records], limit),
+            rules=[self._rule_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     # -- ping ----------------------------------------------------------------------------------
