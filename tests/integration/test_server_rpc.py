@@ -1071,3 +1071,22 @@ def test_unimplemented_methods_name_themselves(grpc_channel: grpc.Channel) -> No
     )
     assert code == grpc.StatusCode.UNIMPLEMENTED
     assert "/sift.rules.v1.RuleService/EvaluateRules" in details
+
+
+def test_a_server_never_stopped_warns_when_collected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A started server that is collected unstopped says so on its module's logger; once stopped,
+    it does not."""
+    server = make_server(tmp_path / "w.sqlite")
+    server.start()
+    try:
+        server.__del__()
+        (record,) = [r for r in caplog.records if "not properly stopped" in r.getMessage()]
+        assert record.name == "daq_agent.server.local"
+        assert record.levelname == "WARNING"
+    finally:
+        server.stop(grace=0.2)
+    caplog.clear()
+    server.__del__()
+    assert not caplog.records
