@@ -708,6 +708,34 @@ def test_filters_of_every_list_rpc(grpc_channel: grpc.Channel) -> None:
     assert "at offset 12: expected ',' or ']', found end of filter" in details
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("(" * 5000 + "name == 'a'" + ")" * 5000, "at offset 32: nested deeper than 32"),
+        ("!" * 5000 + "name == 'a'", "at offset 32: nested deeper than 32"),
+        (" || ".join(["name == 'a'"] * 2000), "at offset 1500: more than 100 comparisons"),
+    ],
+    ids=["parentheses", "negations", "comparisons"],
+)
+def test_an_oversized_filter_is_invalid_argument(
+    grpc_channel: grpc.Channel, text: str, problem: str
+) -> None:
+    """A filter nested too deep or with too many comparisons (which once ended in Python's
+    recursion limit or SQLite's expression depth: INTERNAL) is INVALID_ARGUMENT saying which,
+    quoting only the part of a long filter around the offset (all of it would not fit in the
+    status trailer: the client would see RESOURCE_EXHAUSTED)."""
+    code, details = code_of(
+        lambda: call(
+            grpc_channel,
+            methods.LIST_RUNS,
+            runs_pb2.ListRunsRequest(filter=text),
+            runs_pb2.ListRunsResponse,
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in details
+
+
 def test_assets_get_list_and_update(grpc_channel: grpc.Channel) -> None:
     """A config's asset is got by id, listed newest first, and its tags and metadata updated;
     unknown ids are NOT_FOUND, a missing or unknown mask INVALID_ARGUMENT."""
