@@ -123,6 +123,7 @@ class _Record(Protocol):
 
 
 _R = TypeVar("_R", bound=_Record)
+_T = TypeVar("_T")
 
 
 def _shadow_request_class() -> Any:
@@ -178,6 +179,17 @@ def _paged(
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
     next_token = str(records[limit - 1].pk) if len(records) > limit else ""
     return records[:limit], next_token
+
+
+def _found(record: _T | None, what: str) -> _T:
+    """``record``, unless it is None: then NOT_FOUND, "``what`` not found".
+
+    Raises:
+        RpcError: NOT_FOUND.
+    """
+    if record is None:
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"{what} not found")
+    return record
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, int]:
@@ -689,12 +701,10 @@ class LocalServices:
     # -- ingestion configs ---------------------------------------------------------------------
 
     def _config_or_404(self, ingestion_config_id: str) -> IngestionConfigRecord:
-        record = self.store.get_ingestion_config(ingestion_config_id)
-        if record is None:
-            raise RpcError(
-                grpc.StatusCode.NOT_FOUND, f"ingestion config {ingestion_config_id!r} not found"
-            )
-        return record
+        return _found(
+            self.store.get_ingestion_config(ingestion_config_id),
+            f"ingestion config {ingestion_config_id!r}",
+        )
 
     @staticmethod
     def _config_pb(record: IngestionConfigRecord) -> ic_pb2.IngestionConfig:
@@ -902,9 +912,7 @@ class LocalServices:
             RpcError: NOT_FOUND.
         """
         request: runs_pb2.GetRunRequest = _parse(runs_pb2.GetRunRequest, data)
-        record = self.store.get_run(request.run_id)
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found")
+        record = _found(self.store.get_run(request.run_id), f"run {request.run_id!r}")
         return runs_pb2.GetRunResponse(run=self._run_pb(record)).SerializeToString()
 
     def list_runs(self, data: bytes, ctx: CallContext) -> bytes:
@@ -928,8 +936,7 @@ class LocalServices:
             RpcError: NOT_FOUND.
         """
         request: runs_pb2.StopRunRequest = _parse(runs_pb2.StopRunRequest, data)
-        if self.store.stop_run(request.run_id) is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found")
+        _found(self.store.stop_run(request.run_id), f"run {request.run_id!r}")
         return runs_pb2.StopRunResponse().SerializeToString()
 
     def update_run(self, data: bytes, ctx: CallContext) -> bytes:
@@ -945,9 +952,7 @@ class LocalServices:
         if not run.run_id:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "run.run_id is required")
         paths = _mask_paths(request, _RUN_UPDATABLE)
-        record = self.store.get_run(run.run_id)
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {run.run_id!r} not found")
+        record = _found(self.store.get_run(run.run_id), f"run {run.run_id!r}")
         changes: dict[str, object] = {}
         if "name" in paths:
             if not run.name:
@@ -979,8 +984,7 @@ class LocalServices:
             updated = self.store.update_run(run.run_id, changes)
         except DaqError as exc:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
-        if updated is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {run.run_id!r} not found")
+        updated = _found(updated, f"run {run.run_id!r}")
         return runs_pb2.UpdateRunResponse(run=self._run_pb(updated)).SerializeToString()
 
     # -- assets --------------------------------------------------------------------------------
@@ -1004,9 +1008,7 @@ class LocalServices:
             RpcError: NOT_FOUND.
         """
         request: assets_pb2.GetAssetRequest = _parse(assets_pb2.GetAssetRequest, data)
-        record = self.store.get_asset(request.asset_id)
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"asset {request.asset_id!r} not found")
+        record = _found(self.store.get_asset(request.asset_id), f"asset {request.asset_id!r}")
         return assets_pb2.GetAssetResponse(asset=self._asset_pb(record)).SerializeToString()
 
     def list_assets(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1043,8 +1045,7 @@ class LocalServices:
                 else None
             ),
         )
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"asset {asset.asset_id!r} not found")
+        record = _found(record, f"asset {asset.asset_id!r}")
         return assets_pb2.UpdateAssetResponse(asset=self._asset_pb(record)).SerializeToString()
 
     # -- channels and tags ---------------------------------------------------------------------
@@ -1128,10 +1129,7 @@ class LocalServices:
             RpcError: NOT_FOUND for a ``rule_id`` that does not exist.
         """
         if update.HasField("rule_id") and update.rule_id:
-            record = self.store.get_rule(rule_id=update.rule_id)
-            if record is None:
-                raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {update.rule_id!r} not found")
-            return record
+            return _found(self.store.get_rule(rule_id=update.rule_id), f"rule {update.rule_id!r}")
         if update.HasField("client_key") and update.client_key:
             return self.store.get_rule(client_key=update.client_key)
         return None
@@ -1253,9 +1251,7 @@ class LocalServices:
             )
         except DaqError as exc:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {rule_id!r} not found")
-        return record
+        return _found(record, f"rule {rule_id!r}")
 
     def get_rule(self, data: bytes, ctx: CallContext) -> bytes:
         """GetRule by ``rule_id`` or else ``client_key``.
@@ -1269,9 +1265,10 @@ class LocalServices:
         record = self.store.get_rule(
             rule_id=request.rule_id or None, client_key=request.client_key or None
         )
-        if record is None:
-            which = request.rule_id or f"with client key {request.client_key!r}"
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {which} not found")
+        which = (
+            repr(request.rule_id) if request.rule_id else f"with client key {request.client_key!r}"
+        )
+        record = _found(record, f"rule {which}")
         return rules_pb2.GetRuleResponse(rule=self._rule_pb(record)).SerializeToString()
 
     def batch_get_rules(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1283,16 +1280,12 @@ class LocalServices:
         request: rules_pb2.BatchGetRulesRequest = _parse(rules_pb2.BatchGetRulesRequest, data)
         rules = []
         for rule_id in request.rule_ids:
-            record = self.store.get_rule(rule_id=rule_id)
-            if record is None:
-                raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {rule_id!r} not found")
+            record = _found(self.store.get_rule(rule_id=rule_id), f"rule {rule_id!r}")
             rules.append(self._rule_pb(record))
         for client_key in request.client_keys:
-            record = self.store.get_rule(client_key=client_key)
-            if record is None:
-                raise RpcError(
-                    grpc.StatusCode.NOT_FOUND, f"rule with client key {client_key!r} not found"
-                )
+            record = _found(
+                self.store.get_rule(client_key=client_key), f"rule with client key {client_key!r}"
+            )
             rules.append(self._rule_pb(record))
         return rules_pb2.BatchGetRulesResponse(rules=rules).SerializeToString()
 
@@ -1325,11 +1318,9 @@ class LocalServices:
         request: rules_pb2.UpdateRuleRequest = _parse(rules_pb2.UpdateRuleRequest, data)
         if not request.rule_id and not request.client_key:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "rule_id or client_key is required")
-        previous = self._existing_rule(request)
-        if previous is None:
-            raise RpcError(
-                grpc.StatusCode.NOT_FOUND, f"rule with client key {request.client_key!r} not found"
-            )
+        previous = _found(
+            self._existing_rule(request), f"rule with client key {request.client_key!r}"
+        )
         record = self._save_rule(request, previous)
         return rules_pb2.UpdateRuleResponse(rule_id=record.rule_id).SerializeToString()
 
