@@ -197,8 +197,12 @@ def _page(page_size: int, page_token: str) -> tuple[int, int]:
     limit = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
     if not page_token:
         return limit, 0
-    if not page_token.isdigit():
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token {page_token!r}")
+    # a token is a pk: ASCII digits, within SQLite's 64-bit integers
+    if not (page_token.isascii() and page_token.isdigit() and int(page_token) < 1 << 63):
+        raise RpcError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"invalid page_token {page_token[:40]!r}: not one this server returned",
+        )
     return limit, int(page_token)
 
 

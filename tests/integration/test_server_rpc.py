@@ -144,9 +144,11 @@ def test_invalid_arguments(grpc_channel: grpc.Channel) -> None:
         ic.ListIngestionConfigsRequest(filter="client_key ~ 'x'"),
         ic.ListIngestionConfigsRequest(filter='colour == "red"'),
         ic.ListIngestionConfigsRequest(page_token="not-a-token"),
+        ic.ListIngestionConfigsRequest(page_token="9" * 30),
+        runs_pb2.ListRunsRequest(page_token="\uff11\uff12"),  # full-width digits
     ):
         code, _ = code_of(lambda: rpc(grpc_channel, request))  # noqa: B023
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, request
     code, _ = code_of(lambda: rpc(grpc_channel, ic.CreateIngestionConfigRequest(client_key="x")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
