@@ -130,7 +130,7 @@ def test_a_refused_write_keeps_the_uncommitted_samples(
     store.create_rule(name="x", client_key="k", definition=b"")
     store.insert_samples([(a, 0, BASE + i, _data(i, i)) for i in range(3)])
     store.insert_validation_errors([ValidationErrorRecord(BASE, "c", "a", "", 0, "why", "")])
-    with pytest.raises(DaqError, match="taken|exists"):
+    with pytest.raises(DaqError, match=r"taken|exists"):
         refused(store)
     assert store.pending == 3
     store.commit()
