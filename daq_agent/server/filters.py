@@ -23,13 +23,15 @@ the fields against what one RPC supports and returns a WHERE clause with its par
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from daq_agent.core.errors import DaqError
 
 __all__ = [
+    "MAX_COMPARISONS",
+    "MAX_DEPTH",
     "And",
     "Column",
     "Compare",
@@ -50,6 +52,26 @@ _ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "r": "\r", "t": "\t", "`"
 _INLINE_IN = 64
 
 
+MAX_COMPARISONS = 100
+"""Comparisons a filter may have (SQLite refuses very deep expressions)."""
+MAX_DEPTH = 32
+"""How deep a filter may nest ``!`` and parentheses."""
+
+
+_SHOWN = 200  # characters of a filter an error quotes (the status must fit in a gRPC trailer)
+
+
+def _excerpt(text: str, position: int) -> str:
+    """The filter as an error quotes it: whole if short, else the part around ``position``."""
+    if len(text) <= _SHOWN:
+        return repr(text)
+    start = max(0, position - _SHOWN // 2)
+    end = start + _SHOWN
+    before = "..." if start else ""
+    after = "..." if end < len(text) else ""
+    return f"{before}{text[start:end]!r}{after} (of {len(text)} characters)"
+
+
 class FilterError(DaqError):
     """A filter that cannot be parsed, or names a field or operation the RPC does not support.
 
@@ -58,7 +80,9 @@ class FilterError(DaqError):
     """
 
     def __init__(self, text: str, position: int, problem: str) -> None:
-        super().__init__(f"invalid filter {text!r} at offset {position}: {problem}")
+        super().__init__(
+            f"invalid filter {_excerpt(text, position)} at offset {position}: {problem}"
+        )
         self.position = position
         self.problem = problem
 
@@ -195,12 +219,14 @@ def _string(text: str, start: int) -> tuple[str, int]:
 
 
 class _Parser:
-    __slots__ = ("_i", "_text", "_tokens")
+    __slots__ = ("_comparisons", "_depth", "_i", "_text", "_tokens")
 
     def __init__(self, text: str) -> None:
         self._text = text
         self._tokens = _tokens(text)
         self._i = 0
+        self._depth = 0
+        self._comparisons = 0
 
     def _peek(self) -> _Token:
         return self._tokens[self._i]
@@ -232,32 +258,45 @@ class _Parser:
         return node
 
     def _or(self) -> Node:
-        terms = [self._and()]
-        while self._is_op("||"):
-            self._next()
-            terms.append(self._and())
-        return terms[0] if len(terms) == 1 else Or(tuple(terms))
+        return self._joined("||", self._and, Or)
 
     def _and(self) -> Node:
-        terms = [self._unary()]
-        while self._is_op("&&"):
+        return self._joined("&&", self._unary, And)
+
+    def _joined(
+        self, op: str, term: Callable[[], Node], node: Callable[[tuple[Node, ...]], Node]
+    ) -> Node:
+        """One ``term``, or several joined by ``op`` as one ``node``."""
+        terms = [term()]
+        while self._is_op(op):
             self._next()
-            terms.append(self._unary())
-        return terms[0] if len(terms) == 1 else And(tuple(terms))
+            terms.append(term())
+        return terms[0] if len(terms) == 1 else node(tuple(terms))
 
     def _unary(self) -> Node:
-        if self._is_op("!"):
-            self._next()
-            return Not(self._unary())
-        if self._is_op("("):
-            self._next()
+        if not self._is_op("!") and not self._is_op("("):
+            return self._comparison()
+        token = self._next()
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise FilterError(
+                self._text, token.position, f"nested deeper than {MAX_DEPTH} '!' or '('"
+            )
+        if token.value == "!":
+            node: Node = Not(self._unary())
+        else:
             node = self._or()
             self._expect_op(")")
-            return node
-        return self._comparison()
+        self._depth -= 1
+        return node
 
     def _comparison(self) -> Node:
         field = self._next()
+        self._comparisons += 1
+        if self._comparisons > MAX_COMPARISONS:
+            raise FilterError(
+                self._text, field.position, f"more than {MAX_COMPARISONS} comparisons"
+            )
         if field.kind != "ident" or field.value in ("in", "true", "false"):
             raise self._error(field, "a field name, '!' or '('")
         name = str(field.value)

@@ -24,6 +24,7 @@ from daq_agent.h2grpc.server import (
     ServerStats,
     server_ssl_context,
 )
+from daq_agent.server.lifecycle import StartStop
 from daq_agent.server.rpc import CallContext, RpcError
 from daq_agent.server.services import LocalServices
 from daq_agent.server.store import DEFAULT_MAX_VALIDATION_ERRORS, Store
@@ -33,7 +34,7 @@ __all__ = ["LocalIngestServer", "make_server"]
 log = logging.getLogger(__name__)
 
 
-class LocalIngestServer:
+class LocalIngestServer(StartStop):
     """A started-on-demand local ingestion server over one SQLite file.
 
     Attributes:
@@ -160,18 +161,6 @@ class LocalIngestServer:
             DaqError: the file cannot be opened.
         """
         return Store.open(self.db_path, readonly=True)
-
-    def __enter__(self) -> LocalIngestServer:
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def __del__(self) -> None:
-        if getattr(self, "_started", False) and not getattr(self, "_stopped", True):
-            log.warning("%r was not properly stopped", self)
 
     def __repr__(self) -> str:
         return f"LocalIngestServer({self.address}, db={str(self.db_path)!r})"

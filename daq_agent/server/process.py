@@ -46,6 +46,7 @@ from pathlib import Path
 
 from daq_agent.core.backoff import Backoff, RetryPolicy
 from daq_agent.core.errors import DaqError
+from daq_agent.server.lifecycle import StartStop
 
 __all__ = ["DEFAULT_RESTART_POLICY", "LocalServerProcess", "ParentLink"]
 
@@ -109,7 +110,7 @@ class _Child:
         self.control.close()
 
 
-class LocalServerProcess:
+class LocalServerProcess(StartStop):
     """``daq-agent serve`` in a supervised child process (see the module docstring).
 
     Args:
@@ -264,18 +265,6 @@ class LocalServerProcess:
             child.close()
             log.info("local server process %d stopped (%s)", child.proc.pid, _describe(code))
         self._close_wake()
-
-    def __enter__(self) -> LocalServerProcess:
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def __del__(self) -> None:
-        if getattr(self, "_started", False) and not getattr(self, "_stopped", True):
-            log.warning("%r was not properly stopped", self)
 
     def __repr__(self) -> str:
         return f"LocalServerProcess({self.uri}, db={str(self.db_path)!r}, pid={self.pid})"

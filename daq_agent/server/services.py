@@ -20,13 +20,14 @@ The request is stored as received (see :mod:`daq_agent.server.store`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -61,6 +62,7 @@ from daq_agent.server.store import (
     RunRecord,
     SampleRow,
     Store,
+    TagRecord,
     ValidationErrorRecord,
 )
 
@@ -113,6 +115,17 @@ _WRITE_ROWS = 1024  # accepted samples buffered before one multi-row INSERT
 _MAX_SIGNATURES = 4096  # accepted value signatures cached per flow (multiplexed flows vary)
 
 
+class _Record(Protocol):
+    """A stored record a listing pages by."""
+
+    @property
+    def pk(self) -> int: ...
+
+
+_R = TypeVar("_R", bound=_Record)
+_T = TypeVar("_T")
+
+
 def _shadow_request_class() -> Any:
     """A message with the wire layout of IngestWithConfigDataStreamRequest, values kept as bytes."""
     f = descriptor_pb2.FieldDescriptorProto
@@ -149,12 +162,34 @@ _INGEST_RESPONSE = ingest_pb2.IngestWithConfigDataStreamResponse().SerializeToSt
 # -- filters and paging ------------------------------------------------------------------------
 
 
-def _listing(call: Callable[[], list[Any]]) -> list[Any]:
-    """Run a store listing, turning a bad filter into INVALID_ARGUMENT."""
+def _paged(
+    request: Any, lister: Callable[..., list[_R]], *, ordered: bool = False
+) -> tuple[list[_R], str]:
+    """One page of a List* RPC and the next page token: ``lister`` (a store listing) called
+    with the request's ``filter``, page size and token, and with ``ordered`` its ``order_by``.
+
+    Raises:
+        RpcError: INVALID_ARGUMENT for a bad filter, page token or order.
+    """
+    limit, after = _page(request.page_size, request.page_token)
+    order = {"newest_first": _newest_first(request.order_by)} if ordered else {}
     try:
-        return call()
+        records = lister(request.filter, after=after, limit=limit + 1, **order)
     except FilterError as exc:
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+    next_token = str(records[limit - 1].pk) if len(records) > limit else ""
+    return records[:limit], next_token
+
+
+def _found(record: _T | None, what: str) -> _T:
+    """``record``, unless it is None: then NOT_FOUND, "``what`` not found".
+
+    Raises:
+        RpcError: NOT_FOUND.
+    """
+    if record is None:
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"{what} not found")
+    return record
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, int]:
@@ -162,13 +197,13 @@ def _page(page_size: int, page_token: str) -> tuple[int, int]:
     limit = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
     if not page_token:
         return limit, 0
-    if not page_token.isdigit():
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token {page_token!r}")
+    # a token is a pk: ASCII digits, within SQLite's 64-bit integers
+    if not (page_token.isascii() and page_token.isdigit() and int(page_token) < 1 << 63):
+        raise RpcError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"invalid page_token {page_token[:40]!r}: not one this server returned",
+        )
     return limit, int(page_token)
-
-
-def _next_token(pks: list[int], limit: int) -> str:
-    return str(pks[limit - 1]) if len(pks) > limit else ""
 
 
 def _parse(message_class: type[Message], data: bytes) -> Any:
@@ -670,12 +705,10 @@ class LocalServices:
     # -- ingestion configs ---------------------------------------------------------------------
 
     def _config_or_404(self, ingestion_config_id: str) -> IngestionConfigRecord:
-        record = self.store.get_ingestion_config(ingestion_config_id)
-        if record is None:
-            raise RpcError(
-                grpc.StatusCode.NOT_FOUND, f"ingestion config {ingestion_config_id!r} not found"
-            )
-        return record
+        return _found(
+            self.store.get_ingestion_config(ingestion_config_id),
+            f"ingestion config {ingestion_config_id!r}",
+        )
 
     @staticmethod
     def _config_pb(record: IngestionConfigRecord) -> ic_pb2.IngestionConfig:
@@ -776,13 +809,9 @@ class LocalServices:
         request: ic_pb2.ListIngestionConfigsRequest = _parse(
             ic_pb2.ListIngestionConfigsRequest, data
         )
-        limit, after = _page(request.page_size, request.page_token)
-        records = _listing(
-            lambda: self.store.list_ingestion_configs(request.filter, after=after, limit=limit + 1)
-        )
+        records, token = _paged(request, self.store.list_ingestion_configs)
         return ic_pb2.ListIngestionConfigsResponse(
-            ingestion_configs=[self._config_pb(r) for r in records[:limit]],
-            next_page_token=_next_token([r.pk for r in records], limit),
+            ingestion_configs=[self._config_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     def create_ingestion_config_flows(self, data: bytes, ctx: CallContext) -> bytes:
@@ -821,13 +850,9 @@ class LocalServices:
             ic_pb2.ListIngestionConfigFlowsRequest, data
         )
         record = self._config_or_404(request.ingestion_config_id)
-        limit, after = _page(request.page_size, request.page_token)
-        flows = _listing(
-            lambda: self.store.list_flows(record.pk, request.filter, after=after, limit=limit + 1)
-        )
+        flows, token = _paged(request, functools.partial(self.store.list_flows, record.pk))
         return ic_pb2.ListIngestionConfigFlowsResponse(
-            flows=[f.flow_config() for f in flows[:limit]],
-            next_page_token=_next_token([f.pk for f in flows], limit),
+            flows=[f.flow_config() for f in flows], next_page_token=token
         ).SerializeToString()
 
     # -- runs ----------------------------------------------------------------------------------
@@ -891,9 +916,7 @@ class LocalServices:
             RpcError: NOT_FOUND.
         """
         request: runs_pb2.GetRunRequest = _parse(runs_pb2.GetRunRequest, data)
-        record = self.store.get_run(request.run_id)
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found")
+        record = _found(self.store.get_run(request.run_id), f"run {request.run_id!r}")
         return runs_pb2.GetRunResponse(run=self._run_pb(record)).SerializeToString()
 
     def list_runs(self, data: bytes, ctx: CallContext) -> bytes:
@@ -905,16 +928,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: runs_pb2.ListRunsRequest = _parse(runs_pb2.ListRunsRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        newest_first = _newest_first(request.order_by)
-        records = _listing(
-            lambda: self.store.list_runs(
-                request.filter, after=after, limit=limit + 1, newest_first=newest_first
-            )
-        )
+        records, token = _paged(request, self.store.list_runs, ordered=True)
         return runs_pb2.ListRunsResponse(
-            runs=[self._run_pb(r) for r in records[:limit]],
-            next_page_token=_next_token([r.pk for r in records], limit),
+            runs=[self._run_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     def stop_run(self, data: bytes, ctx: CallContext) -> bytes:
@@ -924,8 +940,7 @@ class LocalServices:
             RpcError: NOT_FOUND.
         """
         request: runs_pb2.StopRunRequest = _parse(runs_pb2.StopRunRequest, data)
-        if self.store.stop_run(request.run_id) is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found")
+        _found(self.store.stop_run(request.run_id), f"run {request.run_id!r}")
         return runs_pb2.StopRunResponse().SerializeToString()
 
     def update_run(self, data: bytes, ctx: CallContext) -> bytes:
@@ -941,9 +956,7 @@ class LocalServices:
         if not run.run_id:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "run.run_id is required")
         paths = _mask_paths(request, _RUN_UPDATABLE)
-        record = self.store.get_run(run.run_id)
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {run.run_id!r} not found")
+        record = _found(self.store.get_run(run.run_id), f"run {run.run_id!r}")
         changes: dict[str, object] = {}
         if "name" in paths:
             if not run.name:
@@ -975,8 +988,7 @@ class LocalServices:
             updated = self.store.update_run(run.run_id, changes)
         except DaqError as exc:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
-        if updated is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"run {run.run_id!r} not found")
+        updated = _found(updated, f"run {run.run_id!r}")
         return runs_pb2.UpdateRunResponse(run=self._run_pb(updated)).SerializeToString()
 
     # -- assets --------------------------------------------------------------------------------
@@ -1000,9 +1012,7 @@ class LocalServices:
             RpcError: NOT_FOUND.
         """
         request: assets_pb2.GetAssetRequest = _parse(assets_pb2.GetAssetRequest, data)
-        record = self.store.get_asset(request.asset_id)
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"asset {request.asset_id!r} not found")
+        record = _found(self.store.get_asset(request.asset_id), f"asset {request.asset_id!r}")
         return assets_pb2.GetAssetResponse(asset=self._asset_pb(record)).SerializeToString()
 
     def list_assets(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1013,16 +1023,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: assets_pb2.ListAssetsRequest = _parse(assets_pb2.ListAssetsRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        newest_first = _newest_first(request.order_by)
-        records = _listing(
-            lambda: self.store.list_assets(
-                request.filter, after=after, limit=limit + 1, newest_first=newest_first
-            )
-        )
+        records, token = _paged(request, self.store.list_assets, ordered=True)
         return assets_pb2.ListAssetsResponse(
-            assets=[self._asset_pb(r) for r in records[:limit]],
-            next_page_token=_next_token([r.pk for r in records], limit),
+            assets=[self._asset_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     def update_asset(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1046,8 +1049,7 @@ class LocalServices:
                 else None
             ),
         )
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"asset {asset.asset_id!r} not found")
+        record = _found(record, f"asset {asset.asset_id!r}")
         return assets_pb2.UpdateAssetResponse(asset=self._asset_pb(record)).SerializeToString()
 
     # -- channels and tags ---------------------------------------------------------------------
@@ -1060,12 +1062,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: channels_pb2.ListChannelsRequest = _parse(channels_pb2.ListChannelsRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        records = _listing(
-            lambda: self.store.list_channels(request.filter, after=after, limit=limit + 1)
-        )
+        records, token = _paged(request, self.store.list_channels)
         channels = []
-        for record in records[:limit]:
+        for record in records:
             config = record.channel_config()
             channel = channels_pb2.Channel(
                 channel_id=record.channel_id,
@@ -1081,7 +1080,7 @@ class LocalServices:
             _set_timestamp(channel.modified_date, record.created_ns)
             channels.append(channel)
         return channels_pb2.ListChannelsResponse(
-            channels=channels, next_page_token=_next_token([r.pk for r in records], limit)
+            channels=channels, next_page_token=token
         ).SerializeToString()
 
     def create_tag(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1097,9 +1096,13 @@ class LocalServices:
             record = self.store.create_tag(request.name)
         except DaqError as exc:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        return tags_pb2.CreateTagResponse(tag=self._tag_pb(record)).SerializeToString()
+
+    @staticmethod
+    def _tag_pb(record: TagRecord) -> tags_pb2.Tag:
         tag = tags_pb2.Tag(tag_id=record.tag_id, name=record.name)
         _set_timestamp(tag.created_date, record.created_ns)
-        return tags_pb2.CreateTagResponse(tag=tag).SerializeToString()
+        return tag
 
     def list_tags(self, data: bytes, ctx: CallContext) -> bytes:
         """ListTags with a filter on ``tag_id``/``name``; ``tag_type`` is accepted and ignored
@@ -1109,17 +1112,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter or page token.
         """
         request: tags_pb2.ListTagsRequest = _parse(tags_pb2.ListTagsRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        records = _listing(
-            lambda: self.store.list_tags(request.filter, after=after, limit=limit + 1)
-        )
-        tags = []
-        for record in records[:limit]:
-            tag = tags_pb2.Tag(tag_id=record.tag_id, name=record.name)
-            _set_timestamp(tag.created_date, record.created_ns)
-            tags.append(tag)
+        records, token = _paged(request, self.store.list_tags)
         return tags_pb2.ListTagsResponse(
-            tags=tags, next_page_token=_next_token([r.pk for r in records], limit)
+            tags=[self._tag_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     # -- rules ---------------------------------------------------------------------------------
@@ -1138,10 +1133,7 @@ class LocalServices:
             RpcError: NOT_FOUND for a ``rule_id`` that does not exist.
         """
         if update.HasField("rule_id") and update.rule_id:
-            record = self.store.get_rule(rule_id=update.rule_id)
-            if record is None:
-                raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {update.rule_id!r} not found")
-            return record
+            return _found(self.store.get_rule(rule_id=update.rule_id), f"rule {update.rule_id!r}")
         if update.HasField("client_key") and update.client_key:
             return self.store.get_rule(client_key=update.client_key)
         return None
@@ -1263,9 +1255,7 @@ class LocalServices:
             )
         except DaqError as exc:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
-        if record is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {rule_id!r} not found")
-        return record
+        return _found(record, f"rule {rule_id!r}")
 
     def get_rule(self, data: bytes, ctx: CallContext) -> bytes:
         """GetRule by ``rule_id`` or else ``client_key``.
@@ -1279,9 +1269,10 @@ class LocalServices:
         record = self.store.get_rule(
             rule_id=request.rule_id or None, client_key=request.client_key or None
         )
-        if record is None:
-            which = request.rule_id or f"with client key {request.client_key!r}"
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {which} not found")
+        which = (
+            repr(request.rule_id) if request.rule_id else f"with client key {request.client_key!r}"
+        )
+        record = _found(record, f"rule {which}")
         return rules_pb2.GetRuleResponse(rule=self._rule_pb(record)).SerializeToString()
 
     def batch_get_rules(self, data: bytes, ctx: CallContext) -> bytes:
@@ -1293,16 +1284,12 @@ class LocalServices:
         request: rules_pb2.BatchGetRulesRequest = _parse(rules_pb2.BatchGetRulesRequest, data)
         rules = []
         for rule_id in request.rule_ids:
-            record = self.store.get_rule(rule_id=rule_id)
-            if record is None:
-                raise RpcError(grpc.StatusCode.NOT_FOUND, f"rule {rule_id!r} not found")
+            record = _found(self.store.get_rule(rule_id=rule_id), f"rule {rule_id!r}")
             rules.append(self._rule_pb(record))
         for client_key in request.client_keys:
-            record = self.store.get_rule(client_key=client_key)
-            if record is None:
-                raise RpcError(
-                    grpc.StatusCode.NOT_FOUND, f"rule with client key {client_key!r} not found"
-                )
+            record = _found(
+                self.store.get_rule(client_key=client_key), f"rule with client key {client_key!r}"
+            )
             rules.append(self._rule_pb(record))
         return rules_pb2.BatchGetRulesResponse(rules=rules).SerializeToString()
 
@@ -1335,11 +1322,9 @@ class LocalServices:
         request: rules_pb2.UpdateRuleRequest = _parse(rules_pb2.UpdateRuleRequest, data)
         if not request.rule_id and not request.client_key:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "rule_id or client_key is required")
-        previous = self._existing_rule(request)
-        if previous is None:
-            raise RpcError(
-                grpc.StatusCode.NOT_FOUND, f"rule with client key {request.client_key!r} not found"
-            )
+        previous = _found(
+            self._existing_rule(request), f"rule with client key {request.client_key!r}"
+        )
         record = self._save_rule(request, previous)
         return rules_pb2.UpdateRuleResponse(rule_id=record.rule_id).SerializeToString()
 
@@ -1387,16 +1372,9 @@ class LocalServices:
             RpcError: INVALID_ARGUMENT for a bad filter, order or page token.
         """
         request: rules_pb2.ListRulesRequest = _parse(rules_pb2.ListRulesRequest, data)
-        limit, after = _page(request.page_size, request.page_token)
-        newest_first = _newest_first(request.order_by)
-        records = _listing(
-            lambda: self.store.list_rules(
-                request.filter, after=after, limit=limit + 1, newest_first=newest_first
-            )
-        )
+        records, token = _paged(request, self.store.list_rules, ordered=True)
         return rules_pb2.ListRulesResponse(
-            rules=[self._rule_pb(r) for r in records[:limit]],
-            next_page_token=_next_token([r.pk for r in records], limit),
+            rules=[self._rule_pb(r) for r in records], next_page_token=token
         ).SerializeToString()
 
     # -- ping ----------------------------------------------------------------------------------

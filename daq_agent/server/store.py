@@ -41,10 +41,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
@@ -383,6 +384,9 @@ Filters = Mapping[str, str] | str | None
 """``{field: value}`` (all must be equal), or the text of a Sift filter, or None for all."""
 
 
+_R = TypeVar("_R")
+
+
 def _now_ns() -> int:
     return time.time_ns()
 
@@ -481,6 +485,18 @@ def _rule(row: Sequence[object]) -> RuleRecord:
         created_ns=int(created),  # type: ignore[call-overload]
         modified_ns=int(modified),  # type: ignore[call-overload]
     )
+
+
+def _channel(row: Sequence[Any]) -> ChannelRecord:
+    pk, channel_id, asset_id, name, definition, created = row
+    return ChannelRecord(
+        int(pk), str(channel_id), str(asset_id), str(name), bytes(definition), int(created)
+    )
+
+
+def _tag(row: Sequence[Any]) -> TagRecord:
+    pk, tag_id, name, created = row
+    return TagRecord(int(pk), str(tag_id), str(name), int(created))
 
 
 def decode_values(data: bytes) -> list[Value]:
@@ -634,6 +650,60 @@ class Store:
     def _begin(self) -> None:
         if not self._conn.in_transaction:
             self._conn.execute("BEGIN")
+
+    @contextmanager
+    def _write(self, conflict: str) -> Iterator[sqlite3.Connection]:
+        """One metadata write, committed (with whatever else is pending) when the block ends.
+
+        The write is a savepoint inside the open transaction: when a uniqueness constraint
+        refuses it, only its own statements are undone, and the samples and validation errors
+        written before it stay pending.
+
+        Raises:
+            DaqError: ``conflict``, when a uniqueness constraint refuses the write.
+        """
+        with self._lock:
+            self._begin()
+            self._conn.execute("SAVEPOINT metadata_write")
+            try:
+                yield self._conn
+            except BaseException as exc:
+                self._conn.execute("ROLLBACK TO metadata_write")
+                self._conn.execute("RELEASE metadata_write")
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise DaqError(conflict) from exc
+                raise
+            self._conn.execute("RELEASE metadata_write")
+            self.commit()
+
+    def _one(self, sql: str, params: Sequence[object], convert: Callable[[Any], _R]) -> _R | None:
+        """The first row of a query, converted; None when there is none."""
+        with self._lock:
+            row = self._conn.execute(sql, params).fetchone()
+        return None if row is None else convert(row)
+
+    def _page(
+        self,
+        select: str,
+        columns: Mapping[str, Column],
+        pk: str,
+        convert: Callable[[Any], _R],
+        filters: Filters,
+        *,
+        after: int,
+        limit: int,
+        newest_first: bool = False,
+    ) -> list[_R]:
+        """One page of a listing: rows matching ``filters`` past pk ``after``, in pk order.
+
+        Raises:
+            DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
+        """
+        where, params = _where(filters, columns)
+        position, start, order = _keyset(pk, after, newest_first)
+        sql = f"{select} WHERE ({where}) AND {position} ORDER BY {order} LIMIT ?"
+        with self._lock:
+            return [convert(r) for r in self._conn.execute(sql, [*params, start, limit])]
 
     # -- samples -----------------------------------------------------------------------------
 
@@ -844,32 +914,25 @@ class Store:
             DaqError: when the client key is already taken.
         """
         now = _now_ns()
-        with self._lock:
-            self._begin()
-            try:
-                row = self._conn.execute(
-                    "SELECT id, asset_id FROM assets WHERE name = ?", (asset_name,)
-                ).fetchone()
-                if row is None:
-                    asset_id = str(uuid.uuid4())
-                    asset_pk = self._conn.execute(
-                        "INSERT INTO assets (asset_id, name, created_ns, modified_ns)"
-                        " VALUES (?, ?, ?, ?)",
-                        (asset_id, asset_name, now, now),
-                    ).lastrowid
-                else:
-                    asset_pk, asset_id = row
-                config_id = str(uuid.uuid4())
-                pk = self._conn.execute(
-                    "INSERT INTO ingestion_configs (ingestion_config_id, asset, client_key,"
-                    " organization_id, created_ns) VALUES (?, ?, ?, ?, ?)",
-                    (config_id, asset_pk, client_key or None, organization_id, now),
+        config_id = str(uuid.uuid4())
+        with self._write(f"ingestion config client key {client_key!r} is taken") as conn:
+            row = conn.execute(
+                "SELECT id, asset_id FROM assets WHERE name = ?", (asset_name,)
+            ).fetchone()
+            if row is None:
+                asset_id = str(uuid.uuid4())
+                asset_pk = conn.execute(
+                    "INSERT INTO assets (asset_id, name, created_ns, modified_ns)"
+                    " VALUES (?, ?, ?, ?)",
+                    (asset_id, asset_name, now, now),
                 ).lastrowid
-            except sqlite3.IntegrityError as exc:
-                self._conn.execute("ROLLBACK")
-                self._pending = 0
-                raise DaqError(f"ingestion config client key {client_key!r} is taken") from exc
-            self.commit()
+            else:
+                asset_pk, asset_id = row
+            pk = conn.execute(
+                "INSERT INTO ingestion_configs (ingestion_config_id, asset, client_key,"
+                " organization_id, created_ns) VALUES (?, ?, ?, ?, ?)",
+                (config_id, asset_pk, client_key or None, organization_id, now),
+            ).lastrowid
         assert pk is not None
         return IngestionConfigRecord(
             pk, config_id, str(asset_id), asset_name, client_key, organization_id
@@ -877,9 +940,7 @@ class Store:
 
     def get_asset(self, asset_id: str) -> AssetRecord | None:
         """The asset with this id, or None."""
-        with self._lock:
-            row = self._conn.execute(_ASSET_SELECT + " WHERE asset_id = ?", (asset_id,)).fetchone()
-        return None if row is None else _asset(row)
+        return self._one(_ASSET_SELECT + " WHERE asset_id = ?", (asset_id,), _asset)
 
     def list_assets(
         self,
@@ -895,11 +956,10 @@ class Store:
         Raises:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        where, params = _where(filters, _ASSET_COLUMNS)
-        position, start, order = _keyset("id", after, newest_first)
-        sql = f"{_ASSET_SELECT} WHERE ({where}) AND {position} ORDER BY {order} LIMIT ?"
-        with self._lock:
-            return [_asset(r) for r in self._conn.execute(sql, [*params, start, limit])]
+        return self._page(
+            _ASSET_SELECT, _ASSET_COLUMNS, "id", _asset, filters,
+            after=after, limit=limit, newest_first=newest_first,
+        )  # fmt: skip
 
     def update_asset(
         self,
@@ -930,11 +990,9 @@ class Store:
 
     def get_ingestion_config(self, ingestion_config_id: str) -> IngestionConfigRecord | None:
         """The config with this id, or None."""
-        with self._lock:
-            row = self._conn.execute(
-                _CONFIG_SELECT + " WHERE c.ingestion_config_id = ?", (ingestion_config_id,)
-            ).fetchone()
-        return None if row is None else _config(row)
+        return self._one(
+            _CONFIG_SELECT + " WHERE c.ingestion_config_id = ?", (ingestion_config_id,), _config
+        )
 
     def list_ingestion_configs(
         self, filters: Filters = None, *, after: int = 0, limit: int = 1000
@@ -944,10 +1002,9 @@ class Store:
         Raises:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        where, params = _where(filters, _CONFIG_COLUMNS)
-        sql = f"{_CONFIG_SELECT} WHERE ({where}) AND c.id > ? ORDER BY c.id LIMIT ?"
-        with self._lock:
-            return [_config(r) for r in self._conn.execute(sql, [*params, after, limit])]
+        return self._page(
+            _CONFIG_SELECT, _CONFIG_COLUMNS, "c.id", _config, filters, after=after, limit=limit
+        )
 
     # -- flows -------------------------------------------------------------------------------
 
@@ -958,31 +1015,24 @@ class Store:
             DaqError: when a flow name already exists in the config (nothing is added).
         """
         now = _now_ns()
-        with self._lock:
-            self._begin()
-            try:
-                self._conn.executemany(
-                    "INSERT INTO flows (config, name, definition, created_ns) VALUES (?, ?, ?, ?)",
-                    [(config_pk, name, definition, now) for name, definition in flows],
-                )
-                (asset,) = self._conn.execute(
-                    "SELECT asset FROM ingestion_configs WHERE id = ?", (config_pk,)
-                ).fetchone()
-                _insert_channels(self._conn, [(int(asset), d) for _, d in flows])
-            except sqlite3.IntegrityError as exc:
-                self._conn.execute("ROLLBACK")
-                self._pending = 0
-                raise DaqError(f"a flow already exists: {exc}") from exc
-            self.commit()
+        names = ", ".join(repr(name) for name, _ in flows)
+        with self._write(f"a flow of {names} already exists in the config") as conn:
+            conn.executemany(
+                "INSERT INTO flows (config, name, definition, created_ns) VALUES (?, ?, ?, ?)",
+                [(config_pk, name, definition, now) for name, definition in flows],
+            )
+            (asset,) = conn.execute(
+                "SELECT asset FROM ingestion_configs WHERE id = ?", (config_pk,)
+            ).fetchone()
+            _insert_channels(conn, [(int(asset), d) for _, d in flows])
 
     def get_flow(self, ingestion_config_id: str, name: str) -> FlowRecord | None:
         """The flow ``name`` of a config, or None."""
-        with self._lock:
-            row = self._conn.execute(
-                _FLOW_SELECT + " WHERE c.ingestion_config_id = ? AND f.name = ?",
-                (ingestion_config_id, name),
-            ).fetchone()
-        return None if row is None else _flow(row)
+        return self._one(
+            _FLOW_SELECT + " WHERE c.ingestion_config_id = ? AND f.name = ?",
+            (ingestion_config_id, name),
+            _flow,
+        )
 
     def flow_names(self, config_pk: int) -> set[str]:
         """Names of the flows of a config."""
@@ -1038,33 +1088,14 @@ class Store:
         """
         now = _now_ns()
         run_id = str(uuid.uuid4())
-        with self._lock:
-            self._begin()
-            try:
-                pk = self._conn.execute(
-                    "INSERT INTO runs (run_id, name, description, tags, metadata, client_key,"
-                    " organization_id, start_ns, stop_ns, is_stopped, created_ns, modified_ns)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        run_id,
-                        name,
-                        description,
-                        json.dumps(list(tags)),
-                        metadata,
-                        client_key,
-                        organization_id,
-                        start_ns,
-                        stop_ns,
-                        0,
-                        now,
-                        now,
-                    ),
-                ).lastrowid
-            except sqlite3.IntegrityError as exc:
-                self._conn.execute("ROLLBACK")
-                self._pending = 0
-                raise DaqError(f"run client key {client_key!r} is taken") from exc
-            self.commit()
+        with self._write(f"run client key {client_key!r} is taken") as conn:
+            pk = conn.execute(
+                "INSERT INTO runs (run_id, name, description, tags, metadata, client_key,"
+                " organization_id, start_ns, stop_ns, is_stopped, created_ns, modified_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (run_id, name, description, json.dumps(list(tags)), metadata, client_key,
+                 organization_id, start_ns, stop_ns, now, now),
+            ).lastrowid  # fmt: skip
         assert pk is not None
         return RunRecord(
             pk, run_id, name, description, tuple(tags), metadata, client_key, organization_id,
@@ -1073,9 +1104,7 @@ class Store:
 
     def get_run(self, run_id: str) -> RunRecord | None:
         """The run with this id, or None."""
-        with self._lock:
-            row = self._conn.execute(_RUN_SELECT + " WHERE run_id = ?", (run_id,)).fetchone()
-        return None if row is None else _run(row)
+        return self._one(_RUN_SELECT + " WHERE run_id = ?", (run_id,), _run)
 
     def list_runs(
         self,
@@ -1090,11 +1119,10 @@ class Store:
         Raises:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        where, params = _where(filters, _RUN_COLUMNS)
-        position, start, order = _keyset("id", after, newest_first)
-        sql = f"{_RUN_SELECT} WHERE ({where}) AND {position} ORDER BY {order} LIMIT ?"
-        with self._lock:
-            return [_run(r) for r in self._conn.execute(sql, [*params, start, limit])]
+        return self._page(
+            _RUN_SELECT, _RUN_COLUMNS, "id", _run, filters,
+            after=after, limit=limit, newest_first=newest_first,
+        )  # fmt: skip
 
     def stop_run(self, run_id: str, stop_ns: int | None = None) -> RunRecord | None:
         """Mark a run stopped (stop time now unless given) and commit; None if it does not exist."""
@@ -1140,20 +1168,11 @@ class Store:
                 params.append(int(bool(value)))
             else:
                 params.append(value)
-        with self._lock:
-            self._begin()
-            try:
-                cursor = self._conn.execute(
-                    f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*params, run_id]
-                )
-            except sqlite3.IntegrityError as exc:
-                self._conn.execute("ROLLBACK")
-                self._pending = 0
-                raise DaqError(f"run client key {changes.get('client_key')!r} is taken") from exc
-            self.commit()
-            if cursor.rowcount == 0:
-                return None
-        return self.get_run(run_id)
+        with self._write(f"run client key {changes.get('client_key')!r} is taken") as conn:
+            cursor = conn.execute(
+                f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*params, run_id]
+            )
+        return None if cursor.rowcount == 0 else self.get_run(run_id)
 
     # -- rules -------------------------------------------------------------------------------
 
@@ -1167,19 +1186,12 @@ class Store:
         """
         now = _now_ns()
         rule_id = rule_id or str(uuid.uuid4())
-        with self._lock:
-            self._begin()
-            try:
-                pk = self._conn.execute(
-                    "INSERT INTO rules (rule_id, client_key, name, definition, created_ns,"
-                    " modified_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                    (rule_id, client_key or None, name, definition, now, now),
-                ).lastrowid
-            except sqlite3.IntegrityError as exc:
-                self._conn.execute("ROLLBACK")
-                self._pending = 0
-                raise DaqError(f"rule client key {client_key!r} is taken") from exc
-            self.commit()
+        with self._write(f"rule client key {client_key!r} or id {rule_id!r} is taken") as conn:
+            pk = conn.execute(
+                "INSERT INTO rules (rule_id, client_key, name, definition, created_ns,"
+                " modified_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                (rule_id, client_key or None, name, definition, now, now),
+            ).lastrowid
         assert pk is not None
         return RuleRecord(pk, rule_id, client_key or None, name, definition, now, now)
 
@@ -1191,22 +1203,13 @@ class Store:
         Raises:
             DaqError: when the new client key belongs to another rule.
         """
-        with self._lock:
-            self._begin()
-            try:
-                cursor = self._conn.execute(
-                    "UPDATE rules SET name = ?, client_key = ?, definition = ?, modified_ns = ?"
-                    " WHERE rule_id = ?",
-                    (name, client_key or None, definition, _now_ns(), rule_id),
-                )
-            except sqlite3.IntegrityError as exc:
-                self._conn.execute("ROLLBACK")
-                self._pending = 0
-                raise DaqError(f"rule client key {client_key!r} is taken") from exc
-            self.commit()
-            if cursor.rowcount == 0:
-                return None
-        return self.get_rule(rule_id=rule_id)
+        with self._write(f"rule client key {client_key!r} is taken") as conn:
+            cursor = conn.execute(
+                "UPDATE rules SET name = ?, client_key = ?, definition = ?, modified_ns = ?"
+                " WHERE rule_id = ?",
+                (name, client_key or None, definition, _now_ns(), rule_id),
+            )
+        return None if cursor.rowcount == 0 else self.get_rule(rule_id=rule_id)
 
     def get_rule(
         self, *, rule_id: str | None = None, client_key: str | None = None
@@ -1218,9 +1221,7 @@ class Store:
             where, value = "client_key = ?", client_key
         else:
             return None
-        with self._lock:
-            row = self._conn.execute(f"{_RULE_SELECT} WHERE {where}", (value,)).fetchone()
-        return None if row is None else _rule(row)
+        return self._one(f"{_RULE_SELECT} WHERE {where}", (value,), _rule)
 
     def list_rules(
         self,
@@ -1236,11 +1237,10 @@ class Store:
         Raises:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        where, params = _where(filters, _RULE_COLUMNS)
-        position, start, order = _keyset("id", after, newest_first)
-        sql = f"{_RULE_SELECT} WHERE ({where}) AND {position} ORDER BY {order} LIMIT ?"
-        with self._lock:
-            return [_rule(r) for r in self._conn.execute(sql, [*params, start, limit])]
+        return self._page(
+            _RULE_SELECT, _RULE_COLUMNS, "id", _rule, filters,
+            after=after, limit=limit, newest_first=newest_first,
+        )  # fmt: skip
 
     # -- channels and tags -------------------------------------------------------------------
 
@@ -1252,17 +1252,9 @@ class Store:
         Raises:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        where, params = _where(filters, _CHANNEL_COLUMNS)
-        sql = f"{_CHANNEL_SELECT} WHERE ({where}) AND ch.id > ? ORDER BY ch.id LIMIT ?"
-        with self._lock:
-            return [
-                ChannelRecord(
-                    int(pk), str(cid), str(aid), str(name), bytes(definition), int(created)
-                )
-                for pk, cid, aid, name, definition, created in self._conn.execute(
-                    sql, [*params, after, limit]
-                )
-            ]
+        return self._page(
+            _CHANNEL_SELECT, _CHANNEL_COLUMNS, "ch.id", _channel, filters, after=after, limit=limit
+        )
 
     def create_tag(self, name: str) -> TagRecord:
         """Create a tag and commit.
@@ -1272,18 +1264,11 @@ class Store:
         """
         now = _now_ns()
         tag_id = str(uuid.uuid4())
-        with self._lock:
-            self._begin()
-            try:
-                pk = self._conn.execute(
-                    "INSERT INTO tags (tag_id, name, created_ns) VALUES (?, ?, ?)",
-                    (tag_id, name, now),
-                ).lastrowid
-            except sqlite3.IntegrityError as exc:
-                self._conn.execute("ROLLBACK")
-                self._pending = 0
-                raise DaqError(f"a tag named {name!r} exists") from exc
-            self.commit()
+        with self._write(f"a tag named {name!r} exists") as conn:
+            pk = conn.execute(
+                "INSERT INTO tags (tag_id, name, created_ns) VALUES (?, ?, ?)",
+                (tag_id, name, now),
+            ).lastrowid
         assert pk is not None
         return TagRecord(pk, tag_id, name, now)
 
@@ -1295,10 +1280,4 @@ class Store:
         Raises:
             DaqError: for a bad filter (:class:`FilterError` for a bad filter text).
         """
-        where, params = _where(filters, _TAG_COLUMNS)
-        sql = f"{_TAG_SELECT} WHERE ({where}) AND id > ? ORDER BY id LIMIT ?"
-        with self._lock:
-            return [
-                TagRecord(int(pk), str(tag_id), str(name), int(created))
-                for pk, tag_id, name, created in self._conn.execute(sql, [*params, after, limit])
-            ]
+        return self._page(_TAG_SELECT, _TAG_COLUMNS, "id", _tag, filters, after=after, limit=limit)

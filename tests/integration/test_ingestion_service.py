@@ -7,7 +7,7 @@ import logging
 import math
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,28 @@ _ALL_TYPES = FlowConfig(
         ChannelConfig("raw", ChannelDataType.BYTES),
     ],
 )
+# The value maker of each _ALL_TYPES channel, in order.
+_ALL_TYPES_MAKERS: list[Callable[[Any], IngestWithConfigDataChannelValue]] = [
+    double_value,
+    float_value,
+    string_value,
+    bool_value,
+    int32_value,
+    uint32_value,
+    int64_value,
+    uint64_value,
+    enum_value,
+    bit_field_value,
+    bytes_value,
+]
+
+
+def _all_types_request(service: IngestionService, timestamp: int, row: Sequence[Any]) -> Any:
+    """A request of flow all_types with one value of ``row`` per channel, made by its maker."""
+    values = [make(v) for make, v in zip(_ALL_TYPES_MAKERS, row, strict=True)]
+    return service.try_create_ingestion_request("all_types", timestamp, values)
+
+
 _READINGS = FlowConfig(
     "readings",
     [
@@ -299,25 +321,7 @@ def test_every_data_type_round_trips(server: _Server, channel: SiftChannel) -> N
         [math.nan, math.inf, "", False, 2**31 - 1, 0, 2**63 - 1, 0, 0, b"\x00", b""],
         [-math.inf, -math.inf, "x", True, 0, 1, 0, 1, 1, b"\xff", b"\x01" * 300],
     ]
-    makers: list[Callable[[Any], IngestWithConfigDataChannelValue]] = [
-        double_value,
-        float_value,
-        string_value,
-        bool_value,
-        int32_value,
-        uint32_value,
-        int64_value,
-        uint64_value,
-        enum_value,
-        bit_field_value,
-        bytes_value,
-    ]
-    requests = [
-        service.try_create_ingestion_request(
-            "all_types", _T0 + i, [make(v) for make, v in zip(makers, row, strict=True)]
-        )
-        for i, row in enumerate(rows)
-    ]
+    requests = [_all_types_request(service, _T0 + i, row) for i, row in enumerate(rows)]
     empty_row = service.try_create_ingestion_request("all_types", _T0 + 10, [])
     service.ingest(*requests, empty_row)
 
@@ -759,26 +763,8 @@ def test_open_stream_carries_requests_and_samples(server: _Server, channel: Sift
     """One stream carries protobuf requests and plain samples (None for empty); close returns
     once they are committed, and the store holds every value as sent."""
     service = IngestionService(channel, _config(_ALL_TYPES))
-    makers: list[Callable[[Any], IngestWithConfigDataChannelValue]] = [
-        double_value,
-        float_value,
-        string_value,
-        bool_value,
-        int32_value,
-        uint32_value,
-        int64_value,
-        uint64_value,
-        enum_value,
-        bit_field_value,
-        bytes_value,
-    ]
     rows = [_all_types_row(i) for i in range(6)]
-    requests = [
-        service.try_create_ingestion_request(
-            "all_types", _T0 + i, [make(v) for make, v in zip(makers, row, strict=True)]
-        )
-        for i, row in enumerate(rows[:3])
-    ]
+    requests = [_all_types_request(service, _T0 + i, row) for i, row in enumerate(rows[:3])]
     samples = [Sample("all_types", _T0 + i, row) for i, row in enumerate(rows) if i >= 3]
     samples.append(Sample("all_types", _T0 + 9, (None,) * len(_ALL_TYPES.channels)))
     with service.open_stream() as stream:

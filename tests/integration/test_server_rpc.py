@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import message_factory
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.message import Message
 from server_calls import (
     BASE_NS,
     Request,
@@ -24,7 +26,6 @@ from server_calls import (
     stream,
 )
 
-from daq_agent import methods
 from daq_agent._proto.sift.assets.v1 import assets_pb2
 from daq_agent._proto.sift.channels.v3 import channels_pb2
 from daq_agent._proto.sift.common.type.v1 import channel_data_type_pb2 as cdt
@@ -42,9 +43,28 @@ from daq_agent.server.store import Store
 pytestmark = pytest.mark.integration
 
 
+def rpc(
+    channel: grpc.Channel, request: Message, metadata: Sequence[tuple[str, str]] | None = None
+) -> Any:
+    """One unary call of the Sift method that takes ``request``'s type: the method path and the
+    response type come from the request's proto service descriptor."""
+    wanted = request.DESCRIPTOR
+    for service in wanted.file.services_by_name.values():
+        for method in service.methods:
+            if method.input_type is wanted:
+                return call(
+                    channel,
+                    f"/{service.full_name}/{method.name}",
+                    request,
+                    message_factory.GetMessageClass(method.output_type),
+                    metadata,
+                )
+    raise AssertionError(f"no method of {wanted.file.name} takes {wanted.full_name}")
+
+
 def test_ping(grpc_channel: grpc.Channel) -> None:
     """Ping answers with the server's name."""
-    response = call(grpc_channel, methods.PING, ping_pb2.PingRequest(), ping_pb2.PingResponse)
+    response = rpc(grpc_channel, ping_pb2.PingRequest())
     assert response.response == PING_RESPONSE
 
 
@@ -54,29 +74,19 @@ def test_create_get_and_list_ingestion_configs(grpc_channel: grpc.Channel) -> No
     assert created.ingestion_config_id
     assert created.asset_id
     assert created.client_key == "key-1"
-    got = call(
-        grpc_channel,
-        methods.GET_INGESTION_CONFIG,
-        ic.GetIngestionConfigRequest(ingestion_config_id=created.ingestion_config_id),
-        ic.GetIngestionConfigResponse,
+    got = rpc(
+        grpc_channel, ic.GetIngestionConfigRequest(ingestion_config_id=created.ingestion_config_id)
     ).ingestion_config
     assert got == created
     create_config(grpc_channel, "key-2", [])
-    listed = call(
-        grpc_channel,
-        methods.LIST_INGESTION_CONFIGS,
-        ic.ListIngestionConfigsRequest(filter='client_key=="key-1"'),
-        ic.ListIngestionConfigsResponse,
-    )
+    listed = rpc(grpc_channel, ic.ListIngestionConfigsRequest(filter='client_key=="key-1"'))
     assert list(listed.ingestion_configs) == [created]
     assert listed.next_page_token == ""
-    by_id = call(
+    by_id = rpc(
         grpc_channel,
-        methods.LIST_INGESTION_CONFIGS,
         ic.ListIngestionConfigsRequest(
             filter=f"ingestion_config_id == '{created.ingestion_config_id}'"
         ),
-        ic.ListIngestionConfigsResponse,
     )
     assert list(by_id.ingestion_configs) == [created]
 
@@ -98,12 +108,7 @@ def test_list_ingestion_configs_pages(grpc_channel: grpc.Channel) -> None:
     token = ""
     pages = 0
     while True:
-        page = call(
-            grpc_channel,
-            methods.LIST_INGESTION_CONFIGS,
-            ic.ListIngestionConfigsRequest(page_size=2, page_token=token),
-            ic.ListIngestionConfigsResponse,
-        )
+        page = rpc(grpc_channel, ic.ListIngestionConfigsRequest(page_size=2, page_token=token))
         pages += 1
         assert len(page.ingestion_configs) <= 2
         seen.extend(c.client_key for c in page.ingestion_configs)
@@ -124,25 +129,13 @@ def test_duplicate_client_key_is_already_exists(grpc_channel: grpc.Channel) -> N
 
 def test_unknown_ingestion_config_is_not_found(grpc_channel: grpc.Channel) -> None:
     """Get, CreateFlows and ListFlows of an unknown config answer NOT_FOUND."""
-    for path, request, response in (
-        (
-            methods.GET_INGESTION_CONFIG,
-            ic.GetIngestionConfigRequest(ingestion_config_id="nope"),
-            ic.GetIngestionConfigResponse,
-        ),
-        (
-            methods.CREATE_INGESTION_CONFIG_FLOWS,
-            ic.CreateIngestionConfigFlowsRequest(ingestion_config_id="nope"),
-            ic.CreateIngestionConfigFlowsResponse,
-        ),
-        (
-            methods.LIST_INGESTION_CONFIG_FLOWS,
-            ic.ListIngestionConfigFlowsRequest(ingestion_config_id="nope"),
-            ic.ListIngestionConfigFlowsResponse,
-        ),
+    for request in (
+        ic.GetIngestionConfigRequest(ingestion_config_id="nope"),
+        ic.CreateIngestionConfigFlowsRequest(ingestion_config_id="nope"),
+        ic.ListIngestionConfigFlowsRequest(ingestion_config_id="nope"),
     ):
-        code, _ = code_of(lambda: call(grpc_channel, path, request, response))  # noqa: B023
-        assert code == grpc.StatusCode.NOT_FOUND, path
+        code, _ = code_of(lambda: rpc(grpc_channel, request))  # noqa: B023
+        assert code == grpc.StatusCode.NOT_FOUND, request
 
 
 def test_invalid_arguments(grpc_channel: grpc.Channel) -> None:
@@ -151,24 +144,12 @@ def test_invalid_arguments(grpc_channel: grpc.Channel) -> None:
         ic.ListIngestionConfigsRequest(filter="client_key ~ 'x'"),
         ic.ListIngestionConfigsRequest(filter='colour == "red"'),
         ic.ListIngestionConfigsRequest(page_token="not-a-token"),
+        ic.ListIngestionConfigsRequest(page_token="9" * 30),
+        runs_pb2.ListRunsRequest(page_token="\uff11\uff12"),  # full-width digits
     ):
-        code, _ = code_of(
-            lambda: call(
-                grpc_channel,
-                methods.LIST_INGESTION_CONFIGS,
-                request,  # noqa: B023
-                ic.ListIngestionConfigsResponse,
-            )
-        )
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
-    code, _ = code_of(
-        lambda: call(
-            grpc_channel,
-            methods.CREATE_INGESTION_CONFIG,
-            ic.CreateIngestionConfigRequest(client_key="x"),
-            ic.CreateIngestionConfigResponse,
-        )
-    )
+        code, _ = code_of(lambda: rpc(grpc_channel, request))  # noqa: B023
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, request
+    code, _ = code_of(lambda: rpc(grpc_channel, ic.CreateIngestionConfigRequest(client_key="x")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -176,33 +157,27 @@ def test_create_and_list_flows(grpc_channel: grpc.Channel) -> None:
     """New flows are added; a taken name answers ALREADY_EXISTS and adds nothing."""
     config = create_config(grpc_channel, "flows", [double_flow("a")])
     config_id = config.ingestion_config_id
-    call(
+    rpc(
         grpc_channel,
-        methods.CREATE_INGESTION_CONFIG_FLOWS,
         ic.CreateIngestionConfigFlowsRequest(
             ingestion_config_id=config_id, flows=[double_flow("b"), double_flow("c", 3)]
         ),
-        ic.CreateIngestionConfigFlowsResponse,
     )
     code, details = code_of(
-        lambda: call(
+        lambda: rpc(
             grpc_channel,
-            methods.CREATE_INGESTION_CONFIG_FLOWS,
             ic.CreateIngestionConfigFlowsRequest(
                 ingestion_config_id=config_id, flows=[double_flow("d"), double_flow("a")]
             ),
-            ic.CreateIngestionConfigFlowsResponse,
         )
     )
     assert code == grpc.StatusCode.ALREADY_EXISTS
     assert "'a'" in details
 
     def list_flows(**kwargs: Any) -> ic.ListIngestionConfigFlowsResponse:
-        return call(
+        return rpc(
             grpc_channel,
-            methods.LIST_INGESTION_CONFIG_FLOWS,
             ic.ListIngestionConfigFlowsRequest(ingestion_config_id=config_id, **kwargs),
-            ic.ListIngestionConfigFlowsResponse,
         )
 
     assert [f.name for f in list_flows().flows] == ["a", "b", "c"]
@@ -225,7 +200,7 @@ def test_runs(grpc_channel: grpc.Channel) -> None:
         name="run-1", description="first", tags=["a", "b"], client_key="rk", metadata=[metadata]
     )
     request.start_time.FromNanoseconds(BASE_NS)
-    run = call(grpc_channel, methods.CREATE_RUN, request, runs_pb2.CreateRunResponse).run
+    run = rpc(grpc_channel, request).run
     assert run.run_id
     assert run.name == "run-1"
     assert list(run.tags) == ["a", "b"]
@@ -234,61 +209,24 @@ def test_runs(grpc_channel: grpc.Channel) -> None:
     assert run.start_time.ToNanoseconds() == BASE_NS
     assert not run.HasField("stop_time")
     assert not run.is_stopped
-    call(
-        grpc_channel,
-        methods.CREATE_RUN,
-        runs_pb2.CreateRunRequest(name="run-2"),
-        runs_pb2.CreateRunResponse,
-    )
-    got = call(
-        grpc_channel,
-        methods.GET_RUN,
-        runs_pb2.GetRunRequest(run_id=run.run_id),
-        runs_pb2.GetRunResponse,
-    ).run
+    rpc(grpc_channel, runs_pb2.CreateRunRequest(name="run-2"))
+    got = rpc(grpc_channel, runs_pb2.GetRunRequest(run_id=run.run_id)).run
     assert got == run
-    listed = call(
-        grpc_channel,
-        methods.LIST_RUNS,
-        runs_pb2.ListRunsRequest(filter='name == "run-1"'),
-        runs_pb2.ListRunsResponse,
-    )
+    listed = rpc(grpc_channel, runs_pb2.ListRunsRequest(filter='name == "run-1"'))
     assert [r.run_id for r in listed.runs] == [run.run_id]
-    everything = call(
-        grpc_channel,
-        methods.LIST_RUNS,
-        runs_pb2.ListRunsRequest(page_size=1),
-        runs_pb2.ListRunsResponse,
-    )
+    everything = rpc(grpc_channel, runs_pb2.ListRunsRequest(page_size=1))
     assert len(everything.runs) == 1
     assert everything.next_page_token
-    newest = call(
-        grpc_channel,
-        methods.LIST_RUNS,
-        runs_pb2.ListRunsRequest(page_size=1, order_by="created_date desc"),
-        runs_pb2.ListRunsResponse,
-    )
+    newest = rpc(grpc_channel, runs_pb2.ListRunsRequest(page_size=1, order_by="created_date desc"))
     assert [r.name for r in newest.runs] == ["run-2"]
-    older = call(
+    older = rpc(
         grpc_channel,
-        methods.LIST_RUNS,
         runs_pb2.ListRunsRequest(order_by="created_date desc", page_token=newest.next_page_token),
-        runs_pb2.ListRunsResponse,
     )
     assert [r.name for r in older.runs] == ["run-1"]
     assert older.next_page_token == ""
-    call(
-        grpc_channel,
-        methods.STOP_RUN,
-        runs_pb2.StopRunRequest(run_id=run.run_id),
-        runs_pb2.StopRunResponse,
-    )
-    stopped = call(
-        grpc_channel,
-        methods.GET_RUN,
-        runs_pb2.GetRunRequest(run_id=run.run_id),
-        runs_pb2.GetRunResponse,
-    ).run
+    rpc(grpc_channel, runs_pb2.StopRunRequest(run_id=run.run_id))
+    stopped = rpc(grpc_channel, runs_pb2.GetRunRequest(run_id=run.run_id)).run
     assert stopped.is_stopped
     assert stopped.HasField("stop_time")
     assert stopped.stop_time.ToNanoseconds() >= stopped.created_date.ToNanoseconds()
@@ -296,29 +234,13 @@ def test_runs(grpc_channel: grpc.Channel) -> None:
 
 def test_run_errors(grpc_channel: grpc.Channel) -> None:
     """Unknown run ids answer NOT_FOUND; a taken run client key ALREADY_EXISTS."""
-    code, _ = code_of(
-        lambda: call(
-            grpc_channel,
-            methods.GET_RUN,
-            runs_pb2.GetRunRequest(run_id="x"),
-            runs_pb2.GetRunResponse,
-        )
-    )
+    code, _ = code_of(lambda: rpc(grpc_channel, runs_pb2.GetRunRequest(run_id="x")))
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = code_of(
-        lambda: call(
-            grpc_channel,
-            methods.STOP_RUN,
-            runs_pb2.StopRunRequest(run_id="x"),
-            runs_pb2.StopRunResponse,
-        )
-    )
+    code, _ = code_of(lambda: rpc(grpc_channel, runs_pb2.StopRunRequest(run_id="x")))
     assert code == grpc.StatusCode.NOT_FOUND
     request = runs_pb2.CreateRunRequest(name="r", client_key="same")
-    call(grpc_channel, methods.CREATE_RUN, request, runs_pb2.CreateRunResponse)
-    code, _ = code_of(
-        lambda: call(grpc_channel, methods.CREATE_RUN, request, runs_pb2.CreateRunResponse)
-    )
+    rpc(grpc_channel, request)
+    code, _ = code_of(lambda: rpc(grpc_channel, request))
     assert code == grpc.StatusCode.ALREADY_EXISTS
 
 
@@ -412,12 +334,7 @@ def test_resent_stream_is_stored_once(
 ) -> None:
     """The same (config, flow, run, timestamp) sent twice is one sample; OK means committed."""
     config = create_config(grpc_channel, "dedup", [double_flow("f", 2)])
-    run = call(
-        grpc_channel,
-        methods.CREATE_RUN,
-        runs_pb2.CreateRunRequest(name="r"),
-        runs_pb2.CreateRunResponse,
-    ).run
+    run = rpc(grpc_channel, runs_pb2.CreateRunRequest(name="r")).run
     requests = [
         doubles(config.ingestion_config_id, "f", BASE_NS + i, i, -i, run_id=run.run_id)
         for i in range(1000)
@@ -494,18 +411,12 @@ def test_api_key_is_required(tmp_path: Path) -> None:
                 [("authorization", "s3cret")],
             ):
                 code, _ = code_of(
-                    lambda: call(channel, methods.PING, ping, ping_pb2.PingResponse, metadata)  # noqa: B023
+                    lambda: rpc(channel, ping, metadata)  # noqa: B023
                 )
                 assert code == grpc.StatusCode.UNAUTHENTICATED
             code, _ = code_of(lambda: stream(channel, [], metadata=[("authorization", "Bearer x")]))
             assert code == grpc.StatusCode.UNAUTHENTICATED
-            ok = call(
-                channel,
-                methods.PING,
-                ping,
-                ping_pb2.PingResponse,
-                [("authorization", "Bearer s3cret")],
-            )
+            ok = rpc(channel, ping, [("authorization", "Bearer s3cret")])
             assert ok.response == PING_RESPONSE
         finally:
             channel.close()
@@ -571,7 +482,7 @@ def test_cancelled_stream_keeps_what_it_delivered(
     finally:
         release.set()
     assert pending.cancelled()
-    response = call(grpc_channel, methods.PING, ping_pb2.PingRequest(), ping_pb2.PingResponse)
+    response = rpc(grpc_channel, ping_pb2.PingRequest())
     assert response.response == PING_RESPONSE
 
 
@@ -650,62 +561,62 @@ def test_filters_of_every_list_rpc(grpc_channel: grpc.Channel) -> None:
     naming the offset and the fields the RPC supports."""
     a = create_config(grpc_channel, "ka", [double_flow("x"), double_flow("y"), double_flow("z")])
     create_config(grpc_channel, "kb", [], asset="other")
-    configs = call(
+    configs = rpc(
         grpc_channel,
-        methods.LIST_INGESTION_CONFIGS,
         ic.ListIngestionConfigsRequest(filter="client_key in ['ka', 'kc'] && asset_id != ''"),
-        ic.ListIngestionConfigsResponse,
     )
     assert [c.client_key for c in configs.ingestion_configs] == ["ka"]
-    flows = call(
+    flows = rpc(
         grpc_channel,
-        methods.LIST_INGESTION_CONFIG_FLOWS,
         ic.ListIngestionConfigFlowsRequest(
             ingestion_config_id=a.ingestion_config_id, filter="flow_name in ['z','x','q']"
         ),
-        ic.ListIngestionConfigFlowsResponse,
     )
     assert [f.name for f in flows.flows] == ["x", "z"]
-    assets = call(
-        grpc_channel,
-        methods.LIST_ASSETS,
-        assets_pb2.ListAssetsRequest(filter='name in ["bench", "nope"]'),
-        assets_pb2.ListAssetsResponse,
-    )
+    assets = rpc(grpc_channel, assets_pb2.ListAssetsRequest(filter='name in ["bench", "nope"]'))
     assert [x.name for x in assets.assets] == ["bench"]
-    channels = call(
+    channels = rpc(
         grpc_channel,
-        methods.LIST_CHANNELS,
         channels_pb2.ListChannelsRequest(
             filter=f'asset_id == \'{a.asset_id}\' && name in ["y.c1", "x.c0"]'
         ),
-        channels_pb2.ListChannelsResponse,
     )
     assert [c.name for c in channels.channels] == ["x.c0", "y.c1"]
     assert {c.asset_id for c in channels.channels} == {a.asset_id}
     assert channels.channels[0].data_type == cdt.CHANNEL_DATA_TYPE_DOUBLE
     code, details = code_of(
-        lambda: call(
-            grpc_channel,
-            methods.LIST_RUNS,
-            runs_pb2.ListRunsRequest(filter="name == 'a' && colour == 'red'"),
-            runs_pb2.ListRunsResponse,
-        )
+        lambda: rpc(grpc_channel, runs_pb2.ListRunsRequest(filter="name == 'a' && colour == 'red'"))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "at offset 15" in details
     assert "cannot filter on 'colour'" in details
     assert "client_key" in details
     code, details = code_of(
-        lambda: call(
-            grpc_channel,
-            methods.LIST_ASSETS,
-            assets_pb2.ListAssetsRequest(filter="name in ['a'"),
-            assets_pb2.ListAssetsResponse,
-        )
+        lambda: rpc(grpc_channel, assets_pb2.ListAssetsRequest(filter="name in ['a'"))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "at offset 12: expected ',' or ']', found end of filter" in details
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("(" * 5000 + "name == 'a'" + ")" * 5000, "at offset 32: nested deeper than 32"),
+        ("!" * 5000 + "name == 'a'", "at offset 32: nested deeper than 32"),
+        (" || ".join(["name == 'a'"] * 2000), "at offset 1500: more than 100 comparisons"),
+    ],
+    ids=["parentheses", "negations", "comparisons"],
+)
+def test_an_oversized_filter_is_invalid_argument(
+    grpc_channel: grpc.Channel, text: str, problem: str
+) -> None:
+    """A filter nested too deep or with too many comparisons (which once ended in Python's
+    recursion limit or SQLite's expression depth: INTERNAL) is INVALID_ARGUMENT saying which,
+    quoting only the part of a long filter around the offset (all of it would not fit in the
+    status trailer: the client would see RESOURCE_EXHAUSTED)."""
+    code, details = code_of(lambda: rpc(grpc_channel, runs_pb2.ListRunsRequest(filter=text)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in details
 
 
 def test_assets_get_list_and_update(grpc_channel: grpc.Channel) -> None:
@@ -713,27 +624,12 @@ def test_assets_get_list_and_update(grpc_channel: grpc.Channel) -> None:
     unknown ids are NOT_FOUND, a missing or unknown mask INVALID_ARGUMENT."""
     first = create_config(grpc_channel, "k1", [], asset="rig-1")
     second = create_config(grpc_channel, "k2", [], asset="rig-2")
-    asset = call(
-        grpc_channel,
-        methods.GET_ASSET,
-        assets_pb2.GetAssetRequest(asset_id=first.asset_id),
-        assets_pb2.GetAssetResponse,
-    ).asset
+    asset = rpc(grpc_channel, assets_pb2.GetAssetRequest(asset_id=first.asset_id)).asset
     assert (asset.asset_id, asset.name, list(asset.tags)) == (first.asset_id, "rig-1", [])
     assert asset.created_date.ToNanoseconds() > 0
-    listed = call(
-        grpc_channel,
-        methods.LIST_ASSETS,
-        assets_pb2.ListAssetsRequest(),
-        assets_pb2.ListAssetsResponse,
-    )
+    listed = rpc(grpc_channel, assets_pb2.ListAssetsRequest())
     assert [x.asset_id for x in listed.assets] == [second.asset_id, first.asset_id]
-    page = call(
-        grpc_channel,
-        methods.LIST_ASSETS,
-        assets_pb2.ListAssetsRequest(page_size=1, order_by="created_date"),
-        assets_pb2.ListAssetsResponse,
-    )
+    page = rpc(grpc_channel, assets_pb2.ListAssetsRequest(page_size=1, order_by="created_date"))
     assert [x.name for x in page.assets] == ["rig-1"]
     assert page.next_page_token
     update = assets_pb2.UpdateAssetRequest(
@@ -745,7 +641,7 @@ def test_assets_get_list_and_update(grpc_channel: grpc.Channel) -> None:
         ),
         update_mask=FieldMask(paths=["tags", "metadata"]),
     )
-    updated = call(grpc_channel, methods.UPDATE_ASSET, update, assets_pb2.UpdateAssetResponse).asset
+    updated = rpc(grpc_channel, update).asset
     assert updated.name == "rig-1"
     assert list(updated.tags) == ["t1", "t2"]
     assert list(updated.metadata) == [_metadata("k", "v")]
@@ -754,7 +650,7 @@ def test_assets_get_list_and_update(grpc_channel: grpc.Channel) -> None:
         asset=assets_pb2.Asset(asset_id=first.asset_id, tags=["t3"]),
         update_mask=FieldMask(paths=["tags"]),
     )
-    again = call(grpc_channel, methods.UPDATE_ASSET, only_tags, assets_pb2.UpdateAssetResponse)
+    again = rpc(grpc_channel, only_tags)
     assert list(again.asset.tags) == ["t3"]
     assert list(again.asset.metadata) == [_metadata("k", "v")]
     for request, expected in (
@@ -770,70 +666,41 @@ def test_assets_get_list_and_update(grpc_channel: grpc.Channel) -> None:
             "cannot update name",
         ),
     ):
-        code, details = code_of(
-            lambda: call(
-                grpc_channel,
-                methods.UPDATE_ASSET,
-                request,  # noqa: B023
-                assets_pb2.UpdateAssetResponse,
-            )
-        )
+        code, details = code_of(lambda: rpc(grpc_channel, request))  # noqa: B023
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert expected in details
-    code, _ = code_of(
-        lambda: call(
-            grpc_channel,
-            methods.GET_ASSET,
-            assets_pb2.GetAssetRequest(asset_id="nope"),
-            assets_pb2.GetAssetResponse,
-        )
-    )
+    code, _ = code_of(lambda: rpc(grpc_channel, assets_pb2.GetAssetRequest(asset_id="nope")))
     assert code == grpc.StatusCode.NOT_FOUND
 
 
 def test_update_run_and_get_or_create_by_client_key(grpc_channel: grpc.Channel) -> None:
     """ListRuns by client key finds the run CreateRun made; UpdateRun sets the masked fields only;
     a client key is set once; the newest run of a name is listed first."""
-    created = call(
-        grpc_channel,
-        methods.CREATE_RUN,
-        runs_pb2.CreateRunRequest(name="r", client_key="rk", tags=["a"]),
-        runs_pb2.CreateRunResponse,
+    created = rpc(
+        grpc_channel, runs_pb2.CreateRunRequest(name="r", client_key="rk", tags=["a"])
     ).run
-    found = call(
-        grpc_channel,
-        methods.LIST_RUNS,
-        runs_pb2.ListRunsRequest(page_size=1, filter="client_key == 'rk'"),
-        runs_pb2.ListRunsResponse,
-    )
+    found = rpc(grpc_channel, runs_pb2.ListRunsRequest(page_size=1, filter="client_key == 'rk'"))
     assert [r.run_id for r in found.runs] == [created.run_id]
     run = runs_pb2.Run(run_id=created.run_id, name="r2", description="d", tags=["b", "c"])
     run.metadata.append(_metadata("op", "me"))
     run.stop_time.FromNanoseconds(BASE_NS)
-    updated = call(
+    updated = rpc(
         grpc_channel,
-        methods.UPDATE_RUN,
         runs_pb2.UpdateRunRequest(
             run=run, update_mask=FieldMask(paths=["description", "tags", "metadata", "stop_time"])
         ),
-        runs_pb2.UpdateRunResponse,
     ).run
     assert (updated.name, updated.description, list(updated.tags)) == ("r", "d", ["b", "c"])
     assert list(updated.metadata) == [_metadata("op", "me")]
     assert updated.stop_time.ToNanoseconds() == BASE_NS
     assert updated.client_key == "rk"
-    got = call(
-        grpc_channel,
-        methods.GET_RUN,
-        runs_pb2.GetRunRequest(run_id=created.run_id),
-        runs_pb2.GetRunResponse,
-    ).run
+    got = rpc(grpc_channel, runs_pb2.GetRunRequest(run_id=created.run_id)).run
     assert got == updated
     same_key = runs_pb2.UpdateRunRequest(
         run=runs_pb2.Run(run_id=created.run_id, client_key="rk"),
         update_mask=FieldMask(paths=["client_key", "is_pinned"]),
     )
-    call(grpc_channel, methods.UPDATE_RUN, same_key, runs_pb2.UpdateRunResponse)
+    rpc(grpc_channel, same_key)
     for request, code_wanted in (
         (
             runs_pb2.UpdateRunRequest(
@@ -856,21 +723,11 @@ def test_update_run_and_get_or_create_by_client_key(grpc_channel: grpc.Channel) 
         ),
     ):
         code, _ = code_of(
-            lambda: call(grpc_channel, methods.UPDATE_RUN, request, runs_pb2.UpdateRunResponse)  # noqa: B023
+            lambda: rpc(grpc_channel, request)  # noqa: B023
         )
         assert code == code_wanted
-    later = call(
-        grpc_channel,
-        methods.CREATE_RUN,
-        runs_pb2.CreateRunRequest(name="r"),
-        runs_pb2.CreateRunResponse,
-    ).run
-    by_name = call(
-        grpc_channel,
-        methods.LIST_RUNS,
-        runs_pb2.ListRunsRequest(page_size=1, filter='name=="r"'),
-        runs_pb2.ListRunsResponse,
-    )
+    later = rpc(grpc_channel, runs_pb2.CreateRunRequest(name="r")).run
+    by_name = rpc(grpc_channel, runs_pb2.ListRunsRequest(page_size=1, filter='name=="r"'))
     assert [r.run_id for r in by_name.runs] == [later.run_id]
 
 
@@ -895,49 +752,20 @@ def test_rules_create_update_and_read_back(grpc_channel: grpc.Channel) -> None:
     """A rule is created, read back by id and client key, updated (ids of its conditions kept),
     listed and batch-updated; bad rules are refused with the field named."""
     config = create_config(grpc_channel, "k", [double_flow("x")])
-    tag = call(
-        grpc_channel,
-        methods.CREATE_TAG,
-        tags_pb2.CreateTagRequest(name="hot"),
-        tags_pb2.CreateTagResponse,
-    ).tag
-    code, _ = code_of(
-        lambda: call(
-            grpc_channel,
-            methods.CREATE_TAG,
-            tags_pb2.CreateTagRequest(name="hot"),
-            tags_pb2.CreateTagResponse,
-        )
-    )
+    tag = rpc(grpc_channel, tags_pb2.CreateTagRequest(name="hot")).tag
+    code, _ = code_of(lambda: rpc(grpc_channel, tags_pb2.CreateTagRequest(name="hot")))
     assert code == grpc.StatusCode.ALREADY_EXISTS
-    tags = call(
+    tags = rpc(
         grpc_channel,
-        methods.LIST_TAGS,
         tags_pb2.ListTagsRequest(
             filter="name in ['hot', 'cold']", tag_type=tags_pb2.TAG_TYPE_ANNOTATION
         ),
-        tags_pb2.ListTagsResponse,
     )
     assert [t.tag_id for t in tags.tags] == [tag.tag_id]
     update = _rule_update("overheat", "rule-key", config.asset_id, tag.tag_id)
-    rule_id = call(
-        grpc_channel,
-        methods.CREATE_RULE,
-        rules_pb2.CreateRuleRequest(update=update),
-        rules_pb2.CreateRuleResponse,
-    ).rule_id
-    by_key = call(
-        grpc_channel,
-        methods.GET_RULE,
-        rules_pb2.GetRuleRequest(client_key="rule-key"),
-        rules_pb2.GetRuleResponse,
-    ).rule
-    by_id = call(
-        grpc_channel,
-        methods.GET_RULE,
-        rules_pb2.GetRuleRequest(rule_id=rule_id),
-        rules_pb2.GetRuleResponse,
-    ).rule
+    rule_id = rpc(grpc_channel, rules_pb2.CreateRuleRequest(update=update)).rule_id
+    by_key = rpc(grpc_channel, rules_pb2.GetRuleRequest(client_key="rule-key")).rule
+    by_id = rpc(grpc_channel, rules_pb2.GetRuleRequest(rule_id=rule_id)).rule
     assert by_key == by_id
     assert (by_key.rule_id, by_key.name, by_key.client_key) == (rule_id, "overheat", "rule-key")
     assert by_key.is_enabled
@@ -957,105 +785,70 @@ def test_rules_create_update_and_read_back(grpc_channel: grpc.Channel) -> None:
     edited.conditions[0].rule_condition_id = condition.rule_condition_id
     edited.conditions[0].actions[0].rule_action_id = action.rule_action_id
     edited.conditions[0].expression.calculated_channel.expression = "$1 > 90"
-    call(grpc_channel, methods.UPDATE_RULE, edited, rules_pb2.UpdateRuleResponse)
-    after = call(
-        grpc_channel,
-        methods.GET_RULE,
-        rules_pb2.GetRuleRequest(rule_id=rule_id),
-        rules_pb2.GetRuleResponse,
-    ).rule
+    rpc(grpc_channel, edited)
+    after = rpc(grpc_channel, rules_pb2.GetRuleRequest(rule_id=rule_id)).rule
     assert after.description == "much too hot"
     assert after.conditions[0].rule_condition_id == condition.rule_condition_id
     assert after.conditions[0].actions[0].rule_action_id == action.rule_action_id
     assert after.conditions[0].expression.calculated_channel.expression == "$1 > 90"
     assert after.created_date == by_key.created_date
 
-    batch = call(
+    batch = rpc(
         grpc_channel,
-        methods.BATCH_UPDATE_RULES,
         rules_pb2.BatchUpdateRulesRequest(
             rules=[
                 _rule_update("second", "rule-2", config.asset_id, tag.tag_id),
                 _rule_update("overheat", "rule-key", config.asset_id, tag.tag_id),
             ]
         ),
-        rules_pb2.BatchUpdateRulesResponse,
     )
     assert batch.success
     assert (batch.rules_created_count, batch.rules_updated_count) == (1, 1)
     assert [(r.name, r.client_key) for r in batch.created_rule_identifiers] == [
         ("second", "rule-2")
     ]
-    listed = call(
+    listed = rpc(
         grpc_channel,
-        methods.LIST_RULES,
         rules_pb2.ListRulesRequest(
             filter="client_key in ['rule-2', 'rule-key']", order_by="created_date"
         ),
-        rules_pb2.ListRulesResponse,
     )
     assert [r.name for r in listed.rules] == ["overheat", "second"]
-    got = call(
-        grpc_channel,
-        methods.BATCH_GET_RULES,
-        rules_pb2.BatchGetRulesRequest(rule_ids=[rule_id], client_keys=["rule-2"]),
-        rules_pb2.BatchGetRulesResponse,
+    got = rpc(
+        grpc_channel, rules_pb2.BatchGetRulesRequest(rule_ids=[rule_id], client_keys=["rule-2"])
     )
     assert [r.name for r in got.rules] == ["overheat", "second"]
 
     bad_asset = _rule_update("x", "rule-3", "no-such-asset", tag.tag_id)
     no_expression = _rule_update("y", "rule-4", config.asset_id, tag.tag_id)
     no_expression.conditions[0].ClearField("expression")
-    invalid = call(
-        grpc_channel,
-        methods.BATCH_UPDATE_RULES,
-        rules_pb2.BatchUpdateRulesRequest(rules=[bad_asset, no_expression]),
-        rules_pb2.BatchUpdateRulesResponse,
-    )
+    invalid = rpc(grpc_channel, rules_pb2.BatchUpdateRulesRequest(rules=[bad_asset, no_expression]))
     assert not invalid.success
     assert [v.error for v in invalid.validation_results] == [
         "asset_configuration.asset_ids: unknown asset 'no-such-asset'",
         "conditions[0].expression is required",
     ]
-    for path, request, response, wanted in (
+    for request, wanted in (
         (
-            methods.CREATE_RULE,
             rules_pb2.CreateRuleRequest(
                 update=_rule_update("z", "rule-key", config.asset_id, tag.tag_id)
             ),
-            rules_pb2.CreateRuleResponse,
             grpc.StatusCode.ALREADY_EXISTS,
         ),
         (
-            methods.CREATE_RULE,
             rules_pb2.CreateRuleRequest(update=_rule_update("z", "k5", config.asset_id, "no-tag")),
-            rules_pb2.CreateRuleResponse,
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
+        (rules_pb2.GetRuleRequest(client_key="nope"), grpc.StatusCode.NOT_FOUND),
+        (rules_pb2.GetRuleRequest(), grpc.StatusCode.INVALID_ARGUMENT),
         (
-            methods.GET_RULE,
-            rules_pb2.GetRuleRequest(client_key="nope"),
-            rules_pb2.GetRuleResponse,
-            grpc.StatusCode.NOT_FOUND,
-        ),
-        (
-            methods.GET_RULE,
-            rules_pb2.GetRuleRequest(),
-            rules_pb2.GetRuleResponse,
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        (
-            methods.UPDATE_RULE,
             _rule_update("z", "no-such-rule", config.asset_id, tag.tag_id),
-            rules_pb2.UpdateRuleResponse,
             grpc.StatusCode.NOT_FOUND,
         ),
     ):
-        code, _ = code_of(lambda: call(grpc_channel, path, request, response))  # noqa: B023
-        assert code == wanted, (path, request)
-    with_rules = call(
-        grpc_channel, methods.LIST_RULES, rules_pb2.ListRulesRequest(), rules_pb2.ListRulesResponse
-    )
+        code, _ = code_of(lambda: rpc(grpc_channel, request))  # noqa: B023
+        assert code == wanted, request
+    with_rules = rpc(grpc_channel, rules_pb2.ListRulesRequest())
     assert len(with_rules.rules) == 2
 
 
@@ -1071,3 +864,22 @@ def test_unimplemented_methods_name_themselves(grpc_channel: grpc.Channel) -> No
     )
     assert code == grpc.StatusCode.UNIMPLEMENTED
     assert "/sift.rules.v1.RuleService/EvaluateRules" in details
+
+
+def test_a_server_never_stopped_warns_when_collected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A started server that is collected unstopped says so on its module's logger; once stopped,
+    it does not."""
+    server = make_server(tmp_path / "w.sqlite")
+    server.start()
+    try:
+        server.__del__()
+        (record,) = [r for r in caplog.records if "not properly stopped" in r.getMessage()]
+        assert record.name == "daq_agent.server.local"
+        assert record.levelname == "WARNING"
+    finally:
+        server.stop(grace=0.2)
+    caplog.clear()
+    server.__del__()
+    assert not caplog.records

@@ -28,6 +28,14 @@ STRING, DOUBLE, FLOAT, BOOL = F.TYPE_STRING, F.TYPE_DOUBLE, F.TYPE_FLOAT, F.TYPE
 INT32, UINT32, INT64, UINT64 = F.TYPE_INT32, F.TYPE_UINT32, F.TYPE_INT64, F.TYPE_UINT64
 BYTES, MESSAGE, ENUM = F.TYPE_BYTES, F.TYPE_MESSAGE, F.TYPE_ENUM
 
+# The paging fields of Sift's List* requests (those with an order_by, and those without).
+_PAGE = {
+    "page_size": (1, UINT32, False),
+    "page_token": (2, STRING, False),
+    "filter": (3, STRING, False),
+}
+_ORDERED_PAGE = {**_PAGE, "order_by": (4, STRING, False)}
+
 # (message, {name: (number, type, repeated)}) straight from the wire contract.
 CONTRACT: list[tuple[Descriptor, dict[str, tuple[int, int, bool]]]] = [
     (
@@ -93,11 +101,7 @@ CONTRACT: list[tuple[Descriptor, dict[str, tuple[int, int, bool]]]] = [
     ),
     (
         ingestion_configs_pb2.ListIngestionConfigsRequest.DESCRIPTOR,
-        {
-            "page_size": (1, UINT32, False),
-            "page_token": (2, STRING, False),
-            "filter": (3, STRING, False),
-        },
+        _PAGE,
     ),
     (
         ingestion_configs_pb2.ListIngestionConfigFlowsRequest.DESCRIPTOR,
@@ -145,12 +149,7 @@ CONTRACT: list[tuple[Descriptor, dict[str, tuple[int, int, bool]]]] = [
     ),
     (
         runs_pb2.ListRunsRequest.DESCRIPTOR,
-        {
-            "page_size": (1, UINT32, False),
-            "page_token": (2, STRING, False),
-            "filter": (3, STRING, False),
-            "order_by": (4, STRING, False),
-        },
+        _ORDERED_PAGE,
     ),
     (
         metadata_pb2.MetadataValue.DESCRIPTOR,
@@ -187,12 +186,7 @@ CONTRACT: list[tuple[Descriptor, dict[str, tuple[int, int, bool]]]] = [
     (assets_pb2.GetAssetResponse.DESCRIPTOR, {"asset": (1, MESSAGE, False)}),
     (
         assets_pb2.ListAssetsRequest.DESCRIPTOR,
-        {
-            "page_size": (1, UINT32, False),
-            "page_token": (2, STRING, False),
-            "filter": (3, STRING, False),
-            "order_by": (4, STRING, False),
-        },
+        _ORDERED_PAGE,
     ),
     (
         assets_pb2.ListAssetsResponse.DESCRIPTOR,
@@ -365,12 +359,7 @@ CONTRACT: list[tuple[Descriptor, dict[str, tuple[int, int, bool]]]] = [
     ),
     (
         channels_pb2.ListChannelsRequest.DESCRIPTOR,
-        {
-            "page_size": (1, UINT32, False),
-            "page_token": (2, STRING, False),
-            "filter": (3, STRING, False),
-            "order_by": (4, STRING, False),
-        },
+        _ORDERED_PAGE,
     ),
     (
         channels_pb2.ListChannelsResponse.DESCRIPTOR,
@@ -388,13 +377,7 @@ CONTRACT: list[tuple[Descriptor, dict[str, tuple[int, int, bool]]]] = [
     (tags_pb2.CreateTagRequest.DESCRIPTOR, {"name": (1, STRING, False)}),
     (
         tags_pb2.ListTagsRequest.DESCRIPTOR,
-        {
-            "page_size": (1, UINT32, False),
-            "page_token": (2, STRING, False),
-            "filter": (3, STRING, False),
-            "order_by": (4, STRING, False),
-            "tag_type": (5, ENUM, False),
-        },
+        {**_ORDERED_PAGE, "tag_type": (5, ENUM, False)},
     ),
     (
         tags_pb2.ListTagsResponse.DESCRIPTOR,

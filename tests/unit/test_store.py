@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,6 +107,37 @@ def test_readers_see_only_committed_samples(store: Store) -> None:
         store.commit()
         assert reader.count_samples() == 1
         assert store.pending == 0
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        lambda s: s.create_tag("hot"),
+        lambda s: s.create_run(name="r2", client_key="rk"),
+        lambda s: s.create_rule(name="x", client_key="k", definition=b""),
+        lambda s: s.create_ingestion_config(asset_name="new-asset", client_key="k"),
+    ],
+    ids=["tag", "run", "rule", "config"],
+)
+def test_a_refused_write_keeps_the_uncommitted_samples(
+    store: Store, refused: Callable[[Store], object]
+) -> None:
+    """A write refused for a taken name or key undoes only itself: the samples (and validation
+    errors) written before it and not yet committed are kept, and a new asset is not left behind."""
+    a, _, _ = _setup(store)
+    store.create_tag("hot")
+    store.create_run(name="r", client_key="rk")
+    store.create_rule(name="x", client_key="k", definition=b"")
+    store.insert_samples([(a, 0, BASE + i, _data(i, i)) for i in range(3)])
+    store.insert_validation_errors([ValidationErrorRecord(BASE, "c", "a", "", 0, "why", "")])
+    with pytest.raises(DaqError, match=r"taken|exists"):
+        refused(store)
+    assert store.pending == 3
+    store.commit()
+    with Store.open(store.path, readonly=True) as reader:
+        assert reader.count_samples() == 3
+        assert reader.count_validation_errors() == 1
+        assert [x.name for x in reader.list_assets()] == ["rig"]
 
 
 def test_iter_samples_decodes_in_time_order(store: Store) -> None:
