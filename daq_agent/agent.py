@@ -224,7 +224,7 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
 
 
 class Agent:
-    """The running agent: local server, channel, ingestion service, run, ring, flusher, readers.
+    """The running agent: spool, local server (its own process), sink, ring, flusher, readers.
 
     Args:
         config: the validated config.
@@ -320,9 +320,12 @@ class Agent:
     def start(self) -> None:
         """Start every part, in order; on failure, stop what was started.
 
+        The API is not contacted here: the sink connects in the background.
+
         Raises:
-            ConfigError: the API key cannot be read, or a reader cannot be built.
-            TransportError: the ingestion API cannot be reached or refuses the config or the run.
+            ConfigError: the API key cannot be read, the local server cannot start, or a reader
+                cannot be built.
+            SpoolError: the spool cannot be used (or another agent owns it).
         """
         with self._lock:
             if self._started:

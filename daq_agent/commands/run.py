@@ -15,10 +15,11 @@ retried in the background, and logged once per change of state).
 
 Exit codes: 0 when everything read was delivered or is safe in the spool; 1 when anything was
 lost (the ring dropped samples of a live source, samples were abandoned because the API never
-acknowledged them and there is no spool, the spool quota dropped some, or records were corrupt)
-or the spool failed (a write or fsync error: the service manager restarts the agent, which
-recovers what was synced) or is owned by another agent; 2 for an invalid config (also a source
-that can never open as configured, e.g. an unknown python-can interface).
+acknowledged them and there is no spool, the spool quota dropped some, records were corrupt, or
+the API refused samples for good: they are in the dead-letter file), or when the spool failed (a
+write or fsync error: the service manager restarts the agent, which recovers what was synced)
+or is owned by another agent; 2 for an invalid config (also a source that can never open as
+configured, e.g. an unknown python-can interface).
 """
 
 from __future__ import annotations

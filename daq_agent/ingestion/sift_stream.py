@@ -315,7 +315,7 @@ class Window:
 
     def attach_run(self, run: Any) -> str:
         """Find or create a run (a ``RunFormPy``) and return its id."""
-        stream = self._stream
+        stream = self._live()
         self._loop.call(lambda: stream.attach_run(ssb.RunSelectorPy.by_form(run)), self._timeout)
         run_id: str = stream.run() or ""
         return run_id
@@ -325,17 +325,25 @@ class Window:
 
         Raises:
             StreamTimeout, RuntimeError: the stream is closed or stuck.
+            TransportError: the window was cancelled.
         """
-        stream = self._stream
+        stream = self._live()
         self._loop.call(lambda: stream.send_requests(requests), self._timeout)
         self.sent += len(requests)
 
     def metrics(self) -> Any:
         """The stream's metrics snapshot (``SiftStreamMetricsSnapshotPy``)."""
-        return self._stream.get_metrics_snapshot()
+        return self._live().get_metrics_snapshot()
 
-    def finish(self) -> Any:
+    def finish(self, timeout: float | None = None) -> Any:
         """Half-close the stream and wait for the server's status; the metrics before it.
+
+        The metrics are read and the finish is started in one step on the loop's thread, so
+        little can happen between them; a stream that fails in that gap, after the check, is
+        still reconnected by sift_stream unseen (its metrics cannot be read after the finish).
+
+        Args:
+            timeout: the longest to wait (default: the settings' ``timeout_s``).
 
         Returns:
             The metrics snapshot taken just before finishing.
@@ -346,20 +354,35 @@ class Window:
                 carried may be lost: the window must be re-sent).
             RuntimeError: the server answered an error status.
         """
-        stream = self._stream
-        snapshot = stream.get_metrics_snapshot()
-        # a stream that completed before the finish ended early (the server ended it or the
-        # connection broke) and was replaced: the statuses say how it ended
-        codes = {i: n for i, n in enumerate(snapshot.grpc_status_counts) if n}
-        if snapshot.cur_retry_count or codes:
+        stream = self._live()
+
+        async def checked_finish() -> Any:
+            snapshot = stream.get_metrics_snapshot()
+            # a stream that completed before the finish ended early (the server ended it or the
+            # connection broke) and was replaced: the statuses say how it ended
+            codes = {i: n for i, n in enumerate(snapshot.grpc_status_counts) if n}
+            if snapshot.cur_retry_count or codes:
+                raise StreamFailed(
+                    f"the stream failed and was reconnected during the window (retries "
+                    f"{snapshot.cur_retry_count}, statuses {codes}): re-sending it",
+                    codes,
+                    snapshot.cur_retry_count,
+                )
+            await stream.finish()
+            return snapshot
+
+        try:
+            return self._loop.call(checked_finish, self._timeout if timeout is None else timeout)
+        except StreamFailed:
             self.cancel()
-            raise StreamFailed(
-                f"the stream failed and was reconnected during the window (retries "
-                f"{snapshot.cur_retry_count}, statuses {codes}): re-sending it",
-                codes,
-            )
-        self._loop.call(stream.finish, self._timeout)
-        return snapshot
+            raise
+
+    def _live(self) -> Any:
+        """The stream, unless the window was cancelled (TransportError)."""
+        stream = self._stream
+        if stream is None:
+            raise TransportError("the window was cancelled")
+        return stream
 
     def cancel(self) -> None:
         """Abandon the stream (its Rust tasks end when it is dropped)."""

@@ -318,20 +318,16 @@ class _Latency:
 class _Window:
     """What the current stream carries: a range of backlog sequence numbers and its tallies."""
 
-    __slots__ = ("dead", "last_data", "opened", "records", "samples", "sent_seq", "spans")
+    __slots__ = ("opened", "samples", "sent_seq", "spans")
 
     def __init__(self, acked: int) -> None:
         self.opened = time.monotonic()
-        self.last_data = self.opened
         self.sent_seq = acked
-        self.records = 0
         self.samples = 0
-        self.dead = 0
         self.spans: list[tuple[int, int]] = []
 
-    def add(self, records: Sequence[SpoolRecord]) -> None:
-        self.records += len(records)
-        self.samples += sum(r.count for r in records)
+    def add(self, records: Sequence[SpoolRecord], samples: int) -> None:
+        self.samples += samples
         self.sent_seq = records[-1].seq
         if len(self.spans) < _MAX_SPANS:
             self.spans.extend((r.oldest_ns, r.newest_ns) for r in records)
@@ -672,7 +668,10 @@ class Flusher:
                         window.sent_seq, max_records=4096, max_bytes=s.read_chunk_bytes
                     )
                     # a record found corrupt on disk leaves the spool's pending counters
-                    self.corrupt += before - backlog.pending_samples
+                    found_corrupt = before - backlog.pending_samples
+                    self.corrupt += found_corrupt
+                if not records and found_corrupt:
+                    continue  # a chunk of corrupt records only: read on from the same place
                 if records:
                     room = s.checkpoint_records - window.samples
                     cut = 0
@@ -708,10 +707,22 @@ class Flusher:
         self._window = _Window(self._acked)
 
     def _groups(self, records: Sequence[SpoolRecord]) -> list[tuple[RunRef | None, list[Row]]]:
-        """The samples of records, grouped by run, in order (SpoolError: a foreign payload)."""
+        """The samples of records, grouped by run, in order.
+
+        A record whose payload cannot be unpacked (checksummed, so not disk rot: a foreign or
+        future file) is left out and logged; the window still covers its sequence number, so its
+        samples are acknowledged with the window and counted corrupt, never retried forever.
+        """
         groups: list[tuple[RunRef | None, list[Row]]] = []
         for record in records:
-            for unpacked in unpack_payloads(record.payloads, self._legacy):
+            try:
+                unpacked_record = unpack_payloads(record.payloads, self._legacy)
+            except SpoolError as exc:
+                log.error(
+                    "spool record %d (%d samples) left out: %s", record.seq, record.count, exc
+                )
+                continue
+            for unpacked in unpacked_record:
                 if groups and groups[-1][0] == unpacked.run:
                     groups[-1][1].extend(unpacked.rows)
                 else:
@@ -722,9 +733,10 @@ class Flusher:
         stream, window = self._stream, self._window
         assert stream is not None
         assert window is not None
-        for run, rows in self._groups(records):
+        groups = self._groups(records)
+        for run, rows in groups:
             stream.send(rows, run)
-        window.add(records)
+        window.add(records, sum(len(rows) for _, rows in groups))
 
     def _checkpoint(self) -> None:
         stream, window = self._stream, self._window
@@ -764,8 +776,8 @@ class Flusher:
             delivered = min(tally - dead_n, sent)
             self.delivered += delivered
             self.dead_lettered += dead_n
-            # records unreadable at read time (their samples never sent) or quota-dropped
-            # after they were sent: the spool's tally tells
+            # records the window covered but did not send (unreadable or unpackable when read
+            # back): the spool's tally tells
             self.corrupt += tally - dead_n - delivered
             self.checkpoints += 1
             self._acked = seq
@@ -873,6 +885,12 @@ class Flusher:
             raise DaqError("aborted")
         try:
             self._stream = stream = self.sink.open()
+        except SinkError as exc:
+            if exc.kind is not FailureKind.REJECTED:
+                raise
+            # the API refused the set-up (the config), not these samples: back off and retry
+            raise SinkError(str(exc), FailureKind.TRANSIENT, timed_out=exc.timed_out) from exc
+        try:
             stream.send(rows, run)
             stream.commit(self.settings.checkpoint_timeout_s)
         except DaqError as exc:

@@ -162,7 +162,7 @@ class AgentStatus:
         target: where the data goes (``local:/path/to.sqlite``, ``sift:host:port``).
         spool: the durable spool's counters (None: no spool).
         stream: the transport's own counters (the sink's: windows committed and failed,
-            messages and bytes sent, the stream's retries, flows registered lazily, queue
+            requests committed, the stream's reconnects, flows registered lazily, queue
             depths).
     """
 

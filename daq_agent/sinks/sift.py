@@ -154,7 +154,7 @@ class _SiftWindow:
 
     def commit(self, timeout: float) -> None:
         try:
-            snapshot = self._window.finish()
+            snapshot = self._window.finish(timeout)
         except (DaqError, RuntimeError) as exc:
             error = sink_error(exc, self._secret)
             self._sink._note_failure(error, exc)
@@ -351,7 +351,6 @@ class SiftSink:
             totals = self._totals
             totals["windows"] += 1
             totals["messages_sent"] += sent
-            totals["stream_retries"] += snapshot.cur_retry_count
             self._last = {
                 "ingestion_channel_depth": snapshot.ingestion_channel_depth,
                 "backup_channel_depth": snapshot.backup_channel_depth,
@@ -367,6 +366,8 @@ class SiftSink:
             # for a deadline; set up again on a fresh channel, so the unary calls (flows, runs,
             # stopping the run at shutdown) do not wait on a black hole
             self._service = None
-        if window:
-            with self._lock:
+        with self._lock:
+            if window:
                 self._totals["windows_failed"] += 1
+            if isinstance(cause, StreamFailed):  # sift_stream reconnected inside the window
+                self._totals["stream_retries"] += max(cause.retries, 1)
