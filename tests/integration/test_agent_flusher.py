@@ -317,3 +317,35 @@ def test_a_stream_the_server_ends_early_is_not_acknowledged(
     assert stored(server.db_path) == [(s.timestamp_ns, s.values[0]) for s in good]
     (entry,) = read_dead_letters(tmp_path / "dead.letters")
     assert "no-such-run" in entry.reason
+
+
+def test_records_after_a_chunk_of_corrupt_ones_are_still_sent(
+    server: LocalIngestServer, tmp_path: Path
+) -> None:
+    """Records that rot on disk after the spool was opened are skipped when read back; a read
+    chunk holding nothing but corrupt records must not make the window skip the valid records
+    after it: they are delivered, only the corrupt ones are lost (and counted)."""
+    items = samples(6)
+    with Spool(tmp_path / "spool", fsync_interval=0) as spool:
+        for sample in items:
+            spool.append((pack_batch([sample]),), 1, sample.timestamp_ns, sample.timestamp_ns)
+    spool = Spool(tmp_path / "spool", fsync_interval=0)  # reopened: nothing cached, all valid
+    (segment,) = sorted((tmp_path / "spool").glob("seg-*"))
+    data = bytearray(segment.read_bytes())
+    size = len(data) // 6
+    for i in range(3):  # rot inside the first three records' payloads
+        data[i * size + size // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    ring: RingBuffer[Sample] = RingBuffer(10)
+    sink = make_sink(server.port)
+    settings = FlusherSettings(checkpoint_seconds=0.1, read_chunk_bytes=3 * size)
+    flusher = Flusher(ring, sink, settings=settings, window=spool)
+    try:
+        run_flusher(flusher, ring, [])
+        stats = flusher.stats()
+        assert (stats.recovered, stats.delivered, stats.corrupt) == (6, 3, 3)
+        assert stats.balanced
+    finally:
+        sink.close()
+        spool.close()
+    assert stored(server.db_path) == [(s.timestamp_ns, s.values[0]) for s in items[3:]]
