@@ -36,6 +36,7 @@ from daq_agent.core.errors import (
     SinkError,
 )
 from daq_agent.core.model import TelemetryConfig
+from daq_agent.ingestion.errors import stream_error
 from daq_agent.ingestion.service import IngestionService
 from daq_agent.ingestion.sift_stream import (
     DEFAULT_CAPACITY,
@@ -57,18 +58,6 @@ _AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMIS
 _AUTH_NUMBERS = frozenset(code.value[0] for code in _AUTH_CODES)
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _TOO_LARGE_HINTS = ("larger than", "too large", "exceeds maximum", "message length")
-# How sift_stream (tonic) words a status in its errors.
-_AUTH_WORDS = (
-    "unauthenticated",
-    "valid authentication credentials",
-    "permission_denied",
-    "does not have permission",
-)
-_REJECTED_WORDS = ("invalid_argument", "client specified an invalid argument")
-
-
-def _scrub(text: str, secret: str) -> str:
-    return text.replace(secret, "<api key>") if secret else text
 
 
 def sink_error(exc: BaseException, secret: str = "") -> SinkError:
@@ -79,38 +68,37 @@ def sink_error(exc: BaseException, secret: str = "") -> SinkError:
       (the flusher isolates it and dead-letters it);
     * everything else, a refused connection, a GOAWAY, a timeout: ``TRANSIENT``.
 
-    The message never holds ``secret``.
+    sift_stream's own errors get their status from
+    :func:`daq_agent.ingestion.errors.stream_error` (the library API's mapping). A window whose
+    stream failed inside it counts as auth or refused if *any* stream ended so. The message never
+    holds ``secret``.
     """
     if isinstance(exc, SinkError):
         return exc
-    text = _scrub(str(exc), secret)
-    kind = FailureKind.TRANSIENT
-    if isinstance(exc, IngestionValidationError):
-        kind = FailureKind.REJECTED
-    elif isinstance(exc, RpcStatusError):
-        if exc.status_code in _AUTH_CODES:
-            kind = FailureKind.AUTH
-        elif exc.status_code is grpc.StatusCode.INVALID_ARGUMENT or (
-            exc.status_code is grpc.StatusCode.RESOURCE_EXHAUSTED
-            and any(h in str(exc.status_details).lower() for h in _TOO_LARGE_HINTS)
-        ):
-            kind = FailureKind.REJECTED
-    elif isinstance(exc, StreamTimeout):
-        return SinkError(text, FailureKind.TRANSIENT, timed_out=True)
-    elif isinstance(exc, StreamFailed):
+    if isinstance(exc, StreamFailed):
         codes = set(exc.codes)
         if codes & _AUTH_NUMBERS:
             kind = FailureKind.AUTH
         elif _INVALID_ARGUMENT in codes:
             kind = FailureKind.REJECTED
-    elif isinstance(exc, RuntimeError):
-        lowered = text.lower()
-        if any(word in lowered for word in _AUTH_WORDS):
+        else:
+            kind = FailureKind.TRANSIENT
+        return SinkError(str(exc), kind)
+    timed_out = isinstance(exc, StreamTimeout)
+    error = stream_error(exc, secret=secret) if isinstance(exc, RuntimeError) else exc
+    text = str(error).replace(secret, "<redacted>") if secret else str(error)
+    kind = FailureKind.TRANSIENT
+    if isinstance(error, IngestionValidationError):
+        kind = FailureKind.REJECTED
+    elif isinstance(error, RpcStatusError):
+        if error.status_code in _AUTH_CODES:
             kind = FailureKind.AUTH
-        elif any(word in lowered for word in _REJECTED_WORDS):
+        elif error.status_code is grpc.StatusCode.INVALID_ARGUMENT or (
+            error.status_code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            and any(h in str(error.status_details).lower() for h in _TOO_LARGE_HINTS)
+        ):
             kind = FailureKind.REJECTED
-        text = " ".join(text.split())  # sift_stream's errors span lines
-    return SinkError(text, kind)
+    return SinkError(text, kind, timed_out=timed_out)
 
 
 @dataclass(frozen=True, slots=True)

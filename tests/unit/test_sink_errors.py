@@ -115,4 +115,4 @@ def test_the_key_never_shows() -> None:
     key = "sk-live-0123456789abcdef"
     error = sink_error(RuntimeError(f"bad header 'authorization: Bearer {key}'"), key)
     assert key not in str(error)
-    assert "<api key>" in str(error)
+    assert "<redacted>" in str(error)
