@@ -67,9 +67,11 @@ def _unavailable(name: str, exc: Exception) -> object:
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    # under systemd (JOURNAL_STREAM set) the journal stamps each line itself
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=stamp + "%(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     # hpack logs every decoded header at DEBUG, the authorization header (the API key) included.

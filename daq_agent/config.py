@@ -230,6 +230,28 @@ class LocalTarget:
     port: int = 0
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def _expand_variables(text: str, env: Mapping[str, str]) -> str:
+    """``$NAME`` and ``${NAME}`` replaced from ``env``.
+
+    Raises:
+        ConfigError: a variable is not set (under systemd, ``CREDENTIALS_DIRECTORY`` is set only
+            with ``LoadCredential=``).
+    """
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in env:
+            raise ConfigError(
+                f"{name} is not set (used in {text!r})", key="target.sift.api_key_file"
+            )
+        return env[name]
+
+    return _VARIABLE.sub(value, text)
+
+
 @dataclass(frozen=True, slots=True)
 class SiftTarget:
     """A Sift API endpoint; the key comes from an environment variable or a file.
@@ -262,17 +284,16 @@ class SiftTarget:
                 )
             return value
         assert self.api_key_file is not None  # parse_config guarantees one of the two
+        path = _expand_variables(str(self.api_key_file), os.environ if env is None else env)
         try:
-            value = self.api_key_file.read_text(encoding="utf-8").strip()
+            value = Path(path).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(
-                f"cannot read API key file {self.api_key_file}: {exc.strerror}",
+                f"cannot read API key file {path}: {exc.strerror}",
                 key="target.sift.api_key_file",
             ) from exc
         if not value:
-            raise ConfigError(
-                f"API key file {self.api_key_file} is empty", key="target.sift.api_key_file"
-            )
+            raise ConfigError(f"API key file {path} is empty", key="target.sift.api_key_file")
         return value
 
 
@@ -769,7 +790,14 @@ class _Parser:
         return SiftTarget(
             uri=uri,
             api_key_env=key_env,
-            api_key_file=self.path(key_file) if key_file is not None else None,
+            # ``${CREDENTIALS_DIRECTORY}/key`` (systemd's LoadCredential=) is expanded when read
+            api_key_file=(
+                None
+                if key_file is None
+                else Path(key_file)
+                if "$" in key_file
+                else self.path(key_file)
+            ),
             use_ssl=self.boolean(sift, "use_ssl", where, True),
         )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from daq_agent.agent import plan_agent
-from daq_agent.config import LocalTarget, load_config
+from daq_agent.config import LocalTarget, SiftTarget, load_config
 
 __all__ = ["add_subparser"]
 
@@ -35,6 +35,8 @@ def _do_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     plan = plan_agent(config)
     target = config.target
+    if isinstance(target, SiftTarget):
+        target.api_key()  # ConfigError (exit 2) now, as run would: an unset or unreadable key
     target_text = (
         f"local server, store {target.db_path}"
         if isinstance(target, LocalTarget)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import random
 import re
@@ -78,6 +79,42 @@ def test_config_error_exits_2_naming_file_line_and_key(tmp_path: Path) -> None:
         assert result.returncode == 2
         assert f"{path}:5: ring.policy: must be one of drop_oldest, block" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_check_refuses_what_run_would_refuse_an_unset_key_variable(tmp_path: Path) -> None:
+    """``check`` reads the API key as ``run`` does: an unset variable exits 2, naming it."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        "asset: a\ntarget:\n  sift: {uri: 'api.example:443', api_key_env: NO_SUCH_DAQ_KEY}\n"
+        f"buses:\n  - {{name: can0, interface: virtual, channel: c, databases: [{BENCH_DBC}]}}\n"
+    )
+    result = daq_agent("check", str(config))
+    assert result.returncode == 2
+    assert "NO_SUCH_DAQ_KEY is not set" in result.stderr
+
+
+def test_log_lines_under_systemd_carry_no_timestamp(tmp_path: Path) -> None:
+    """With JOURNAL_STREAM set (systemd's journal), log lines start with the level: the journal
+    stamps them; without it, they start with the time."""
+    dbc = tmp_path / "broken.dbc"
+    dbc.write_text('VERSION ""\nBO_ 256 M: 8 X\n SG_ s : 0|8@1+ (1,0) [0|1] "" X\nBO_ 256 N: 8 X\n')
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    args = [sys.executable, "-m", "daq_agent.cli", "flows", "--dbc", str(dbc)]
+    plain = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60, check=False)
+    journal = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env={**env, "JOURNAL_STREAM": "8:1234"},
+        timeout=60,
+        check=False,
+    )
+    plain_lines = [line for line in plain.stderr.splitlines() if "WARNING" in line]
+    journal_lines = [line for line in journal.stderr.splitlines() if "WARNING" in line]
+    assert plain_lines, plain.stderr
+    assert journal_lines, journal.stderr
+    assert all(line[:4].isdigit() for line in plain_lines)  # 2026-…
+    assert all(line.startswith("WARNING") for line in journal_lines)
 
 
 def test_broken_database_is_one_line_with_file_and_line(tmp_path: Path) -> None:

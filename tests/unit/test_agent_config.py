@@ -121,6 +121,22 @@ def test_sift_target_reads_key_from_env_and_file(tree: Path) -> None:
     assert target.use_ssl is False
 
 
+def test_key_file_under_systemd_credentials(tree: Path) -> None:
+    """``api_key_file: ${CREDENTIALS_DIRECTORY}/sift-api-key`` (systemd's LoadCredential=) is
+    expanded when the key is read; an unset variable is named, the key never shown."""
+    creds = tree / "creds"
+    creds.mkdir()
+    (creds / "sift-api-key").write_text("cr3d\n")
+    text = MINIMAL + (
+        "target:\n  sift: {uri: 'x:443', api_key_file: '${CREDENTIALS_DIRECTORY}/sift-api-key'}\n"
+    )
+    target = load_config(write(tree, text), env={}).target
+    assert isinstance(target, SiftTarget)
+    assert target.api_key({"CREDENTIALS_DIRECTORY": str(creds)}) == "cr3d"
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
+        target.api_key({})
+
+
 def test_replay_borrows_databases_from_named_bus(tree: Path) -> None:
     """A replay source naming a configured bus uses that bus's databases."""
     (tree / "cfg" / "drive.asc").write_text("")
