@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import errno
 import importlib
 import logging
 import random
@@ -333,6 +334,8 @@ class ReaderABC(abc.ABC):
         self.poll_interval = poll_interval
         self.counters = ReaderCounters(self.COUNTERS, self.KEYED_COUNTERS, key_limit=key_limit)
         self._stop = threading.Event()
+        self._failing = ""  # the failure being repeated (logged once), "" while working
+        self._failing_count = 0
         self._state = ReaderState.NEW
         self._state_cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -541,8 +544,17 @@ class ReaderABC(abc.ABC):
         counters.add("failures")
         counters.last_error = f"{during}: {type(exc).__name__}: {exc}"
         counters.last_error_time_ns = time.time_ns()
-        # log text, not the exception: a record holding it would keep the traceback's frames alive
-        log.warning("reader %s: %s failed: %s", self.name, during, str(exc))
+        # log text, not the exception: a record holding it would keep the traceback's frames alive;
+        # the same failure again is logged at DEBUG only (once per change of state)
+        text = f"{during} failed: {exc}"
+        if text == self._failing:
+            self._failing_count += 1
+            log.debug("reader %s: %s (%d times)", self.name, text, self._failing_count)
+        else:
+            self._failing = text
+            self._failing_count = 1
+            hint = explain_open_error(exc) if during == "open" else ""
+            log.warning("reader %s: %s%s", self.name, text, f" ({hint})" if hint else "")
         if self._on_error is not None:
             try:
                 self._on_error(self, exc)
@@ -568,6 +580,11 @@ class ReaderABC(abc.ABC):
                 if self.counters.get("opens"):
                     self.counters.add("reopens")
                 self.counters.add("opens")
+                if self._failing:
+                    log.warning(
+                        "reader %s: open again after %d failures", self.name, self._failing_count
+                    )
+                    self._failing = ""
                 self._set_state(ReaderState.RUNNING)
                 done: ReaderState | None = None
                 failed = False
@@ -609,6 +626,25 @@ class ReaderABC(abc.ABC):
             return
         self._set_state(ReaderState.BACKOFF)
         self._stop.wait(self.backoff.failure())
+
+
+def explain_open_error(exc: BaseException) -> str:
+    """The likely cause of a source that does not open, in words a person can act on ("" when
+    there is nothing to add to the error itself)."""
+    errno_ = getattr(exc, "errno", None) or getattr(exc.__cause__, "errno", None)
+    text = str(exc)
+    if errno_ == errno.EAFNOSUPPORT or "Address family not supported" in text:
+        return (
+            "this kernel has no SocketCAN: load its modules (modprobe can_raw) or pick the "
+            "adapter's own python-can interface (pcan, kvaser, gs_usb, slcan…)"
+        )
+    if errno_ == errno.ENODEV or "No such device" in text:
+        return "no such interface: check `ip link` (a CAN interface must be up, e.g. can0)"
+    if errno_ in (errno.EACCES, errno.EPERM) or isinstance(exc, PermissionError):
+        return "permission denied: a serial port needs the dialout group (usermod -aG dialout)"
+    if errno_ == errno.ENOENT or isinstance(exc, FileNotFoundError):
+        return "no such device or file: is the adapter plugged in? (ls /dev/serial/by-id)"
+    return ""
 
 
 def describe(reader: ReaderABC) -> Mapping[str, Any]:

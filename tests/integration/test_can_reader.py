@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 import time
@@ -247,8 +248,12 @@ def test_bus_shut_down_under_the_reader_is_reopened(db: Any, channel: str, sende
     assert "closed bus" in reader.counters.last_error
 
 
-def test_interface_that_fails_to_open_is_retried_with_backoff(db: Any) -> None:
-    """An interface that cannot be opened is retried (failures counted) until the reader stops."""
+def test_interface_that_fails_to_open_is_retried_with_backoff(
+    db: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An interface that cannot be opened is retried (failures counted) until the reader stops;
+    the repeated failure is logged once, with its likely cause, not once per attempt."""
+    caplog.set_level(logging.DEBUG, logger="daq_agent.readers")
     ring: RingBuffer[Sample] = RingBuffer(10)
     # No SocketCAN on this machine (or no such device): opening raises OSError every time.
     reader = CanReader(
@@ -264,6 +269,11 @@ def test_interface_that_fails_to_open_is_retried_with_backoff(db: Any) -> None:
     assert reader.wait_state(ReaderState.STOPPED, timeout=0)
     assert reader.counters.get("opens") == 0
     assert reader.counters.last_error.startswith("open: ")
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    if "Address family not supported" in warned[0]:  # no SocketCAN here: say so, and what to do
+        assert "SocketCAN" in warned[0]
+        assert "modprobe" in warned[0]
 
 
 def test_unknown_interface_fails_without_retry(db: Any) -> None:
@@ -494,3 +504,20 @@ def test_a_socket_bus_gets_a_larger_receive_buffer() -> None:
         assert enlarge_receive_buffer(bus) == size  # never shrunk, idempotent
     with can.Bus(interface="virtual", channel=f"rcvbuf-{uuid.uuid4().hex}") as virtual:
         assert enlarge_receive_buffer(virtual) is None
+
+
+@pytest.mark.parametrize(
+    ("exc", "words"),
+    [
+        (OSError(97, "Address family not supported by protocol"), "SocketCAN"),
+        (OSError(19, "No such device"), "ip link"),
+        (PermissionError(13, "Permission denied: '/dev/ttyUSB0'"), "dialout"),
+        (FileNotFoundError(2, "No such file or directory: '/dev/ttyUSB7'"), "plugged in"),
+        (OSError(110, "Connection timed out"), ""),
+    ],
+)
+def test_open_failures_name_their_likely_cause(exc: OSError, words: str) -> None:
+    from daq_agent.readers.base import explain_open_error
+
+    hint = explain_open_error(exc)
+    assert (words in hint) if words else hint == ""
