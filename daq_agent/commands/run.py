@@ -13,13 +13,14 @@ The API is not needed to start: sources open at once and everything read is spoo
 API accepts it (a server that is down, a network that is not up yet, a key that is refused are
 retried in the background, and logged once per change of state).
 
-Exit codes: 0 when everything read was delivered or is safe in the spool; 1 when anything was
-lost (the ring dropped samples of a live source, samples were abandoned because the API never
-acknowledged them and there is no spool, the spool quota dropped some, records were corrupt, or
-the API refused samples for good: they are in the dead-letter file), or when the spool failed (a
-write or fsync error: the service manager restarts the agent, which recovers what was synced)
-or is owned by another agent; 2 for an invalid config (also a source that can never open as
-configured, e.g. an unknown python-can interface).
+Exit codes: 0 when everything read was delivered or is safe in the spool; 1 when a source never
+opened during the run (named, with its error), when anything was lost (the ring dropped samples of
+a live source, samples were abandoned because the API never acknowledged them and there is no
+spool, the spool quota dropped some, records were corrupt, or the API refused samples for good:
+they are in the dead-letter file), or when the spool failed (a write or fsync error: the service
+manager restarts the agent, which recovers what was synced) or is owned by another agent; 2 for an
+invalid config (also a source that can never open as configured, e.g. an unknown python-can
+interface).
 """
 
 from __future__ import annotations
@@ -204,4 +205,11 @@ def _do_run(args: argparse.Namespace) -> int:
     lost = final.lost
     if lost:
         print(f"daq-agent run: samples were lost: {lost}", file=sys.stderr)
-    return EXIT_OK if not lost and final.balanced else EXIT_INCOMPLETE
+    never = [s for s in final.sources if not s.counters.get("opens")]
+    for source in never:
+        print(
+            f"daq-agent run: {source.kind} {source.name} never opened during the run: "
+            f"{source.last_error or source.state}",
+            file=sys.stderr,
+        )
+    return EXIT_OK if not lost and not never and final.balanced else EXIT_INCOMPLETE

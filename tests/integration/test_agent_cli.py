@@ -93,6 +93,20 @@ def test_check_refuses_what_run_would_refuse_an_unset_key_variable(tmp_path: Pat
     assert "NO_SUCH_DAQ_KEY is not set" in result.stderr
 
 
+def test_a_source_that_never_opened_makes_the_run_exit_1(tmp_path: Path) -> None:
+    """A bus that never opens (no SocketCAN here, or no such interface) is retried during the
+    run, and the run then exits 1 naming it: a bench that acquired nothing is not a success."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"asset: a\nstate_dir: {tmp_path / 'state'}\n"
+        "buses:\n  - {name: can7, interface: socketcan, channel: daqabsent7, "
+        f"databases: [{BENCH_DBC}]}}\n"
+    )
+    result = daq_agent("run", "--no-live", "--duration", "2", str(config))
+    assert result.returncode == 1, result.stderr
+    assert "can can7 never opened during the run" in result.stderr
+
+
 def test_log_lines_under_systemd_carry_no_timestamp(tmp_path: Path) -> None:
     """With JOURNAL_STREAM set (systemd's journal), log lines start with the level: the journal
     stamps them; without it, they start with the time."""
