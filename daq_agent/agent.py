@@ -558,6 +558,31 @@ class Agent:
                 log.error("closing the spool failed: %s", exc)
         return final
 
+    def health(self) -> str | None:
+        """None while the agent is healthy, else why not: every reader thread is alive (running,
+        opening or backing off; a finished log is fine), the flusher is alive, the spool works.
+        What the systemd watchdog and ``/healthz`` follow."""
+        for reader in self.readers:
+            state = reader.state
+            if state is ReaderState.FAILED:
+                return f"source {reader.name} failed: {reader.counters.last_error}"
+            if state not in (ReaderState.ENDED, ReaderState.STOPPED) and not reader.is_alive():
+                return f"source {reader.name}: its thread ended ({state.value})"
+        if self.flusher is not None and self._started and not self.flusher.is_alive():
+            return f"the flusher stopped: {self.flusher.error}"
+        if self.spool_error is not None:
+            return f"the spool failed: {self.spool_error}"
+        return None
+
+    def ready(self) -> bool:
+        """True once every source is open (or a log has been played) and the sender runs."""
+        done = (ReaderState.RUNNING, ReaderState.ENDED)
+        return (
+            self.flusher is not None
+            and self.flusher.is_alive()
+            and all(r.state in done for r in self.readers)
+        )
+
     @property
     def spool_error(self) -> SpoolError | None:
         """The spool failure that stopped the flusher (the agent must exit non-zero), if any."""

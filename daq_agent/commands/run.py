@@ -42,6 +42,7 @@ from daq_agent.config import load_config
 from daq_agent.core.errors import SpoolError
 from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
+from daq_agent.systemd import Notifier, Watchdog
 
 __all__ = ["add_subparser", "drive_agent", "stop_signals"]
 
@@ -186,13 +187,29 @@ def _do_run(args: argparse.Namespace) -> int:
             f", run {agent.run_name or '(none)'} -> {agent.target_uri}",
             flush=True,
         )
-        final = drive_agent(
-            agent,
-            duration=args.duration,
-            out=sys.stdout,
-            live=live,
-            log_interval=args.log_interval,
-        )
+        # under systemd (Type=notify): ready once the sources are open or retrying and the
+        # sender runs; the watchdog is fed only while the agent is healthy; stopping at the drain
+        notifier = Notifier()
+        notifier.ready()
+        watchdog = Watchdog(notifier, agent.health, lambda: agent.status().line())
+        watchdog.start()
+
+        def before_stop() -> None:
+            watchdog.stop()
+            notifier.stopping()
+
+        try:
+            final = drive_agent(
+                agent,
+                duration=args.duration,
+                out=sys.stdout,
+                live=live,
+                log_interval=args.log_interval,
+                before_stop=before_stop,
+            )
+        finally:
+            watchdog.stop()
+            notifier.close()
     for line in final.summary():
         print(line, flush=True)
     spool_error = agent.spool_error

@@ -279,3 +279,38 @@ def test_unit_exposure_is_at_most_3(tmp_path: Path) -> None:
     ):
         assert needed in text, needed
     assert f"unit {match.group(1)} OK" in text, "the figure in the unit's comment is stale"
+
+
+def test_daq_agent_run_notifies_systemd(notify_socket: NotifySocket, tmp_path: Path) -> None:
+    """``daq-agent run`` under a stand-in systemd: READY=1 once its source is open, STATUS= with
+    the counters, WATCHDOG=1 while healthy, STOPPING=1 at SIGTERM, then exit 0."""
+    import signal
+    import sys
+
+    dbc = Path(__file__).resolve().parents[2] / "dbc" / "bench.dbc"
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"asset: sd\nstate_dir: {tmp_path / 'state'}\nbuses:\n"
+        f"  - {{name: can0, interface: virtual, channel: sd-{os.getpid()}, databases: [{dbc}]}}\n"
+    )
+    env = {**os.environ, **notify_socket.env(WATCHDOG_USEC="400000")}
+    env.pop("JOURNAL_STREAM", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daq_agent.cli", "-q", "run", "--no-live", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert notify_socket.wait_for(lambda m: "READY=1" in m.splitlines(), 30) is not None
+        assert notify_socket.wait_for(lambda m: m.startswith("STATUS="), 10) is not None
+        assert notify_socket.wait_for(is_pet, 5) is not None
+        process.send_signal(signal.SIGTERM)
+        assert notify_socket.wait_for(lambda m: "STOPPING=1" in m.splitlines(), 30) is not None
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
