@@ -569,19 +569,24 @@ class Agent:
             if state not in (ReaderState.ENDED, ReaderState.STOPPED) and not reader.is_alive():
                 return f"source {reader.name}: its thread ended ({state.value})"
         if self.flusher is not None and self._started and not self.flusher.is_alive():
-            return f"the flusher stopped: {self.flusher.error}"
+            return f"the sender (flusher) is not running: {self.flusher.error or 'stopped'}"
         if self.spool_error is not None:
             return f"the spool failed: {self.spool_error}"
         return None
 
-    def ready(self) -> bool:
-        """True once every source is open (or a log has been played) and the sender runs."""
-        done = (ReaderState.RUNNING, ReaderState.ENDED)
-        return (
-            self.flusher is not None
-            and self.flusher.is_alive()
-            and all(r.state in done for r in self.readers)
-        )
+    def readiness(self) -> str | None:
+        """None once every source is open (or a log has been played) and the sender runs, else
+        why not (what ``/readyz`` follows)."""
+        problems = [
+            f"source {r.name} is {r.state.value}"
+            for r in self.readers
+            if r.state not in (ReaderState.RUNNING, ReaderState.ENDED)
+        ]
+        if not self.readers:
+            problems.append("no source started")
+        if self.flusher is None or not self.flusher.is_alive():
+            problems.append("the sender (flusher) is not running")
+        return "; ".join(problems) or None
 
     @property
     def spool_error(self) -> SpoolError | None:

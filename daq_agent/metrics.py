@@ -11,7 +11,7 @@ as a histogram: a histogram needs every sample's latency observed in the flusher
 :func:`write_summary_json` writes the final snapshot for ``run --summary-json FILE``.
 
 ``alive`` and ``ready`` are callables returning True, or False / a non-empty string saying what
-is wrong; :func:`liveness` and :func:`readiness` build them from an agent.
+is wrong; the agent's ``health()`` and ``readiness()`` give them.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import re
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -46,8 +46,6 @@ __all__ = [
     "AgentStatusCollector",
     "Check",
     "MetricsServer",
-    "liveness",
-    "readiness",
     "write_summary_json",
 ]
 
@@ -258,69 +256,6 @@ def _stream_families(st: AgentStatus) -> Iterator[Metric]:
 
 def _sanitize(key: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", key)
-
-
-class _HealthProbe(Protocol):
-    """What :func:`liveness` and :func:`readiness` need of an agent."""
-
-    @property
-    def readers(self) -> Sequence[_Reader]: ...
-
-    @property
-    def flusher(self) -> _Flusher | None: ...
-
-
-class _Reader(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def state(self) -> ReaderState: ...
-
-
-class _Flusher(Protocol):
-    def is_alive(self) -> bool: ...
-
-
-_ALIVE_STATES = frozenset(
-    {ReaderState.OPENING, ReaderState.RUNNING, ReaderState.BACKOFF, ReaderState.ENDED}
-)
-
-
-def liveness(agent: _HealthProbe) -> Check:
-    """Alive: every reader opening, running, backing off (or a recorded log that ended), and the
-    flusher alive."""
-
-    def check() -> bool | str:
-        problems = [
-            f"source {r.name} is {r.state.value}"
-            for r in agent.readers
-            if r.state not in _ALIVE_STATES
-        ]
-        if agent.flusher is None or not agent.flusher.is_alive():
-            problems.append("the sender (flusher) is not running")
-        return "; ".join(problems) or True
-
-    return check
-
-
-def readiness(agent: _HealthProbe) -> Check:
-    """Ready: at least one source, every source open (running, or a recorded log that ended), and
-    the flusher alive."""
-
-    def check() -> bool | str:
-        problems = [
-            f"source {r.name} is {r.state.value}"
-            for r in agent.readers
-            if r.state not in (ReaderState.RUNNING, ReaderState.ENDED)
-        ]
-        if not agent.readers:
-            problems.append("no source started")
-        if agent.flusher is None or not agent.flusher.is_alive():
-            problems.append("the sender (flusher) is not running")
-        return "; ".join(problems) or True
-
-    return check
 
 
 def _verdict(check: Check) -> tuple[bool, str]:

@@ -39,7 +39,8 @@ from typing import Any, TextIO
 
 from daq_agent.agent import Agent
 from daq_agent.config import load_config
-from daq_agent.core.errors import SpoolError
+from daq_agent.core.errors import DaqError, SpoolError
+from daq_agent.metrics import MetricsServer, write_summary_json
 from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
 from daq_agent.systemd import Notifier, Watchdog
@@ -73,6 +74,26 @@ def add_subparser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--no-live", action="store_true", help="no live status line even on a terminal"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on PORT (0: any free port)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="the address of --metrics-port (127.0.0.1)",
+    )
+    parser.add_argument(
+        "--summary-json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the final counters (the summary's numbers) as JSON to FILE",
     )
     parser.set_defaults(func=_do_run)
 
@@ -165,53 +186,79 @@ def _do_run(args: argparse.Namespace) -> int:
         except SpoolError as exc:
             print(f"daq-agent run: cannot use the spool: {exc}", file=sys.stderr)
             return EXIT_INCOMPLETE
-        for reader in agent.readers:  # so that "started" means the buses are listening
-            states = (ReaderState.RUNNING, ReaderState.ENDED, ReaderState.FAILED)
-            if not reader.wait_state(*states, timeout=5.0):
-                log.warning(
-                    "source %s is not open yet: %s", reader.name, reader.counters.last_error
-                )
-        failed = agent.failed_sources()
-        if failed:
-            agent.stop(drain=False)
-            for reader in failed:
-                print(
-                    f"daq-agent run: {reader.kind} {reader.name}: {reader.counters.last_error}",
-                    file=sys.stderr,
-                )
-            return EXIT_CONFIG
-        print(
-            f"daq-agent: asset {config.asset}, {len(agent.readers)} "
-            f"source{'' if len(agent.readers) == 1 else 's'}, "
-            f"{len(agent.plan.flows)} flows"
-            f", run {agent.run_name or '(none)'} -> {agent.target_uri}",
-            flush=True,
-        )
-        # under systemd (Type=notify): ready once the sources are open or retrying and the
-        # sender runs; the watchdog is fed only while the agent is healthy; stopping at the drain
-        notifier = Notifier()
-        notifier.ready()
-        watchdog = Watchdog(notifier, agent.health, lambda: agent.status().line())
-        watchdog.start()
-
-        def before_stop() -> None:
-            watchdog.stop()
-            notifier.stopping()
-
-        try:
-            final = drive_agent(
-                agent,
-                duration=args.duration,
-                out=sys.stdout,
-                live=live,
-                log_interval=args.log_interval,
-                before_stop=before_stop,
+        metrics = None
+        if args.metrics_port is not None:
+            metrics = MetricsServer(
+                agent.status,
+                ready=lambda: agent.readiness() or True,
+                alive=lambda: agent.health() or True,
+                host=args.metrics_host,
+                port=args.metrics_port,
             )
+            try:
+                metrics.start()
+            except DaqError as exc:
+                agent.stop(drain=False)
+                print(f"daq-agent run: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+        try:
+            code = _acquire(args, agent, live)
         finally:
-            watchdog.stop()
-            notifier.close()
+            if metrics is not None:
+                metrics.stop()
+        return code
+
+
+def _acquire(args: argparse.Namespace, agent: Agent, live: bool) -> int:
+    """Wait for the sources, run until stopped, report; the exit code."""
+    config = agent.config
+    for reader in agent.readers:  # so that "started" means the buses are listening
+        states = (ReaderState.RUNNING, ReaderState.ENDED, ReaderState.FAILED)
+        if not reader.wait_state(*states, timeout=5.0):
+            log.warning("source %s is not open yet: %s", reader.name, reader.counters.last_error)
+    failed = agent.failed_sources()
+    if failed:
+        agent.stop(drain=False)
+        for reader in failed:
+            print(
+                f"daq-agent run: {reader.kind} {reader.name}: {reader.counters.last_error}",
+                file=sys.stderr,
+            )
+        return EXIT_CONFIG
+    print(
+        f"daq-agent: asset {config.asset}, {len(agent.readers)} "
+        f"source{'' if len(agent.readers) == 1 else 's'}, "
+        f"{len(agent.plan.flows)} flows"
+        f", run {agent.run_name or '(none)'} -> {agent.target_uri}",
+        flush=True,
+    )
+    # under systemd (Type=notify): ready once the sources are open or retrying and the
+    # sender runs; the watchdog is fed only while the agent is healthy; stopping at the drain
+    notifier = Notifier()
+    notifier.ready()
+    watchdog = Watchdog(notifier, agent.health, lambda: agent.status().line())
+    watchdog.start()
+
+    def before_stop() -> None:
+        watchdog.stop()
+        notifier.stopping()
+
+    try:
+        final = drive_agent(
+            agent,
+            duration=args.duration,
+            out=sys.stdout,
+            live=live,
+            log_interval=args.log_interval,
+            before_stop=before_stop,
+        )
+    finally:
+        watchdog.stop()
+        notifier.close()
     for line in final.summary():
         print(line, flush=True)
+    if args.summary_json is not None:
+        write_summary_json(args.summary_json, final)  # DaqError names the file
     spool_error = agent.spool_error
     if spool_error is not None:
         print(

@@ -20,7 +20,7 @@ from daq_agent.agent import Agent
 from daq_agent.config import AgentConfig, load_config
 from daq_agent.core.errors import DaqError
 from daq_agent.decode.dbc import load_database
-from daq_agent.metrics import MetricsServer, liveness, readiness, write_summary_json
+from daq_agent.metrics import MetricsServer, write_summary_json
 from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
 from daq_agent.sim.can import CanSimulator
@@ -112,7 +112,11 @@ def agent(tmp_path: Path, channel: str) -> Iterator[Agent]:
 
 @pytest.fixture
 def metrics(agent: Agent) -> Iterator[MetricsServer]:
-    server = MetricsServer(agent.status, ready=readiness(agent), alive=liveness(agent))
+    server = MetricsServer(
+        agent.status,
+        ready=lambda: agent.readiness() or True,
+        alive=lambda: agent.health() or True,
+    )
     server.start()
     try:
         yield server
@@ -189,7 +193,7 @@ def test_metrics_equal_the_status_and_health_follows_the_agent(
     code, reason = get(f"{metrics.url}/healthz")
     assert code == 503
     assert "sender" in reason
-    assert "source can0 is stopped" in reason
+    assert "the sender (flusher) is not running" in reason
     assert get(f"{metrics.url}/readyz")[0] == 503
     last = scrape(metrics)  # still served: the final numbers
     assert last[("daq_flusher_samples_delivered_total", NONE)] == final.flusher.delivered == 1500
@@ -244,3 +248,68 @@ def test_a_taken_port_and_an_unwritable_summary_are_clear_errors(
     missing = tmp_path / "no-such-dir" / "summary.json"
     with pytest.raises(DaqError, match=r"no-such-dir/summary\.json: cannot write the summary"):
         write_summary_json(missing, agent.status())
+
+
+def test_daq_agent_run_serves_metrics_and_writes_the_summary(tmp_path: Path) -> None:
+    """``daq-agent run --metrics-port P --summary-json F``: /metrics and /readyz answer during
+    the run; the summary file holds the final counters."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dbc = Path(__file__).resolve().parents[2] / "dbc" / "bench.dbc"
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"asset: m\nstate_dir: {tmp_path / 'state'}\nbuses:\n"
+        f"  - {{name: can0, interface: virtual, channel: m-{port}, databases: [{dbc}]}}\n"
+    )
+    summary = tmp_path / "summary.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "daq_agent.cli",
+            "-q",
+            "run",
+            "--no-live",
+            str(config),
+            "--metrics-port",
+            str(port),
+            "--summary-json",
+            str(summary),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the metrics endpoint never answered"
+                assert process.poll() is None, process.communicate()
+                time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert 'daq_source_frames_received_total{kind="can",source="can0"}' in text
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    written = json.loads(summary.read_text())
+    assert written["balanced"] is True
+    assert written["sources"][0]["name"] == "can0"
