@@ -14,13 +14,13 @@ API accepts it (a server that is down, a network that is not up yet, a key that 
 retried in the background, and logged once per change of state).
 
 Exit codes: 0 when everything read was delivered or is safe in the spool; 1 when a source never
-opened during the run (named, with its error), when anything was lost (the ring dropped samples of
-a live source, samples were abandoned because the API never acknowledged them and there is no
-spool, the spool quota dropped some, records were corrupt, or the API refused samples for good:
-they are in the dead-letter file), or when the spool failed (a write or fsync error: the service
-manager restarts the agent, which recovers what was synced) or is owned by another agent; 2 for an
-invalid config (also a source that can never open as configured, e.g. an unknown python-can
-interface).
+opened during the run (named, with its error), when the sender died, when anything was lost (the
+ring dropped samples of a live source, samples were abandoned because the API never acknowledged
+them and there is no spool, the spool quota dropped some, records were corrupt, or the API refused
+samples for good: they are in the dead-letter file), or when the spool failed (a write or fsync
+error: the service manager restarts the agent, which recovers what was synced) or is owned by
+another agent; 2 for an invalid config (also a source that can never open as configured, e.g. an
+unknown python-can interface).
 """
 
 from __future__ import annotations
@@ -265,6 +265,10 @@ def _acquire(args: argparse.Namespace, agent: Agent, live: bool) -> int:
             f"daq-agent run: the spool failed, exiting so the agent is restarted: {spool_error}",
             file=sys.stderr,
         )
+        return EXIT_INCOMPLETE
+    sender_error = agent.flusher.error if agent.flusher is not None else None
+    if sender_error is not None:  # what was read is safe in the spool; the service restarts
+        print(f"daq-agent run: the sender died: {sender_error}", file=sys.stderr)
         return EXIT_INCOMPLETE
     lost = final.lost
     if lost:
