@@ -30,6 +30,17 @@ from daq_agent.pipeline.spool import SpoolStats
 __all__ = ["AgentStatus", "FlusherStats", "RingStats", "SourceStats", "format_count"]
 
 
+ERROR_KINDS: tuple[str, ...] = (
+    "decode_errors",  # CAN: a known id whose data does not decode
+    "error_frames",  # CAN: error frames on the bus
+    "remote_frames",  # CAN: remote frames (no data to decode)
+    "checksum_errors",  # serial: a frame whose checksum does not match
+    "framing_errors",  # serial: bytes that do not frame (garbage, a truncated frame)
+    "unknown_frames",  # serial: a frame type the definitions do not know
+)
+"""The reader counters that make up a source's ``errors``, by kind."""
+
+
 @dataclass(frozen=True, slots=True)
 class SourceStats:
     """The counters of one source (a bus, a recorded log, a serial device).
@@ -66,6 +77,18 @@ class SourceStats:
         """Samples decoded but never offered to the ring: a source that waits was stopped (or the
         ring closed) while the ring was full."""
         return int(self.counters.get("unsent", 0))
+
+    @property
+    def errors_by_kind(self) -> dict[str, int]:
+        """The source's errors split by kind (the nonzero ones of :data:`ERROR_KINDS`)."""
+        counters = self.counters
+        return {kind: int(counters[kind]) for kind in ERROR_KINDS if counters.get(kind)}
+
+    @property
+    def error_detail(self) -> str:
+        """`` (checksum_errors 3, framing_errors 2)`` for the summary; "" without errors."""
+        kinds = self.errors_by_kind
+        return f" ({', '.join(f'{k} {n}' for k, n in kinds.items())})" if kinds else ""
 
     @property
     def balanced(self) -> bool:
@@ -284,7 +307,7 @@ class AgentStatus:
         for s in self.sources:
             lines.append(
                 f"  {s.kind} {s.name} [{s.state}]: received {s.received}, decoded {s.decoded}, "
-                f"unknown {s.unknown}, errors {s.errors}, reopens {s.reopens}"
+                f"unknown {s.unknown}, errors {s.errors}{s.error_detail}, reopens {s.reopens}"
                 + (f", unsent {s.unsent} (stopped while waiting for room)" if s.unsent else "")
                 + (f", last error: {s.last_error}" if s.last_error else "")
             )
@@ -355,6 +378,7 @@ class AgentStatus:
                     "decoded": s.decoded,
                     "unknown": s.unknown,
                     "errors": s.errors,
+                    "errors_by_kind": s.errors_by_kind,
                     "reopens": s.reopens,
                     "live": s.live,
                     "unsent": s.unsent,
