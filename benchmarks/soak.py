@@ -1,0 +1,153 @@
+"""Benchmark: the agent over a long run: memory, descriptors and threads stay flat, nothing is lost.
+
+``daq-agent run`` (a ``udp_multicast`` bus of the fault suite's counter database, the spool on) is
+fed ``--rate`` frames/s (10k) by a generator thread of this process, each frame carrying a
+sequence number. Its Sift target is a ``daq-agent serve`` process of this script, restarted
+(SIGTERM, then started again on the same port) every ``--restart-every`` seconds; with
+``--hup-every`` the agent gets a SIGHUP (a reload of an unchanged config) that often. Every
+``--sample-every`` seconds the agent's RSS, open descriptors and threads are read from ``/proc``.
+
+At the end the agent is stopped with SIGTERM (it drains) and the oracle counts, in the store,
+every sequence number sent: missing ones are lost, extra copies duplicated. The RSS growth per
+hour is the slope of a least-squares line through the samples after the warm-up (the first 20%).
+Targets for a 60-minute run: RSS growth ≤ 5 MB/h, flat descriptors and threads, nothing lost.
+
+Usage::
+
+    .venv/bin/python benchmarks/soak.py [--minutes 60] [--rate 10000] [--restart-every 180]
+                                        [--hup-every 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import Server, free_port, machine, rss_mb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "faults"))
+from faultkit import UdpGenerator, agent_config, judge, udp_source
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _slope_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MB), in MB per hour."""
+    if len(points) < 2:
+        return 0.0
+    xs = [t for t, _ in points]
+    ys = [v for _, v in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var == 0:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var * 3600.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--rate", type=float, default=10_000.0, help="frames/s (10000)")
+    parser.add_argument("--restart-every", type=float, default=180.0, help="s between restarts")
+    parser.add_argument("--hup-every", type=float, default=0.0, help="s between SIGHUPs (0: none)")
+    parser.add_argument("--sample-every", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    duration = args.minutes * 60.0
+    with tempfile.TemporaryDirectory(prefix="daq-soak-") as name:
+        tmp = Path(name)
+        key = tmp / "key"
+        key.write_text("soak-key\n")
+        server = Server(tmp / "store.sqlite", port=free_port(), api_key="soak-key").start()
+        bus_port = free_port()
+        config = agent_config(
+            tmp / "agent.yaml",
+            state_dir=tmp / "state",
+            server_port=server.port,
+            key_file=key,
+            source=udp_source(bus_port, group="239.74.163.9"),
+            run_name="soak",
+        )
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "daq_agent.cli", "-q", "run", "--no-live", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3.0)  # the agent opens its bus (a udp group: nothing is sent before)
+        generator = UdpGenerator(bus_port, args.rate, group="239.74.163.9")
+        started = time.monotonic()
+        generator.start()
+        samples: list[tuple[float, float, int, int]] = []
+        restarts = hups = 0
+        next_restart = started + args.restart_every
+        next_hup = started + args.hup_every if args.hup_every > 0 else float("inf")
+        try:
+            while (now := time.monotonic()) - started < duration:
+                if agent.poll() is not None:
+                    raise SystemExit(f"the agent exited early ({agent.returncode})")
+                pid = agent.pid
+                samples.append((now - started, rss_mb(pid), _fds(pid), _threads(pid)))
+                if now >= next_restart:
+                    server.stop()
+                    server.start()  # the same port: the agent's target does not change
+                    restarts += 1
+                    next_restart += args.restart_every
+                if now >= next_hup:
+                    agent.send_signal(signal.SIGHUP)
+                    hups += 1
+                    next_hup += args.hup_every
+                time.sleep(args.sample_every)
+        finally:
+            generator.stop()
+            sent_until = time.time()
+            agent.send_signal(signal.SIGTERM)
+            try:
+                _, stderr = agent.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                _, stderr = agent.communicate()
+        verdict = judge(tmp / "store.sqlite", range(len(generator.sent_at)), run_name="soak")
+        server.stop()
+    warm = [s for s in samples if s[0] >= 0.2 * duration] or samples
+    rss = [s[1] for s in warm]
+    fds = [s[2] for s in warm]
+    threads = [s[3] for s in warm]
+    sent = len(generator.sent_at)
+    print(
+        f"soak {args.minutes:g} min at {args.rate:,.0f} frames/s: {sent:,} frames sent "
+        f"(until {time.strftime('%H:%M:%S', time.localtime(sent_until))}), server restarted "
+        f"{restarts} times, {hups} SIGHUPs; agent exit {agent.returncode}"
+    )
+    print(
+        f"  RSS {min(rss):.1f}-{max(rss):.1f} MB after the warm-up, growth "
+        f"{_slope_per_hour([(s[0], s[1]) for s in warm]):+.1f} MB/h (target <= 5)"
+    )
+    print(f"  open descriptors {min(fds)}-{max(fds)}, threads {min(threads)}-{max(threads)}")
+    print(
+        f"  stored {verdict.stored:,}; lost {len(verdict.missing):,}, duplicated "
+        f"{verdict.duplicates:,}, unexpected {len(verdict.unexpected):,} (target 0 lost)"
+    )
+    if agent.returncode != 0:
+        print("  agent stderr (tail):\n    " + "\n    ".join(stderr.splitlines()[-8:]))
+    print(f"  {machine()}")
+    return 0 if not verdict.missing and agent.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
