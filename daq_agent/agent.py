@@ -596,7 +596,7 @@ class Agent:
             if why:
                 return self._refuse(why)
             result = self._apply(plan)
-        log.info("%s", result.summary())
+        log.log(logging.INFO if result.applied else logging.ERROR, "%s", result.summary())
         return result
 
     def _refuse(self, why: str) -> ReloadResult:

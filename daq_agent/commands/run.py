@@ -287,6 +287,8 @@ def _acquire(
         notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             agent.reload_file(args.config)
+        except DaqError as exc:  # a reload never ends the run: the old config keeps running
+            log.error("reload failed, the old config keeps running: %s", exc)
         finally:
             notifier.ready()
 
