@@ -11,6 +11,10 @@
                            does, everything read is spooled.
       .wait(timeout)       until stop is requested, or every source is finite and has ended and
                            everything read is delivered
+      .reload(config)      (SIGHUP) restart the sources whose settings changed, stop those
+                           removed, start those added; the ring, flusher, spool and sink are not
+                           touched, so nothing read is lost. Anything else changed, or flows the
+                           sink does not know, refuses the whole reload (a restart is needed)
       .stop()              readers → ring closed → flusher drains and checkpoints → run stopped →
                            sink → local server (last) → spool closed (what is left stays on disk)
 
@@ -19,6 +23,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -30,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from daq_agent.config import AgentConfig, LocalTarget, SiftTarget
+from daq_agent.config import AgentConfig, LocalTarget, SiftTarget, load_config
 from daq_agent.core.errors import ConfigError, DaqError, SpoolError
 from daq_agent.core.model import FlowConfig, TelemetryConfig
 from daq_agent.core.sample import Sample
@@ -47,7 +52,14 @@ from daq_agent.readers.base import ReaderABC, ReaderState, Sink
 from daq_agent.server.process import LocalServerProcess
 from daq_agent.sinks.sift import RunDetails, SiftSink
 
-__all__ = ["Agent", "AgentPlan", "SourcePlan", "plan_agent", "run_client_key"]
+__all__ = [
+    "Agent",
+    "AgentPlan",
+    "ReloadResult",
+    "SourcePlan",
+    "plan_agent",
+    "run_client_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +72,10 @@ _ERROR_COUNTERS = (
     "framing_errors",
     "unknown_frames",
 )
+
+
+_RELOAD_OPEN_TIMEOUT_S = 2.0
+"""How long a reload waits for each new reader to open before logging its outcome."""
 
 
 def run_client_key(asset: str, run_name: str) -> str:
@@ -223,6 +239,61 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """What :meth:`Agent.reload` did.
+
+    Attributes:
+        restarted: sources whose settings changed (old reader stopped, a new one started).
+        added: sources started.
+        removed: sources stopped.
+        unchanged: sources left running as they were.
+        refused: why the reload was refused ("" when it was applied); nothing changed then.
+    """
+
+    restarted: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    refused: str = ""
+
+    @property
+    def applied(self) -> bool:
+        """True when the new config is running."""
+        return not self.refused
+
+    def summary(self) -> str:
+        """One line for the log."""
+        if self.refused:
+            return f"reload refused: {self.refused}"
+
+        def names(items: tuple[str, ...]) -> str:
+            return ", ".join(items) or "none"
+
+        return (
+            f"reloaded: restarted {names(self.restarted)}; added {names(self.added)}; "
+            f"removed {names(self.removed)}; unchanged {names(self.unchanged)}"
+        )
+
+
+def _source_key(source: SourcePlan) -> tuple[Any, ...]:
+    """What makes a source's reader: equal keys, same reader (files compared by content)."""
+    digests = []
+    for path in source.databases:
+        try:
+            digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        except OSError:
+            digests.append("")
+    return (
+        source.kind,
+        source.bus,
+        dict(source.options),
+        source.databases,
+        tuple(digests),
+        derive_flows_fingerprint(source.flows),
+    )
+
+
 class Agent:
     """The running agent: spool, local server (its own process), sink, ring, flusher, readers.
 
@@ -284,6 +355,10 @@ class Agent:
         self._started = False
         self._stopped = False
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._source_keys = {source.name: _source_key(source) for source in self.plan.sources}
+        # readers removed by a reload: their counters stay in the status (nothing vanishes)
+        self._removed: dict[str, ReaderABC] = {}
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -482,6 +557,138 @@ class Agent:
             )
         raise ConfigError(f"unknown source kind {source.kind!r}", key=source.name)
 
+    # -- reload ------------------------------------------------------------------------------
+
+    def reload_file(
+        self, path: str | Path, *, env: Mapping[str, str] | None = None
+    ) -> ReloadResult:
+        """Load the config file again and :meth:`reload` it; an invalid file is refused.
+
+        Never raises for a bad config: the error (file, line, key) is logged at ERROR and the
+        running config keeps running.
+        """
+        try:
+            config = load_config(path, env=env)
+        except ConfigError as exc:
+            return self._refuse(f"the new config is invalid, the old one keeps running: {exc}")
+        return self.reload(config)
+
+    def reload(self, config: AgentConfig) -> ReloadResult:
+        """Apply a new config's sources while running; the ring, flusher, spool and sink stay.
+
+        Sources are matched by name: those whose settings changed (kind, options, database
+        files or their content, flows) are restarted (the old reader is stopped: what it put in
+        the ring stays there and is delivered; a new reader starts from the new plan), those
+        removed are stopped, those added are started. Refused (nothing changes, logged) when
+        the new config is invalid (its databases do not load), when anything but the sources
+        changed (target, asset, run, spool, ring, flush, naming, client key: restart to apply),
+        or when it has flows the running ingestion config does not (restart to apply new
+        databases). Never raises for a bad config; the outcome is logged as one line.
+        """
+        with self._reload_lock:
+            if not self._started or self._stopped:
+                return self._refuse("the agent is not running")
+            try:
+                plan = plan_agent(config)
+            except ConfigError as exc:
+                return self._refuse(f"the new config is invalid, the old one keeps running: {exc}")
+            why = self._not_live(plan)
+            if why:
+                return self._refuse(why)
+            result = self._apply(plan)
+        log.log(logging.INFO if result.applied else logging.ERROR, "%s", result.summary())
+        return result
+
+    def _refuse(self, why: str) -> ReloadResult:
+        result = ReloadResult(refused=why)
+        if why.startswith("the new config is invalid"):
+            log.error("%s", result.summary())
+        else:
+            log.warning("%s", result.summary())
+        return result
+
+    def _not_live(self, plan: AgentPlan) -> str:
+        """Why ``plan`` cannot be applied live ("" when it can)."""
+        old, new = self.config, plan.config
+        sources = ("buses", "replay", "serial", "source")
+        changed = [
+            f.name
+            for f in dataclasses.fields(AgentConfig)
+            if f.compare and f.name not in sources and getattr(old, f.name) != getattr(new, f.name)
+        ]
+        if changed:
+            return (
+                f"{', '.join(changed)} changed: cannot be applied live, restart the agent "
+                "(systemctl restart) to apply; the old config keeps running"
+            )
+        known = {flow.name: derive_flows_fingerprint([flow]) for flow in self.plan.flows}
+        new_flows = sorted(
+            flow.name
+            for flow in plan.flows
+            if known.get(flow.name) != derive_flows_fingerprint([flow])
+        )
+        if new_flows:
+            shown = ", ".join(new_flows[:5]) + (" …" if len(new_flows) > 5 else "")
+            return (
+                f"{len(new_flows)} flows are new or changed ({shown}): the ingestion config "
+                "cannot change live, restart the agent to apply new databases; the old config "
+                "keeps running"
+            )
+        return ""
+
+    def _apply(self, plan: AgentPlan) -> ReloadResult:
+        """Swap the readers for ``plan``'s sources (the rest was checked to be unchanged)."""
+        running = {reader.name: reader for reader in self.readers}
+        keys = {source.name: _source_key(source) for source in plan.sources}
+        wanted = {source.name for source in plan.sources}
+        fresh: dict[str, ReaderABC] = {}
+        for source in plan.sources:
+            if source.name in running and keys[source.name] == self._source_keys[source.name]:
+                continue
+            try:  # every new reader is built before any is stopped: a failure changes nothing
+                fresh[source.name] = self._make_reader(source)
+            except DaqError as exc:
+                return ReloadResult(refused=f"source {source.name}: {exc}")
+        removed = tuple(name for name in running if name not in wanted)
+        for name in removed:
+            running[name].stop()
+            self._removed[name] = running[name]
+        restarted, added = [], []
+        for name, reader in fresh.items():
+            old = running.get(name) or self._removed.pop(name, None)
+            if name in running:
+                running[name].stop()  # what it already put in the ring stays there
+                restarted.append(name)
+            else:
+                added.append(name)
+            if old is not None:
+                _carry_counters(old, reader)
+        readers = [fresh.get(s.name) or running[s.name] for s in plan.sources]
+        # the sink keeps the ingestion config it registered (the new flows are a subset)
+        self.plan = dataclasses.replace(
+            plan,
+            flows=self.plan.flows,
+            client_key=self.plan.client_key,
+            fingerprint=self.plan.fingerprint,
+        )
+        self.config = plan.config
+        self._source_keys = keys
+        self.readers = readers  # one assignment: status() sees the old list or the new one
+        for reader in fresh.values():
+            reader.start()
+        for reader in fresh.values():  # so that "reloaded" means the new sources listen
+            opened = (ReaderState.RUNNING, ReaderState.ENDED, ReaderState.FAILED)
+            if not reader.wait_state(*opened, timeout=_RELOAD_OPEN_TIMEOUT_S):
+                log.warning(
+                    "source %s is not open yet: %s", reader.name, reader.counters.last_error
+                )
+        return ReloadResult(
+            restarted=tuple(restarted),
+            added=tuple(added),
+            removed=removed,
+            unchanged=tuple(s.name for s in plan.sources if s.name not in fresh),
+        )
+
     def request_stop(self, *, abandon: bool = False) -> None:
         """Ask :meth:`wait` to return; with ``abandon``, also cut a drain short.
 
@@ -539,7 +746,9 @@ class Agent:
                 return self.status()
             self._stopped = True
         self._stop_requested.set()
-        for reader in self.readers:
+        with self._reload_lock:  # a reload in progress ends first; none starts after this
+            readers = list(self.readers)
+        for reader in readers:
             reader.stop()
         self.ring.close()
         if self.flusher is not None:
@@ -589,6 +798,11 @@ class Agent:
         return "; ".join(problems) or None
 
     @property
+    def removed_sources(self) -> list[ReaderABC]:
+        """The (stopped) readers of sources a reload removed; they stay in the status."""
+        return list(self._removed.values())
+
+    @property
     def spool_error(self) -> SpoolError | None:
         """The spool failure that stopped the flusher (the agent must exit non-zero), if any."""
         error = self.flusher.error if self.flusher is not None else None
@@ -615,7 +829,7 @@ class Agent:
     def status(self) -> AgentStatus:
         """A snapshot of every counter."""
         sources = []
-        for reader in self.readers:
+        for reader in [*self.readers, *self._removed.values()]:
             c = reader.counters
             sources.append(
                 SourceStats(
@@ -652,3 +866,17 @@ class Agent:
             spool=self.spool.stats() if self.spool is not None else None,
             stream=self.sink.metrics() if self.sink is not None else {},
         )
+
+
+def _carry_counters(old: ReaderABC, new: ReaderABC) -> None:
+    """Start ``new``'s counters where ``old``'s are (before ``new`` starts), so a source's
+    counters stay monotonic across a reload and the status stays balanced."""
+    for name, value in old.counters.snapshot().items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            new.counters.add(name, value)
+        elif isinstance(value, dict):
+            for key, n in value.items():
+                try:
+                    new.counters.add_key(name, key, n)
+                except KeyError:
+                    pass  # a map the new reader does not keep

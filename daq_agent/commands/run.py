@@ -6,6 +6,12 @@ SIGINT and SIGTERM stop the readers and drain what was read before exiting; a se
 abandons the drain. When every source is a recorded log, the run ends by itself once they have
 ended and everything is delivered. A summary is printed at the end.
 
+SIGHUP (``systemctl reload``) reads the config file again and applies its source changes live
+(:meth:`~daq_agent.agent.Agent.reload`): changed sources are restarted, removed ones stopped,
+added ones started, nothing buffered is lost. An invalid file, or a change of anything but the
+sources (target, asset, run, spool, ring, new flows), is refused with a log line and the running
+config keeps running. Under systemd, RELOADING=1 is sent before and READY=1 after.
+
 With the spool (the default), what could not be delivered before the exit stays on disk and is
 replayed first at the next start; the summary says how much is left in it.
 
@@ -45,7 +51,7 @@ from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
 from daq_agent.systemd import Notifier, Watchdog
 
-__all__ = ["add_subparser", "drive_agent", "stop_signals"]
+__all__ = ["ReloadFlag", "add_subparser", "drive_agent", "stop_signals"]
 
 log = logging.getLogger("daq_agent.run")
 
@@ -98,9 +104,24 @@ def add_subparser(subparsers: Any) -> None:
     parser.set_defaults(func=_do_run)
 
 
+class ReloadFlag:
+    """Set by the SIGHUP handler (a plain attribute: signal-safe), taken by the run loop."""
+
+    __slots__ = ("requested",)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def take(self) -> bool:
+        """True (once) if a reload was requested since the last call."""
+        requested, self.requested = self.requested, False
+        return requested
+
+
 @contextlib.contextmanager
-def stop_signals(agent: Agent) -> Iterator[None]:
-    """While active, SIGINT/SIGTERM request a drained stop; a second one abandons the drain."""
+def stop_signals(agent: Agent, reload: ReloadFlag | None = None) -> Iterator[None]:
+    """While active, SIGINT/SIGTERM request a drained stop; a second one abandons the drain.
+    With ``reload``, SIGHUP sets it (the run loop reloads on the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -112,7 +133,17 @@ def stop_signals(agent: Agent) -> Iterator[None]:
         # only events are set here: the main thread may hold any lock when a signal arrives
         agent.request_stop(abandon=count > 1)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def hangup(signum: int, _frame: FrameType | None) -> None:
+        assert reload is not None
+        reload.requested = True  # only a flag: the reload itself runs in the run loop
+
+    handlers: dict[signal.Signals, Callable[[int, FrameType | None], None]] = {
+        signal.SIGINT: handler,
+        signal.SIGTERM: handler,
+    }
+    if reload is not None:
+        handlers[signal.SIGHUP] = hangup
+    previous = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
     try:
         yield
     finally:
@@ -129,11 +160,14 @@ def drive_agent(
     log_interval: float = 10.0,
     refresh: float = 0.5,
     before_stop: Callable[[], None] | None = None,
+    reload_flag: ReloadFlag | None = None,
+    reload: Callable[[], object] | None = None,
 ) -> AgentStatus:
     """Wait until the agent should stop (duration, signal, finite sources ended), showing status.
 
     The agent must be started; ``before_stop`` (if given) runs once the wait is over, then the
-    agent is stopped (drained) before returning.
+    agent is stopped (drained) before returning. When ``reload_flag`` is set (SIGHUP),
+    ``reload`` runs here, on this thread, within a wait step (at most a second later).
 
     Returns:
         The final status.
@@ -151,6 +185,8 @@ def drive_agent(
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            if reload is not None and reload_flag is not None and reload_flag.take():
+                reload()
             status = agent.status()
             if live:
                 text = status.line(previous)
@@ -180,7 +216,8 @@ def _do_run(args: argparse.Namespace) -> int:
     for warning in agent.plan.warnings:
         log.warning("%s", warning)
     live = not args.no_live and sys.stdout.isatty()
-    with stop_signals(agent):
+    reload_flag = ReloadFlag()
+    with stop_signals(agent, reload_flag):
         try:
             agent.start()
         except SpoolError as exc:
@@ -202,14 +239,16 @@ def _do_run(args: argparse.Namespace) -> int:
                 print(f"daq-agent run: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
         try:
-            code = _acquire(args, agent, live)
+            code = _acquire(args, agent, live, reload_flag)
         finally:
             if metrics is not None:
                 metrics.stop()
         return code
 
 
-def _acquire(args: argparse.Namespace, agent: Agent, live: bool) -> int:
+def _acquire(
+    args: argparse.Namespace, agent: Agent, live: bool, reload_flag: ReloadFlag | None = None
+) -> int:
     """Wait for the sources, run until stopped, report; the exit code."""
     config = agent.config
     for reader in agent.readers:  # so that "started" means the buses are listening
@@ -243,6 +282,16 @@ def _acquire(args: argparse.Namespace, agent: Agent, live: bool) -> int:
         watchdog.stop()
         notifier.stopping()
 
+    def reload() -> None:
+        log.info("SIGHUP: reloading %s", args.config)
+        notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            agent.reload_file(args.config)
+        except DaqError as exc:  # a reload never ends the run: the old config keeps running
+            log.error("reload failed, the old config keeps running: %s", exc)
+        finally:
+            notifier.ready()
+
     try:
         final = drive_agent(
             agent,
@@ -251,6 +300,8 @@ def _acquire(args: argparse.Namespace, agent: Agent, live: bool) -> int:
             live=live,
             log_interval=args.log_interval,
             before_stop=before_stop,
+            reload_flag=reload_flag,
+            reload=reload,
         )
     finally:
         watchdog.stop()
