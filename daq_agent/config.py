@@ -25,6 +25,7 @@ tuning of the ring buffer and the flusher::
         fd: false
         data_bitrate: null
         receive_own_messages: false
+        optional: false                  # true: may be absent (a run without it still exits 0)
         options: {}                      # any other python-can Bus keyword argument
         databases: [../dbc/bench.dbc]    # dbc, kcd, arxml, sym
         filters: [{id: 0x100, mask: 0x7FF, extended: false}]
@@ -136,6 +137,7 @@ class BusConfig:
         options: any other keyword arguments for ``can.Bus``, passed through.
         databases: database files (absolute), in load order.
         filters: receive filters (empty: everything).
+        optional: a bus that may be absent: a run in which it never opened still exits 0.
     """
 
     name: str
@@ -166,6 +168,8 @@ class BusConfig:
         if self.filters:
             kwargs["can_filters"] = [f.as_python_can() for f in self.filters]
         return kwargs
+
+    optional: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +205,7 @@ class SerialConfig:
         stopbits: 1, 1.5 or 2.
         rtscts: hardware flow control.
         xonxoff: software flow control.
+        optional: a device that may be absent: a run in which it never opened still exits 0.
         defs: the frame-definition file (absolute).
     """
 
@@ -213,6 +218,7 @@ class SerialConfig:
     stopbits: float = 1
     rtscts: bool = False
     xonxoff: bool = False
+    optional: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +451,13 @@ class AgentConfig:
     ingestion_client_key: str | None = None
     spool: SpoolConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def optional_sources(self) -> frozenset[str]:
+        """The names of the buses and serial devices marked ``optional: true``."""
+        return frozenset(
+            [b.name for b in self.buses if b.optional] + [d.name for d in self.serial if d.optional]
+        )
 
     @property
     def spool_config(self) -> SpoolConfig:
@@ -895,6 +908,7 @@ class _Parser:
                 "databases",
                 "dbc",
                 "filters",
+                "optional",
             }
         )
         for i, item in enumerate(self.sequence(top, "buses", "")):
@@ -939,6 +953,7 @@ class _Parser:
                     options=dict(options),
                     databases=self.databases(bus, where, required=True),
                     filters=self.filters(bus, where),
+                    optional=self.boolean(bus, "optional", where, False),
                 )
             )
         return tuple(out)
@@ -982,6 +997,7 @@ class _Parser:
                 "rtscts",
                 "xonxoff",
                 "defs",
+                "optional",
             }
         )
         for i, item in enumerate(self.sequence(top, "serial", "")):
@@ -1004,6 +1020,7 @@ class _Parser:
                     stopbits=stopbits,
                     rtscts=self.boolean(entry, "rtscts", where, False),
                     xonxoff=self.boolean(entry, "xonxoff", where, False),
+                    optional=self.boolean(entry, "optional", where, False),
                 )
             )
         return tuple(out)

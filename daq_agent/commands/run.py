@@ -325,6 +325,10 @@ def _acquire(
     if lost:
         print(f"daq-agent run: samples were lost: {lost}", file=sys.stderr)
     never = [s for s in final.sources if not s.counters.get("opens")]
+    optional = config.optional_sources
+    for source in [s for s in never if s.name in optional]:
+        log.warning("optional %s %s never opened during the run", source.kind, source.name)
+    never = [s for s in never if s.name not in optional]
     for source in never:
         print(
             f"daq-agent run: {source.kind} {source.name} never opened during the run: "

@@ -105,6 +105,19 @@ def test_a_source_that_never_opened_makes_the_run_exit_1(tmp_path: Path) -> None
     result = daq_agent("run", "--no-live", "--duration", "2", str(config))
     assert result.returncode == 1, result.stderr
     assert "can can7 never opened during the run" in result.stderr
+    # marked optional (a bus that may be unplugged): the same run exits 0, with a warning
+    config.write_text(
+        config.read_text().replace("channel: daqabsent7,", "channel: daqabsent7, optional: true,")
+    )
+    optional = subprocess.run(
+        [sys.executable, "-m", "daq_agent.cli", "run", "--no-live", "--duration", "2", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert optional.returncode == 0, optional.stderr
+    assert "optional can can7 never opened during the run" in optional.stderr
 
 
 def test_log_lines_under_systemd_carry_no_timestamp(tmp_path: Path) -> None:
