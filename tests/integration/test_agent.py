@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,22 +58,6 @@ def virtual_config(tmp_path: Path, channel: str, extra: str = "", dbc: Path = BE
         f"    channel: {channel}\n"
         f"    databases: [{dbc}]\n" + extra
     )
-
-
-@pytest.fixture
-def channel() -> str:
-    """A virtual bus channel no other test uses."""
-    return f"agent-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def sender(channel: str) -> Iterator[can.BusABC]:
-    """A virtual bus on ``channel`` that keeps the timestamps of the frames it sends."""
-    bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-    try:
-        yield bus
-    finally:
-        bus.shutdown()
 
 
 def started(agent: Agent) -> Agent:

@@ -6,8 +6,7 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import can
@@ -56,22 +55,6 @@ def make_config(tmp_path: Path, channel: str, extra: str = "") -> AgentConfig:
         "retry_max_s: 0.2, drain_timeout_s: 0.5}\n" + extra
     )
     return load_config(path, env={})
-
-
-@pytest.fixture
-def channel() -> str:
-    """A virtual bus channel no other test uses."""
-    return f"spool-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def sender(channel: str) -> Iterator[can.BusABC]:
-    """A virtual bus on ``channel`` that keeps the timestamps of the frames it sends."""
-    bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-    try:
-        yield bus
-    finally:
-        bus.shutdown()
 
 
 def frames(count: int, first: int = 0) -> list[can.Message]:

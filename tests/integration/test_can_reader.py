@@ -68,25 +68,12 @@ def db() -> Any:
     return cantools.database.load_string(DBC, database_format="dbc")
 
 
-@pytest.fixture
-def channel() -> str:
-    """A virtual channel name no other test uses."""
-    return f"test-{uuid.uuid4().hex[:8]}"
-
-
 @pytest.fixture(autouse=True)
 def _no_leaked_threads() -> Iterator[None]:
     """Fail a test that leaves a reader thread running."""
     yield
     leaked = [t.name for t in threading.enumerate() if t.name.startswith("daq-reader[")]
     assert not leaked, f"leaked reader threads: {leaked}"
-
-
-@pytest.fixture
-def sender(channel: str) -> Iterator[can.BusABC]:
-    """A bus on the test channel that keeps the timestamps it is given."""
-    with can.Bus(channel, interface="virtual", preserve_timestamps=True) as bus:
-        yield bus
 
 
 def make_reader(channel: str, db: Any, ring: RingBuffer[Sample], **kwargs: Any) -> CanReader:

@@ -8,7 +8,6 @@ import socket
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -82,20 +81,6 @@ def src(**labels: str) -> frozenset[tuple[str, str]]:
 
 
 NONE: frozenset[tuple[str, str]] = frozenset()
-
-
-@pytest.fixture
-def channel() -> str:
-    return f"metrics-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def sender(channel: str) -> Iterator[can.BusABC]:
-    bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-    try:
-        yield bus
-    finally:
-        bus.shutdown()
 
 
 @pytest.fixture
