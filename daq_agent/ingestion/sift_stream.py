@@ -280,7 +280,6 @@ class Window:
         loop: the loop the bindings run on.
         settings: where and how.
         api_key: the key (never logged).
-        run: a ``RunFormPy`` to find or create and attach (its id is then :attr:`run_id`).
 
     Raises:
         StreamTimeout: the build took longer than ``settings.timeout_s``.
@@ -292,8 +291,6 @@ class Window:
         loop: StreamLoop,
         settings: StreamSettings,
         api_key: str,
-        *,
-        run: Any = None,
     ) -> None:
         self._loop = loop
         self._timeout = settings.timeout_s
@@ -304,13 +301,10 @@ class Window:
         config = builder.ingestion_config(
             ssb.IngestionConfigFormPy(settings.asset, settings.client_key, [])
         )
-        if run is not None:
-            config.run = run
         mode = config.live_only()
         mode.metrics_streaming_interval = None
         mode.ingestion_data_channel_capacity = settings.capacity
         self._stream: Any = loop.call(mode.build, self._timeout)
-        self.run_id: str = self._stream.run() or ""
         self.sent = 0
 
     def attach_run(self, run: Any) -> str:
@@ -330,10 +324,6 @@ class Window:
         stream = self._live()
         self._loop.call(lambda: stream.send_requests(requests), self._timeout)
         self.sent += len(requests)
-
-    def metrics(self) -> Any:
-        """The stream's metrics snapshot (``SiftStreamMetricsSnapshotPy``)."""
-        return self._live().get_metrics_snapshot()
 
     def finish(self, timeout: float | None = None) -> Any:
         """Half-close the stream and wait for the server's status; the metrics before it.
