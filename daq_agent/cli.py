@@ -27,6 +27,12 @@ COMMANDS = (
     "decode",
     "export",
     "errors",
+    "runs",
+    "channels",
+    "plot",
+    "monitor",
+    "replay",
+    "service",
 )
 
 log = logging.getLogger("daq_agent")
