@@ -36,12 +36,13 @@ threads or processes see every committed sample while the server keeps writing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -800,6 +801,60 @@ class Store:
                 yield StoredSample(
                     flow_name, timestamp_ns, dict(zip(channel_names, values, strict=False))
                 )
+
+    def sample_stats(self) -> list[tuple[int, int, int, int, int]]:
+        """``(flow pk, run pk or 0, samples, first ns, last ns)`` of every flow and run with
+        samples, in (flow, run) order.
+
+        One pass over the samples table in its key order (no sort, constant memory).
+        """
+        sql = (
+            "SELECT flow, run, count(*), min(timestamp_ns), max(timestamp_ns) FROM samples"
+            " GROUP BY flow, run ORDER BY flow, run"
+        )
+        with self._lock:
+            return [
+                (int(f), int(r), int(n), int(lo), int(hi))
+                for f, r, n, lo, hi in self._conn.execute(sql)
+            ]
+
+    def iter_flow_samples(
+        self,
+        flow_pk: int,
+        run_pk: int,
+        *,
+        start_ns: int | None = None,
+        end_ns: int | None = None,
+        batch: int = 512,
+    ) -> Generator[tuple[int, bytes], None, None]:
+        """``(timestamp ns, serialized request)`` of one flow (by pk) and run (pk, 0 for none) in
+        time order, optionally within ``start_ns <= t <= end_ns``, fetched ``batch`` rows at a
+        time straight from the primary key (no sort, memory bounded by ``batch``).
+
+        Decode the data with :func:`decode_values`.
+        """
+        sql = "SELECT timestamp_ns, data FROM samples WHERE flow = ? AND run = ?"
+        params: list[object] = [flow_pk, run_pk]
+        if start_ns is not None:
+            sql += " AND timestamp_ns >= ?"
+            params.append(start_ns)
+        if end_ns is not None:
+            sql += " AND timestamp_ns <= ?"
+            params.append(end_ns)
+        sql += " ORDER BY timestamp_ns"
+        with self._lock:
+            cursor = self._conn.execute(sql, params)
+        try:
+            while True:
+                with self._lock:
+                    rows = cursor.fetchmany(batch)
+                if not rows:
+                    return
+                for timestamp_ns, data in rows:
+                    yield int(timestamp_ns), bytes(data)
+        finally:
+            with contextlib.suppress(sqlite3.ProgrammingError):  # the store was closed first
+                cursor.close()
 
     def _sample_filters(
         self,

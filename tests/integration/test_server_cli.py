@@ -91,25 +91,39 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 
 def test_export_long(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Long CSV: one row per timestamp and channel with a value, ISO and integer ns timestamps."""
+    """Long CSV: one row per sample and channel with a value, ISO and integer ns timestamps, run,
+    asset and unit columns (and an empty label column: no enum channels here)."""
     code, out, _ = run_cli(capsys, "export", "--db", str(populated), "--run", "r1")
     assert code == 0
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0] == ["timestamp", "timestamp_ns", "flow", "channel", "value"]
+    assert rows[0] == [
+        "timestamp", "timestamp_ns", "run", "asset", "flow", "channel", "value", "unit", "label"
+    ]  # fmt: skip
     stamp = iso_timestamp(BASE_NS)
     assert stamp.endswith(".123456789Z")
     assert rows[1:] == [
-        [stamp, str(BASE_NS), "engine", "rpm", "1500.5"],
-        [stamp, str(BASE_NS), "engine", "temp", "-4"],
-        [stamp, str(BASE_NS), "gear", "gear", "3"],
-        [iso_timestamp(BASE_NS + 1), str(BASE_NS + 1), "engine", "rpm", "nan"],
+        [stamp, str(BASE_NS), "r1", "bench", "engine", "rpm", "1500.5", "", ""],
+        [stamp, str(BASE_NS), "r1", "bench", "engine", "temp", "-4", "", ""],
+        [stamp, str(BASE_NS), "r1", "bench", "gear", "gear", "3", "", ""],
+        [
+            iso_timestamp(BASE_NS + 1),
+            str(BASE_NS + 1),
+            "r1",
+            "bench",
+            "engine",
+            "rpm",
+            "nan",
+            "",
+            "",
+        ],
     ]
 
 
 def test_export_wide_with_channel_filter(
     populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Wide CSV: one row per timestamp and flow, a column per selected channel, empty cells."""
+    """Wide CSV of the one flow the channels select: a row per sample of every run, a column
+    per selected channel, empty cells."""
     output = tmp_path / "out.csv"
     code, _, err = run_cli(
         capsys,
@@ -125,13 +139,13 @@ def test_export_wide_with_channel_filter(
         str(output),
     )
     assert code == 0
-    assert "wrote 3 rows" in err
+    assert f"wrote 3 rows of engine to {output}" in err
     rows = list(csv.reader(io.StringIO(output.read_text(encoding="utf-8"))))
     assert rows == [
-        ["timestamp", "timestamp_ns", "flow", "rpm", "temp"],
-        [iso_timestamp(BASE_NS), str(BASE_NS), "engine", "1500.5", "-4"],
-        [iso_timestamp(BASE_NS + 1), str(BASE_NS + 1), "engine", "nan", ""],
-        [iso_timestamp(BASE_NS + 2), str(BASE_NS + 2), "engine", "7.0", "8"],
+        ["timestamp", "timestamp_ns", "run", "asset", "rpm", "temp"],
+        [iso_timestamp(BASE_NS), str(BASE_NS), "r1", "bench", "1500.5", "-4"],
+        [iso_timestamp(BASE_NS + 1), str(BASE_NS + 1), "r1", "bench", "nan", ""],
+        [iso_timestamp(BASE_NS + 2), str(BASE_NS + 2), "r2", "bench", "7.0", "8"],
     ]
 
 
@@ -147,7 +161,7 @@ def test_export_errors_exit_2(
     assert "no run named 'nope'" in err
     code, _, err = run_cli(capsys, "export", "--db", str(populated), "--channel", "nope")
     assert code == 2
-    assert "no channel named 'nope'" in err
+    assert "no channel matches 'nope'" in err
     code, _, err = run_cli(capsys, "errors", "--db", str(tmp_path / "missing.sqlite"))
     assert code == 2
     assert "no database at" in err
