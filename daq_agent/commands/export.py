@@ -153,6 +153,13 @@ def add_subparser(subparsers: Any) -> None:
         help="add enum label columns (default: on)",
     )
     parser.add_argument(
+        "--row-group-size",
+        type=int,
+        default=ROW_GROUP_SIZE,
+        metavar="N",
+        help="rows per Parquet row group, the most held in memory (default: %(default)s)",
+    )
+    parser.add_argument(
         "--output",
         "-o",
         type=Path,
@@ -177,7 +184,11 @@ def _do_export(args: argparse.Namespace) -> int:
             if args.output is not None:
                 print(f"wrote {rows} rows to {args.output}", file=sys.stderr)
             return 0
-        written = export_tables(browser, args.output, selection, fmt=args.format)
+        if args.row_group_size < 1:
+            raise DaqError("--row-group-size must be at least 1")
+        written = export_tables(
+            browser, args.output, selection, fmt=args.format, row_group_size=args.row_group_size
+        )
     for flow, (path, rows) in written.items():
         if path is not None:
             print(f"wrote {rows} rows of {flow} to {path}", file=sys.stderr)
@@ -280,7 +291,12 @@ def _tables(selection: ExportSelection) -> list[_Table]:
 
 
 def export_tables(
-    browser: StoreBrowser, output: Path | None, selection: ExportSelection, *, fmt: str = "csv"
+    browser: StoreBrowser,
+    output: Path | None,
+    selection: ExportSelection,
+    *,
+    fmt: str = "csv",
+    row_group_size: int = ROW_GROUP_SIZE,
 ) -> dict[str, tuple[Path | None, int]]:
     """Write one wide table per flow name; returns ``{flow: (path or None for stdout, rows)}``.
 
@@ -297,7 +313,7 @@ def export_tables(
     for table, path in zip(tables, paths, strict=True):
         if fmt == "parquet":
             assert path is not None
-            rows = _write_parquet(browser, table, selection, path)
+            rows = _write_parquet(browser, table, selection, path, row_group_size)
         else:
             with _open_text(path) as out:
                 rows = _write_wide_csv(browser, table, selection, out)
@@ -398,7 +414,11 @@ def _arrow_type(channel: ChannelView) -> Any:
 
 
 def _write_parquet(
-    browser: StoreBrowser, table: _Table, selection: ExportSelection, path: Path
+    browser: StoreBrowser,
+    table: _Table,
+    selection: ExportSelection,
+    path: Path,
+    row_group_size: int = ROW_GROUP_SIZE,
 ) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -449,7 +469,7 @@ def _write_parquet(
                         batch[position].append(channel.label(value))
                         position += 1
                 count += 1
-                if len(batch[0]) >= ROW_GROUP_SIZE:
+                if len(batch[0]) >= row_group_size:
                     flush()
             if batch[0] or count == 0:
                 flush()
