@@ -25,7 +25,7 @@ from daq_agent.cli import main
 from daq_agent.commands.plot import build_figure, log_series, save_figure, store_series
 from daq_agent.config import LocalTarget, load_config
 from daq_agent.core.clock import seconds_to_ns
-from daq_agent.server.browse import StoreBrowser, iso_timestamp, parse_time_bound
+from daq_agent.server.browse import StoreBrowser, iso_timestamp
 from daq_agent.server.store import Store
 
 pytestmark = pytest.mark.integration
@@ -443,16 +443,3 @@ def test_plot_from_logs_with_the_projects_decoder(built: Built, tmp_path: Path) 
     code = main(["plot", "--log", str(log), "--dbc", str(DBC), "-c", "Gear", "-o", str(out)])
     assert code == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_time_bound_parsing() -> None:
-    """ISO 8601 with ns and offsets, integer ns, and relative bounds."""
-    assert parse_time_bound("2025-06-15T15:06:40.123456789Z").ns == 1_750_000_000_123_456_789
-    assert parse_time_bound("2025-06-15T17:06:40+02:00").ns == 1_750_000_000_000_000_000
-    assert parse_time_bound("2025-06-15T15:06:40").ns == 1_750_000_000_000_000_000
-    assert parse_time_bound("1750000000000000000").ns == 1_750_000_000_000_000_000
-    relative = parse_time_bound("+1.5")
-    assert relative.relative
-    assert relative.ns == 1_500_000_000
-    assert parse_time_bound("+250ms").ns == 250_000_000
-    assert parse_time_bound("+2m").resolve(10) == 120_000_000_010
