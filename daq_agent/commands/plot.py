@@ -16,10 +16,10 @@ for ``export``. A log is read with the project's candump parser for ``.log``/``.
 ``can.LogReader`` for BLF, ASC, TRC, CSV and the other formats it knows.
 
 Each channel gets its own axis (``--group-by-unit``: numeric channels of the same unit share
-one), all on one time axis in seconds since the first plotted sample. Enum channels are drawn as
-steps with their labels as y tick labels (signed value tables at their signed keys); bool
-channels as steps at false/true. String and bytes channels cannot be plotted and are skipped with
-a note. Rendering uses matplotlib's Agg (PNG) and SVG backends without pyplot: no display, no
+one), all on one time axis since the first plotted sample (seconds; minutes or hours for long
+spans). Enums are drawn as steps with their labels as y tick labels (signed value tables at their
+signed keys); bool channels as steps at false/true. String and bytes channels cannot be
+plotted and are skipped with a note. Rendering uses matplotlib's Agg (PNG) and SVG backends without pyplot: no display, no
 global state. The format follows the output suffix (``.png`` or ``.svg``).
 """
 
@@ -387,8 +387,8 @@ def _groups(series: Sequence[Series], by_unit: bool) -> list[list[Series]]:
 
 
 def build_figure(series: Sequence[Series], title: str, *, group_by_unit: bool = False) -> Figure:
-    """The figure: one axis per channel (or per unit), a shared time axis in seconds since the
-    first point, enums as steps with their labels as y tick labels.
+    """The figure: one axis per channel (or per unit), a shared time axis since the first point
+    (s, min or h by the span), enums as steps with their labels as y tick labels.
 
     Raises:
         DaqError: no series, or none has a point.
@@ -403,12 +403,14 @@ def build_figure(series: Sequence[Series], title: str, *, group_by_unit: bool = 
         names = ", ".join(item.label for item in series)
         raise DaqError(f"no samples of {names} in the selected run and time range")
     origin = min(starts)
+    span_s = (max(item.times_ns[-1] for item in series if item.times_ns) - origin) / 1e9
+    unit, scale = _time_unit(span_s)
     groups = _groups(series, group_by_unit)
     figure = Figure(figsize=(11, 1.2 + 2.0 * len(groups)), layout="constrained")
     axes = figure.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
     for ax, group in zip(axes, groups, strict=True):
         for item in group:
-            seconds = [(t - origin) / 1e9 for t in item.times_ns]
+            seconds = [(t - origin) / scale for t in item.times_ns]
             if item.stepped:
                 ax.step(seconds, item.values, where="post", label=item.label, linewidth=1.2)
             else:
@@ -425,9 +427,18 @@ def build_figure(series: Sequence[Series], title: str, *, group_by_unit: bool = 
             ax.legend(loc="upper right", fontsize=7)
         else:
             ax.set_title(first.label, loc="left", fontsize=9)
-    axes[-1].set_xlabel(f"time [s] since {iso_timestamp(origin)}")
+    axes[-1].set_xlabel(f"time [{unit}] since {iso_timestamp(origin)}")
     figure.suptitle(title)
     return figure
+
+
+def _time_unit(span_s: float) -> tuple[str, float]:
+    """Seconds for up to 10 minutes, then minutes up to 3 hours, then hours (ns per unit)."""
+    if span_s > 3 * 3600:
+        return "h", 3600e9
+    if span_s > 600:
+        return "min", 60e9
+    return "s", 1e9
 
 
 def _y_axis(ax: Any, group: Sequence[Series], locator: Any) -> None:
