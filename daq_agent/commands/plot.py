@@ -19,8 +19,9 @@ Each channel gets its own axis (``--group-by-unit``: numeric channels of the sam
 one), all on one time axis since the first plotted sample (seconds; minutes or hours for long
 spans). Enums are drawn as steps with their labels as y tick labels (signed value tables at their
 signed keys); bool channels as steps at false/true. String and bytes channels cannot be
-plotted and are skipped with a note. Rendering uses matplotlib's Agg (PNG) and SVG backends without pyplot: no display, no
-global state. The format follows the output suffix (``.png`` or ``.svg``).
+plotted and are skipped with a note. Rendering uses matplotlib's Agg (PNG) and SVG backends
+without pyplot: no display, no global state. The format follows the output suffix (``.png`` or
+``.svg``).
 """
 
 from __future__ import annotations
