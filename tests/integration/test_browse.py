@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import sqlite3
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ def _replay(tmp: Path, log: Path, run: str) -> Path:
         f"  - {{path: {log}, bus: can0, realtime: false, databases: [{DBC}]}}\n"
     )
     config = load_config(config_path, env={})
+    before = set(threading.enumerate())
     agent = Agent(config)
     agent.start()
     try:
@@ -106,6 +108,9 @@ def _replay(tmp: Path, log: Path, run: str) -> Path:
     finally:
         final = agent.stop()
     assert final.balanced
+    # a module fixture runs before the per-test thread guard, so it checks its own threads
+    leaked = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not [n for n in leaked if "grpc" not in n], leaked
     assert isinstance(config.target, LocalTarget)
     return config.target.db_path
 
