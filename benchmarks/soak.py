@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart-every", type=float, default=180.0, help="s between restarts")
     parser.add_argument("--hup-every", type=float, default=0.0, help="s between SIGHUPs (0: none)")
     parser.add_argument("--sample-every", type=float, default=5.0)
+    parser.add_argument("--samples-csv", type=Path, help="write samples (s, MB, fds, threads)")
     args = parser.parse_args(argv)
     duration = args.minutes * 60.0
     with tempfile.TemporaryDirectory(prefix="daq-soak-") as name:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         )
         time.sleep(3.0)  # the agent opens its bus (a udp group: nothing is sent before)
-        generator = UdpGenerator(bus_port, args.rate, group="239.74.163.9")
+        generator = UdpGenerator(bus_port, args.rate, group="239.74.163.9", keep_times=False)
         started = time.monotonic()
         generator.start()
         samples: list[tuple[float, float, int, int]] = []
@@ -122,13 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 _, stderr = agent.communicate()
-        verdict = judge(tmp / "store.sqlite", range(len(generator.sent_at)), run_name="soak")
+        verdict = judge(tmp / "store.sqlite", range(generator.sent), run_name="soak")
         server.stop()
+    if args.samples_csv:
+        args.samples_csv.write_text(
+            "seconds,rss_mb,fds,threads\n"
+            + "".join(f"{t:.1f},{r:.2f},{f},{n}\n" for t, r, f, n in samples)
+        )
     warm = [s for s in samples if s[0] >= 0.2 * duration] or samples
     rss = [s[1] for s in warm]
     fds = [s[2] for s in warm]
     threads = [s[3] for s in warm]
-    sent = len(generator.sent_at)
+    sent = generator.sent
     print(
         f"soak {args.minutes:g} min at {args.rate:,.0f} frames/s: {sent:,} frames sent "
         f"(until {time.strftime('%H:%M:%S', time.localtime(sent_until))}), server restarted "
