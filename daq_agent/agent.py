@@ -870,8 +870,11 @@ class Agent:
 
 def _carry_counters(old: ReaderABC, new: ReaderABC) -> None:
     """Start ``new``'s counters where ``old``'s are (before ``new`` starts), so a source's
-    counters stay monotonic across a reload and the status stays balanced."""
+    counters stay monotonic across a reload and the status stays balanced. All but ``opens``:
+    that one tells whether the source as now configured ever opened."""
     for name, value in old.counters.snapshot().items():
+        if name == "opens":
+            continue
         if isinstance(value, int) and not isinstance(value, bool):
             new.counters.add(name, value)
         elif isinstance(value, dict):

@@ -50,6 +50,7 @@ Relative paths resolve against the directory of the config file. API keys never 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -941,6 +942,10 @@ class _Parser:
                     f"unknown python-can interface {interface!r} (known: {known})",
                     f"{where}.interface",
                 )
+            if interface == "udp_multicast" and channel is not None:
+                problem = _multicast_group_problem(str(channel))
+                if problem:
+                    raise self.error(problem, f"{where}.channel")
             out.append(
                 BusConfig(
                     name=self.name(bus, "name", where, None),
@@ -1112,6 +1117,23 @@ class _Parser:
             )
         if required not in found:
             raise self.error(f"must contain {{{required}}} so flow names stay unique", key)
+
+
+def _multicast_group_problem(channel: str) -> str:
+    """Why ``channel`` cannot be a ``udp_multicast`` bus's group ("" when it can)."""
+    try:
+        address = ipaddress.ip_address(channel.strip("[]"))
+    except ValueError:
+        return (
+            f"{channel!r} is not an IP address: a udp_multicast bus's channel is its multicast"
+            " group, e.g. 239.74.163.2 (IPv4) or ff15:7079:7468:6f6e:6465:6d6f:6d63:6173 (IPv6)"
+        )
+    if not address.is_multicast:
+        return (
+            f"{channel} is not a multicast address (IPv4 224.0.0.0/4, IPv6 ff00::/8): a "
+            "udp_multicast bus's channel is its multicast group, e.g. 239.74.163.2"
+        )
+    return ""
 
 
 def _can_interfaces() -> frozenset[str]:

@@ -5,8 +5,10 @@ here: a scrape calls ``status()`` and renders that one snapshot (:class:`AgentSt
 metrics always equal the live status and the final summary. Counters of the snapshot become
 Prometheus counters (``…_total``), levels become gauges.
 
-The delivery latency is exported as two gauges (p50 and p99 of the flusher's recent window), not
-as a histogram: a histogram needs every sample's latency observed in the flusher.
+The delivery latency (a sample's timestamp to its acknowledgement) is a histogram
+(``daq_delivery_latency_seconds``, two observations per acknowledged batch: its oldest and its
+newest sample), plus p50 and p99 gauges of the flusher's recent reservoir. Rates are Prometheus's
+job: every count is a counter (``rate(daq_flow_samples_total[1m])`` is a flow's rate).
 
 :func:`write_summary_json` writes the final snapshot for ``run --summary-json FILE``.
 
@@ -32,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
     StateSetMetricFamily,
@@ -39,7 +42,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from daq_agent.core.errors import DaqError
-from daq_agent.pipeline.status import AgentStatus
+from daq_agent.pipeline.status import LATENCY_BUCKETS_S, AgentStatus
 from daq_agent.readers.base import ReaderState
 
 __all__ = [
@@ -206,6 +209,24 @@ def _flusher_families(st: AgentStatus) -> Iterator[Metric]:
     )
     for suffix, doc, value in counters:
         yield _counter(f"flusher_{suffix}", doc, value)
+    per_flow = CounterMetricFamily(
+        _name("flow_samples"), "Samples taken from the ring, per flow.", labels=["flow"]
+    )
+    for flow, count in sorted(f.per_flow.items()):
+        per_flow.add_metric([flow], float(count))
+    yield per_flow
+    if f.latency_buckets:
+        cumulative, buckets = 0, []
+        for bound, count in zip([*LATENCY_BUCKETS_S, None], f.latency_buckets, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound is None else repr(bound), float(cumulative)))
+        yield HistogramMetricFamily(
+            _name("delivery_latency_seconds"),
+            "Latency from a sample's timestamp to its acknowledgement (per batch: its oldest and"
+            " its newest sample; live data only).",
+            buckets=buckets,
+            sum_value=f.latency_sum_s,
+        )
     yield _gauge("flusher_samples_pending", "Samples sent, not yet acknowledged.", f.pending)
     yield _gauge("flusher_durable", "1 when the backlog is the on-disk spool.", float(f.durable))
     for quantile, value_ms in (("p50", f.latency_p50_ms), ("p99", f.latency_p99_ms)):

@@ -47,7 +47,7 @@ from daq_agent.agent import Agent
 from daq_agent.config import load_config
 from daq_agent.core.errors import DaqError, SpoolError
 from daq_agent.metrics import MetricsServer, write_summary_json
-from daq_agent.pipeline.status import AgentStatus
+from daq_agent.pipeline.status import AgentStatus, SourceStats
 from daq_agent.readers.base import ReaderState
 from daq_agent.systemd import Notifier, Watchdog
 
@@ -102,6 +102,12 @@ def add_subparser(subparsers: Any) -> None:
         help="write the final counters (the summary's numbers) as JSON to FILE",
     )
     parser.set_defaults(func=_do_run)
+
+
+def never_opened(status: AgentStatus) -> list[SourceStats]:
+    """The sources that never opened (since they were last started: a reload that restarted a
+    source starts its ``opens`` at 0, so a changed source that never opens is caught too)."""
+    return [s for s in status.sources if not s.counters.get("opens")]
 
 
 class ReloadFlag:
@@ -324,8 +330,8 @@ def _acquire(
     lost = final.lost
     if lost:
         print(f"daq-agent run: samples were lost: {lost}", file=sys.stderr)
-    never = [s for s in final.sources if not s.counters.get("opens")]
-    optional = config.optional_sources
+    never = never_opened(final)
+    optional = agent.config.optional_sources  # as reloaded
     for source in [s for s in never if s.name in optional]:
         log.warning("optional %s %s never opened during the run", source.kind, source.name)
     never = [s for s in never if s.name not in optional]

@@ -39,11 +39,13 @@ Every sample taken is in exactly one bucket (:attr:`FlusherStats.balanced`)::
 
 from __future__ import annotations
 
+import bisect
 import logging
+import operator
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -63,7 +65,7 @@ from daq_agent.pipeline.deadletter import DeadLetter
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sink import Sink, SinkStream
 from daq_agent.pipeline.spool import SpoolRecord
-from daq_agent.pipeline.status import FlusherStats
+from daq_agent.pipeline.status import LATENCY_BUCKETS_S, FlusherStats
 
 __all__ = [
     "Flusher",
@@ -282,18 +284,26 @@ class FlusherSettings:
         return RetryPolicy(self.retry_initial_s, self.retry_max_s, self.auth_retry_s)
 
 
-class _Latency:
-    """A bounded reservoir of latencies (ns) for p50/p99."""
+_flow_of = operator.attrgetter("flow")
 
-    __slots__ = ("_rng", "_seen", "_values", "limit")
+
+class _Latency:
+    """Latencies (ns): a bounded reservoir for p50/p99, and a histogram that is never reset."""
+
+    __slots__ = ("_bounds_ns", "_rng", "_seen", "_values", "buckets", "limit", "sum_ns")
 
     def __init__(self, limit: int = 20_000) -> None:
         self.limit = limit
         self._values: list[int] = []
         self._seen = 0
         self._rng = random.Random(1)
+        self._bounds_ns = [round(b * 1e9) for b in LATENCY_BUCKETS_S]
+        self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.sum_ns = 0
 
     def add(self, value_ns: int) -> None:
+        self.buckets[bisect.bisect_left(self._bounds_ns, value_ns)] += 1
+        self.sum_ns += value_ns
         self._seen += 1
         if len(self._values) < self.limit:
             self._values.append(value_ns)
@@ -311,6 +321,7 @@ class _Latency:
         return p50 / 1e6, p99 / 1e6
 
     def reset(self) -> None:
+        """Forget the reservoir (the histogram counts on: it is a monotonic metric)."""
         self._values = []
         self._seen = 0
 
@@ -393,6 +404,7 @@ class Flusher:
         self._healthy.set()
         self._lock = threading.Lock()  # guards the counters' consistency for stats()
         self._latency = _Latency()
+        self._per_flow: Counter[str] = Counter()  # samples taken from the ring, per flow
         self._stop_at: float | None = None
         self._retry_at = 0.0
         self._streak = ""  # the reason of the current streak of failures ("" while delivering)
@@ -521,6 +533,9 @@ class Flusher:
                 last_error=self.last_error,
                 latency_p50_ms=p50,
                 latency_p99_ms=p99,
+                latency_buckets=tuple(self._latency.buckets),
+                latency_sum_s=self._latency.sum_ns / 1e9,
+                per_flow=dict(self._per_flow),
                 spooled=self.spooled,
                 dropped=self.dropped,
                 corrupt=self.corrupt,
@@ -587,6 +602,7 @@ class Flusher:
         count = len(batch)
         with self._lock:  # one step, so a snapshot always balances
             self.taken += count
+            self._per_flow.update(map(_flow_of, batch))
             oldest = min(batch[0].timestamp_ns, batch[-1].timestamp_ns)
             newest = max(batch[0].timestamp_ns, batch[-1].timestamp_ns)
             before = backlog.pending_samples

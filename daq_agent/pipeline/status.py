@@ -30,6 +30,9 @@ from daq_agent.pipeline.spool import SpoolStats
 __all__ = ["AgentStatus", "FlusherStats", "RingStats", "SourceStats", "format_count"]
 
 
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds of the delivery latency histogram, seconds (a last bucket, +Inf, follows)."""
+
 ERROR_KINDS: tuple[str, ...] = (
     "decode_errors",  # CAN: a known id whose data does not decode
     "error_frames",  # CAN: error frames on the bus
@@ -127,6 +130,12 @@ class FlusherStats:
         last_error: the most recent transport failure, "" if none.
         latency_p50_ms: median latency from a sample's timestamp to its acknowledgement, ms.
         latency_p99_ms: 99th percentile of that latency, ms.
+        latency_buckets: the delivery latency histogram: how many latencies fell in each bucket
+            of :data:`LATENCY_BUCKETS_S` (upper bounds, seconds), and last, above them all. Two
+            latencies are observed per acknowledged batch, of its oldest and its newest sample;
+            recorded (replayed) data is left out.
+        latency_sum_s: the sum of the latencies in the histogram, seconds.
+        per_flow: samples taken from the ring, per flow.
         spooled: samples appended to the backlog (the spool) in this run.
         dropped: samples the spool quota dropped before they were delivered.
         corrupt: samples lost to spool records found corrupt when read back.
@@ -149,6 +158,9 @@ class FlusherStats:
     last_error: str = ""
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    latency_buckets: tuple[int, ...] = ()
+    latency_sum_s: float = 0.0
+    per_flow: Mapping[str, int] = field(default_factory=dict, compare=False)
     spooled: int = 0
     dropped: int = 0
     corrupt: int = 0
@@ -407,6 +419,12 @@ class AgentStatus:
                 "retries": self.flusher.retries,
                 "latency_p50_ms": self.flusher.latency_p50_ms,
                 "latency_p99_ms": self.flusher.latency_p99_ms,
+                "latency_histogram": {
+                    "le_s": [*LATENCY_BUCKETS_S, None],
+                    "counts": list(self.flusher.latency_buckets),
+                    "sum_s": self.flusher.latency_sum_s,
+                },
+                "per_flow": dict(sorted(self.flusher.per_flow.items())),
                 "spooled": self.flusher.spooled,
                 "dropped": self.flusher.dropped,
                 "corrupt": self.flusher.corrupt,

@@ -224,13 +224,18 @@ class AgentProcess:
 class UdpGenerator:
     """Sends counter frames on a python-can ``udp_multicast`` bus at a steady rate, in a thread.
 
-    ``sent_at[seq]`` is the wall-clock time frame ``seq`` was sent.
+    ``sent`` counts the frames sent; ``sent_at[seq]`` is the wall-clock time frame ``seq`` was sent
+    (kept only with ``keep_times``: a long soak would hold gigabytes of them).
     """
 
-    def __init__(self, port: int, rate: float, group: str = "239.74.163.2") -> None:
+    def __init__(
+        self, port: int, rate: float, group: str = "239.74.163.2", *, keep_times: bool = True
+    ) -> None:
         self.port = port
         self.rate = rate
         self.group = group
+        self.keep_times = keep_times
+        self.sent = 0
         self.sent_at: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="faults-generator", daemon=True)
@@ -256,8 +261,10 @@ class UdpGenerator:
                     self._stop.wait(delay)
                     continue
                 bus.send(counter_frame(seq, time.time()))
-                self.sent_at.append(time.time())
+                if self.keep_times:
+                    self.sent_at.append(time.time())
                 seq += 1
+                self.sent = seq
         finally:
             bus.shutdown()
 

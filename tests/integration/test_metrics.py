@@ -8,6 +8,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -165,6 +166,29 @@ def test_metrics_equal_the_status_and_health_follows_the_agent(
     assert status.flusher.latency_p99_ms is not None
     p99 = after[("daq_delivery_latency_p99_seconds", NONE)]
     assert p99 == pytest.approx(status.flusher.latency_p99_ms / 1000)
+    # per flow: what was sent of each message (flows are named "<bus>.<message>")
+    names = {(m.frame_id, m.is_extended_frame): m.name for m in load_database(BENCH_DBC).messages}
+    sent = Counter(f"can0.{names[m.arbitration_id, m.is_extended_id]}" for m in frames)
+    per_flow = {
+        dict(labels)["flow"]: value
+        for (name, labels), value in after.items()
+        if name == "daq_flow_samples_total"
+    }
+    assert per_flow == dict(sent) == dict(status.flusher.per_flow)
+    assert len(per_flow) > 1
+    # the latency histogram: cumulative buckets ending in +Inf = count, two per checkpointed batch
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in after.items()
+        if name == "daq_delivery_latency_seconds_bucket"
+    )
+    counts = [value for _le, value in buckets]
+    assert buckets[-1][0] == float("inf")
+    assert counts == sorted(counts)  # cumulative
+    assert counts[-1] == after[("daq_delivery_latency_seconds_count", NONE)] > 0
+    assert counts[-1] == sum(status.flusher.latency_buckets)
+    assert counts[-1] <= 2 * status.flusher.batches
+    assert 0 < after[("daq_delivery_latency_seconds_sum", NONE)] < 60 * counts[-1]
     assert after[("daq_stream_windows_committed_total", NONE)] == status.stream["windows"] > 0
     assert ("daq_stream_windows_failed_total", NONE) in after
     info = [k for k in after if k[0] == "daq_agent_info"]

@@ -23,6 +23,7 @@ import can
 import pytest
 
 from daq_agent.agent import Agent
+from daq_agent.commands.run import never_opened
 from daq_agent.config import AgentConfig, load_config
 from daq_agent.pipeline.flusher import FlusherSettings
 from daq_agent.readers.base import ReaderState
@@ -309,3 +310,28 @@ def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
     assert process.returncode == 0, "".join(seen) + "".join(lines.queue)
     assert "frames received 120, decoded 120" in out, out
     assert "delivered 120," in out, out
+
+
+def test_a_reloaded_source_that_never_opens_is_flagged(
+    agent_and_buses: tuple[Agent, Path, list[str]], tmp_path: Path
+) -> None:
+    """can0 moved to a channel that cannot open (SocketCAN's ``nope0``: no module here, no such
+    interface elsewhere): its old opens do not count, so the run's exit check names it; its
+    other counters carry over."""
+    agent, path, (ch0, ch1) = agent_and_buses
+    send(ch0, 40)
+    wait_for(lambda: agent.status().received == 40, 10, "40 frames read")
+    assert never_opened(agent.status()) == []
+    broken = two_buses(tmp_path / "state", ch0, ch1).replace(
+        f"interface: virtual, channel: {ch0}", "interface: socketcan, channel: nope0"
+    )
+    result = agent.reload(load_config(_rewrite(path, broken)))
+    assert result.applied, result.refused
+    assert result.restarted == ("can0",)
+    new0 = agent.readers[0]
+    wait_for(lambda: new0.counters.get("failures") >= 1, 10, "the new can0 failing to open")
+    status = agent.status()
+    assert [s.name for s in never_opened(status)] == ["can0"]
+    by_name = {s.name: s for s in status.sources}
+    assert by_name["can0"].received == 40  # carried over
+    assert by_name["can1"].counters["opens"] == 1

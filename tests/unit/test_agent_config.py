@@ -188,6 +188,18 @@ def test_serial_section_is_parsed(tree: Path) -> None:
             7,
             "unknown python-can interface 'nosuch'",
         ),
+        (
+            "  - {name: c2, interface: udp_multicast, channel: can0, dbc: ../dbc/x.dbc}\n",
+            "buses[1].channel",
+            7,
+            "'can0' is not an IP address: a udp_multicast bus's channel is its multicast group",
+        ),
+        (
+            "  - {name: c2, interface: udp_multicast, channel: 10.1.2.3, dbc: ../dbc/x.dbc}\n",
+            "buses[1].channel",
+            7,
+            "10.1.2.3 is not a multicast address",
+        ),
     ],
 )
 def test_errors_name_file_line_and_key(
