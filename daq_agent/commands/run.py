@@ -46,6 +46,7 @@ from typing import Any, TextIO
 from daq_agent.agent import Agent
 from daq_agent.config import load_config
 from daq_agent.core.errors import DaqError, SpoolError
+from daq_agent.core.memory import Trimmer, limit_arenas
 from daq_agent.metrics import MetricsServer, write_summary_json
 from daq_agent.pipeline.status import AgentStatus, SourceStats
 from daq_agent.readers.base import ReaderState
@@ -179,6 +180,7 @@ def drive_agent(
         The final status.
     """
     deadline = None if duration is None else time.monotonic() + duration
+    trimmer = Trimmer()  # hands freed native memory back (see daq_agent.core.memory)
     previous: AgentStatus | None = None
     last_log = time.monotonic()
     width = 0
@@ -193,6 +195,7 @@ def drive_agent(
                 break
             if reload is not None and reload_flag is not None and reload_flag.take():
                 reload()
+            trimmer.tick()
             status = agent.status()
             if live:
                 text = status.line(previous)
@@ -217,6 +220,7 @@ def drive_agent(
 
 
 def _do_run(args: argparse.Namespace) -> int:
+    limit_arenas()  # before the agent's threads start (see daq_agent.core.memory)
     config = load_config(args.config)
     agent = Agent(config)
     for warning in agent.plan.warnings:
