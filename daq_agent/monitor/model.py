@@ -148,7 +148,8 @@ class MonitorModel:
         self.paused = False
         self.error = ""
         self.updates = 0
-        self._source_rates = RateMeter(rate_window_s)
+        self._rate_window_s = rate_window_s
+        self._source_rates: RateMeter | None = None  # from the first document on
         self._source_rate: dict[str, float] = {}
 
     def update(
@@ -169,9 +170,11 @@ class MonitorModel:
         received = {
             str(s.get("name")): int(s.get("received") or 0) for s in self._sources(document)
         }
-        self._source_rate = self._source_rates.update(
-            time.monotonic() if now is None else now, received
-        )
+        at = time.monotonic() if now is None else now
+        if self._source_rates is None:
+            # an agent's counts are since its start: a rate only from the second document on
+            self._source_rates = RateMeter(self._rate_window_s, start=at, initial=received)
+        self._source_rate = self._source_rates.update(at, received)
         return True
 
     def toggle_pause(self) -> bool:

@@ -124,15 +124,21 @@ class RateMeter:
 
     Args:
         window_s: the window, seconds.
-        start: the time of zero counts (``time.monotonic()`` by default).
+        start: the time of the ``initial`` counts (``time.monotonic()`` by default).
+        initial: the counts at ``start`` (default: none).
     """
 
     __slots__ = ("_history", "window_s")
 
-    def __init__(self, window_s: float = 5.0, start: float | None = None) -> None:
+    def __init__(
+        self,
+        window_s: float = 5.0,
+        start: float | None = None,
+        initial: Mapping[str, int] | None = None,
+    ) -> None:
         self.window_s = window_s
         begin = time.monotonic() if start is None else start
-        self._history: deque[tuple[float, dict[str, int]]] = deque([(begin, {})])
+        self._history: deque[tuple[float, dict[str, int]]] = deque([(begin, dict(initial or {}))])
 
     def update(self, now: float, counts: Mapping[str, int]) -> dict[str, float]:
         """Record ``counts`` at ``now``; the rate of every key (per second)."""
