@@ -66,7 +66,9 @@ def flows() -> list[FlowConfig]:
                 ChannelConfig("Fault", ChannelDataType.BOOL),
             ],
         ),
-        FlowConfig("can0.Temps", [ChannelConfig("CoolantTemp", ChannelDataType.INT_32, "", "degC")]),
+        FlowConfig(
+            "can0.Temps", [ChannelConfig("CoolantTemp", ChannelDataType.INT_32, "", "degC")]
+        ),
     ]
 
 
