@@ -146,6 +146,7 @@ class MonitorModel:
         self.filter = ""
         self.sort = SortKey.NAME
         self.paused = False
+        self._paused_at_ns = 0
         self.error = ""
         self.updates = 0
         self._rate_window_s = rate_window_s
@@ -178,8 +179,9 @@ class MonitorModel:
         return True
 
     def toggle_pause(self) -> bool:
-        """Pause or resume; returns True when now paused."""
+        """Pause or resume; returns True when now paused (the ages stop growing too)."""
         self.paused = not self.paused
+        self._paused_at_ns = time.time_ns()
         return self.paused
 
     def cycle_sort(self) -> SortKey:
@@ -216,9 +218,13 @@ class MonitorModel:
         """The rows of the signal table.
 
         Args:
-            now_ns: the wall clock the ages are measured against (default: now).
+            now_ns: the wall clock the ages are measured against (default: now, or the moment
+                of the pause while paused).
         """
-        now = time.time_ns() if now_ns is None else now_ns
+        if now_ns is not None:
+            now = now_ns
+        else:
+            now = self._paused_at_ns if self.paused else time.time_ns()
         rows = []
         for c in self.channels():
             flow, name = str(c.get("flow", "")), str(c.get("name", ""))

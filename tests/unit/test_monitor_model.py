@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def test_labels_follow_the_decoder_of_a_dbc(tmp_path: Path) -> None:
 def test_the_tap_keeps_the_last_sample_of_each_flow_and_counts_them() -> None:
     """observe() keeps each flow's last sample and counts every sample; absent values are left
     out, bools are not enum-labelled, and an unknown flow's values are numbered."""
-    tap = LatestValues(flows())
+    tap = LatestValues(flows(), watch_s=None)
     tap.observe(
         [
             Sample("can0.Pack", 1 * NS, (1.0, 0, False)),
@@ -134,6 +135,27 @@ def test_the_tap_keeps_the_last_sample_of_each_flow_and_counts_them() -> None:
     )
     assert readings["can0.Temps", "CoolantTemp"].unit == "degC"
     assert readings["other", "value[1]"].as_dict()["value"] == "01"
+
+
+def test_samples_are_counted_only_while_the_tap_is_read() -> None:
+    """An unread tap keeps the last values but counts nothing; a read starts the counting (and
+    the rates from there), which stops watch_s after the last read."""
+    tap = LatestValues(flows(), watch_s=0.3)
+    tap.observe([Sample("can0.Temps", NS, (1,))] * 5)
+    assert tap.counts() == {}
+    (reading,) = tap.readings()
+    assert (reading.value, reading.count, reading.rate) == (1, 0, None)
+    tap.observe([Sample("can0.Temps", 2 * NS, (2,))] * 3)
+    assert tap.counts() == {"can0.Temps": 3}
+    (reading,) = tap.readings()
+    assert (reading.value, reading.count) == (2, 3)
+    assert reading.rate is not None
+    assert reading.rate > 0
+    deadline = time.monotonic() + 0.35
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    tap.observe([Sample("can0.Temps", 3 * NS, (3,))] * 4)
+    assert tap.counts() == {"can0.Temps": 3}
 
 
 def test_the_rate_is_measured_over_a_sliding_window() -> None:
