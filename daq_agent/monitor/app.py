@@ -142,6 +142,8 @@ class MonitorApp(App[int]):
             f"{shown}/{model.total_channels} signals",
             f"sort: {model.sort.value}",
         ]
+        if model.run_line:
+            parts.insert(1, model.run_line)
         if model.filter:
             parts.append(f"filter: {model.filter}")
         if model.paused:

@@ -122,7 +122,7 @@ def format_rate(rate: float | None) -> str:
 
 
 def format_age(seconds: float) -> str:
-    """An age: ``0.12 s``, ``42 s``, ``3m05s``, ``2h03m`` (a value from the future: 0)."""
+    """An age: ``0.12 s``, ``42 s``, ``3m05s``, ``2h03m``, ``3d04h`` (from the future: 0)."""
     seconds = max(0.0, seconds)
     if seconds < 10:
         return f"{seconds:.2f} s"
@@ -131,7 +131,9 @@ def format_age(seconds: float) -> str:
     whole = int(seconds)
     if whole < 3600:
         return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole // 60 % 60:02d}m"
+    if whole < 48 * 3600:
+        return f"{whole // 3600}h{whole // 60 % 60:02d}m"
+    return f"{whole // 86400}d{whole // 3600 % 24:02d}h"
 
 
 class MonitorModel:
@@ -243,6 +245,17 @@ class MonitorModel:
                 )
             )
         return rows
+
+    @property
+    def run_line(self) -> str:
+        """``run NAME  up 0:01:23`` of an agent's document ("" read directly or before any)."""
+        document = self.document
+        status = document.get("status") if document is not None else None
+        if not isinstance(status, Mapping) or "uptime_s" not in status:
+            return ""
+        whole = int(float(status.get("uptime_s") or 0))
+        up = f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+        return f"run {status.get('run') or '(none)'}  up {up}"
 
     @property
     def total_channels(self) -> int:

@@ -226,6 +226,11 @@ class LatestValues:
 
     # -- readings ---------------------------------------------------------------------------
 
+    @property
+    def flow_names(self) -> list[str]:
+        """The flows whose channels name the values, sorted."""
+        return sorted(self._channels)
+
     def counts(self) -> dict[str, int]:
         """Samples seen per flow."""
         with self._lock:

@@ -184,6 +184,7 @@ def test_formatting_of_values_rates_and_ages() -> None:
     assert format_age(42.4) == "42 s"
     assert format_age(185) == "3m05s"
     assert format_age(7380) == "2h03m"
+    assert format_age(3 * 86400 + 4 * 3600 + 5) == "3d04h"
 
 
 def channel(flow: str, name: str, ts: int, rate: float | None, **extra: object) -> dict:
@@ -284,6 +285,7 @@ def test_health_rows_of_a_source_the_ring_the_spool_and_the_stream() -> None:
     model.update(first, now=1000.0)
     model.update(json.loads(json.dumps(status_document(agent_status(300), tap))), now=1002.0)
     rows = {r.part: r for r in model.health_rows()}
+    assert model.run_line == "run (none)  up 0:00:01"
     assert list(rows) == ["can0 (can)", "ring", "spool", "stream"]
     assert rows["can0 (can)"].state == "running"
     assert rows["can0 (can)"].detail.startswith("100.0 frames/s  received 300  decoded 297")
@@ -307,6 +309,7 @@ def test_a_direct_document_has_no_ring_spool_or_stream() -> None:
     model = MonitorModel()
     model.update({"version": 1, "mode": "direct", "status": {"sources": []}, "channels": []})
     assert [r.cells[:2] for r in model.health_rows()] == [("pipeline", "direct")]
+    assert model.run_line == ""
 
 
 def test_the_status_document_is_json_with_non_finite_values_as_text() -> None:
