@@ -107,12 +107,14 @@ class MonitorApp(App[int]):
         self.refresh_view()
 
     def action_focus_filter(self) -> None:
-        """Type a filter."""
+        """Type a filter (the title says so)."""
         self.query_one("#filter", Input).focus()
+        self.call_after_refresh(self._draw_title)
 
     def action_focus_table(self) -> None:
         """Back to the table (the keys work again)."""
         self.query_one("#signals", DataTable).focus()
+        self.call_after_refresh(self._draw_title)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         """Filter as the user types."""
@@ -144,7 +146,9 @@ class MonitorApp(App[int]):
         ]
         if model.run_line:
             parts.insert(1, model.run_line)
-        if model.filter:
+        if isinstance(self.focused, Input):
+            parts.append(f"filter: {model.filter}_ (Enter: done)")
+        elif model.filter:
             parts.append(f"filter: {model.filter}")
         if model.paused:
             parts.append("PAUSED")

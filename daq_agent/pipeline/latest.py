@@ -5,8 +5,8 @@ counts samples per flow. It is fed whole batches (the flusher's writer thread af
 takes from the ring, never the reader threads per frame). Keeping the last samples costs about
 0.1 µs a sample, counting them (for the rates) about 0.2 µs more (``benchmarks/stages.py``, of
 some 22 µs a frame costs under the GIL), so samples are counted only while someone reads the tap
-(for ``watch_s`` after each read): an agent nobody monitors pays only the first. It is also a sample queue (``put_many``), so a reader can feed it directly
-(``daq-agent monitor --bus``).
+(for ``watch_s`` after each read): an agent nobody monitors pays only the first. It is also a
+sample queue (``put_many``), so a reader can feed it directly (``daq-agent monitor --bus``).
 
 :meth:`LatestValues.document` names the values with the flows' channel definitions: one
 :class:`ChannelReading` per channel that has a value, with its unit, its enum label and its flow's

@@ -162,7 +162,7 @@ def test_pilot_filter_sort_pause_and_quit_on_a_bus_read_directly(
     after / keeps only matching rows, s cycles the order, p pauses, q ends with 0."""
     import asyncio
 
-    from textual.widgets import DataTable
+    from textual.widgets import DataTable, Input
 
     decoder = CanDecoder("can0", [load_database(write_dbc(tmp_path))])
     bus = {"interface": "virtual", "channel": channel}
@@ -182,7 +182,10 @@ def test_pilot_filter_sort_pause_and_quit_on_a_bus_read_directly(
             names = [table.get_row_at(i)[1] for i in range(4)]
             assert names == ["ContactorState", "Gear", "PackVoltage", "CoolantTemp"]
             assert table.get_row_at(1)[2:5] == ["-1", "", "Reverse"]
-            await pilot.press("slash", *"gear", "enter")
+            await pilot.press("slash")
+            await pilot.pause()
+            assert isinstance(app.focused, Input)
+            await pilot.press(*"gear", "enter")
             await pilot.pause(0.1)
             assert [table.get_row_at(i)[1] for i in range(table.row_count)] == ["Gear"]
             await pilot.press("s")

@@ -98,8 +98,9 @@ def test_monitor_reads_a_bus_filters_and_quits(tmp_path: Path, tmux: TmuxSession
             "a rate of 10-29/s on the PackVoltage row",
         )
         tmux.send("/")
+        # the keys go to the filter once it has the focus (the title says so)
+        tmux.wait_for(lambda p: "filter: _ (Enter: done)" in p, 10, "the filter to be focused")
         tmux.send("Coolant", literal=True)
-        tmux.send("Enter")
         pane = tmux.wait_for(
             lambda p: "CoolantTemp" in p and "PackVoltage" not in p,
             10,
@@ -107,6 +108,12 @@ def test_monitor_reads_a_bus_filters_and_quits(tmp_path: Path, tmux: TmuxSession
         )
         assert "Gear" not in pane
         assert "1/4 signals" in pane
+        tmux.send("Enter")
+        tmux.wait_for(
+            lambda p: "filter: Coolant" in p and "(Enter: done)" not in p,
+            10,
+            "the table to have the focus again",
+        )
         tmux.send("p")
         tmux.wait_for(lambda p: "PAUSED" in p, 10, "PAUSED in the title")
         quit_and_check(tmux, exit_file)
