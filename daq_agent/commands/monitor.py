@@ -99,10 +99,10 @@ def _do_monitor(args: argparse.Namespace) -> int:
     with _quiet_logging():
         try:
             source.start()
-            result = app.run()
+            app.run()
         finally:
             source.stop()
-    return 0 if result is None else int(result)
+    return app.return_code or 0  # 1 when the app failed (Textual printed why)
 
 
 @contextlib.contextmanager

@@ -146,14 +146,15 @@ class MonitorApp(App[int]):
         ]
         if model.run_line:
             parts.insert(1, model.run_line)
+        if model.error:  # first: a long title is cut at the right
+            parts.insert(1, f"! {model.error}")
         if isinstance(self.focused, Input):
             parts.append(f"filter: {model.filter}_ (Enter: done)")
         elif model.filter:
             parts.append(f"filter: {model.filter}")
         if model.paused:
             parts.append("PAUSED")
-        if model.error:
-            parts.append(f"! {model.error}")
+
         self.query_one("#title", Static).update("   ".join(parts))
 
     def _draw_signals(self) -> None:

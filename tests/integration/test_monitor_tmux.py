@@ -148,7 +148,8 @@ def test_monitor_plays_a_log(tmp_path: Path, tmux: TmuxSession) -> None:
 
 def test_monitor_attaches_to_a_running_agent(tmp_path: Path, tmux: TmuxSession) -> None:
     """``run --metrics-port 0`` logs its port; ``monitor --agent URL`` shows the agent's latest
-    values (from /status.json) and the health of its source, ring, spool and stream."""
+    values (from /status.json) and the health of its source, ring, spool and stream; when the
+    agent ends, its last values stay and the title says it cannot be reached."""
     dbc = write_dbc(tmp_path)
     bus = udp_bus()
     config = tmp_path / "agent.yaml"
@@ -199,7 +200,15 @@ def test_monitor_attaches_to_a_running_agent(tmp_path: Path, tmux: TmuxSession) 
             assert rows_with(pane, "can0 (can)", "running")
             assert rows_with(pane, "spool", "segments")
             assert f"agent {found[0]}" in pane
-            quit_and_check(tmux, exit_file)
+        # the agent ends: the monitor keeps its last values and says it cannot reach it
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
+        tmux.wait_for(
+            lambda p: "cannot reach the agent" in p and shows_expected(p),
+            15,
+            "the monitor to say the agent is gone, its last values kept",
+        )
+        quit_and_check(tmux, exit_file)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
