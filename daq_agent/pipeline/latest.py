@@ -172,6 +172,7 @@ class LatestValues:
         "_counts",
         "_last",
         "_lock",
+        "_merged",
         "_rate_window_s",
         "_rates",
         "_watch_s",
@@ -190,6 +191,8 @@ class LatestValues:
                 for c in flow.channels
             ]
         self._last: dict[str, Sample] = {}
+        # flows with absent values (multiplexed messages): each channel's last value and time
+        self._merged: dict[str, tuple[list[Value], list[int]]] = {}
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._rate_window_s = rate_window_s
@@ -206,8 +209,26 @@ class LatestValues:
         counting = time.monotonic() < self._count_until
         with self._lock:
             self._last.update(last)
+            merged = self._merged
+            for flow, sample in last.items():  # once per flow and batch, not per sample
+                if flow in merged or None in sample.values:
+                    self._merge(flow, sample)
             if counting:
                 self._counts.update(map(_flow_of, batch))
+
+    def _merge(self, flow: str, sample: Sample) -> None:
+        """Keep each channel's last value of a flow whose samples leave some out (a multiplexed
+        message shows every group it sent, each value with its own time)."""
+        entry = self._merged.get(flow)
+        values = sample.values
+        if entry is None or len(entry[0]) != len(values):
+            entry = self._merged[flow] = ([None] * len(values), [0] * len(values))
+        kept, times = entry
+        stamp = sample.timestamp_ns
+        for i, value in enumerate(values):
+            if value is not None:
+                kept[i] = value
+                times[i] = stamp
 
     # -- a sample queue, for a reader feeding the tap directly --------------------------------
 
@@ -237,14 +258,20 @@ class LatestValues:
             return dict(self._counts)
 
     def readings(self, now: float | None = None) -> list[ChannelReading]:
-        """One reading per channel with a value in its flow's last sample, by flow and channel.
+        """One reading per channel with a value, by flow and channel: the flow's last sample,
+        or for a flow whose samples leave values out (multiplexed), each channel's last value.
 
         Args:
             now: ``time.monotonic()`` for the rates (default: now).
         """
         at = time.monotonic() if now is None else now
         with self._lock:
-            last = dict(self._last)
+            last: dict[str, tuple[Sequence[Value], Sequence[int]]] = {
+                flow: (sample.values, [sample.timestamp_ns] * len(sample.values))
+                for flow, sample in self._last.items()
+            }
+            for flow, (kept, stamps) in self._merged.items():
+                last[flow] = (list(kept), list(stamps))
             counts = dict(self._counts)
             if self._watch_s is not None:
                 clock = time.monotonic()
@@ -254,11 +281,11 @@ class LatestValues:
         rates = self._rates.update(at, counts)
         out: list[ChannelReading] = []
         for flow in sorted(last):
-            sample = last[flow]
+            values, times = last[flow]
             channels = self._channels.get(flow)
             rate = rates.get(flow)
             count = counts.get(flow, 0)
-            for i, value in enumerate(sample.values):
+            for i, value in enumerate(values):
                 if value is None:
                     continue
                 if channels is not None and i < len(channels):
@@ -270,9 +297,7 @@ class LatestValues:
                 if labels is not None and isinstance(value, int) and not isinstance(value, bool):
                     label = labels.label(value)
                     value = labels.number(value)
-                out.append(
-                    ChannelReading(flow, name, value, unit, label, sample.timestamp_ns, rate, count)
-                )
+                out.append(ChannelReading(flow, name, value, unit, label, times[i], rate, count))
         return out
 
     def document(self, now: float | None = None) -> list[dict[str, Any]]:

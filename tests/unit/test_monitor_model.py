@@ -137,6 +137,27 @@ def test_the_tap_keeps_the_last_sample_of_each_flow_and_counts_them() -> None:
     assert readings["other", "value[1]"].as_dict()["value"] == "01"
 
 
+def test_a_multiplexed_flow_shows_every_group_with_its_own_time() -> None:
+    """Samples that leave values out (multiplexed groups) add up: each channel keeps its last
+    value and that value's timestamp; a later group replaces only its own channels."""
+    flow = FlowConfig(
+        "can0.Cells",
+        [
+            ChannelConfig("CellMux", ChannelDataType.UINT_32),
+            ChannelConfig("Cell01", ChannelDataType.DOUBLE, unit="V"),
+            ChannelConfig("Cell04", ChannelDataType.DOUBLE, unit="V"),
+        ],
+    )
+    tap = LatestValues([flow], watch_s=None)
+    tap.observe([Sample("can0.Cells", 1 * NS, (0, 3.1, None))])
+    tap.observe([Sample("can0.Cells", 2 * NS, (1, None, 3.4))])
+    got = {r.name: (r.value, r.timestamp_ns) for r in tap.readings()}
+    assert got == {"CellMux": (1, 2 * NS), "Cell01": (3.1, 1 * NS), "Cell04": (3.4, 2 * NS)}
+    tap.observe([Sample("can0.Cells", 3 * NS, (0, 3.0, None))])
+    got = {r.name: (r.value, r.timestamp_ns) for r in tap.readings()}
+    assert got == {"CellMux": (0, 3 * NS), "Cell01": (3.0, 3 * NS), "Cell04": (3.4, 2 * NS)}
+
+
 def test_samples_are_counted_only_while_the_tap_is_read() -> None:
     """An unread tap keeps the last values but counts nothing; a read starts the counting (and
     the rates from there), which stops watch_s after the last read."""
