@@ -201,3 +201,26 @@ def test_pilot_filter_sort_pause_and_quit_on_a_bus_read_directly(
     with source:
         source.readers[0].wait_state(ReaderState.RUNNING, timeout=10.0)
         assert asyncio.run(drive()) == 0
+
+
+def test_a_bus_that_cannot_open_shows_as_failed_with_its_reason(tmp_path: Path) -> None:
+    """Read directly, a bus python-can cannot open is a source row 'failed' with the error;
+    the monitor itself keeps running."""
+    from daq_agent.monitor.model import MonitorModel
+
+    decoder = CanDecoder("can0", [load_database(write_dbc(tmp_path))])
+    bus = {"interface": "no-such-interface", "channel": "x"}
+    source = DirectSource("bus", decoder.flows, [lambda tap: CanReader("can0", bus, decoder, tap)])
+    model = MonitorModel()
+    with source:
+
+        def failed() -> bool:
+            document, _ = source.document()
+            model.update(document)
+            return any(row.state == "failed" for row in model.health_rows())
+
+        wait_until(failed, 15, "the source to fail")
+    (row,) = [r for r in model.health_rows() if r.part == "can0 (can)"]
+    assert "last error:" in row.detail
+    assert "no-such-interface" in row.detail
+    assert model.signal_rows() == []
