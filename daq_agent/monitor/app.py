@@ -46,6 +46,7 @@ class MonitorApp(App[int]):
     """
 
     TITLE = "daq-agent monitor"
+    ENABLE_COMMAND_PALETTE = False  # the keys are the ones in the footer
     CSS = """
     #title { height: 1; background: $primary; color: $text; padding: 0 1; }
     #filter { height: 3; }
