@@ -161,6 +161,7 @@ class AgentSource:
             with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
                 body = response.read()
         except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response
             hint = " (an agent without /status.json?)" if exc.code == 404 else ""
             raise DaqError(f"{self.url}: HTTP {exc.code}{hint}") from exc
         except (OSError, ValueError) as exc:
