@@ -3,7 +3,7 @@
 Three ways in::
 
     daq-agent monitor --agent http://127.0.0.1:9100            a running agent (run --metrics-port)
-    daq-agent monitor --bus virtual:demo --dbc bench.dbc       a bus, read directly
+    daq-agent monitor --bus socketcan:can0 --dbc bench.dbc     a bus, read directly
     daq-agent monitor --interface udp_multicast --channel 239.74.163.2 --dbc bench.dbc
     daq-agent monitor --log run.blf --dbc bench.dbc [--fast]   a log (BLF, ASC, candump -L, …)
     daq-agent monitor --config agent.yaml                      the config's sources, read directly
@@ -51,7 +51,7 @@ def add_subparser(subparsers: Any) -> None:
         help="a running agent's metrics address (run --metrics-port): http://127.0.0.1:PORT",
     )
     where.add_argument(
-        "--bus", metavar="INTERFACE:CHANNEL", help="read this bus directly (virtual:demo)"
+        "--bus", metavar="INTERFACE:CHANNEL", help="read this bus directly (socketcan:can0)"
     )
     where.add_argument("--interface", help="read a python-can interface directly")
     where.add_argument(
@@ -198,7 +198,7 @@ def _bus_source(args: argparse.Namespace) -> Any:
     if args.bus is not None:
         interface, sep, channel = args.bus.partition(":")
         if not sep or not interface or not channel:
-            raise ConfigError(f"--bus {args.bus!r}: expected INTERFACE:CHANNEL (virtual:demo)")
+            raise ConfigError(f"--bus {args.bus!r}: expected INTERFACE:CHANNEL (socketcan:can0)")
         kwargs.update(interface=interface, channel=channel)
     else:
         kwargs["interface"] = args.interface

@@ -203,7 +203,7 @@ class DirectSource:
     """Readers of the monitor's own (a bus, a log) feeding a tap; nothing is stored or sent.
 
     Args:
-        title: what the header says (``bus virtual:demo``, ``log run.blf``).
+        title: what the header says (``bus socketcan:can0``, ``log run.blf``).
         flows: the flows of the readers (names the values).
         builders: one per reader, called at :meth:`start` with the tap.
     """
