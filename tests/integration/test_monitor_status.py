@@ -169,15 +169,13 @@ def test_pilot_filter_sort_pause_and_quit_on_a_bus_read_directly(
     source = DirectSource("bus", decoder.flows, [lambda tap: CanReader("can0", bus, decoder, tap)])
 
     async def drive() -> int | None:
-        app = MonitorApp(source, refresh_s=0.05)
+        app = MonitorApp(source, refresh_s=0.1)
         async with app.run_test(size=(150, 40)) as pilot:
             table = app.query_one("#signals", DataTable)
-            for _ in range(200):
-                sender.send(PACK)
-                sender.send(TEMPS)
-                await pilot.pause(0.02)
+            for _ in range(100):
                 if table.row_count == 4:
                     break
+                await pilot.pause(0.1)
             assert table.row_count == 4
             names = [table.get_row_at(i)[1] for i in range(4)]
             assert names == ["ContactorState", "Gear", "PackVoltage", "CoolantTemp"]
@@ -199,7 +197,15 @@ def test_pilot_filter_sort_pause_and_quit_on_a_bus_read_directly(
         return app.return_value
 
     with source:
-        source.readers[0].wait_state(ReaderState.RUNNING, timeout=10.0)
+        assert source.readers[0].wait_state(ReaderState.RUNNING, timeout=10.0)
+
+        def four_channels() -> bool:
+            sender.send(PACK)
+            sender.send(TEMPS)
+            document, _ = source.document()
+            return document is not None and len(document["channels"]) == 4
+
+        wait_until(four_channels, 15, "the four channels in the tap")
         assert asyncio.run(drive()) == 0
 
 
