@@ -84,3 +84,41 @@ def test_config_sources_are_read_directly_with_their_names(tmp_path: Path, chann
     assert borrowed.tap.flow_names == ["rear.Pack", "rear.Temps"]
     with pytest.raises(ConfigError, match="no bus 'middle'"):
         source_for("--config", str(config), "--log", str(dbc), "--name", "middle")
+
+
+GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
+
+
+def test_a_config_serial_device_is_read_directly(tmp_path: Path) -> None:
+    """``--config C`` with a serial device (a pty): its NMEA sentences show as the device's
+    flow values, with their units and value labels."""
+    import os
+
+    defs = Path(__file__).resolve().parents[2] / "configs" / "serial" / "gps_nmea.yaml"
+    master, slave = os.openpty()
+    try:
+        config = tmp_path / "agent.yaml"
+        config.write_text(
+            f"asset: a\nstate_dir: {tmp_path / 'state'}\n"
+            f"serial:\n  - {{name: gps, port: '{os.ttyname(slave)}', baudrate: 115200,"
+            f" defs: {defs}}}\n"
+        )
+        source = source_for("--config", str(config))
+        assert isinstance(source, DirectSource)
+        with source:
+
+            def latitude() -> dict[str, dict]:
+                os.write(master, GGA)
+                document, _ = source.document()
+                assert document is not None
+                return {c["name"]: c for c in document["channels"] if c["flow"] == "gps.gga"}
+
+            wait_until(lambda: "latitude" in latitude(), 15, "the GGA latitude")
+            values = latitude()
+            assert abs(values["latitude"]["value"] - 48.1173) < 1e-4
+            assert values["latitude"]["unit"] == "deg"
+            assert values["altitude"]["value"] == 545.4
+            assert (values["fix_quality"]["value"], values["fix_quality"]["label"]) == (1, "gps")
+    finally:
+        os.close(master)
+        os.close(slave)
