@@ -12,6 +12,8 @@ read           ``udp``: python-can ``udp_multicast`` ``recv`` (datagrams queued 
 decode         ``CanDecoder.decode`` (lookup, unpack, scale, typed values in flow order)
 ring           ``put_many`` of each read's samples (bursts of 1024) + ``get_batch`` (4000)
 pack           ``pack_batch``: a batch of samples → one msgpack payload (the flusher)
+latest tap     ``LatestValues.observe`` of each batch (the flusher, for ``/status.json``):
+               ``kept`` the last sample per flow (always), ``counted`` also counted (while read)
 spool append   ``Spool.append`` with its group-commit fsync thread (every 0.1 s)
 spool read     ``Spool.read`` of what follows the sent sequence: ``warm`` from the recent-records
                cache (the steady state), ``cold`` from disk after a reopen (a backlog drain)
@@ -63,6 +65,7 @@ from daq_agent.decode.dbc import load_database
 from daq_agent.ingestion import IngestionService, use_sift_channel
 from daq_agent.ingestion.sift_stream import RequestBuilder, StreamLoop, StreamSettings, Window
 from daq_agent.pipeline.batch import RunRef, pack_batch, unpack_payloads
+from daq_agent.pipeline.latest import LatestValues
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.spool import Spool
 from daq_agent.readers.base import ReaderABC
@@ -230,6 +233,18 @@ def main(argv: list[str] | None = None) -> int:
             payloads[:] = [pack_batch(batch, run) for batch in batches]
 
         stages.time("pack (msgpack)", n, pack)
+        unwatched = LatestValues(decoder.flows, watch_s=60.0)
+        watched = LatestValues(decoder.flows, watch_s=None)
+
+        def tap(latest: LatestValues) -> Callable[[], None]:
+            def observe() -> None:
+                for batch in batches:
+                    latest.observe(batch)
+
+            return observe
+
+        stages.time("latest tap (kept)", n, tap(unwatched))
+        stages.time("latest tap (kept + counted)", n, tap(watched))
         spool_bytes = sum(len(p) for p in payloads)
         stages.notes["pack (msgpack)"] = f"{spool_bytes / n:.0f} B/sample"
 
@@ -355,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "process (read+decode)",
         "ring put_many + get_batch",
         "pack (msgpack)",
+        "latest tap (kept)",
         "spool append (+fsync thread)",
         "spool read (warm: cache)",
         "unpack (msgpack)",

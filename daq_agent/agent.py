@@ -45,6 +45,7 @@ from daq_agent.ingestion.legacy import decode_request
 from daq_agent.pipeline.batch import RunRef
 from daq_agent.pipeline.deadletter import DeadLetter
 from daq_agent.pipeline.flusher import Flusher, FlusherSettings, WindowStore
+from daq_agent.pipeline.latest import LatestValues
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.spool import Spool
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
@@ -349,6 +350,8 @@ class Agent:
         self.run_name = ""
         self.ring: RingBuffer[Sample] = RingBuffer(config.ring.capacity, config.ring.policy)
         self.flusher: Flusher | None = None
+        # the last sample of each flow the flusher took (the monitor's /status.json)
+        self.latest = LatestValues(self.plan.flows)
         self.readers: list[ReaderABC] = []
         self._stop_requested = threading.Event()
         self._started_at = time.monotonic()
@@ -496,6 +499,7 @@ class Agent:
             window=self._window if self._window is not None else self.spool,
             legacy=decode_request,
             dead_letter=DeadLetter(config.dead_letter_path),
+            latest=self.latest,
         )
         self.flusher.start()
         for source in self.plan.sources:

@@ -26,7 +26,7 @@ import re
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -313,8 +313,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif path in ("/healthz", "/readyz"):
             ok, reason = _verdict(owner.alive if path == "/healthz" else owner.ready)
             self._send(200 if ok else 503, f"{reason}\n".encode())
+        elif path in owner.json_routes:
+            self._send_json(owner.json_routes[path])
         else:
             self._send(404, b"not found\n")
+
+    def _send_json(self, document: Callable[[], Any]) -> None:
+        try:
+            body = json.dumps(document(), separators=(",", ":")).encode()
+        except Exception as exc:
+            log.warning("%s failed: %s: %s", self.path, type(exc).__name__, exc)
+            self._send(500, f"failed: {type(exc).__name__}\n".encode())
+            return
+        self._send(200, body, "application/json")
 
     def _send(
         self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
@@ -378,6 +389,8 @@ class MetricsServer:
         alive: the liveness check (``/healthz``).
         host: the address to bind (127.0.0.1 by default: not exposed to the network).
         port: the port; 0 picks a free one, read it from :attr:`port` after :meth:`start`.
+        json_routes: more paths, each served as the JSON of what its callable returns
+            (``/status.json``: :func:`daq_agent.status_json.status_route`).
     """
 
     def __init__(
@@ -387,8 +400,10 @@ class MetricsServer:
         alive: Check,
         host: str = "127.0.0.1",
         port: int = 0,
+        json_routes: Mapping[str, Callable[[], Any]] | None = None,
     ) -> None:
         self.ready = ready
+        self.json_routes = dict(json_routes or {})
         self.alive = alive
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentStatusCollector(status))

@@ -50,6 +50,7 @@ from daq_agent.core.memory import Trimmer, limit_arenas
 from daq_agent.metrics import MetricsServer, write_summary_json
 from daq_agent.pipeline.status import AgentStatus, SourceStats
 from daq_agent.readers.base import ReaderState
+from daq_agent.status_json import status_route
 from daq_agent.systemd import Notifier, Watchdog
 
 __all__ = ["ReloadFlag", "add_subparser", "drive_agent", "stop_signals"]
@@ -241,6 +242,7 @@ def _do_run(args: argparse.Namespace) -> int:
                 alive=lambda: agent.health() or True,
                 host=args.metrics_host,
                 port=args.metrics_port,
+                json_routes=status_route(agent.status, agent.latest),
             )
             try:
                 metrics.start()

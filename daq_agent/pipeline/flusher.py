@@ -62,6 +62,7 @@ from daq_agent.pipeline.batch import (
     unpack_payloads,
 )
 from daq_agent.pipeline.deadletter import DeadLetter
+from daq_agent.pipeline.latest import LatestValues
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.sink import Sink, SinkStream
 from daq_agent.pipeline.spool import SpoolRecord
@@ -360,6 +361,8 @@ class Flusher:
         dead_letter: where samples the server can never accept go (None: counted and logged
             only).
         rng: the random source of the back-off jitter.
+        latest: remembers the last sample of each flow taken (one update per batch, on the
+            writer thread), for the monitor.
 
     Raises:
         ConfigError: ``settings`` are invalid.
@@ -377,8 +380,10 @@ class Flusher:
         clock_ns: Callable[[], int] = time.time_ns,
         dead_letter: DeadLetter | None = None,
         rng: random.Random | None = None,
+        latest: LatestValues | None = None,
     ) -> None:
         self.ring = ring
+        self._latest = latest
         self.settings = settings or FlusherSettings()
         self.sink = sink
         self._run = run
@@ -597,6 +602,8 @@ class Flusher:
 
     def _append(self, batch: list[Sample]) -> None:
         self._last_append = time.monotonic()
+        if self._latest is not None:
+            self._latest.observe(batch)
         payload = pack_batch(batch, self._run)
         backlog = self._backlog
         count = len(batch)
