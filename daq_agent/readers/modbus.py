@@ -20,7 +20,7 @@ an *exception* is a Modbus exception response (per code name in ``exception_code
 ``ILLEGAL_ADDRESS``…); a *late reply* is a reply to a request that had already timed out. Over
 TCP it is recognised by its transaction id (pymodbus skips it; this reader counts it from the
 raw bytes pymodbus hands its ``trace_packet`` hook); over RTU, which has no transaction ids,
-bytes waiting before a request (after a timeout) are discarded as one late reply, so a late
+bytes waiting before a request are discarded as one late reply, so a late
 answer is never taken for the next request's. A refused or lost connection is a source failure:
 reported, backed off and reconnected.
 """
@@ -194,7 +194,6 @@ class ModbusReader(PollReaderABC):
         self._set_rates([g.group.rate_hz for g in self.codec.groups])
         self._client: ModbusBaseSyncClient | None = None
         self._tids = FramerSocket(DecodePDU(False))
-        self._timed_out = False
 
     @property
     def flows(self) -> list[FlowConfig]:
@@ -242,7 +241,6 @@ class ModbusReader(PollReaderABC):
             client.close()  # type: ignore[no-untyped-call]
             raise ReaderError(f"cannot connect to {self.url}")
         self._client = client
-        self._timed_out = False
         self._reset_schedule()
 
     def _close(self) -> None:
@@ -262,13 +260,12 @@ class ModbusReader(PollReaderABC):
         counters = self.counters.values
         stamp = self._now_ns()
         for number, block in enumerate(group.blocks):
-            if self._timed_out and self.target.framer == "rtu":
+            if self.target.framer == "rtu":
                 self._drain_rtu(client)
             counters["requests"] += 1
             try:
                 reply = _read(client, block.function, block.address, block.count, self.unit)
             except ModbusIOException:
-                self._timed_out = True
                 return PollFault.TIMEOUT
             except ConnectionException as exc:
                 raise ReaderError(f"{self.url}: {exc}") from exc
@@ -307,8 +304,8 @@ class ModbusReader(PollReaderABC):
         return data
 
     def _drain_rtu(self, client: ModbusBaseSyncClient) -> None:
-        """Discard what arrived after a timeout (RTU has no transaction id to tell it apart)."""
-        self._timed_out = False
+        """Discard what is waiting before a request: a late reply (RTU has no transaction id to
+        tell it from the next request's; one non-blocking check per request)."""
         port: Any = getattr(client, "socket", None)
         stale = b""
         try:
