@@ -78,10 +78,12 @@ def test_an_error_reply_is_a_decode_error() -> None:
         source="bogus.yaml",
     )
     out = Collected()
-    with ScpiSimulator(PSU) as sim:
-        with ScpiReader("psu", sim.path, asked, out, rate_hz=20, timeout_s=0.5) as reader:
-            wait_until(lambda: reader.counters.get("decode_errors") >= 2)
-            wait_until(lambda: len(out.of("psu.output")) >= 2)
+    with (
+        ScpiSimulator(PSU) as sim,
+        ScpiReader("psu", sim.path, asked, out, rate_hz=20, timeout_s=0.5) as reader,
+    ):
+        wait_until(lambda: reader.counters.get("decode_errors") >= 2)
+        wait_until(lambda: len(out.of("psu.output")) >= 2)
     assert out.of("psu.bogus") == []
     assert sim.queries["SYST:BOGUS?"] >= 2
     assert _balanced(reader)
@@ -94,7 +96,8 @@ def test_invalid_query_files_name_the_file_line_and_key() -> None:
         loads_query_file(text, source="psu.yaml")
     error = caught.value
     assert error.source == "psu.yaml"
-    assert error.key is not None and error.key.startswith("queries[0].reply.fields[0]")
+    assert error.key is not None
+    assert error.key.startswith("queries[0].reply.fields[0]")
     assert error.line == 17
 
 
@@ -141,7 +144,9 @@ def test_polled_devices_in_the_agent_reach_the_local_store(tmp_path: Path) -> No
     power = [s for s in stored if s.flow == "pm1.power"]
     state = [s for s in stored if s.flow == "pm1.state"]
     output = [s for s in stored if s.flow == "psu.output"]
-    assert power and state and output
+    assert power
+    assert state
+    assert output
     assert {s.values["voltage_an"] for s in power} == {231.25}
     assert {s.values["mode"] for s in state} == {1}
     assert {(s.values["voltage"], s.values["current"]) for s in output} == {(12.5, 0.75)}
