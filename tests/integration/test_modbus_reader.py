@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,24 @@ def test_a_refused_connection_never_kills_the_thread() -> None:
         assert reader.is_alive()
         assert reader.counters.get("opens") == 0
         assert "cannot connect" in reader.counters.last_error
+
+
+def test_simulate_modbus_command_serves_the_map() -> None:
+    """`daq-agent simulate modbus` prints its URL, serves pinned values, stops on SIGTERM."""
+    command = [sys.executable, "-m", "daq_agent.cli", "simulate", "modbus", "--map", str(PM_MAP)]
+    command += ["--port", "0", "--pin", "voltage_an=231.5", "--duration", "60"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert url.startswith("tcp://127.0.0.1:")
+        out = Collected()
+        pm = load_register_map(PM_MAP)
+        with ModbusReader("pm1", url, pm, out, rate_hz=20):
+            wait_until(lambda: len(out.of("pm1.power")) >= 2)
+        assert out.of("pm1.power")[0].values[0] == 231.5
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert "served" in err
