@@ -25,6 +25,7 @@ never dies. A subclass implements ``_open``/``_close`` and one poll hook::
 
 from __future__ import annotations
 
+import abc
 import enum
 import math
 import random
@@ -115,21 +116,21 @@ class PollReaderABC(ReaderABC):
     # -- for subclasses -------------------------------------------------------------------------
 
     @property
+    @abc.abstractmethod
     def flows(self) -> list[FlowConfig]:
         """One flow per poll group."""
-        raise NotImplementedError
 
     def _set_rates(self, rates: Sequence[float | None]) -> None:
         """The poll groups' rates (None: the device's); call once from the constructor."""
         self._periods = tuple(1.0 / (r or self.rate_hz) for r in rates)
 
+    @abc.abstractmethod
     def _poll(self, index: int) -> Sample | PollFault:
         """Ask poll group ``index`` once and return its sample, or why there is none.
 
         Raises:
             ReaderError: the connection failed (the device is reopened after a back-off).
         """
-        raise NotImplementedError
 
     def _now_ns(self) -> int:
         return self._clock()
