@@ -17,6 +17,11 @@ machine's speed drifts); medians and their ratio are reported:
 - ``plain``: one ``ModbusTcpClient`` calling ``read_holding_registers``/… for the same blocks in
   a loop, nothing decoded.
 
+Also reported: the client process's CPU time per register read (``time.process_time``; the
+server is another process), the poller's own cost, which the machine's load does not blur the
+way it blurs wall-clock rates (the client spends most of a round trip waiting in ``select`` for
+the server).
+
 Usage::
 
     .venv/bin/python benchmarks/modbus_poll.py [--seconds 2] [--rounds 5]
@@ -63,7 +68,7 @@ def start_server(map_path: Path) -> tuple[subprocess.Popen[str], str]:
     return process, url
 
 
-def run_poller(url: str, map_path: Path, seconds: float) -> float:
+def run_poller(url: str, map_path: Path, seconds: float) -> tuple[float, float]:
     count = [0]
 
     def sink(_sample: Sample) -> None:
@@ -78,18 +83,18 @@ def run_poller(url: str, map_path: Path, seconds: float) -> float:
                 raise SystemExit(f"the poller got nothing: {reader.counters.last_error}")
             time.sleep(0.001)
         start_values = reader.counters.get("values_read")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         time.sleep(seconds)
         values = reader.counters.get("values_read") - start_values
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         reader.stop()
     if reader.counters.get("timeouts") or reader.counters.get("exceptions"):
         raise SystemExit(f"faults during the run: {reader.counters.snapshot()}")
-    return values / elapsed
+    return values / elapsed, cpu / values * 1e6
 
 
-def run_plain(url: str, blocks: list[Block], seconds: float) -> float:
+def run_plain(url: str, blocks: list[Block], seconds: float) -> tuple[float, float]:
     host, port = url.removeprefix("tcp://").rsplit(":", 1)
     client = ModbusTcpClient(host, port=int(port), timeout=2.0, retries=0)
     if not client.connect():
@@ -103,7 +108,7 @@ def run_plain(url: str, blocks: list[Block], seconds: float) -> float:
     plan = [(calls[b.function], b.address, b.count) for b in blocks]
     values = 0
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         end = start + seconds
         while time.perf_counter() < end:
             for call, address, count in plan:
@@ -111,10 +116,10 @@ def run_plain(url: str, blocks: list[Block], seconds: float) -> float:
                 if reply.isError():
                     raise SystemExit(f"exception reply: {reply}")
                 values += count
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         client.close()  # type: ignore[no-untyped-call]
-    return values / elapsed
+    return values / elapsed, cpu / values * 1e6
 
 
 def main() -> int:
@@ -132,13 +137,15 @@ def main() -> int:
             process, url = start_server(map_path)
             try:
                 rounds = Rounds(["poller", "plain"])
+                cpu = Rounds(["poller", "plain"])
                 for index in range(args.rounds):
                     for side in rounds.order(index):
                         if side == "poller":
-                            rate = run_poller(url, map_path, args.seconds)
+                            rate, us = run_poller(url, map_path, args.seconds)
                         else:
-                            rate = run_plain(url, blocks, args.seconds)
+                            rate, us = run_plain(url, blocks, args.seconds)
                         rounds.add(side, rate)
+                        cpu.add(side, us)
             finally:
                 process.terminate()
                 process.wait(timeout=10)
@@ -147,7 +154,10 @@ def main() -> int:
                 f"registers/s median (min-max over {args.rounds} rounds): "
                 f"poller {rounds.median('poller'):,.0f} ({rounds.spread('poller')}), "
                 f"plain pymodbus {rounds.median('plain'):,.0f} ({rounds.spread('plain')}); "
-                f"ratio poller/plain {rounds.ratio('poller', 'plain'):.2f}"
+                f"ratio poller/plain {rounds.ratio('poller', 'plain'):.2f}; "
+                f"client CPU per register: poller {cpu.median('poller'):.1f} us, "
+                f"plain {cpu.median('plain'):.1f} us (ratio {cpu.ratio('poller', 'plain'):.2f})",
+                flush=True,
             )
     return 0
 
