@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -69,12 +70,19 @@ def start_server(map_path: Path) -> tuple[subprocess.Popen[str], str]:
 
 
 def run_poller(url: str, map_path: Path, seconds: float) -> tuple[float, float]:
+    """Registers/s and client CPU us per register of a ModbusReader polling unthrottled."""
     count = [0]
 
     def sink(_sample: Sample) -> None:
         count[0] += 1
 
-    reader = ModbusReader("bench", url, map_path, sink, rate_hz=1e6, timeout_s=2.0)
+    # every group unthrottled (the meter's state group has rate_hz: 1), so that the poller reads
+    # the very blocks the plain loop reads, in the same proportion
+    loaded = load_register_map(map_path)
+    rmap = dataclasses.replace(
+        loaded, groups=tuple(dataclasses.replace(g, rate_hz=None) for g in loaded.groups)
+    )
+    reader = ModbusReader("bench", url, rmap, sink, rate_hz=1e6, timeout_s=2.0)
     reader.start()
     try:
         deadline = time.monotonic() + 10

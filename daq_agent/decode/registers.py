@@ -22,8 +22,9 @@ decoder that turns the blocks' replies into the values of the group's sample::
             type: uint16
             bits: [{name: alarm, bit: 0}, {name: phase_seq, bit: 1, length: 2}]
 
-The format is documented in ``docs/devices.md``. Register values are converted by pymodbus
-(:meth:`ModbusClientMixin.convert_from_registers`), the library's own data-type table.
+The format is documented in ``docs/devices.md``. A block's registers are decoded with one
+``struct`` unpack, equal to pymodbus's :meth:`ModbusClientMixin.convert_from_registers` (which
+decodes points that overlap, and which the tests use as the oracle).
 """
 
 from __future__ import annotations
