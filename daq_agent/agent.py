@@ -72,6 +72,9 @@ _ERROR_COUNTERS = (
     "checksum_errors",
     "framing_errors",
     "unknown_frames",
+    # polled devices (issue 12)
+    "timeouts",
+    "exceptions",
 )
 
 
@@ -91,14 +94,15 @@ class SourcePlan:
 
     Attributes:
         name: the reader's name.
-        kind: ``can``, ``replay`` or ``serial``.
+        kind: ``can``, ``replay``, ``serial``, ``modbus`` or ``scpi``.
         bus: the bus or device alias (flow names).
         decoder: the bus's decoder (None for a serial device).
         databases: the database files (the frame-definition file of a serial device).
         options: the reader's settings (bus kwargs, the replay's path and pace, the serial port
             and line settings).
         flows: the flows of this source.
-        definitions: a serial device's loaded frame definitions.
+        definitions: a serial device's loaded frame definitions; a polled device's register map
+            or query file.
     """
 
     name: str
@@ -214,6 +218,8 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
                 definitions=definitions,
             )
         )
+    for polled in config.devices:
+        sources.append(_device_plan(polled, config.naming.serial_flow))
     flows: dict[str, FlowConfig] = {}
     owners: dict[str, str] = {}
     for source in sources:
@@ -237,6 +243,44 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
         client_key=client_key,
         fingerprint=fingerprint,
         warnings=tuple(warnings),
+    )
+
+
+def _device_plan(device: Any, template: str) -> SourcePlan:
+    """A polled device's plan: its map loaded and compiled (no connection yet).
+
+    Raises:
+        ConfigError: the map or query file does not load or compile.
+    """
+    options = {
+        "url": device.url,
+        "rate_hz": device.rate_hz,
+        "timeout_s": device.timeout_s,
+        "unit": device.unit,
+        "serial_options": dict(device.serial_options),
+    }
+    definitions: Any
+    flows: list[FlowConfig]
+    if device.kind == "modbus":
+        from daq_agent.decode.registers import RegisterCodec, load_register_map
+
+        definitions = load_register_map(device.map)
+        flows = RegisterCodec(definitions, device.name, template).flows
+    else:
+        from daq_agent.readers.scpi import load_query_file
+        from daq_agent.serialdefs.codec import SerialCodec
+
+        definitions = load_query_file(device.map)
+        flows = [SerialCodec(q.defs, device.name, template).flows[0] for q in definitions.queries]
+    return SourcePlan(
+        name=device.name,
+        kind=device.kind,
+        bus=device.name,
+        decoder=None,
+        databases=(device.map,),
+        options=options,
+        flows=tuple(flows),
+        definitions=definitions,
     )
 
 
@@ -544,6 +588,34 @@ class Agent:
                 sink,
                 flow_name_template=self.config.naming.serial_flow,
             )
+        if source.kind == "modbus":
+            from daq_agent.readers.modbus import ModbusReader
+
+            o = source.options
+            return ModbusReader(
+                source.name,
+                o["url"],
+                source.definitions,
+                sink,
+                unit=o["unit"],
+                rate_hz=o["rate_hz"],
+                timeout_s=o["timeout_s"],
+                flow_name_template=self.config.naming.serial_flow,
+            )
+        if source.kind == "scpi":
+            from daq_agent.readers.scpi import ScpiReader
+
+            o = source.options
+            return ScpiReader(
+                source.name,
+                o["url"],
+                source.definitions,
+                sink,
+                serial_options=o["serial_options"],
+                rate_hz=o["rate_hz"],
+                timeout_s=o["timeout_s"],
+                flow_name_template=self.config.naming.serial_flow,
+            )
         assert source.decoder is not None
         if source.kind == "can":
             from daq_agent.readers.can import CanReader
@@ -614,7 +686,7 @@ class Agent:
     def _not_live(self, plan: AgentPlan) -> str:
         """Why ``plan`` cannot be applied live ("" when it can)."""
         old, new = self.config, plan.config
-        sources = ("buses", "replay", "serial", "source")
+        sources = ("buses", "replay", "serial", "devices", "source")
         changed = [
             f.name
             for f in dataclasses.fields(AgentConfig)

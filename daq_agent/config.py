@@ -33,6 +33,11 @@ tuning of the ring buffer and the flusher::
       - {path: logs/drive.blf, bus: can0, realtime: false}
     serial:
       - {name: gps, port: /dev/ttyUSB0, baudrate: 9600, defs: serial/gps.yaml}
+    devices:                             # polled request/response devices (docs/devices.md)
+      - {name: pm1, kind: modbus, url: "tcp://10.0.0.5:502", unit: 1, rate_hz: 10,
+         timeout_s: 0.5, map: devices/pm_meter.yaml}
+      - {name: psu, kind: scpi, url: /dev/ttyUSB1, baudrate: 9600, rate_hz: 2,
+         map: devices/psu_scpi.yaml}
     ring: {capacity: 65536, policy: drop_oldest}      # or block
     flush: {max_batch: 2000, max_age_ms: 50, checkpoint_seconds: 1, checkpoint_records: 50000,
             checkpoint_timeout_s: 30, retry_initial_s: 0.2, retry_max_s: 10, auth_retry_s: 30,
@@ -69,6 +74,7 @@ __all__ = [
     "STATE_DIR_ENV",
     "AgentConfig",
     "BusConfig",
+    "DeviceConfig",
     "FlushConfig",
     "IdFilter",
     "LocalTarget",
@@ -219,6 +225,40 @@ class SerialConfig:
     stopbits: float = 1
     rtscts: bool = False
     xonxoff: bool = False
+    optional: bool = False
+
+
+DEVICE_KINDS: Final = ("modbus", "scpi")
+"""The kinds of polled device: a Modbus register map, or line queries (SCPI)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """A polled request/response device (issue 12): Modbus TCP/RTU or a line-query instrument.
+
+    Attributes:
+        name: the device alias, part of its flow names (``naming.serial_flow``: ``{device}``;
+            ``{frame}`` is the poll group or the reply's name).
+        kind: ``modbus`` or ``scpi``.
+        url: modbus: ``tcp://host:port``, ``rtu:///dev/ttyUSB0?baudrate=19200``,
+            ``rtu+tcp://host:port``; scpi: a pyserial URL or device path.
+        map: the register map (modbus) or query file (scpi), absolute.
+        rate_hz: polls per second of each group/query without a rate of its own.
+        timeout_s: the longest to wait for one reply.
+        unit: modbus: the unit (slave) id.
+        serial_options: scpi: the line settings given (``baudrate``, ``bytesize``, ``parity``,
+            ``stopbits``, ``rtscts``, ``xonxoff``).
+        optional: a device that may be absent: a run in which it never answered still exits 0.
+    """
+
+    name: str
+    kind: str
+    url: str
+    map: Path
+    rate_hz: float = 1.0
+    timeout_s: float = 1.0
+    unit: int = 1
+    serial_options: Mapping[str, Any] = field(default_factory=dict)
     optional: bool = False
 
 
@@ -429,6 +469,7 @@ class AgentConfig:
         buses: live CAN buses.
         replay: recorded logs played as buses.
         serial: serial devices.
+        devices: polled devices (Modbus, SCPI).
         ring: the ring buffer.
         flush: the flusher.
         naming: naming templates.
@@ -446,6 +487,7 @@ class AgentConfig:
     buses: tuple[BusConfig, ...] = ()
     replay: tuple[ReplayConfig, ...] = ()
     serial: tuple[SerialConfig, ...] = ()
+    devices: tuple[DeviceConfig, ...] = ()
     ring: RingConfig = field(default_factory=RingConfig)
     flush: FlushConfig = field(default_factory=FlushConfig)
     naming: NamingConfig = field(default_factory=NamingConfig)
@@ -455,9 +497,11 @@ class AgentConfig:
 
     @property
     def optional_sources(self) -> frozenset[str]:
-        """The names of the buses and serial devices marked ``optional: true``."""
+        """The names of the buses, serial and polled devices marked ``optional: true``."""
         return frozenset(
-            [b.name for b in self.buses if b.optional] + [d.name for d in self.serial if d.optional]
+            [b.name for b in self.buses if b.optional]
+            + [d.name for d in self.serial if d.optional]
+            + [d.name for d in self.devices if d.optional]
         )
 
     @property
@@ -473,7 +517,7 @@ class AgentConfig:
     @property
     def has_finite_sources_only(self) -> bool:
         """True when every source is a recorded log (the run ends when they end)."""
-        return bool(self.replay) and not self.buses and not self.serial
+        return bool(self.replay) and not self.buses and not self.serial and not self.devices
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -569,6 +613,7 @@ _TOP_KEYS: Final = frozenset(
         "buses",
         "replay",
         "serial",
+        "devices",
         "ring",
         "flush",
         "naming",
@@ -733,13 +778,15 @@ class _Parser:
         bus_by_name = {b.name: b for b in buses}
         replay = self.replays(top, bus_by_name)
         serial = self.serials(top)
+        devices = self.devices(top)
         self.unique_names(
             [(b.name, f"buses[{i}].name") for i, b in enumerate(buses)]
             + [(r.name, f"replay[{i}].name") for i, r in enumerate(replay)]
             + [(s.name, f"serial[{i}].name") for i, s in enumerate(serial)]
+            + [(d.name, f"devices[{i}].name") for i, d in enumerate(devices)]
         )
-        if not (buses or replay or serial):
-            raise self.error("no sources: configure buses, replay or serial", "buses")
+        if not (buses or replay or serial or devices):
+            raise self.error("no sources: configure buses, replay, serial or devices", "buses")
         client_key = self.string(top, "ingestion_client_key", "")
         if client_key is not None and not client_key.strip():
             raise self.error(
@@ -754,6 +801,7 @@ class _Parser:
             buses=buses,
             replay=replay,
             serial=serial,
+            devices=devices,
             ring=self.ring(top),
             flush=self.flush(top),
             naming=self.naming(top),
@@ -1025,6 +1073,68 @@ class _Parser:
                     stopbits=stopbits,
                     rtscts=self.boolean(entry, "rtscts", where, False),
                     xonxoff=self.boolean(entry, "xonxoff", where, False),
+                    optional=self.boolean(entry, "optional", where, False),
+                )
+            )
+        return tuple(out)
+
+    def devices(self, top: Mapping[str, Any]) -> tuple[DeviceConfig, ...]:
+        out: list[DeviceConfig] = []
+        common = {"name", "kind", "url", "map", "rate_hz", "timeout_s", "optional"}
+        allowed = {
+            "modbus": frozenset(common | {"unit"}),
+            "scpi": frozenset(
+                common | {"baudrate", "bytesize", "parity", "stopbits", "rtscts", "xonxoff"}
+            ),
+        }
+        for i, item in enumerate(self.sequence(top, "devices", "")):
+            where = f"devices[{i}]"
+            if not isinstance(item, Mapping):
+                raise self.error(f"must be a mapping, not {_kind(item)}", where)
+            kind = item.get("kind")
+            if kind not in DEVICE_KINDS:
+                raise self.error(
+                    f"must be one of {', '.join(DEVICE_KINDS)}, got {kind!r}", f"{where}.kind"
+                )
+            entry = self.mapping(item, where, allowed[kind])
+            url = self.required_string(entry, "url", where)
+            options: dict[str, Any] = {}
+            if kind == "modbus":
+                from daq_agent.readers.modbus import parse_modbus_url
+
+                try:
+                    parse_modbus_url(url)
+                except ConfigError as exc:
+                    raise self.error(exc.reason, f"{where}.url") from exc
+            else:
+                for key in ("baudrate", "bytesize"):
+                    if key in entry:
+                        options[key] = self.integer(entry, key, where, None, minimum=1)
+                if "parity" in entry:
+                    parity = (self.string(entry, "parity", where, "N") or "N").upper()[:1]
+                    if parity not in _PARITIES:
+                        raise self.error(
+                            f"must be one of {', '.join(_PARITIES)}", f"{where}.parity"
+                        )
+                    options["parity"] = parity
+                if "stopbits" in entry:
+                    stopbits = self.number(entry, "stopbits", where, 1.0)
+                    if stopbits not in (1.0, 1.5, 2.0):
+                        raise self.error("must be 1, 1.5 or 2", f"{where}.stopbits")
+                    options["stopbits"] = stopbits
+                for key in ("rtscts", "xonxoff"):
+                    if key in entry:
+                        options[key] = self.boolean(entry, key, where, False)
+            out.append(
+                DeviceConfig(
+                    name=self.name(entry, "name", where, None),
+                    kind=kind,
+                    url=url,
+                    map=self.existing_file(entry.get("map"), f"{where}.map"),
+                    rate_hz=self.number(entry, "rate_hz", where, 1.0),
+                    timeout_s=self.number(entry, "timeout_s", where, 1.0),
+                    unit=self.integer(entry, "unit", where, 1, minimum=0, maximum=247) or 0,
+                    serial_options=options,
                     optional=self.boolean(entry, "optional", where, False),
                 )
             )

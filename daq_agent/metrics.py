@@ -67,6 +67,8 @@ _ERROR_REASONS = (
     "checksum_errors",
     "framing_errors",
     "unknown_frames",
+    "timeouts",
+    "exceptions",
 )
 
 # The sink's metrics (SiftSink.metrics()): key → (name, help, is a counter).

@@ -5,7 +5,8 @@
 from the databases (see :mod:`daq_agent.sim.can`) and prints how many frames of each message it sent
 when it stops (duration, count, SIGINT or SIGTERM).
 
-``simulate serial ...`` is delegated to ``daq_agent.sim.serial``.
+``simulate serial ...`` is delegated to ``daq_agent.sim.serial``; ``simulate modbus ...`` and
+``simulate scpi ...`` to ``daq_agent.sim.modbus`` and ``daq_agent.sim.scpi`` (polled devices).
 """
 
 from __future__ import annotations
@@ -105,6 +106,53 @@ def add_subparser(subparsers: Any) -> None:
         )
         serial_sim.add_arguments(serial_parser)
         serial_parser.set_defaults(func=serial_sim.run)
+
+    # polled devices: the simulators (and pymodbus) are imported only when run
+    modbus = kinds.add_parser(
+        "modbus",
+        help="serve a Modbus register map (pymodbus server on TCP)",
+        description="Serve a register map with values that change over time; prints its URL.",
+    )
+    modbus.add_argument("--map", required=True, type=Path, help="register map YAML")
+    modbus.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
+    modbus.add_argument("--port", type=int, default=5020, help="TCP port (5020; 0: any)")
+    modbus.add_argument("--unit", type=int, default=1, help="unit id answered (1; 0: any)")
+    modbus.add_argument(
+        "--framer", choices=("socket", "rtu"), default="socket", help="Modbus TCP or RTU over TCP"
+    )
+    modbus.add_argument("--duration", type=float, default=None, metavar="S", help="seconds")
+    modbus.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="POINT=VALUE",
+        help="hold a point at a value (repeatable)",
+    )
+    modbus.set_defaults(func=_run_polled("modbus"))
+    scpi = kinds.add_parser(
+        "scpi",
+        help="answer the queries of a query file (SCPI) on a pty",
+        description="Answer line queries on a pseudo-terminal; prints its path.",
+    )
+    scpi.add_argument("--queries", required=True, type=Path, help="query file YAML")
+    scpi.add_argument("--duration", type=float, default=None, metavar="S", help="seconds")
+    scpi.add_argument("--seed", type=int, default=0, help="waveform seed (0)")
+    scpi.set_defaults(func=_run_polled("scpi"))
+
+
+def _run_polled(kind: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            module = importlib.import_module(f"daq_agent.sim.{kind}")
+        except ImportError as exc:
+            return int(_serial_unavailable(exc)(args))
+        try:
+            return int(module.run(args))
+        except (ConfigError, ReaderError) as exc:
+            print(f"daq-agent simulate {kind}: {exc}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def _do_missing_kind(_args: argparse.Namespace) -> int:

@@ -40,6 +40,8 @@ ERROR_KINDS: tuple[str, ...] = (
     "checksum_errors",  # serial: a frame whose checksum does not match
     "framing_errors",  # serial: bytes that do not frame (garbage, a truncated frame)
     "unknown_frames",  # serial: a frame type the definitions do not know
+    "timeouts",  # polled device: no complete reply in time
+    "exceptions",  # polled device: a Modbus exception response
 )
 """The reader counters that make up a source's ``errors``, by kind."""
 

@@ -1,4 +1,5 @@
-"""Readers: one thread per source (CAN bus, serial port, recorded log), a table of reader kinds.
+"""Readers: one thread per source (CAN bus, serial port, polled device, recorded log), a table of
+reader kinds.
 
 The concrete readers are imported lazily (``from daq_agent.readers import CanReader`` imports
 python-can only then); :func:`get_reader_class` resolves a kind from :data:`BACKENDS`.
@@ -22,7 +23,9 @@ from daq_agent.readers.base import (
 
 if TYPE_CHECKING:
     from daq_agent.readers.can import CanReader
+    from daq_agent.readers.modbus import ModbusReader
     from daq_agent.readers.replay import ReplayReader
+    from daq_agent.readers.scpi import ScpiReader
     from daq_agent.readers.serial import SerialReader
 
 __all__ = [
@@ -30,17 +33,25 @@ __all__ = [
     "CanReader",
     "ErrorCallback",
     "KeyedCounter",
+    "ModbusReader",
     "ReaderABC",
     "ReaderCounters",
     "ReaderState",
     "ReplayReader",
+    "ScpiReader",
     "SerialReader",
     "Sink",
     "describe",
     "get_reader_class",
 ]
 
-_LAZY = {"CanReader": "can", "ReplayReader": "replay", "SerialReader": "serial"}
+_LAZY = {
+    "CanReader": "can",
+    "ModbusReader": "modbus",
+    "ReplayReader": "replay",
+    "ScpiReader": "scpi",
+    "SerialReader": "serial",
+}
 
 
 def __getattr__(name: str) -> Any:

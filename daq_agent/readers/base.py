@@ -95,13 +95,17 @@ OTHER_KEY: Final = "other"
 
 BACKENDS: dict[str, str] = {
     "can": "daq_agent.readers.can:CanReader",
+    "modbus": "daq_agent.readers.modbus:ModbusReader",
     "replay": "daq_agent.readers.replay:ReplayReader",
+    "scpi": "daq_agent.readers.scpi:ScpiReader",
     "serial": "daq_agent.readers.serial:SerialReader",
 }
 """Reader kinds, each ``"module:Class"``, imported lazily by :func:`get_reader_class`."""
 
 _INSTALL_HINTS: Final = {
     "can": "python-can",
+    "modbus": "pymodbus",
+    "scpi": "pyserial",
     "replay": "python-can (and asammdf for MF4 logs)",
     "serial": "pyserial",
 }
