@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -96,6 +97,8 @@ class DemoResult:
     sent: int | None
     stored: int
     per_flow: dict[str, int]
+    db_path: Path | None = None
+    run_name: str = ""
 
     @property
     def ok(self) -> bool:
@@ -134,7 +137,27 @@ class DemoResult:
             else f"FAILED: {s.decoded} decoded, {self.stored} stored"
         )
         lines.append(verdict)
+        lines.extend(self.next_steps())
         return lines
+
+    def next_steps(self) -> list[str]:
+        """How to look at what was stored: the browsing commands, with this run's names."""
+        if self.db_path is None:
+            return []
+        db = shlex.quote(str(self.db_path))
+        run = f" --run {shlex.quote(self.run_name)}" if self.run_name else ""
+        busiest = max(self.per_flow, key=lambda flow: self.per_flow[flow], default="")
+        flow = f" --flow {shlex.quote(busiest)}" if busiest else ""
+        return [
+            "",
+            "Look at what was stored:",
+            f"  daq-agent runs --db {db}",
+            f"  daq-agent channels --db {db}{run}",
+            f"  daq-agent export --db {db}{run}{flow} --wide",
+            f"  daq-agent export --db {db}{run} --format parquet --output demo-parquet/",
+            f"  daq-agent plot --db {db}{run} --channel 'Pack*' --output demo.png",
+            "  daq-agent monitor --config configs/demo.yaml   (live, while a simulator runs)",
+        ]
 
 
 def _simulator_command(config: AgentConfig, rate: float | None, duration: float) -> list[str]:
@@ -322,7 +345,14 @@ def run_demo(
     with Store.open(target.db_path, readonly=True) as store:
         stored = store.count_samples(run_id=agent.run_id) if agent.run_id else store.count_samples()
         per_flow = store.flow_counts(run_id=agent.run_id or None)
-    return DemoResult(status=final, sent=sent, stored=stored, per_flow=per_flow)
+    return DemoResult(
+        status=final,
+        sent=sent,
+        stored=stored,
+        per_flow=per_flow,
+        db_path=target.db_path,
+        run_name=agent.run_name or "",
+    )
 
 
 def _do_demo(args: argparse.Namespace) -> int:

@@ -405,7 +405,7 @@ def build_figure(series: Sequence[Series], title: str, *, group_by_unit: bool = 
         raise DaqError(f"no samples of {names} in the selected run and time range")
     origin = min(starts)
     span_s = (max(item.times_ns[-1] for item in series if item.times_ns) - origin) / 1e9
-    unit, scale = _time_unit(span_s)
+    time_unit, scale = _time_unit(span_s)
     groups = _groups(series, group_by_unit)
     figure = Figure(figsize=(11, 1.2 + 2.0 * len(groups)), layout="constrained")
     axes = figure.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
@@ -428,7 +428,7 @@ def build_figure(series: Sequence[Series], title: str, *, group_by_unit: bool = 
             ax.legend(loc="upper right", fontsize=7)
         else:
             ax.set_title(first.label, loc="left", fontsize=9)
-    axes[-1].set_xlabel(f"time [{unit}] since {iso_timestamp(origin)}")
+    axes[-1].set_xlabel(f"time [{time_unit}] since {iso_timestamp(origin)}")
     figure.suptitle(title)
     return figure
 
