@@ -7,10 +7,10 @@ into the local server, runs ``drive-1`` and ``drive-2``.
 
 from __future__ import annotations
 
-import re
 import csv
 import io
 import json
+import re
 import sqlite3
 import threading
 import xml.etree.ElementTree as ET
