@@ -380,9 +380,8 @@ def test_plot_store_draws_each_channel_enums_as_labelled_steps(
     }
     assert ticks == {-1: "Reverse", 0: "Neutral", 1: "Drive", 2: "Sport"}
     assert list(axes[3].get_lines()[0].get_ydata()) == drive.lat_b
-    assert re.match(r"time \[(s|min|h)\] since \d{4}-", axes[-1].get_xlabel()), axes[
-        -1
-    ].get_xlabel()
+    xlabel = axes[-1].get_xlabel()
+    assert re.match(r"time \[(s|min|h)\] since \d{4}-", xlabel), xlabel
     assert figure.get_suptitle() == "run drive-1"
     png = tmp_path / "plot.png"
     save_figure(figure, png)
