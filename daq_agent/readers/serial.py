@@ -29,7 +29,8 @@ Counters (``reader.counters``), named like the CAN reader's where they mean the 
 ``received`` (= ``decoded`` + ``unknown`` + ``checksum_errors`` + ``framing_errors`` +
 ``decode_errors``; a framing error is one run of bytes that was not a frame), ``decoded``,
 ``unknown`` (frame types no definition knows; per id in the bounded map ``unknown_ids``),
-``bytes``, ``dropped_bytes``, plus the base reader's ``opens``, ``reopens``, ``failures`` and
+``bytes``, ``dropped_bytes``, ``missing_checksums`` (of ``decode_errors``, the NMEA sentences
+without a checksum), plus the base reader's ``opens``, ``reopens``, ``failures`` and
 ``sink_errors``.
 """
 
@@ -192,6 +193,7 @@ class SerialReader(ReaderABC):
         "decode_errors",
         "bytes",
         "dropped_bytes",
+        "missing_checksums",
     )
     """``received = decoded + unknown + checksum_errors + framing_errors + decode_errors``
     (a framing error is one run of bytes that was not a frame); the names match the CAN reader's

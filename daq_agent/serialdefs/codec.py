@@ -35,7 +35,7 @@ from daq_agent.core.model import (
 )
 from daq_agent.core.sample import Value
 from daq_agent.serialdefs.checksums import FrameChecksum
-from daq_agent.serialdefs.framing import Framer, make_framer
+from daq_agent.serialdefs.framing import Framer, NmeaFramer, make_framer
 from daq_agent.serialdefs.model import (
     FIXED_SIZE_TYPES,
     BitDef,
@@ -72,6 +72,8 @@ class FrameFault(enum.IntEnum):
     """The discriminator (id, sentence, pattern) matches no frame type."""
     DECODE = 3
     """The frame is too short, not text, or a field does not parse."""
+    NO_CHECKSUM = 4
+    """NMEA: the sentence has no ``*hh`` checksum and the definitions require one."""
 
 
 Decoded = tuple["CompiledFrame", tuple[Value, ...]]
@@ -246,6 +248,8 @@ class SerialCodec:
 
     def make_framer(self, byte_ns: int = 0) -> Framer:
         """A new framer for these definitions (checksum-aware for sync framings)."""
+        if self.defs.format is FormatKind.NMEA:
+            return NmeaFramer(self.defs.framing.max_length, byte_ns)
         accept = self._checksum.verify if self._checksum is not None else None
         return make_framer(self.defs.framing, accept=accept, byte_ns=byte_ns)
 
@@ -294,6 +298,28 @@ class SerialCodec:
         if fmt is FormatKind.KEY_VALUE:
             return self._decode_kv(line)
         return self._decode_regex(line)
+
+    def describe_fault(self, frame: bytes, fault: FrameFault) -> str:
+        """A one-line account of why ``frame`` did not decode, for people (the ``decode``
+        command): text frames are shown as text, binary ones in hex."""
+        name = {
+            FrameFault.CHECKSUM: "checksum",
+            FrameFault.UNKNOWN_TYPE: "unknown type",
+            FrameFault.DECODE: "decode",
+            FrameFault.NO_CHECKSUM: "no checksum",
+        }[fault]
+        if not self.defs.format.is_text:
+            detail = f" (id {self.last_unknown!r})" if fault is FrameFault.UNKNOWN_TYPE else ""
+            return f"{name}{detail}: {frame.hex(' ')}"
+        text = frame.decode(self.defs.text_encoding, errors="backslashreplace").strip()
+        shown = repr(text)[1:-1] if not text.isprintable() else text
+        detail = ""
+        if fault is FrameFault.UNKNOWN_TYPE:
+            detail = f" (id {self.last_unknown!r})"
+        elif fault is FrameFault.CHECKSUM and self.defs.format is FormatKind.NMEA:
+            body, _, given = text.lstrip("$!").partition("*")
+            detail = f" (*{given} given, *{nmea_checksum(body):02X} computed)"
+        return f"{name}{detail}: {shown}"
 
     def decode_or_raise(self, frame: bytes) -> Decoded:
         """Like :meth:`decode` (checksum included) but raising on a bad frame.
@@ -402,17 +428,16 @@ class SerialCodec:
         if start < 0:
             return FrameFault.DECODE
         body = line[start + 1 :]
-        star = body.rfind("*")
+        star = body.find("*")
         if star >= 0:
-            given = body[star + 1 : star + 3]
+            given = body[star + 1 :]
             body = body[:star]
-            try:
-                if int(given, 16) != nmea_checksum(body):
-                    return FrameFault.CHECKSUM
-            except ValueError:
+            if len(given) != 2 or given not in _HEX_BYTES[nmea_checksum(body)]:
                 return FrameFault.CHECKSUM
         elif self.defs.require_checksum:
-            return FrameFault.CHECKSUM
+            return FrameFault.NO_CHECKSUM
+        if not body.isprintable():
+            return FrameFault.DECODE
         parts = body.split(",")
         address = parts[0]
         compiled = self._by_id.get(address) or self._by_id.get(address[2:])
@@ -567,6 +592,8 @@ class SerialCodec:
 
 
 _I32_MAX: Final = (1 << 31) - 1
+_HEX_BYTES: Final = tuple(frozenset({f"{i:02X}", f"{i:02x}"}) for i in range(256))
+"""The two spellings of each checksum value (NMEA uses upper case; some devices do not)."""
 
 
 def _from_u32_key(key: int, item: FieldDef) -> int:
@@ -863,30 +890,38 @@ def _compile_text(
         post = tuple(_bit_extractor(c) for c in by_field[id(item)]) if item.bits else ()
         steps.append((position, parse, post))
     nmea = defs.format is FormatKind.NMEA
+    if defs.format in (FormatKind.KEY_VALUE, FormatKind.REGEX):
+
+        def decode_mapping(parts: Any) -> tuple[Value, ...]:
+            out: list[Value] = []
+            for position, parse, post in steps:
+                text = parts.get(position)
+                value: Value = None if text is None or text == "" else parse(text)
+                if post:
+                    out.extend(p(value) for p in post)
+                else:
+                    out.append(value)
+            return tuple(out)
+
+        return decode_mapping
+    # columns: (index, parse, post, reads two columns)
+    columns = [
+        (int(position), parse, post, nmea and parse in _TWO_PART) for position, parse, post in steps
+    ]
 
     def decode(parts: Any) -> tuple[Value, ...]:
         out: list[Value] = []
-        mapping = isinstance(parts, Mapping)
-        count = 0 if mapping else len(parts)
-        for position, parse, post in steps:
-            if mapping:
-                text = parts.get(position)
-            else:
-                assert isinstance(position, int)
-                if position >= count:
-                    text = None
-                elif nmea and parse in _TWO_PART:
-                    text = (
-                        parts[position]
-                        + ","
-                        + (parts[position + 1] if position + 1 < count else "")
-                    )
-                else:
-                    text = parts[position]
-            if text is None or text == "" or text == ",":
+        count = len(parts)
+        for position, parse, post, two in columns:
+            if position >= count:
                 value: Value = None
             else:
-                value = parse(text)
+                text = parts[position]
+                if two:
+                    second = parts[position + 1] if position + 1 < count else ""
+                    value = None if text == "" and second == "" else parse(text + "," + second)
+                else:
+                    value = None if text == "" else parse(text)
             if post:
                 out.extend(p(value) for p in post)
             else:

@@ -416,6 +416,11 @@ class _Parser:
                 terminator = _bytes(spec, "terminator", where, b"\n")
             if not terminator:
                 raise ConfigError("must not be empty", key=f"{where}.terminator")
+            if fmt is FormatKind.NMEA and terminator not in (b"\r\n", b"\n", b"\r"):
+                raise ConfigError(
+                    "NMEA sentences end with CR LF, LF or CR (all three are accepted; omit it)",
+                    key=f"{where}.terminator",
+                )
         sync = _bytes(spec, "sync", where, b"")
         length = 0
         length_field = None

@@ -24,6 +24,7 @@ COUNTER_NAMES: Final = (
     "unknown_types",
     "decode_errors",
     "dropped_bytes",
+    "missing_checksums",
 )
 """The counters of :meth:`FrameStream.counters`, in a stable order."""
 
@@ -45,7 +46,9 @@ class FrameStream:
         bytes: bytes fed.
         frames: frames decoded into samples.
         unknown_types: frames whose id matched no frame type.
-        decode_errors: frames too short, not text, or with a field that does not parse.
+        decode_errors: frames too short, not text, or with a field that does not parse (and
+            NMEA sentences without the checksum the definitions require).
+        missing_checksums: of ``decode_errors``, the NMEA sentences without a checksum.
         unknown_ids: frames per unknown id (bounded).
     """
 
@@ -59,6 +62,7 @@ class FrameStream:
         "bytes",
         "decode_errors",
         "frames",
+        "missing_checksums",
         "unknown_ids",
         "unknown_types",
         "verified_checksum_errors",
@@ -76,6 +80,7 @@ class FrameStream:
         self.unknown_types = 0
         self.decode_errors = 0
         self.verified_checksum_errors = 0
+        self.missing_checksums = 0
         self.unknown_ids: dict[object, int] = {}
 
     @property
@@ -164,3 +169,5 @@ class FrameStream:
             ids[key] = ids.get(key, 0) + 1
         else:
             self.decode_errors += 1
+            if fault is FrameFault.NO_CHECKSUM:
+                self.missing_checksums += 1

@@ -252,7 +252,11 @@ def test_decode_stream_nmea_json(tmp_path: Path) -> None:
     assert first["flow"] == "gps.gga"
     assert first["fields"]["satellites"] == 8
     assert first["fields"]["dgps_age"] is None
-    assert second == {"error": "checksum", "raw": second["raw"]}
+    assert second == {
+        "error": "checksum",
+        "raw": capture.splitlines()[1].hex(),
+        "text": "$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*00",
+    }
 
 
 def test_decode_stream_bad_defs_raise(tmp_path: Path) -> None:
