@@ -186,7 +186,8 @@ class ChannelWave:
             keys = channel.keys
             return keys[(index // 25) % len(keys)] if keys else 0
         if kind == "string":
-            return "sim"
+            # text devices: a one-letter status (NMEA status/mode: "A", valid / autonomous)
+            return "A" if self._digits is not None and channel.field.type == "string" else "sim"
         if kind == "bytes":
             return bytes((index + i) & 0xFF for i in range(channel.field.size))
         now = dt.datetime.now(dt.UTC)
