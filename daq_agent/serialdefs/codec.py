@@ -18,6 +18,7 @@ that the caller counts.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import math
 import re
@@ -120,6 +121,7 @@ class CompiledFrame:
         "flow",
         "min_length",
         "timestamp_index",
+        "timestamp_parts",
     )
 
     def __init__(
@@ -137,6 +139,8 @@ class CompiledFrame:
         self._decode = decode
         self.min_length = min_length
         self.timestamp_index = timestamp_index
+        self.timestamp_parts: tuple[tuple[str, int], ...] = ()
+        """(role, value index) of a timestamp built from date and time fields."""
 
     @property
     def name(self) -> str:
@@ -176,12 +180,15 @@ class SerialCodec:
     """
 
     __slots__ = (
+        "_anchor",
         "_by_id",
         "_checksum",
         "_disc",
+        "_last_counter",
         "_only",
         "_regexes",
         "_verify",
+        "_wraps",
         "defs",
         "device",
         "frames",
@@ -227,6 +234,9 @@ class SerialCodec:
             self._only = None
         self.last_unknown: object = None
         """The id of the last frame that matched no frame type (for per-id counting)."""
+        self._anchor: int | None = None
+        self._last_counter: float | None = None
+        self._wraps = 0
 
     # -- public ------------------------------------------------------------------------------
 
@@ -253,17 +263,48 @@ class SerialCodec:
         accept = self._checksum.verify if self._checksum is not None else None
         return make_framer(self.defs.framing, accept=accept, byte_ns=byte_ns)
 
-    def device_time_ns(self, compiled: CompiledFrame, values: Sequence[Value]) -> int | None:
-        """The device timestamp of a decoded frame (None: the frame has none or it is empty)."""
+    def device_time_ns(
+        self, compiled: CompiledFrame, values: Sequence[Value], host_ns: int = 0
+    ) -> int | None:
+        """The device timestamp of a decoded frame (None: the frame has none, it is empty, or
+        its date and time fields do not make a valid UTC time).
+
+        Args:
+            compiled: the frame's type.
+            values: its decoded values.
+            host_ns: its host receive time (anchors a device clock with ``epoch: host``).
+        """
         index = compiled.timestamp_index
         if index < 0:
             return None
+        spec = self.defs.timestamp
+        assert spec is not None
+        if compiled.timestamp_parts:
+            return _utc_from_parts(compiled.timestamp_parts, values)
         value = values[index]
         if value is None or isinstance(value, str | bytes):
             return None
-        spec = self.defs.timestamp
-        assert spec is not None
-        return spec.epoch_ns + round(float(value) * spec.unit_ns)
+        if spec.rollover is not None:
+            value = self._unwrap(float(value), spec.rollover)
+        stamp = spec.epoch_ns + round(float(value) * spec.unit_ns)
+        if spec.epoch_host:
+            if self._anchor is None:
+                self._anchor = host_ns - stamp
+            stamp += self._anchor
+        return stamp
+
+    def _unwrap(self, value: float, rollover: int) -> float:
+        last = self._last_counter
+        if last is not None and value < last:
+            self._wraps += 1
+        self._last_counter = value
+        return value + self._wraps * rollover
+
+    def reset_device_clock(self) -> None:
+        """Forget the device clock's anchor and wraps (the device was reopened or restarted)."""
+        self._anchor = None
+        self._last_counter = None
+        self._wraps = 0
 
     def decoder(self) -> Callable[[bytes], Decoded | FrameFault]:
         """The fastest equivalent of :meth:`decode` for these definitions (no format dispatch)."""
@@ -378,15 +419,24 @@ class SerialCodec:
             else:
                 channels.append(_field_channel(item))
         timestamp_index = -1
-        if self.defs.timestamp is not None:
-            for i, channel in enumerate(channels):
-                if channel.bit is None and channel.name == self.defs.timestamp.field:
-                    timestamp_index = i
+        parts: list[tuple[str, int]] = []
+        stamp = self.defs.timestamp
+        if stamp is not None:
+            index_of = {c.name: i for i, c in enumerate(channels) if c.bit is None}
+            if stamp.parts:
+                found = [(role, index_of.get(name, -1)) for role, name in stamp.parts]
+                if all(i >= 0 for _, i in found):  # frames without all of them: host time
+                    parts = found
+                    timestamp_index = found[0][1]
+            else:
+                timestamp_index = index_of.get(stamp.field, -1)
         if self.defs.format is FormatKind.BINARY:
             decode, min_length = _compile_binary(frame, tuple(channels), self.defs)
         else:
             decode, min_length = _compile_text(frame, tuple(channels), self.defs), 0
-        return CompiledFrame(frame, flow, tuple(channels), decode, min_length, timestamp_index)
+        compiled = CompiledFrame(frame, flow, tuple(channels), decode, min_length, timestamp_index)
+        compiled.timestamp_parts = tuple(parts)
+        return compiled
 
     def _framer_for_encoding(self) -> Framer:
         return make_framer(self.defs.framing)
@@ -505,8 +555,6 @@ class SerialCodec:
             code, _ = FIXED_SIZE_TYPES[lf.type]
             struct.pack_into(lf.byte_order.struct_prefix + code, buf, lf.at, size - lf.adjust)
         for item in frame.fields:
-            code = _struct_code(item)
-            fmt = item.byte_order.struct_prefix + code
             if item.bits:
                 raw = 0
                 for bit in item.bits:
@@ -517,7 +565,7 @@ class SerialCodec:
                     raw |= bits << bit.start
                 if not item.type.startswith("u") and raw >= 1 << (item.width * 8 - 1):
                     raw -= 1 << (item.width * 8)
-                struct.pack_into(fmt, buf, item.at, raw)
+                _pack_field(item, buf, raw)
                 continue
             value = values.get(item.name)
             if item.type in ("string", "bytes"):
@@ -527,15 +575,15 @@ class SerialCodec:
                     data = str(value or "").encode(defs.text_encoding)
                 else:
                     data = bytes(value) if isinstance(value, bytes | bytearray) else b""
-                struct.pack_into(fmt, buf, item.at, data)
+                _pack_field(item, buf, data)
             elif item.type == "bool":
-                struct.pack_into(fmt, buf, item.at, bool(value))
+                _pack_field(item, buf, bool(value))
             else:
                 integer = item.type in _INT_TYPES
                 raw_value = _raw_from_physical(value, item.scale, item.offset, integer)
                 if integer and item.values and isinstance(raw_value, int) and raw_value > _I32_MAX:
                     raw_value = _from_u32_key(raw_value, item)
-                struct.pack_into(fmt, buf, item.at, raw_value)
+                _pack_field(item, buf, raw_value)
         if self._checksum is not None:
             self._checksum.apply(buf)
         return bytes(buf)
@@ -599,6 +647,34 @@ _HEX_BYTES: Final = tuple(frozenset({f"{i:02X}", f"{i:02x}"}) for i in range(256
 def _from_u32_key(key: int, item: FieldDef) -> int:
     """An enum key sent as a 32-bit two's complement, back to the negative raw value."""
     return key - (1 << 32) if not item.type.startswith("u") else key
+
+
+_EPOCH_DAY: Final = dt.date(1970, 1, 1).toordinal()
+
+
+def _utc_from_parts(parts: tuple[tuple[str, int], ...], values: Sequence[Value]) -> int | None:
+    """ns since the Unix epoch from date and time values; None if one is empty or invalid."""
+    got: dict[str, Value] = {role: values[i] for role, i in parts}
+    try:
+        date = got.get("date")
+        if date is not None:
+            day = dt.date.fromisoformat(str(date))
+        else:
+            day = dt.date(int(got["year"]), int(got["month"]), int(got["day"]))  # type: ignore[arg-type]
+        seconds = got.get("time")
+        if seconds is None and "time" not in got:
+            hour, minute, second = (int(got[k]) for k in ("hour", "minute", "second"))  # type: ignore[arg-type]
+            if not (0 <= hour < 24 and 0 <= minute < 60 and 0 <= second <= 60):
+                return None
+            nanos = (hour * 3600 + minute * 60 + second) * 1_000_000_000
+            nanos += int(got.get("nanosecond") or 0)
+        elif seconds is None or isinstance(seconds, str | bytes):
+            return None
+        else:
+            nanos = round(float(seconds) * 1_000_000_000)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (day.toordinal() - _EPOCH_DAY) * 86_400_000_000_000 + nanos
 
 
 def _flow_name(template: str, device: str, frame: str) -> str:
@@ -728,6 +804,8 @@ def _bit_channel(item: FieldDef, bit: BitDef) -> ChannelSpec:
 def _struct_code(item: FieldDef) -> str:
     if item.type in ("string", "bytes"):
         return f"{item.size}s"
+    if item.word_order is not None:
+        return f"{item.width}s"  # read as bytes, words reordered, then unpacked
     if item.type == "bool":
         return "?"
     return FIXED_SIZE_TYPES[item.type][0]
@@ -748,7 +826,7 @@ def _binary_frame_size(frame: FrameDef, defs: SerialDefinitions) -> int:
     extent = max([extent, *(f.at + f.width for f in frame.fields)])
     checksum = defs.checksum
     if checksum is not None:
-        size = checksum.kind.size
+        size = checksum.size
         if checksum.at is None or checksum.at < 0:
             extent += size if checksum.at is None else max(0, -checksum.at)
         else:
@@ -812,6 +890,12 @@ def _binary_expression(
     item = channel.field
     bit = channel.bit
     data_type = channel.config.data_type
+    if item.type in _INT24:
+        namespace["_from_bytes"] = int.from_bytes
+        signed = item.type == "int24"
+        var = f"_from_bytes({var}, {item.byte_order.value!r}, signed={signed})"
+    elif item.word_order is not None:
+        var = f"{_const(_word_unpacker(item), namespace)}({var})"
     if bit is not None:
         expr = f"(({var} >> {bit.start}) & {(1 << bit.length) - 1})"
         if data_type is ChannelDataType.BOOL:
@@ -830,6 +914,38 @@ def _binary_expression(
     if data_type is ChannelDataType.ENUM:
         return f"({var} & {_U32})" if not item.type.startswith("u") else var
     return _scaled(var, item.scale, item.offset, data_type)
+
+
+_INT24: Final = frozenset({"int24", "uint24"})
+
+
+def _swap_words(raw: bytes) -> bytes:
+    """The 16-bit words of ``raw`` in the opposite order (bytes inside each word unchanged)."""
+    return b"".join(raw[i : i + 2] for i in range(len(raw) - 2, -1, -2))
+
+
+def _word_unpacker(item: FieldDef) -> Callable[[bytes], Any]:
+    """Raw bytes of a word-ordered field → its value: the words are put in the byte order's
+    order (most significant first for big, least for little), then unpacked as usual."""
+    unpack = struct.Struct(item.byte_order.struct_prefix + FIXED_SIZE_TYPES[item.type][0]).unpack
+
+    def decode(raw: bytes) -> Any:
+        return unpack(_swap_words(raw))[0]
+
+    return decode
+
+
+def _pack_field(item: FieldDef, buf: bytearray, value: Any) -> None:
+    """Write one binary field's raw value into ``buf`` at its offset."""
+    if item.type in _INT24:
+        data = int(value).to_bytes(3, item.byte_order.value, signed=item.type == "int24")
+        buf[item.at : item.at + 3] = data
+        return
+    if item.word_order is not None:
+        code = item.byte_order.struct_prefix + FIXED_SIZE_TYPES[item.type][0]
+        buf[item.at : item.at + item.width] = _swap_words(struct.pack(code, value))
+        return
+    struct.pack_into(item.byte_order.struct_prefix + _struct_code(item), buf, item.at, value)
 
 
 def _scaled(expr: str, scale: float, offset: float, data_type: ChannelDataType) -> str:

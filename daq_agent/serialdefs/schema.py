@@ -13,6 +13,7 @@ from typing import Any
 from daq_agent.serialdefs.model import (
     BINARY_FIELD_TYPES,
     TEXT_FIELD_TYPES,
+    TIMESTAMP_PARTS,
     ChecksumKind,
     FormatKind,
     FramingKind,
@@ -67,6 +68,10 @@ def json_schema() -> dict[str, Any]:
             "at": {"type": "integer", "minimum": 0, "description": "binary: byte offset"},
             "size": {"type": "integer", "minimum": 1, "description": "binary string/bytes"},
             "byte_order": _BYTE_ORDER,
+            "word_order": {
+                **_BYTE_ORDER,
+                "description": "binary 32/64-bit: order of the 16-bit words (Modbus word swap)",
+            },
             "column": {"type": "integer", "minimum": 0, "description": "csv: column"},
             "index": {"type": "integer", "minimum": 1, "description": "nmea: field index"},
             "key": {"type": "string", "description": "key_value: the key"},
@@ -113,6 +118,7 @@ def json_schema() -> dict[str, Any]:
             "description": {"type": "string"},
             "format": {"enum": [k.value for k in FormatKind]},
             "byte_order": _BYTE_ORDER,
+            "word_order": {**_BYTE_ORDER, "description": "default word order of 32/64-bit fields"},
             "framing": {
                 "type": "object",
                 "additionalProperties": False,
@@ -142,6 +148,13 @@ def json_schema() -> dict[str, Any]:
                 "required": ["kind"],
                 "properties": {
                     "kind": {"enum": [k.value for k in ChecksumKind]},
+                    "poly": {
+                        "type": "integer",
+                        "description": "crc: polynomial with its top bit (0x11021)",
+                    },
+                    "init": {"type": "integer", "minimum": 0, "description": "crc: initial value"},
+                    "reflect": {"type": "boolean", "description": "crc: reflected in and out"},
+                    "xorout": {"type": "integer", "minimum": 0, "description": "crc: final XOR"},
                     "at": {"type": "integer"},
                     "byte_order": _BYTE_ORDER,
                     "span": {
@@ -166,10 +179,19 @@ def json_schema() -> dict[str, Any]:
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    "source": {"enum": ["host", "field"]},
+                    "source": {"enum": ["host", "field", "fields"]},
                     "field": {"type": "string"},
                     "unit": {"enum": ["s", "ms", "us", "µs", "ns"]},
-                    "epoch": {"type": "string", "description": "unix, gps or ISO 8601"},
+                    "epoch": {"type": "string", "description": "unix, gps, host or ISO 8601"},
+                    "rollover": {
+                        "type": "integer",
+                        "minimum": 2,
+                        "description": "the device counter wraps at this value",
+                    },
+                    **{
+                        role: {"type": "string", "description": f"the field holding the {role}"}
+                        for role in TIMESTAMP_PARTS
+                    },
                 },
             },
             "delimiter": {"type": "string", "minLength": 1},

@@ -113,8 +113,10 @@ class FrameStream:
         return {name: int(getattr(self, name)) for name in COUNTER_NAMES}
 
     def reset(self) -> None:
-        """Forget any partial frame (the port was reopened); counters are kept."""
+        """Forget any partial frame and the device clock (the port was reopened); counters are
+        kept."""
         self._framer.reset()
+        self._codec.reset_device_clock()
 
     def feed(self, data: bytes, t_ns: int) -> list[Sample]:
         """Add bytes read at host time ``t_ns``; return the samples of the frames they complete.
@@ -141,7 +143,7 @@ class FrameStream:
                 values = result[1]
                 stamp = None
                 if device_time is not None and compiled.timestamp_index >= 0:
-                    stamp = device_time(compiled, values)
+                    stamp = device_time(compiled, values, t)
                 if stamp is not None:
                     t = stamp
                 else:

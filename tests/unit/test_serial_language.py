@@ -1,0 +1,116 @@
+"""The frame language's newer pieces against known bytes: 24-bit integers, word order (Modbus
+word-swapped floats), timestamps from date and time fields and from a wrapping device counter."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import struct
+
+import pytest
+
+from daq_agent.core.errors import ConfigError
+from daq_agent.serialdefs import FrameStream, SerialCodec, loads_definitions
+
+WORDS = """
+format: binary
+framing: {kind: fixed, length: 19}
+frames:
+  - name: meter
+    fields:
+      - {name: plain, type: float32, byte_order: big}
+      - {name: swapped, type: float32, byte_order: big, word_order: little}
+      - {name: energy, type: uint64, byte_order: big, word_order: little}
+      - {name: t24, type: int24, byte_order: big, scale: 0.1}
+"""
+
+
+def test_word_order_and_int24_match_known_bytes() -> None:
+    """230.5 V as a Modbus float in ABCD and in CDAB order, a 64-bit counter low word first,
+    and a signed 24-bit value."""
+    abcd = struct.pack(">f", 230.5)  # 43 66 80 00
+    cdab = abcd[2:] + abcd[:2]  # 80 00 43 66: the word-swapped layout many meters use
+    energy = 0x0001_0002_0003_0004
+    words = struct.pack(">4H", 0x0004, 0x0003, 0x0002, 0x0001)  # low word first
+    t24 = (-1234).to_bytes(3, "big", signed=True)
+    frame = abcd + cdab + words + t24
+    codec = SerialCodec(loads_definitions(WORDS))
+    (sample,) = FrameStream(codec).feed(frame, 1)
+    assert sample.values[0] == 230.5
+    assert sample.values[1] == 230.5
+    assert sample.values[2] == energy
+    assert sample.values[3] == pytest.approx(-123.4)
+    # and the encoder writes the same bytes
+    assert (
+        codec.encode("meter", {"plain": 230.5, "swapped": 230.5, "energy": energy, "t24": -123.4})
+        == frame
+    )
+
+
+def test_word_order_only_for_wide_types() -> None:
+    with pytest.raises(ConfigError, match=r"word_order: only for 32- and 64-bit types"):
+        loads_definitions(
+            "format: binary\nframing: {kind: cobs}\n"
+            "frames: [{name: a, fields: [{name: x, type: int16, word_order: little}]}]\n"
+        )
+
+
+NMEA_TIME = """
+format: nmea
+timestamp: {date: date, time: utc_time}
+frames:
+  - name: rmc
+    id: RMC
+    fields:
+      - {name: utc_time, type: time}
+      - {name: status, type: string}
+      - {name: date, type: date, index: 9}
+  - name: gga
+    id: GGA
+    fields:
+      - {name: utc_time, type: time}
+"""
+
+
+def test_rmc_date_and_time_make_the_timestamp() -> None:
+    codec = SerialCodec(loads_definitions(NMEA_TIME), device="gps")
+    rmc = codec.encode("rmc", {"utc_time": 45296.25, "status": "A", "date": "2026-12-01"})
+    gga = codec.encode("gga", {"utc_time": 45296.25})
+    first, second = FrameStream(codec).feed(rmc + gga, 7)
+    moment = dt.datetime(2026, 12, 1, 12, 34, 56, 250_000, tzinfo=dt.UTC)
+    assert first.timestamp_ns == int(moment.timestamp() * 1000) * 1_000_000
+    assert second.timestamp_ns == 7  # GGA has no date: host time
+
+
+COUNTER = """
+format: binary
+framing: {kind: cobs}
+timestamp: {field: t_ms, unit: ms, rollover: 65536, epoch: host}
+frames:
+  - name: imu
+    fields:
+      - {name: t_ms, type: uint16}
+      - {name: x, type: int8}
+"""
+
+
+def test_device_counter_with_rollover_anchored_to_host_time() -> None:
+    """A 16-bit ms counter: samples 5 ms apart by device time keep that spacing across the
+    wrap, read in one chunk, anchored at the first frame's host time."""
+    codec = SerialCodec(loads_definitions(COUNTER))
+    counts = [65_520, 65_525, 65_530, 65_535, 4, 9]  # wraps after 65535
+    wire = b"".join(codec.encode("imu", {"t_ms": c, "x": 1}) for c in counts)
+    host = 1_700_000_000_000_000_000
+    stream = FrameStream(codec)
+    stamps = [s.timestamp_ns for s in stream.feed(wire, host)]
+    assert stamps[0] == host
+    assert [b - a for a, b in itertools.pairwise(stamps)] == [5_000_000] * 5
+    # a reopened port starts a new anchor
+    stream.reset()
+    (again,) = stream.feed(codec.encode("imu", {"t_ms": 100, "x": 1}), host + 10**9)
+    assert again.timestamp_ns == host + 10**9
+
+
+def test_timestamp_parts_need_a_date_and_a_time() -> None:
+    with pytest.raises(ConfigError, match="needs a date"):
+        loads_definitions(NMEA_TIME.replace("{date: date, time: utc_time}", "{time: utc_time}"))
