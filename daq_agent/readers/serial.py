@@ -30,7 +30,8 @@ Counters (``reader.counters``), named like the CAN reader's where they mean the 
 ``decode_errors``; a framing error is one run of bytes that was not a frame), ``decoded``,
 ``unknown`` (frame types no definition knows; per id in the bounded map ``unknown_ids``),
 ``bytes``, ``dropped_bytes``, ``missing_checksums`` (of ``decode_errors``, the NMEA sentences
-without a checksum), plus the base reader's ``opens``, ``reopens``, ``failures`` and
+without a checksum), ``unmatched_values`` (text outside a value table: the sample is kept with
+that channel empty), plus the base reader's ``opens``, ``reopens``, ``failures`` and
 ``sink_errors``.
 """
 
@@ -194,6 +195,7 @@ class SerialReader(ReaderABC):
         "bytes",
         "dropped_bytes",
         "missing_checksums",
+        "unmatched_values",
     )
     """``received = decoded + unknown + checksum_errors + framing_errors + decode_errors``
     (a framing error is one run of bytes that was not a frame); the names match the CAN reader's

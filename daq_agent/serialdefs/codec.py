@@ -185,6 +185,7 @@ class SerialCodec:
         "_checksum",
         "_disc",
         "_last_counter",
+        "_misses",
         "_only",
         "_regexes",
         "_verify",
@@ -207,6 +208,7 @@ class SerialCodec:
         sync_framed = defs.framing.kind in (FramingKind.FIXED, FramingKind.SYNC_LENGTH)
         # sync framings verify the checksum while framing (to resynchronise); do not repeat it
         self._verify = None if sync_framed or self._checksum is None else self._checksum.verify
+        self._misses = _Tally()
         compiled: list[CompiledFrame] = []
         names: set[str] = set()
         for frame in defs.frames:
@@ -239,6 +241,11 @@ class SerialCodec:
         self._wraps = 0
 
     # -- public ------------------------------------------------------------------------------
+
+    @property
+    def unmatched_values(self) -> int:
+        """Text values outside their field's value table (the channel was left empty)."""
+        return self._misses.count
 
     @property
     def flows(self) -> list[FlowConfig]:
@@ -431,9 +438,10 @@ class SerialCodec:
             else:
                 timestamp_index = index_of.get(stamp.field, -1)
         if self.defs.format is FormatKind.BINARY:
-            decode, min_length = _compile_binary(frame, tuple(channels), self.defs)
+            decode, min_length = _compile_binary(frame, tuple(channels), self.defs, self._misses)
         else:
-            decode, min_length = _compile_text(frame, tuple(channels), self.defs), 0
+            decode = _compile_text(frame, tuple(channels), self.defs, self._misses)
+            min_length = 0
         compiled = CompiledFrame(frame, flow, tuple(channels), decode, min_length, timestamp_index)
         compiled.timestamp_parts = tuple(parts)
         return compiled
@@ -592,7 +600,22 @@ class SerialCodec:
         defs = self.defs
         frame = compiled.definition
         rendered: list[tuple[int | str, list[str]]] = []  # (column or key, text fields)
+        talker = ""
+        sign_texts: dict[str, str] = {}  # the text of a sign field, by its name
         for item in frame.fields:
+            if item.type == "talker":
+                talker = str(values.get(item.name) or "")
+                continue
+            if item.sign_field:
+                value = values.get(item.name)
+                negative = isinstance(value, int | float) and value < 0
+                sign_texts[item.sign_field] = (
+                    item.sign_negative[0] if negative else item.sign_positive
+                )
+                if negative:
+                    value = -value  # type: ignore[operator]  # a number, checked above
+                rendered.append((item.at, _render_text(item, value)))
+                continue
             if item.type == "skip":
                 rendered.append((item.key or item.at, [""]))
                 continue
@@ -605,6 +628,9 @@ class SerialCodec:
                 rendered.append((item.key or item.at, [str(raw)]))
                 continue
             rendered.append((item.key or item.at, _render_text(item, values.get(item.name))))
+        if sign_texts:
+            by_name = {f.name: f.at for f in frame.fields}
+            rendered.extend((by_name[name], [text]) for name, text in sign_texts.items())
         fmt = defs.format
         if fmt in (FormatKind.CSV, FormatKind.NMEA):
             width = max((int(pos) + len(parts) for pos, parts in rendered), default=0)
@@ -621,7 +647,9 @@ class SerialCodec:
                 return defs.delimiter.join(columns)
             assert isinstance(frame.id, str)
             address = (
-                frame.id if len(frame.id) >= 5 or frame.id.startswith("P") else "GP" + frame.id
+                frame.id
+                if len(frame.id) >= 5 or frame.id.startswith("P")
+                else (talker or "GP") + frame.id
             )
             columns[0] = address
             body = ",".join(columns)
@@ -771,7 +799,7 @@ def _field_channel(item: FieldDef) -> ChannelSpec:
     if item.values:
         config, keys = _enum_config(item.name, item.values, item.unit, item.description)
         return ChannelSpec(item.name, item, None, config, 0, max(len(keys) - 1, 0), keys)
-    if item.type in ("string", "date"):
+    if item.type in ("string", "date", "talker"):
         data_type = ChannelDataType.STRING
         low, high = 0.0, 0.0
     elif item.type == "bytes":
@@ -835,7 +863,7 @@ def _binary_frame_size(frame: FrameDef, defs: SerialDefinitions) -> int:
 
 
 def _compile_binary(
-    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions
+    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions, misses: _Tally
 ) -> tuple[Callable[[Any], tuple[Value, ...]], int]:
     """Generate ``decode(frame) -> values`` for one binary layout; also its minimum length."""
     fields = [f for f in frame.fields if f.type != "skip"]
@@ -856,7 +884,7 @@ def _compile_binary(
                 continue
         runs.append((item.at, (prefix or "<") + _struct_code(item), [i]))
         run_end = item.at + item.width
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"_misses": misses}
     lines = ["def decode(frame):"]
     slot: dict[int, str] = {}
     for r, (start, fmt, members) in enumerate(runs):
@@ -906,8 +934,16 @@ def _binary_expression(
     if item.type == "string":
         decode = _const(_string_decoder(defs.text_encoding), namespace)
         if item.values:
-            table = _const({raw: i for i, (raw, _) in enumerate(item.values)}, namespace)
-            return f"{table}.get({decode}({var}))"
+            table = {raw: i for i, (raw, _) in enumerate(item.values)}
+            misses: _Tally = namespace["_misses"]
+
+            def lookup(raw: bytes, table: dict[int | str, int] = table) -> Value:
+                key = table.get(raw.split(b"\x00", 1)[0].decode(defs.text_encoding, "replace"))
+                if key is None:
+                    misses.count += 1
+                return key
+
+            return f"{_const(lookup, namespace)}({var})"
         return f"{decode}({var})"
     if item.type in ("bytes", "bool"):
         return var
@@ -989,7 +1025,7 @@ def _raw_from_physical(value: Value, scale: float, offset: float, integer: bool)
 
 
 def _compile_text(
-    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions
+    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions, misses: _Tally
 ) -> Callable[[Any], tuple[Value, ...]]:
     """``decode(parts) -> values``: parts is a column list (csv, nmea) or a str → str mapping."""
     by_field: dict[int, list[ChannelSpec]] = {}
@@ -1002,9 +1038,19 @@ def _compile_text(
         position: int | str = (
             item.key if defs.format in (FormatKind.KEY_VALUE, FormatKind.REGEX) else item.at
         )
-        parse = _text_parser(item)
+        parse = _text_parser(item, misses)
         post = tuple(_bit_extractor(c) for c in by_field[id(item)]) if item.bits else ()
         steps.append((position, parse, post))
+    # fields whose sign another column gives: (value index, that column, negative texts)
+    columns_of = {f.name: f.at for f in frame.fields}
+    signs: list[tuple[int, int, frozenset[str]]] = []
+    index = 0
+    for item in frame.fields:
+        if item.type == "skip":
+            continue
+        if item.sign_field:
+            signs.append((index, columns_of[item.sign_field], frozenset(item.sign_negative)))
+        index += len(item.bits) if item.bits else 1
     nmea = defs.format is FormatKind.NMEA
     if defs.format in (FormatKind.KEY_VALUE, FormatKind.REGEX):
 
@@ -1044,7 +1090,36 @@ def _compile_text(
                 out.append(value)
         return tuple(out)
 
-    return decode
+    if not signs:
+        return decode
+
+    def decode_signed(parts: Any) -> tuple[Value, ...]:
+        out = decode(parts)
+        count = len(parts)
+        changed: list[Value] | None = None
+        for index, column, negative in signs:
+            value = out[index]
+            if value is not None and column < count and parts[column].strip() in negative:
+                if changed is None:
+                    changed = list(out)
+                changed[index] = -value  # type: ignore[operator]  # a numeric field
+        return out if changed is None else tuple(changed)
+
+    return decode_signed
+
+
+class _Tally:
+    """A count shared by the compiled decoders of one codec (text outside a value table)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def _talker(address: str) -> Value:
+    """The talker of an NMEA address: ``GP`` of ``GPGGA``; ``P`` for proprietary sentences."""
+    return "P" if address.startswith("P") else address[:2]
 
 
 def _parse_lat(text: str) -> Value:
@@ -1059,8 +1134,10 @@ _TWO_PART: Final = (_parse_lat, _parse_lon)
 """NMEA parsers that read two fields (value, hemisphere)."""
 
 
-def _text_parser(item: FieldDef) -> Callable[[str], Value]:
+def _text_parser(item: FieldDef, misses: _Tally) -> Callable[[str], Value]:
     kind = item.type
+    if kind == "talker":
+        return _talker
     if kind in ("lat", "lon"):
         return _parse_lat if kind == "lat" else _parse_lon
     if kind in ("time", "date"):
@@ -1068,7 +1145,14 @@ def _text_parser(item: FieldDef) -> Callable[[str], Value]:
     if kind == "string":
         if item.values:
             table = {str(raw): i for i, (raw, _) in enumerate(item.values)}
-            return lambda text: table.get(text.strip())
+
+            def lookup(text: str) -> Value:
+                key = table.get(text.strip())
+                if key is None:
+                    misses.count += 1
+                return key
+
+            return lookup
         return lambda text: text
     if kind == "bool":
         return _parse_bool

@@ -44,7 +44,7 @@ __all__ = ["load_definitions", "loads_definitions", "parse_definitions"]
 
 _INTEGER_TYPES: Final = frozenset(n for n in FIXED_SIZE_TYPES if "int" in n)
 _WORD_TYPES: Final = frozenset({"int32", "uint32", "float32", "int64", "uint64", "float64"})
-_NMEA_ONLY: Final = frozenset({"lat", "lon", "time", "date", "skip"})
+_NMEA_ONLY: Final = frozenset({"lat", "lon", "time", "date", "skip", "talker"})
 _UNITS_NS: Final = {
     "s": 1_000_000_000,
     "ms": 1_000_000,
@@ -639,7 +639,7 @@ class _Parser:
             if fmt is FormatKind.CSV and skip_column is not None and cursor == skip_column:
                 cursor += 1
             item = self._field(raw_field, at, fmt, byte_order, cursor)
-            if fmt in (FormatKind.BINARY, FormatKind.CSV, FormatKind.NMEA):
+            if fmt in (FormatKind.BINARY, FormatKind.CSV, FormatKind.NMEA) and item.width:
                 cursor = item.at + item.width
             if fmt is FormatKind.REGEX and item.key not in group_names:
                 raise ConfigError(f"the pattern has no group named {item.key!r}", key=f"{at}.name")
@@ -651,6 +651,15 @@ class _Parser:
                         f"ends at byte {end}, beyond the frame ({limit} bytes)", key=at
                     )
             fields.append(item)
+        by_name = {f.name: f for f in fields}
+        for j, item in enumerate(fields):
+            if item.sign_field:
+                other = by_name.get(item.sign_field)
+                if other is None or other is item or other.width != 1:
+                    raise ConfigError(
+                        f"no other one-column field named {item.sign_field!r} in this frame",
+                        key=f"{where}.fields[{j}].sign.field",
+                    )
         names: set[str] = set()
         for j, item in enumerate(fields):
             for channel in (b.name for b in item.bits) if item.bits else (item.name,):
@@ -705,9 +714,9 @@ class _Parser:
         if fmt is FormatKind.BINARY:
             allowed |= {"at", "size", "byte_order", "word_order"}
         elif fmt is FormatKind.CSV:
-            allowed.add("column")
+            allowed |= {"column", "sign"}
         elif fmt is FormatKind.NMEA:
-            allowed.add("index")
+            allowed |= {"index", "sign"}
         elif fmt is FormatKind.KEY_VALUE:
             allowed.add("key")
         elif fmt is FormatKind.REGEX:
@@ -723,11 +732,18 @@ class _Parser:
             FormatKind.CSV: "column",
             FormatKind.NMEA: "index",
         }.get(fmt)
-        at = (
-            _int(spec, position, where, cursor, minimum=0 if fmt is not FormatKind.NMEA else 1)
-            if position
-            else 0
-        )
+        if kind == "talker":
+            if spec.get("index") is not None:
+                raise ConfigError(
+                    "the talker is part of the address, not a field", key=f"{where}.index"
+                )
+            at = 0
+        else:
+            at = (
+                _int(spec, position, where, cursor, minimum=0 if fmt is not FormatKind.NMEA else 1)
+                if position
+                else 0
+            )
         key = ""
         if fmt is FormatKind.KEY_VALUE:
             key = _str(spec, "key", where, name)
@@ -785,6 +801,24 @@ class _Parser:
         maximum = _float(spec, "max", where, None)
         if minimum is not None and maximum is not None and minimum > maximum:
             raise ConfigError(f"min {minimum} is greater than max {maximum}", key=f"{where}.min")
+        sign_field, negative, positive = "", (), ""
+        if spec.get("sign") is not None:
+            at_sign = f"{where}.sign"
+            if not numeric or values or bits:
+                raise ConfigError(f"a sign needs a plain numeric field, not {kind}", key=at_sign)
+            sign = _mapping(spec["sign"], at_sign, {"field", "negative", "positive"})
+            sign_field = _str(sign, "field", at_sign)
+            raw_negative = sign.get("negative", ["W", "S"])
+            if isinstance(raw_negative, str):
+                raw_negative = [raw_negative]
+            if (
+                not isinstance(raw_negative, list)
+                or not raw_negative
+                or not all(isinstance(n, str) and n for n in raw_negative)
+            ):
+                raise ConfigError("must be a text or a list of texts", key=f"{at_sign}.negative")
+            negative = tuple(raw_negative)
+            positive = _str(sign, "positive", at_sign, "")
         return FieldDef(
             name=name,
             type=kind,
@@ -799,6 +833,9 @@ class _Parser:
             description=_str(spec, "description", where, ""),
             values=values,
             bits=bits,
+            sign_field=sign_field,
+            sign_negative=negative,
+            sign_positive=positive,
             minimum=minimum,
             maximum=maximum,
         )

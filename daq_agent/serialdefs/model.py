@@ -151,9 +151,11 @@ TEXT_FIELD_TYPES: Final = frozenset(
         "time",
         "date",
         "skip",
+        "talker",
     }
 )
-"""Every type a text field may have (``lat``/``lon``/``time``/``date``/``skip``: NMEA only)."""
+"""Every type a text field may have (``lat``/``lon``/``time``/``date``/``skip``/``talker``: NMEA
+only; ``talker`` occupies no field: it is the first two letters of the address)."""
 
 ValueTable = tuple[tuple[int | str, str], ...]
 """A value table: (raw value, name) pairs in declaration order."""
@@ -208,6 +210,10 @@ class FieldDef:
         description: the channel description.
         values: a value table (raw → name): the channel becomes an enum.
         bits: when given, the field is split into these channels and is not a channel itself.
+        sign_field: text formats: the name of another field of the frame whose text gives this
+            value's sign (NMEA's E/W after a magnetic variation).
+        sign_negative: the texts of ``sign_field`` that make the value negative.
+        sign_positive: what the encoder writes in ``sign_field`` for a value >= 0.
         minimum: lowest physical value (simulator range).
         maximum: highest physical value (simulator range).
     """
@@ -225,6 +231,9 @@ class FieldDef:
     description: str = ""
     values: ValueTable = ()
     bits: tuple[BitDef, ...] = ()
+    sign_field: str = ""
+    sign_negative: tuple[str, ...] = ()
+    sign_positive: str = ""
     minimum: float | None = None
     maximum: float | None = None
 
@@ -242,6 +251,8 @@ class FieldDef:
             return max(self.size, 1)  # text strings have no size: one column
         if self.type in ("lat", "lon"):
             return 2
+        if self.type == "talker":
+            return 0
         return 1
 
 

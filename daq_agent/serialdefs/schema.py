@@ -82,6 +82,22 @@ def json_schema() -> dict[str, Any]:
             "description": {"type": "string"},
             "values": _VALUES,
             "bits": {"type": "array", "items": bit, "minItems": 1},
+            "sign": {
+                "description": "csv/nmea: the sign comes from another field (E/W, N/S)",
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["field"],
+                "properties": {
+                    "field": {"type": "string"},
+                    "negative": {
+                        "oneOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        ]
+                    },
+                    "positive": {"type": "string"},
+                },
+            },
             "min": _NUMBER,
             "max": _NUMBER,
         },

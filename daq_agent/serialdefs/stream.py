@@ -25,6 +25,7 @@ COUNTER_NAMES: Final = (
     "decode_errors",
     "dropped_bytes",
     "missing_checksums",
+    "unmatched_values",
 )
 """The counters of :meth:`FrameStream.counters`, in a stable order."""
 
@@ -102,6 +103,12 @@ class FrameStream:
     def framing_errors(self) -> int:
         """Runs of bytes that were not a frame (garbage, oversize, bad COBS/SLIP, bad length)."""
         return self._framer.framing_errors
+
+    @property
+    def unmatched_values(self) -> int:
+        """Text values outside their field's value table: the sample was kept, that channel
+        left empty."""
+        return self._codec.unmatched_values
 
     @property
     def dropped_bytes(self) -> int:

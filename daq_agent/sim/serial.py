@@ -122,7 +122,7 @@ class ChannelWave:
         unit = (channel.config.unit or "").strip()
         if device_time:
             self._kind = "device_time"
-        elif item.type in ("time", "date"):
+        elif item.type in ("time", "date", "talker"):
             self._kind = item.type
         elif data_type is ChannelDataType.ENUM:
             self._kind = "enum"
@@ -185,6 +185,8 @@ class ChannelWave:
         if kind == "enum":
             keys = channel.keys
             return keys[(index // 25) % len(keys)] if keys else 0
+        if kind == "talker":
+            return "GN" if index % 4 == 3 else "GP"  # a multi-GNSS receiver mixes talkers
         if kind == "string":
             # text devices: a one-letter status (NMEA status/mode: "A", valid / autonomous)
             return "A" if self._digits is not None and channel.field.type == "string" else "sim"

@@ -207,6 +207,11 @@ def _number(text: object) -> float | None:
     return None if text in ("", None) else float(text)  # type: ignore[arg-type]
 
 
+def _signed(text: object, direction: str) -> float | None:
+    number = _number(text)
+    return -number if number is not None and direction == "W" else number
+
+
 def oracle(sentence: str) -> tuple[str, dict[str, object]]:
     """The frame type and field values pynmea2 reads from a sentence."""
     msg = pynmea2.parse(sentence, check=True)
@@ -223,6 +228,7 @@ def oracle(sentence: str) -> tuple[str, dict[str, object]]:
             "geoid_separation": float(msg.geo_sep),
             "dgps_age": _number(msg.age_gps_data),
             "dgps_station": int(msg.ref_station_id) if msg.ref_station_id else None,
+            "talker": msg.talker,
         }
     if kind == "RMC":
         return "rmc", {
@@ -233,8 +239,9 @@ def oracle(sentence: str) -> tuple[str, dict[str, object]]:
             "speed": _number(msg.spd_over_grnd),
             "course": _number(msg.true_course),
             "date": msg.datestamp.isoformat(),
-            "magnetic_variation": _number(msg.mag_variation),
+            "magnetic_variation": _signed(msg.mag_variation, msg.mag_var_dir),
             "mode": msg.mode_indicator,
+            "talker": msg.talker,
         }
     assert kind == "VTG", sentence
     return "vtg", {
@@ -243,6 +250,7 @@ def oracle(sentence: str) -> tuple[str, dict[str, object]]:
         "speed_knots": _number(msg.spd_over_grnd_kts),
         "speed_kmh": _number(msg.spd_over_grnd_kmph),
         "mode": msg.faa_mode,
+        "talker": msg.talker,
     }
 
 

@@ -114,3 +114,57 @@ def test_device_counter_with_rollover_anchored_to_host_time() -> None:
 def test_timestamp_parts_need_a_date_and_a_time() -> None:
     with pytest.raises(ConfigError, match="needs a date"):
         loads_definitions(NMEA_TIME.replace("{date: date, time: utc_time}", "{time: utc_time}"))
+
+
+TABLES = """
+format: nmea
+frames:
+  - name: rmc
+    id: RMC
+    fields:
+      - {name: utc_time, type: time}
+      - {name: status, type: string, values: {A: valid, V: void}}
+      - name: variation
+        type: float
+        index: 10
+        sign: {field: direction, negative: W, positive: E}
+      - {name: direction, type: skip}
+      - {name: talker, type: talker}
+"""
+
+
+def test_talker_sign_and_unmatched_enum_text() -> None:
+    """The talker is a channel; the variation takes its sign from E/W; a status letter outside
+    the value table leaves the channel empty and is counted (the reader's unmatched_values)."""
+    codec = SerialCodec(loads_definitions(TABLES), device="gps")
+    names = [c.name for c in codec.frame("rmc").channels]
+    assert names == ["utc_time", "status", "variation", "talker"]
+    west = codec.encode("rmc", {"utc_time": 1.0, "status": 0, "variation": -3.5, "talker": "GN"})
+    assert west.startswith(b"$GNRMC,")
+    assert b",3.5,W*" in west
+    east = b"$GLRMC,000001.000,A,,,,,,,,3.5,E*"
+    body = east[1:-1]
+    east += f"{_xor(body):02X}\r\n".encode()
+    unknown = b"$GPRMC,000001.000,X,,,,,,,,1.0,W*"
+    unknown += f"{_xor(unknown[1:-1]):02X}\r\n".encode()
+    stream = FrameStream(codec)
+    samples = stream.feed(west + east + unknown, 1)
+    assert [s.values for s in samples] == [
+        (1.0, 0, -3.5, "GN"),
+        (1.0, 0, 3.5, "GL"),
+        (1.0, None, -1.0, "GP"),
+    ]
+    assert stream.counters()["unmatched_values"] == 1
+    assert codec.unmatched_values == 1
+
+
+def _xor(data: bytes) -> int:
+    out = 0
+    for byte in data:
+        out ^= byte
+    return out
+
+
+def test_sign_needs_another_one_column_field() -> None:
+    with pytest.raises(ConfigError, match=r"sign.field: no other one-column field named 'nope'"):
+        loads_definitions(TABLES.replace("field: direction", "field: nope"))
