@@ -442,6 +442,13 @@ class SerialCodec:
         else:
             decode = _compile_text(frame, tuple(channels), self.defs, self._misses)
             min_length = 0
+        counted = [
+            (i, c.field.group_index, c.field.group_count)
+            for i, c in enumerate(channels)
+            if c.field.group_count
+        ]
+        if counted:
+            decode = _counted_groups(decode, counted, channels)
         compiled = CompiledFrame(frame, flow, tuple(channels), decode, min_length, timestamp_index)
         compiled.timestamp_parts = tuple(parts)
         return compiled
@@ -867,8 +874,12 @@ def _compile_binary(
 ) -> tuple[Callable[[Any], tuple[Value, ...]], int]:
     """Generate ``decode(frame) -> values`` for one binary layout; also its minimum length."""
     fields = [f for f in frame.fields if f.type != "skip"]
+    fixed_size = frame.length is not None or defs.framing.kind is FramingKind.FIXED
+    # a variable-length frame carries as many group instances as it has room for: those are
+    # read one by one, each only if the frame reaches its end
+    optional = {i for i, f in enumerate(fields) if f.group and not fixed_size}
     # runs of fields in offset order, one byte order, not overlapping → one Struct each
-    order = sorted(range(len(fields)), key=lambda i: fields[i].at)
+    order = sorted((i for i in range(len(fields)) if i not in optional), key=lambda i: fields[i].at)
     runs: list[tuple[int, str, list[int]]] = []  # (start, format, field indexes)
     run_end = -1
     for i in order:
@@ -893,16 +904,33 @@ def _compile_binary(
         lines.append(f"    {', '.join(targets)}, = _u{r}(frame, {start})")
         for i in members:
             slot[i] = f"v{i}"
+    if optional:
+        checksum = defs.checksum
+        tail = 0
+        if checksum is not None and (checksum.at is None or checksum.at < 0):
+            tail = checksum.size if checksum.at is None else -checksum.at
+        lines.append(f"    n = len(frame) - {tail}")
+        for i in sorted(optional):
+            item = fields[i]
+            code = (item.byte_order.struct_prefix if item.width > 1 else "<") + _struct_code(item)
+            namespace[f"_o{i}"] = struct.Struct(code).unpack_from
+            end = item.at + item.width
+            lines.append(f"    v{i} = _o{i}(frame, {item.at})[0] if n >= {end} else None")
+            slot[i] = f"v{i}"
     expressions: list[str] = []
     index_of = {id(f): i for i, f in enumerate(fields)}
     for channel in channels:
         item = channel.field
-        var = slot[index_of[id(item)]]
-        expressions.append(_binary_expression(channel, var, namespace, defs))
+        i = index_of[id(item)]
+        var = slot[i]
+        expression = _binary_expression(channel, var, namespace, defs)
+        if i in optional:
+            expression = f"(None if {var} is None else {expression})"
+        expressions.append(expression)
     lines.append(f"    return ({', '.join(expressions)},)")
     source = "\n".join(lines)
     exec(compile(source, f"<serial frame {frame.name}>", "exec"), namespace)
-    min_length = max((f.at + f.width for f in fields), default=0)
+    min_length = max((f.at + f.width for i, f in enumerate(fields) if i not in optional), default=0)
     return namespace["decode"], min_length
 
 
@@ -1106,6 +1134,29 @@ def _compile_text(
         return out if changed is None else tuple(changed)
 
     return decode_signed
+
+
+def _counted_groups(
+    decode: Callable[[Any], tuple[Value, ...]],
+    counted: list[tuple[int, int, str]],
+    channels: Sequence[ChannelSpec],
+) -> Callable[[Any], tuple[Value, ...]]:
+    """Empty the channels of group instances beyond the count the frame's count field gives."""
+    position = {c.name: i for i, c in enumerate(channels) if c.bit is None}
+    gated = [(i, instance, position[name]) for i, instance, name in counted]
+
+    def decode_counted(parts: Any) -> tuple[Value, ...]:
+        values = decode(parts)
+        out: list[Value] | None = None
+        for i, instance, at in gated:
+            count = values[at]
+            if not isinstance(count, int) or instance >= count:
+                if out is None:
+                    out = list(values)
+                out[i] = None
+        return values if out is None else tuple(out)
+
+    return decode_counted
 
 
 class _Tally:

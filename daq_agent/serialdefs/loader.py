@@ -12,6 +12,7 @@ import datetime as dt
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +45,9 @@ __all__ = ["load_definitions", "loads_definitions", "parse_definitions"]
 
 _INTEGER_TYPES: Final = frozenset(n for n in FIXED_SIZE_TYPES if "int" in n)
 _WORD_TYPES: Final = frozenset({"int32", "uint32", "float32", "int64", "uint64", "float64"})
+_COUNT_TYPES: Final = frozenset(
+    {"int8", "uint8", "int16", "uint16", "int24", "uint24", "int32", "uint32", "int", "uint"}
+)
 _NMEA_ONLY: Final = frozenset({"lat", "lon", "time", "date", "skip", "talker"})
 _UNITS_NS: Final = {
     "s": 1_000_000_000,
@@ -638,9 +642,23 @@ class _Parser:
             at = f"{where}.fields[{j}]"
             if fmt is FormatKind.CSV and skip_column is not None and cursor == skip_column:
                 cursor += 1
+            if isinstance(raw_field, Mapping) and raw_field.get("type") == "group":
+                members, cursor = self._group(raw_field, at, fmt, byte_order, cursor)
+                for item in members:
+                    end = item.at + item.width
+                    limit = length if length is not None else framing.max_length
+                    if fmt is FormatKind.BINARY and end > limit:
+                        raise ConfigError(
+                            f"{item.name} ends at byte {end}, beyond the frame ({limit} bytes)",
+                            key=at,
+                        )
+                fields.extend(members)
+                continue
             item = self._field(raw_field, at, fmt, byte_order, cursor)
-            if fmt in (FormatKind.BINARY, FormatKind.CSV, FormatKind.NMEA) and item.width:
-                cursor = item.at + item.width
+            if fmt in (FormatKind.BINARY, FormatKind.CSV, FormatKind.NMEA) and item.extent(
+                fmt.is_text
+            ):
+                cursor = item.at + item.extent(fmt.is_text)
             if fmt is FormatKind.REGEX and item.key not in group_names:
                 raise ConfigError(f"the pattern has no group named {item.key!r}", key=f"{at}.name")
             if fmt is FormatKind.BINARY:
@@ -653,9 +671,21 @@ class _Parser:
             fields.append(item)
         by_name = {f.name: f for f in fields}
         for j, item in enumerate(fields):
+            if item.group_count:
+                counter = by_name.get(item.group_count)
+                if (
+                    counter is None
+                    or counter.group
+                    or counter.bits
+                    or counter.type not in _COUNT_TYPES
+                ):
+                    raise ConfigError(
+                        f"no integer field named {item.group_count!r} before the group",
+                        key=f"{where}.fields.count",
+                    )
             if item.sign_field:
                 other = by_name.get(item.sign_field)
-                if other is None or other is item or other.width != 1:
+                if other is None or other is item or other.columns != 1:
                     raise ConfigError(
                         f"no other one-column field named {item.sign_field!r} in this frame",
                         key=f"{where}.fields[{j}].sign.field",
@@ -839,6 +869,62 @@ class _Parser:
             minimum=minimum,
             maximum=maximum,
         )
+
+    def _group(
+        self,
+        raw: Mapping[str, Any],
+        where: str,
+        fmt: FormatKind,
+        byte_order: ByteOrder,
+        cursor: int,
+    ) -> tuple[list[FieldDef], int]:
+        """A repeated group, expanded into its instances' fields (``sat1_prn``, ``sat2_prn``…);
+        returns them and the position after the last instance."""
+        if fmt not in (FormatKind.BINARY, FormatKind.CSV, FormatKind.NMEA):
+            raise ConfigError(f"repeated groups are not for the {fmt.value} format", key=where)
+        spec = _mapping(
+            raw,
+            where,
+            {"name", "type", "repeat", "count", "fields", "description", "at", "index", "column"},
+        )
+        name = _name(spec, where)
+        repeat = _int(spec, "repeat", where, minimum=1, maximum=256)
+        count = _str(spec, "count", where, "")
+        position = {FormatKind.BINARY: "at", FormatKind.CSV: "column", FormatKind.NMEA: "index"}[
+            fmt
+        ]
+        for key in ("at", "index", "column"):
+            if key != position and spec.get(key) is not None:
+                raise ConfigError(f"not for the {fmt.value} format", key=f"{where}.{key}")
+        start = _int(spec, position, where, cursor, minimum=0)
+        raw_members = _list(spec, "fields", where)
+        if not raw_members:
+            raise ConfigError("a group needs at least one field", key=f"{where}.fields")
+        first: list[FieldDef] = []
+        inner = start
+        for k, raw_member in enumerate(raw_members):
+            at = f"{where}.fields[{k}]"
+            if isinstance(raw_member, Mapping) and raw_member.get("type") in ("group", "talker"):
+                raise ConfigError("not inside a group", key=f"{at}.type")
+            item = self._field(raw_member, at, fmt, byte_order, inner)
+            if item.sign_field:
+                raise ConfigError("not inside a group", key=f"{at}.sign")
+            inner = item.at + item.extent(fmt.is_text)
+            first.append(item)
+        stride = max(f.at + f.extent(fmt.is_text) for f in first) - start
+        members = [
+            replace(
+                item,
+                name=f"{name}{i + 1}_{item.name}",
+                at=item.at + i * stride,
+                group=name,
+                group_index=i,
+                group_count=count,
+            )
+            for i in range(repeat)
+            for item in first
+        ]
+        return members, start + repeat * stride
 
     def _bit(self, raw: object, where: str, container: str, fmt: FormatKind) -> BitDef:
         if container in FIXED_SIZE_TYPES and container in _INTEGER_TYPES:

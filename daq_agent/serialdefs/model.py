@@ -214,6 +214,10 @@ class FieldDef:
             value's sign (NMEA's E/W after a magnetic variation).
         sign_negative: the texts of ``sign_field`` that make the value negative.
         sign_positive: what the encoder writes in ``sign_field`` for a value >= 0.
+        group: the repeated group this field is an instance member of ("" for none).
+        group_index: its instance, 0-based (the channel is named ``{group}{index+1}_{name}``).
+        group_count: the field whose value says how many instances a frame carries ("": as
+            many as the frame has room for).
         minimum: lowest physical value (simulator range).
         maximum: highest physical value (simulator range).
     """
@@ -234,6 +238,9 @@ class FieldDef:
     sign_field: str = ""
     sign_negative: tuple[str, ...] = ()
     sign_positive: str = ""
+    group: str = ""
+    group_index: int = 0
+    group_count: str = ""
     minimum: float | None = None
     maximum: float | None = None
 
@@ -243,8 +250,19 @@ class FieldDef:
         return self.scale != 1.0 or self.offset != 0.0
 
     @property
+    def columns(self) -> int:
+        """Text formats: the fields/columns occupied (``lat``/``lon`` 2, ``talker`` 0)."""
+        if self.type in ("lat", "lon"):
+            return 2
+        return 0 if self.type == "talker" else 1
+
+    def extent(self, text: bool) -> int:
+        """What the field occupies: columns for text formats, bytes for binary."""
+        return self.columns if text else self.width
+
+    @property
     def width(self) -> int:
-        """Binary: bytes occupied; text: fields/columns occupied."""
+        """Binary: bytes occupied (text formats: see :attr:`columns`)."""
         if self.type in FIXED_SIZE_TYPES:
             return FIXED_SIZE_TYPES[self.type][1]
         if self.type in ("string", "bytes"):

@@ -64,7 +64,15 @@ def json_schema() -> dict[str, Any]:
         "required": ["name", "type"],
         "properties": {
             "name": _NAME,
-            "type": {"enum": sorted(BINARY_FIELD_TYPES | TEXT_FIELD_TYPES)},
+            "type": {"enum": sorted(BINARY_FIELD_TYPES | TEXT_FIELD_TYPES | {"group"})},
+            "repeat": {"type": "integer", "minimum": 1, "description": "group: instances"},
+            "count": {"type": "string", "description": "group: the field counting instances"},
+            "fields": {
+                "type": "array",
+                "items": {"$ref": "#/$defs/field"},
+                "minItems": 1,
+                "description": "group: one instance's fields",
+            },
             "at": {"type": "integer", "minimum": 0, "description": "binary: byte offset"},
             "size": {"type": "integer", "minimum": 1, "description": "binary string/bytes"},
             "byte_order": _BYTE_ORDER,
@@ -118,10 +126,11 @@ def json_schema() -> dict[str, Any]:
                 "exclusiveMinimum": 0,
                 "description": "frames per second the device sends (simulator schedule)",
             },
-            "fields": {"type": "array", "items": field, "minItems": 1},
+            "fields": {"type": "array", "items": {"$ref": "#/$defs/field"}, "minItems": 1},
         },
     }
     return {
+        "$defs": {"field": field},
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://daq-agent.invalid/schemas/serial-frames.json",
         "title": "daq-agent serial frame definitions",

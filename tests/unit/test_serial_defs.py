@@ -189,8 +189,10 @@ def test_json_schema_covers_the_loader() -> None:
     json.dumps(schema)
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == set(_TOP_KEYS)
-    field_types = schema["properties"]["frames"]["items"]["properties"]["fields"]["items"]
-    assert "uint64" in field_types["properties"]["type"]["enum"]
+    fields = schema["properties"]["frames"]["items"]["properties"]["fields"]["items"]
+    assert fields == {"$ref": "#/$defs/field"}
+    field_types = schema["$defs"]["field"]["properties"]["type"]["enum"]
+    assert {"uint64", "int24", "talker", "group"} <= set(field_types)
 
 
 @pytest.mark.parametrize(

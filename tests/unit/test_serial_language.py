@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from daq_agent.core.errors import ConfigError
-from daq_agent.serialdefs import FrameStream, SerialCodec, loads_definitions
+from daq_agent.serialdefs import FrameStream, SerialCodec, json_schema, loads_definitions
 
 WORDS = """
 format: binary
@@ -168,3 +168,143 @@ def _xor(data: bytes) -> int:
 def test_sign_needs_another_one_column_field() -> None:
     with pytest.raises(ConfigError, match=r"sign.field: no other one-column field named 'nope'"):
         loads_definitions(TABLES.replace("field: direction", "field: nope"))
+
+
+GSV = """
+format: nmea
+frames:
+  - name: gsv
+    id: GSV
+    fields:
+      - {name: messages, type: uint8}
+      - {name: message, type: uint8}
+      - {name: in_view, type: uint8}
+      - name: sat
+        type: group
+        repeat: 4
+        fields:
+          - {name: prn, type: uint16}
+          - {name: elevation, type: int8, unit: deg}
+          - {name: azimuth, type: uint16, unit: deg}
+          - {name: snr, type: uint8, unit: dB}
+"""
+
+
+def test_gsv_satellites_as_a_repeated_group() -> None:
+    """GSV's up to four satellites per sentence become sat1_prn … sat4_snr, checked against
+    pynmea2; a last sentence with fewer satellites leaves the rest empty."""
+    pynmea2 = pytest.importorskip("pynmea2")
+    codec = SerialCodec(loads_definitions(GSV), device="gps")
+    names = [c.name for c in codec.frame("gsv").channels]
+    assert names[:5] == ["messages", "message", "in_view", "sat1_prn", "sat1_elevation"]
+    assert len(names) == 3 + 4 * 4
+    full = pynmea2.GSV(
+        "GP",
+        "GSV",
+        (
+            "2",
+            "1",
+            "07",
+            "05",
+            "40",
+            "083",
+            "46",
+            "02",
+            "17",
+            "308",
+            "41",
+            "12",
+            "07",
+            "344",
+            "39",
+            "14",
+            "22",
+            "228",
+            "45",
+        ),
+    )
+    last = pynmea2.GSV(
+        "GL",
+        "GSV",
+        ("2", "2", "07", "65", "60", "301", "", "66", "12", "100", "33", "70", "5", "", ""),
+    )
+    samples = FrameStream(codec).feed(f"{full}\r\n{last}\r\n".encode(), 1)
+    assert len(samples) == 2
+    for sample, msg in zip(samples, (full, last), strict=True):
+        values = dict(zip(names, sample.values, strict=True))
+        for i in range(1, 5):
+            want = [
+                getattr(msg, f"{k}_{i}", "")
+                for k in ("sv_prn_num", "elevation_deg", "azimuth", "snr")
+            ]
+            got = [values[f"sat{i}_{k}"] for k in ("prn", "elevation", "azimuth", "snr")]
+            assert got == [int(w) if w not in ("", None) else None for w in want], (i, msg)
+    assert samples[1].values[-4:] == (None, None, None, None)
+
+
+SAT = """
+format: binary
+framing:
+  kind: sync_length
+  sync: "B5 62"
+  max_length: 512
+  length_field: {at: 4, type: uint16, adjust: 8}
+checksum: {kind: fletcher8, span: {start: 2}}
+discriminator: {at: 2, type: uint16, byte_order: big}
+frames:
+  - name: sat
+    id: 0x0135
+    fields:
+      - {name: itow, at: 6, type: uint32}
+      - {name: num_svs, at: 11, type: uint8}
+      - name: sv
+        type: group
+        at: 14
+        repeat: 3
+        count: num_svs
+        fields:
+          - {name: gnss, type: uint8}
+          - {name: id, type: uint8}
+          - {name: cno, type: uint8, unit: dBHz}
+          - {name: elev, type: int8}
+          - {name: azim, type: int16}
+          - {name: pr_res, type: int16, scale: 0.1}
+          - {name: flags, type: uint32}
+"""
+
+
+def test_binary_group_with_a_count_field_in_variable_length_frames() -> None:
+    """UBX NAV-SAT-like: numSvs 12-byte blocks; a frame with 2 leaves the 3rd instance empty,
+    and a count lower than the blocks present empties the extra ones too."""
+    codec = SerialCodec(loads_definitions(SAT), device="g")
+    names = [c.name for c in codec.frame("sat").channels]
+
+    def frame(count: int, blocks: int) -> bytes:
+        payload = struct.pack("<IBBH", 1000, 1, count, 0) + b"".join(
+            struct.pack("<BBBbhhI", 0, 10 + k, 40 + k, 30, 180, -12, 7) for k in range(blocks)
+        )
+        body = b"\x01\x35" + struct.pack("<H", len(payload)) + payload
+        ck_a = ck_b = 0
+        for byte in body:
+            ck_a = (ck_a + byte) & 0xFF
+            ck_b = (ck_b + ck_a) & 0xFF
+        return b"\xb5\x62" + body + bytes([ck_a, ck_b])
+
+    two, counted_one = FrameStream(codec).feed(frame(2, 2) + frame(1, 3), 1)
+    got = dict(zip(names, two.values, strict=True))
+    assert (got["sv1_id"], got["sv2_id"], got["sv3_id"]) == (10, 11, None)
+    assert got["sv2_pr_res"] == pytest.approx(-1.2)
+    got = dict(zip(names, counted_one.values, strict=True))
+    assert (got["sv1_cno"], got["sv2_cno"], got["sv3_cno"]) == (40, None, None)
+
+
+@pytest.mark.parametrize("text", [WORDS, NMEA_TIME, COUNTER, TABLES, GSV, SAT])
+def test_the_json_schema_accepts_the_new_language(text: str) -> None:
+    """Each definition above is valid for the exported JSON Schema too (and a typo is not)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    yaml = pytest.importorskip("yaml")
+    validator = jsonschema.Draft202012Validator(json_schema())
+    document = yaml.safe_load(text)
+    assert list(validator.iter_errors(document)) == []
+    document["frames"][0]["fields"][-1]["sing"] = 1
+    assert list(validator.iter_errors(document)) != []
