@@ -119,17 +119,26 @@ class FrameStream:
         """Every counter by name (see :data:`COUNTER_NAMES`)."""
         return {name: int(getattr(self, name)) for name in COUNTER_NAMES}
 
-    def reset(self) -> None:
+    def reset(self, t_ns: int | None = None) -> None:
         """Forget any partial frame and the device clock (the port was reopened); counters are
-        kept."""
+        kept.
+
+        Args:
+            t_ns: the host time the port was opened: no frame is dated before it.
+        """
         self._framer.reset()
         self._codec.reset_device_clock()
+        if t_ns is not None:
+            self._framer.prev_t = max(self._framer.prev_t, t_ns)
 
     def feed(self, data: bytes, t_ns: int) -> list[Sample]:
         """Add bytes read at host time ``t_ns``; return the samples of the frames they complete.
 
-        Host times of successive samples strictly increase (frames read in one chunk are 1 ns
-        apart), because a sample is identified by its flow and timestamp downstream.
+        A frame's host time is the arrival of its first byte: ``t_ns`` minus the bytes after it
+        in this chunk times ``byte_ns`` (none when 0), never before the previous chunk's time
+        (or the open time given to :meth:`reset`). Host times of successive samples strictly
+        increase (so frames of one chunk read with ``byte_ns`` 0 are 1 ns apart), because a
+        sample is identified by its flow and timestamp downstream.
 
         Args:
             data: the bytes read.
