@@ -112,6 +112,11 @@ def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) 
             f"{framer.framing_errors} framing errors ({framer.dropped_bytes} bytes dropped), "
             f"{counts['unknown_type']} unknown types, {counts['decode']} decode errors"
             + (f", {counts['no_checksum']} without checksum" if counts["no_checksum"] else "")
+            + (
+                f", {codec.unmatched_values} values outside their value table"
+                if codec.unmatched_values
+                else ""
+            )
             + "\n"
         )
     bad = (

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import tty
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from daq_agent.core.sample import Sample
 from daq_agent.ingestion import IngestionService, TelemetryConfig, use_sift_channel
 from daq_agent.readers.base import ReaderState
 from daq_agent.readers.serial import SerialReader
-from daq_agent.serialdefs import SerialCodec, load_definitions
+from daq_agent.serialdefs import SerialCodec, load_definitions, loads_definitions
 from daq_agent.server.local import LocalIngestServer
 from daq_agent.server.store import Store
 
@@ -104,3 +105,47 @@ def test_status_and_mode_letters_reach_the_store_and_export(
     status_column = next(k for k in rows[0] if k.endswith("status"))
     mode_column = next(k for k in rows[0] if k.endswith("mode"))
     assert [(r[status_column], r[mode_column]) for r in rows] == LETTERS
+
+
+def test_text_outside_a_value_table_is_counted_by_the_reader() -> None:
+    """With an enum table instead, a letter the table lacks leaves the channel empty and is
+    counted in the reader's (the status') unmatched_values; the sample is kept."""
+    defs = loads_definitions(
+        "format: nmea\nframes:\n  - name: rmc\n    id: RMC\n    fields:\n"
+        "      - {name: utc_time, type: time}\n"
+        "      - {name: status, type: string, values: {A: valid, V: void}}\n"
+    )
+    codec = SerialCodec(defs, device="gps")
+    good = codec.encode("rmc", {"utc_time": 1.0, "status": 0})
+    body = "GPRMC,000002.000,X"
+    checksum = 0
+    for char in body.encode():
+        checksum ^= char
+    odd = f"${body}*{checksum:02X}\r\n".encode()
+    samples: list[Sample] = []
+    cond = threading.Condition()
+
+    def sink(sample: Sample) -> None:
+        with cond:
+            samples.append(sample)
+            cond.notify_all()
+
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        reader = SerialReader("gps", os.ttyname(slave), {"baudrate": 9600}, defs, sink)
+        with reader:
+            assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+            os.write(master, good + odd)
+            with cond:
+                assert cond.wait_for(lambda: len(samples) >= 2, timeout=10)
+            deadline = time.monotonic() + 10  # the counters are synced right after the read
+            while reader.counters.get("decoded") < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            counters = reader.counters.snapshot()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert [s.values for s in samples] == [(1.0, 0), (2.0, None)]
+    assert counters["unmatched_values"] == 1
+    assert counters["decoded"] == 2
