@@ -2,10 +2,11 @@
 
 The same framer and decoder as the agent. A captured stream has no host times, so the timestamp
 printed is the device timestamp when the definitions declare one, else empty. Frames that do not
-decode are printed too (``!`` lines, or ``{"error": ...}`` with ``--json``), so the output
-accounts for the whole capture (faults found by the framer, like garbage between frames, are
-reported after the frames of the 64 KiB chunk they were found in); a summary of the counters ends
-the text output.
+decode are printed too (``!`` lines, or ``{"error": ...}`` with ``--json``; text frames are shown
+as text, an NMEA checksum fault with the checksum given and computed, a sentence without one as
+``no checksum``), so the output accounts for the whole capture (faults found by the framer, like
+garbage between frames or a truncated NMEA sentence, are reported after the frames of the 64 KiB
+chunk they were found in); a summary of the counters ends the text output.
 """
 
 from __future__ import annotations
