@@ -317,7 +317,16 @@ class SerialCodec:
         """The fastest equivalent of :meth:`decode` for these definitions (no format dispatch)."""
         if self.defs.format is FormatKind.BINARY:
             return self._decode_binary
+        if self.defs.format is FormatKind.NMEA:
+            return self._decode_sentence
         return self.decode
+
+    def _decode_sentence(self, frame: bytes) -> Decoded | FrameFault:
+        """:meth:`decode` for what :class:`NmeaFramer` delivers: one sentence from its ``$``."""
+        try:
+            return self._decode_nmea_body(frame.decode(self.defs.text_encoding)[1:])
+        except UnicodeDecodeError:
+            return FrameFault.DECODE
 
     def decode(self, frame: bytes) -> Decoded | FrameFault:
         """Decode one frame as delivered by the framer.
@@ -492,7 +501,10 @@ class SerialCodec:
         start = max(line.rfind("$"), line.rfind("!"))
         if start < 0:
             return FrameFault.DECODE
-        body = line[start + 1 :]
+        return self._decode_nmea_body(line[start + 1 :])
+
+    def _decode_nmea_body(self, body: str) -> Decoded | FrameFault:
+        """A sentence after its ``$`` or ``!``, checksum included."""
         star = body.find("*")
         if star >= 0:
             given = body[star + 1 :]
