@@ -29,7 +29,9 @@ Counters (``reader.counters``), named like the CAN reader's where they mean the 
 ``received`` (= ``decoded`` + ``unknown`` + ``checksum_errors`` + ``framing_errors`` +
 ``decode_errors``; a framing error is one run of bytes that was not a frame), ``decoded``,
 ``unknown`` (frame types no definition knows; per id in the bounded map ``unknown_ids``),
-``bytes``, ``dropped_bytes``, plus the base reader's ``opens``, ``reopens``, ``failures`` and
+``bytes``, ``dropped_bytes``, ``missing_checksums`` (of ``decode_errors``, the NMEA sentences
+without a checksum), ``unmatched_values`` (text outside a value table: the sample is kept with
+that channel empty), plus the base reader's ``opens``, ``reopens``, ``failures`` and
 ``sink_errors``.
 """
 
@@ -167,8 +169,10 @@ class SerialReader(ReaderABC):
         sink: receives every sample, on the reader thread (in practice ``RingBuffer.put``).
         flow_name_template: flow names from ``{device}`` and ``{frame}``.
         byte_time_ns: the time of one character on the line, used to date each frame by its
-            first byte inside a chunk read at once; None: computed from the line settings for
-            a local device path (not a pty, even behind a symlink), 0 (no interpolation) for
+            first byte inside a chunk read at once (never before the previous read, nor before
+            the port opened); None: computed from the line settings for a local device path
+            (not a pty, even behind a symlink: a pty has no line rate and delivers a burst at
+            once), 0 (no interpolation: frames of one read get its time, 1 ns apart) for
             network URLs and ptys.
         clock: host time in ns (default: the process's monotonic-anchored host clock).
         on_error: called on the reader thread with (reader, error) when the port fails.
@@ -192,6 +196,8 @@ class SerialReader(ReaderABC):
         "decode_errors",
         "bytes",
         "dropped_bytes",
+        "missing_checksums",
+        "unmatched_values",
     )
     """``received = decoded + unknown + checksum_errors + framing_errors + decode_errors``
     (a framing error is one run of bytes that was not a frame); the names match the CAN reader's
@@ -327,7 +333,7 @@ class SerialReader(ReaderABC):
                 raise ReaderError(f"{self.url!r} has no file descriptor to wait on")
         self._port = port
         self._fd = fd
-        self._stream.reset()
+        self._stream.reset(self._clock())  # no frame is dated before the port opened
 
     def _read(self, timeout: float) -> bool:
         port = self._port

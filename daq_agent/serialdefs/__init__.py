@@ -13,7 +13,7 @@ for editors.
 
 from __future__ import annotations
 
-from daq_agent.serialdefs.checksums import FrameChecksum, checksum_function
+from daq_agent.serialdefs.checksums import FrameChecksum, checksum_function, custom_crc
 from daq_agent.serialdefs.codec import (
     DEFAULT_FLOW_NAME_TEMPLATE,
     ChannelSpec,
@@ -25,6 +25,7 @@ from daq_agent.serialdefs.framing import (
     CobsFramer,
     Framer,
     LineFramer,
+    NmeaFramer,
     SlipFramer,
     SyncFramer,
     make_framer,
@@ -70,12 +71,14 @@ __all__ = [
     "FramingKind",
     "LengthFieldDef",
     "LineFramer",
+    "NmeaFramer",
     "SerialCodec",
     "SerialDefinitions",
     "SlipFramer",
     "SyncFramer",
     "TimestampDef",
     "checksum_function",
+    "custom_crc",
     "json_schema",
     "load_definitions",
     "loads_definitions",

@@ -1,7 +1,8 @@
 """Checksums over a configurable span of a binary frame.
 
-CRCs come from crcmod's predefined catalogue (C extension); XOR and the 8-bit sum are one line
-each. :class:`FrameChecksum` is compiled once from a :class:`ChecksumDef`: it knows where the
+CRCs come from crcmod (C extension): its predefined catalogue, or any CRC of width 8, 16, 24,
+32 or 64 from its parameters; XOR, the 8-bit sum and UBX's 8-bit Fletcher are a few lines each.
+:class:`FrameChecksum` is compiled once from a :class:`ChecksumDef`: it knows where the
 checksum sits in a frame of any length, which bytes it covers, and how it is stored.
 """
 
@@ -12,11 +13,12 @@ import operator
 from collections.abc import Callable
 from typing import Final, Literal
 
+import crcmod
 import crcmod.predefined
 
 from daq_agent.serialdefs.model import ChecksumDef, ChecksumKind
 
-__all__ = ["FrameChecksum", "checksum_function"]
+__all__ = ["FrameChecksum", "checksum_function", "custom_crc"]
 
 _CRCMOD_NAMES: Final = {
     ChecksumKind.CRC8: "crc-8",
@@ -35,11 +37,47 @@ def _sum8(data: bytes) -> int:
     return sum(data) & 0xFF
 
 
-def checksum_function(kind: ChecksumKind) -> Callable[[bytes], int]:
+def _fletcher8(data: bytes) -> int:
+    """The 8-bit Fletcher checksum of u-blox UBX: CK_A in the high byte, CK_B in the low."""
+    a = b = 0
+    for byte in data:
+        a += byte
+        b += a
+    return ((a & 0xFF) << 8) | (b & 0xFF)
+
+
+def _reflect(value: int, width: int) -> int:
+    return int(f"{value:0{width}b}"[::-1], 2)
+
+
+def custom_crc(poly: int, init: int, reflect: bool, xorout: int) -> Callable[[bytes], int]:
+    """A CRC from its catalogue parameters (as the CRC RevEng catalogue lists them).
+
+    Args:
+        poly: the generator polynomial including its top bit (``0x104C11DB7`` for CRC-32).
+        init: the register's initial value, unreflected.
+        reflect: reflected input and output (``refin = refout``).
+        xorout: XORed with the final value.
+
+    Raises:
+        ValueError: crcmod refuses the polynomial (its width must be 8, 16, 24, 32 or 64 bits).
+    """
+    width = poly.bit_length() - 1
+    start = (_reflect(init, width) if reflect else init) ^ xorout  # crcmod's initCrc
+    function: Callable[[bytes], int] = crcmod.mkCrcFun(
+        poly, initCrc=start, rev=reflect, xorOut=xorout
+    )
+    return function
+
+
+def checksum_function(
+    kind: ChecksumKind, spec: ChecksumDef | None = None
+) -> Callable[[bytes], int]:
     """The function computing ``kind`` over some bytes.
 
     Args:
         kind: the checksum kind.
+        spec: the definition (a custom ``crc`` takes its parameters from it).
 
     Returns:
         A function from bytes to the checksum as an unsigned integer.
@@ -48,6 +86,12 @@ def checksum_function(kind: ChecksumKind) -> Callable[[bytes], int]:
         return _xor8
     if kind is ChecksumKind.SUM8:
         return _sum8
+    if kind is ChecksumKind.FLETCHER8:
+        return _fletcher8
+    if kind is ChecksumKind.CRC:
+        if spec is None:
+            raise ValueError("a custom crc needs its parameters")
+        return custom_crc(spec.poly, spec.init, spec.reflect, spec.xorout)
     function: Callable[[bytes], int] = crcmod.predefined.mkPredefinedCrcFun(_CRCMOD_NAMES[kind])
     return function
 
@@ -62,8 +106,8 @@ class FrameChecksum:
     __slots__ = ("_at", "_end", "_function", "_order", "_start", "size", "verify")
 
     def __init__(self, spec: ChecksumDef) -> None:
-        self._function = checksum_function(spec.kind)
-        self.size = spec.kind.size
+        self._function = checksum_function(spec.kind, spec)
+        self.size = spec.size
         self._at = spec.at if spec.at is not None else -self.size
         self._start = spec.start
         self._end = spec.end

@@ -2,10 +2,11 @@
 
 The same framer and decoder as the agent. A captured stream has no host times, so the timestamp
 printed is the device timestamp when the definitions declare one, else empty. Frames that do not
-decode are printed too (``!`` lines, or ``{"error": ...}`` with ``--json``), so the output
-accounts for the whole capture (faults found by the framer, like garbage between frames, are
-reported after the frames of the 64 KiB chunk they were found in); a summary of the counters ends
-the text output.
+decode are printed too (``!`` lines, or ``{"error": ...}`` with ``--json``; text frames are shown
+as text, an NMEA checksum fault with the checksum given and computed, a sentence without one as
+``no checksum``), so the output accounts for the whole capture (faults found by the framer, like
+garbage between frames or a truncated NMEA sentence, are reported after the frames of the 64 KiB
+chunk they were found in); a summary of the counters ends the text output.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import BinaryIO, TextIO
 from daq_agent.core.model import FlowConfig
 from daq_agent.core.sample import Value
 from daq_agent.serialdefs.codec import DEFAULT_FLOW_NAME_TEMPLATE, FrameFault, SerialCodec
+from daq_agent.serialdefs.framing import NmeaFramer
 from daq_agent.serialdefs.loader import load_definitions
 
 __all__ = ["decode_stream", "serial_flows"]
@@ -44,7 +46,10 @@ def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) 
     defs = load_definitions(defs_path)
     codec = SerialCodec(defs, device=defs.name)
     framer = codec.make_framer()
-    counts = {"frames": 0, "checksum": 0, "unknown_type": 0, "decode": 0}
+    rejects: list[tuple[str, bytes]] | None = None
+    if isinstance(framer, NmeaFramer):
+        rejects = framer.rejects = []
+    counts = {"frames": 0, "checksum": 0, "unknown_type": 0, "decode": 0, "no_checksum": 0}
     checksum_before = framing_before = dropped_before = 0
     while True:
         chunk = stream.read(_CHUNK)
@@ -55,7 +60,7 @@ def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) 
             if isinstance(result, FrameFault):
                 key = result.name.lower()
                 counts[key] += 1
-                _print_fault(out, result, frame, codec.last_unknown, as_json)
+                _print_fault(out, codec, result, frame, as_json)
                 continue
             compiled, values = result
             counts["frames"] += 1
@@ -83,7 +88,17 @@ def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) 
         dropped_before = framer.dropped_bytes
         for _ in range(rejected):
             out.write(json.dumps({"error": "checksum"}) + "\n" if as_json else "! checksum\n")
-        if garbage:
+        if rejects:
+            for reason, data in rejects:
+                text = data.decode(defs.text_encoding, errors="backslashreplace")
+                shown = text if text.isprintable() else repr(text)[1:-1]
+                if as_json:
+                    record = {"error": "framing", "reason": reason, "text": shown}
+                    out.write(json.dumps(record) + "\n")
+                else:
+                    out.write(f"! framing ({reason}): {shown}\n")
+            rejects.clear()
+        elif garbage:
             if as_json:
                 record = {"error": "framing", "count": garbage, "dropped_bytes": dropped}
                 out.write(json.dumps(record) + "\n")
@@ -96,9 +111,22 @@ def decode_stream(defs_path: str, stream: BinaryIO, out: TextIO, as_json: bool) 
         out.write(
             f"# {counts['frames']} frames decoded, {counts['checksum']} checksum errors, "
             f"{framer.framing_errors} framing errors ({framer.dropped_bytes} bytes dropped), "
-            f"{counts['unknown_type']} unknown types, {counts['decode']} decode errors\n"
+            f"{counts['unknown_type']} unknown types, {counts['decode']} decode errors"
+            + (f", {counts['no_checksum']} without checksum" if counts["no_checksum"] else "")
+            + (
+                f", {codec.unmatched_values} values outside their value table"
+                if codec.unmatched_values
+                else ""
+            )
+            + "\n"
         )
-    bad = counts["checksum"] + counts["unknown_type"] + counts["decode"] + framer.framing_errors
+    bad = (
+        counts["checksum"]
+        + counts["unknown_type"]
+        + counts["decode"]
+        + counts["no_checksum"]
+        + framer.framing_errors
+    )
     return 1 if bad else 0
 
 
@@ -127,17 +155,18 @@ def serial_flows(
 
 
 def _print_fault(
-    out: TextIO, fault: FrameFault, frame: bytes, unknown: object, as_json: bool
+    out: TextIO, codec: SerialCodec, fault: FrameFault, frame: bytes, as_json: bool
 ) -> None:
-    detail = unknown if fault is FrameFault.UNKNOWN_TYPE else None
     if as_json:
         record: dict[str, object] = {"error": fault.name.lower(), "raw": frame.hex()}
-        if detail is not None:
+        if codec.defs.format.is_text:
+            record["text"] = frame.decode(codec.defs.text_encoding, errors="backslashreplace")
+        if fault is FrameFault.UNKNOWN_TYPE:
+            detail = codec.last_unknown
             record["id"] = detail if isinstance(detail, int | str) else str(detail)
         out.write(json.dumps(record) + "\n")
     else:
-        extra = f" (id {detail!r})" if detail is not None else ""
-        out.write(f"! {fault.name.lower().replace('_', ' ')}{extra}: {frame.hex(' ')}\n")
+        out.write(f"! {codec.describe_fault(frame, fault)}\n")
 
 
 def _jsonable(value: Value) -> object:

@@ -18,6 +18,7 @@ that the caller counts.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import math
 import re
@@ -35,7 +36,7 @@ from daq_agent.core.model import (
 )
 from daq_agent.core.sample import Value
 from daq_agent.serialdefs.checksums import FrameChecksum
-from daq_agent.serialdefs.framing import Framer, make_framer
+from daq_agent.serialdefs.framing import Framer, NmeaFramer, make_framer
 from daq_agent.serialdefs.model import (
     FIXED_SIZE_TYPES,
     BitDef,
@@ -72,6 +73,8 @@ class FrameFault(enum.IntEnum):
     """The discriminator (id, sentence, pattern) matches no frame type."""
     DECODE = 3
     """The frame is too short, not text, or a field does not parse."""
+    NO_CHECKSUM = 4
+    """NMEA: the sentence has no ``*hh`` checksum and the definitions require one."""
 
 
 Decoded = tuple["CompiledFrame", tuple[Value, ...]]
@@ -118,6 +121,7 @@ class CompiledFrame:
         "flow",
         "min_length",
         "timestamp_index",
+        "timestamp_parts",
     )
 
     def __init__(
@@ -135,6 +139,8 @@ class CompiledFrame:
         self._decode = decode
         self.min_length = min_length
         self.timestamp_index = timestamp_index
+        self.timestamp_parts: tuple[tuple[str, int], ...] = ()
+        """(role, value index) of a timestamp built from date and time fields."""
 
     @property
     def name(self) -> str:
@@ -174,12 +180,16 @@ class SerialCodec:
     """
 
     __slots__ = (
+        "_anchor",
         "_by_id",
         "_checksum",
         "_disc",
+        "_last_counter",
+        "_misses",
         "_only",
         "_regexes",
         "_verify",
+        "_wraps",
         "defs",
         "device",
         "frames",
@@ -198,6 +208,7 @@ class SerialCodec:
         sync_framed = defs.framing.kind in (FramingKind.FIXED, FramingKind.SYNC_LENGTH)
         # sync framings verify the checksum while framing (to resynchronise); do not repeat it
         self._verify = None if sync_framed or self._checksum is None else self._checksum.verify
+        self._misses = _Tally()
         compiled: list[CompiledFrame] = []
         names: set[str] = set()
         for frame in defs.frames:
@@ -225,8 +236,16 @@ class SerialCodec:
             self._only = None
         self.last_unknown: object = None
         """The id of the last frame that matched no frame type (for per-id counting)."""
+        self._anchor: int | None = None
+        self._last_counter: float | None = None
+        self._wraps = 0
 
     # -- public ------------------------------------------------------------------------------
+
+    @property
+    def unmatched_values(self) -> int:
+        """Text values outside their field's value table (the channel was left empty)."""
+        return self._misses.count
 
     @property
     def flows(self) -> list[FlowConfig]:
@@ -246,26 +265,68 @@ class SerialCodec:
 
     def make_framer(self, byte_ns: int = 0) -> Framer:
         """A new framer for these definitions (checksum-aware for sync framings)."""
+        if self.defs.format is FormatKind.NMEA:
+            return NmeaFramer(self.defs.framing.max_length, byte_ns)
         accept = self._checksum.verify if self._checksum is not None else None
         return make_framer(self.defs.framing, accept=accept, byte_ns=byte_ns)
 
-    def device_time_ns(self, compiled: CompiledFrame, values: Sequence[Value]) -> int | None:
-        """The device timestamp of a decoded frame (None: the frame has none or it is empty)."""
+    def device_time_ns(
+        self, compiled: CompiledFrame, values: Sequence[Value], host_ns: int = 0
+    ) -> int | None:
+        """The device timestamp of a decoded frame (None: the frame has none, it is empty, or
+        its date and time fields do not make a valid UTC time).
+
+        Args:
+            compiled: the frame's type.
+            values: its decoded values.
+            host_ns: its host receive time (anchors a device clock with ``epoch: host``).
+        """
         index = compiled.timestamp_index
         if index < 0:
             return None
+        spec = self.defs.timestamp
+        assert spec is not None
+        if compiled.timestamp_parts:
+            return _utc_from_parts(compiled.timestamp_parts, values)
         value = values[index]
         if value is None or isinstance(value, str | bytes):
             return None
-        spec = self.defs.timestamp
-        assert spec is not None
-        return spec.epoch_ns + round(float(value) * spec.unit_ns)
+        if spec.rollover is not None:
+            value = self._unwrap(float(value), spec.rollover)
+        stamp = spec.epoch_ns + round(float(value) * spec.unit_ns)
+        if spec.epoch_host:
+            if self._anchor is None:
+                self._anchor = host_ns - stamp
+            stamp += self._anchor
+        return stamp
+
+    def _unwrap(self, value: float, rollover: int) -> float:
+        last = self._last_counter
+        if last is not None and value < last:
+            self._wraps += 1
+        self._last_counter = value
+        return value + self._wraps * rollover
+
+    def reset_device_clock(self) -> None:
+        """Forget the device clock's anchor and wraps (the device was reopened or restarted)."""
+        self._anchor = None
+        self._last_counter = None
+        self._wraps = 0
 
     def decoder(self) -> Callable[[bytes], Decoded | FrameFault]:
         """The fastest equivalent of :meth:`decode` for these definitions (no format dispatch)."""
         if self.defs.format is FormatKind.BINARY:
             return self._decode_binary
+        if self.defs.format is FormatKind.NMEA:
+            return self._decode_sentence
         return self.decode
+
+    def _decode_sentence(self, frame: bytes) -> Decoded | FrameFault:
+        """:meth:`decode` for what :class:`NmeaFramer` delivers: one sentence from its ``$``."""
+        try:
+            return self._decode_nmea_body(frame.decode(self.defs.text_encoding)[1:])
+        except UnicodeDecodeError:
+            return FrameFault.DECODE
 
     def decode(self, frame: bytes) -> Decoded | FrameFault:
         """Decode one frame as delivered by the framer.
@@ -294,6 +355,28 @@ class SerialCodec:
         if fmt is FormatKind.KEY_VALUE:
             return self._decode_kv(line)
         return self._decode_regex(line)
+
+    def describe_fault(self, frame: bytes, fault: FrameFault) -> str:
+        """A one-line account of why ``frame`` did not decode, for people (the ``decode``
+        command): text frames are shown as text, binary ones in hex."""
+        name = {
+            FrameFault.CHECKSUM: "checksum",
+            FrameFault.UNKNOWN_TYPE: "unknown type",
+            FrameFault.DECODE: "decode",
+            FrameFault.NO_CHECKSUM: "no checksum",
+        }[fault]
+        if not self.defs.format.is_text:
+            detail = f" (id {self.last_unknown!r})" if fault is FrameFault.UNKNOWN_TYPE else ""
+            return f"{name}{detail}: {frame.hex(' ')}"
+        text = frame.decode(self.defs.text_encoding, errors="backslashreplace").strip()
+        shown = repr(text)[1:-1] if not text.isprintable() else text
+        detail = ""
+        if fault is FrameFault.UNKNOWN_TYPE:
+            detail = f" (id {self.last_unknown!r})"
+        elif fault is FrameFault.CHECKSUM and self.defs.format is FormatKind.NMEA:
+            body, _, given = text.lstrip("$!").partition("*")
+            detail = f" (*{given} given, *{nmea_checksum(body):02X} computed)"
+        return f"{name}{detail}: {shown}"
 
     def decode_or_raise(self, frame: bytes) -> Decoded:
         """Like :meth:`decode` (checksum included) but raising on a bad frame.
@@ -352,15 +435,32 @@ class SerialCodec:
             else:
                 channels.append(_field_channel(item))
         timestamp_index = -1
-        if self.defs.timestamp is not None:
-            for i, channel in enumerate(channels):
-                if channel.bit is None and channel.name == self.defs.timestamp.field:
-                    timestamp_index = i
+        parts: list[tuple[str, int]] = []
+        stamp = self.defs.timestamp
+        if stamp is not None:
+            index_of = {c.name: i for i, c in enumerate(channels) if c.bit is None}
+            if stamp.parts:
+                found = [(role, index_of.get(name, -1)) for role, name in stamp.parts]
+                if all(i >= 0 for _, i in found):  # frames without all of them: host time
+                    parts = found
+                    timestamp_index = found[0][1]
+            else:
+                timestamp_index = index_of.get(stamp.field, -1)
         if self.defs.format is FormatKind.BINARY:
-            decode, min_length = _compile_binary(frame, tuple(channels), self.defs)
+            decode, min_length = _compile_binary(frame, tuple(channels), self.defs, self._misses)
         else:
-            decode, min_length = _compile_text(frame, tuple(channels), self.defs), 0
-        return CompiledFrame(frame, flow, tuple(channels), decode, min_length, timestamp_index)
+            decode = _compile_text(frame, tuple(channels), self.defs, self._misses)
+            min_length = 0
+        counted = [
+            (i, c.field.group_index, c.field.group_count)
+            for i, c in enumerate(channels)
+            if c.field.group_count
+        ]
+        if counted:
+            decode = _counted_groups(decode, counted, channels)
+        compiled = CompiledFrame(frame, flow, tuple(channels), decode, min_length, timestamp_index)
+        compiled.timestamp_parts = tuple(parts)
+        return compiled
 
     def _framer_for_encoding(self) -> Framer:
         return make_framer(self.defs.framing)
@@ -401,18 +501,20 @@ class SerialCodec:
         start = max(line.rfind("$"), line.rfind("!"))
         if start < 0:
             return FrameFault.DECODE
-        body = line[start + 1 :]
-        star = body.rfind("*")
+        return self._decode_nmea_body(line[start + 1 :])
+
+    def _decode_nmea_body(self, body: str) -> Decoded | FrameFault:
+        """A sentence after its ``$`` or ``!``, checksum included."""
+        star = body.find("*")
         if star >= 0:
-            given = body[star + 1 : star + 3]
+            given = body[star + 1 :]
             body = body[:star]
-            try:
-                if int(given, 16) != nmea_checksum(body):
-                    return FrameFault.CHECKSUM
-            except ValueError:
+            if len(given) != 2 or given not in _HEX_BYTES[nmea_checksum(body)]:
                 return FrameFault.CHECKSUM
         elif self.defs.require_checksum:
-            return FrameFault.CHECKSUM
+            return FrameFault.NO_CHECKSUM
+        if not body.isprintable():
+            return FrameFault.DECODE
         parts = body.split(",")
         address = parts[0]
         compiled = self._by_id.get(address) or self._by_id.get(address[2:])
@@ -480,8 +582,6 @@ class SerialCodec:
             code, _ = FIXED_SIZE_TYPES[lf.type]
             struct.pack_into(lf.byte_order.struct_prefix + code, buf, lf.at, size - lf.adjust)
         for item in frame.fields:
-            code = _struct_code(item)
-            fmt = item.byte_order.struct_prefix + code
             if item.bits:
                 raw = 0
                 for bit in item.bits:
@@ -492,7 +592,7 @@ class SerialCodec:
                     raw |= bits << bit.start
                 if not item.type.startswith("u") and raw >= 1 << (item.width * 8 - 1):
                     raw -= 1 << (item.width * 8)
-                struct.pack_into(fmt, buf, item.at, raw)
+                _pack_field(item, buf, raw)
                 continue
             value = values.get(item.name)
             if item.type in ("string", "bytes"):
@@ -502,15 +602,15 @@ class SerialCodec:
                     data = str(value or "").encode(defs.text_encoding)
                 else:
                     data = bytes(value) if isinstance(value, bytes | bytearray) else b""
-                struct.pack_into(fmt, buf, item.at, data)
+                _pack_field(item, buf, data)
             elif item.type == "bool":
-                struct.pack_into(fmt, buf, item.at, bool(value))
+                _pack_field(item, buf, bool(value))
             else:
                 integer = item.type in _INT_TYPES
                 raw_value = _raw_from_physical(value, item.scale, item.offset, integer)
                 if integer and item.values and isinstance(raw_value, int) and raw_value > _I32_MAX:
                     raw_value = _from_u32_key(raw_value, item)
-                struct.pack_into(fmt, buf, item.at, raw_value)
+                _pack_field(item, buf, raw_value)
         if self._checksum is not None:
             self._checksum.apply(buf)
         return bytes(buf)
@@ -519,7 +619,22 @@ class SerialCodec:
         defs = self.defs
         frame = compiled.definition
         rendered: list[tuple[int | str, list[str]]] = []  # (column or key, text fields)
+        talker = ""
+        sign_texts: dict[str, str] = {}  # the text of a sign field, by its name
         for item in frame.fields:
+            if item.type == "talker":
+                talker = str(values.get(item.name) or "")
+                continue
+            if item.sign_field:
+                value = values.get(item.name)
+                negative = isinstance(value, int | float) and value < 0
+                sign_texts[item.sign_field] = (
+                    item.sign_negative[0] if negative else item.sign_positive
+                )
+                if negative:
+                    value = -value  # type: ignore[operator]  # a number, checked above
+                rendered.append((item.at, _render_text(item, value)))
+                continue
             if item.type == "skip":
                 rendered.append((item.key or item.at, [""]))
                 continue
@@ -532,6 +647,9 @@ class SerialCodec:
                 rendered.append((item.key or item.at, [str(raw)]))
                 continue
             rendered.append((item.key or item.at, _render_text(item, values.get(item.name))))
+        if sign_texts:
+            by_name = {f.name: f.at for f in frame.fields}
+            rendered.extend((by_name[name], [text]) for name, text in sign_texts.items())
         fmt = defs.format
         if fmt in (FormatKind.CSV, FormatKind.NMEA):
             width = max((int(pos) + len(parts) for pos, parts in rendered), default=0)
@@ -548,7 +666,9 @@ class SerialCodec:
                 return defs.delimiter.join(columns)
             assert isinstance(frame.id, str)
             address = (
-                frame.id if len(frame.id) >= 5 or frame.id.startswith("P") else "GP" + frame.id
+                frame.id
+                if len(frame.id) >= 5 or frame.id.startswith("P")
+                else (talker or "GP") + frame.id
             )
             columns[0] = address
             body = ",".join(columns)
@@ -567,11 +687,41 @@ class SerialCodec:
 
 
 _I32_MAX: Final = (1 << 31) - 1
+_HEX_BYTES: Final = tuple(frozenset({f"{i:02X}", f"{i:02x}"}) for i in range(256))
+"""The two spellings of each checksum value (NMEA uses upper case; some devices do not)."""
 
 
 def _from_u32_key(key: int, item: FieldDef) -> int:
     """An enum key sent as a 32-bit two's complement, back to the negative raw value."""
     return key - (1 << 32) if not item.type.startswith("u") else key
+
+
+_EPOCH_DAY: Final = dt.date(1970, 1, 1).toordinal()
+
+
+def _utc_from_parts(parts: tuple[tuple[str, int], ...], values: Sequence[Value]) -> int | None:
+    """ns since the Unix epoch from date and time values; None if one is empty or invalid."""
+    got: dict[str, Value] = {role: values[i] for role, i in parts}
+    try:
+        date = got.get("date")
+        if date is not None:
+            day = dt.date.fromisoformat(str(date))
+        else:
+            day = dt.date(int(got["year"]), int(got["month"]), int(got["day"]))  # type: ignore[arg-type]
+        seconds = got.get("time")
+        if seconds is None and "time" not in got:
+            hour, minute, second = (int(got[k]) for k in ("hour", "minute", "second"))  # type: ignore[arg-type]
+            if not (0 <= hour < 24 and 0 <= minute < 60 and 0 <= second <= 60):
+                return None
+            nanos = (hour * 3600 + minute * 60 + second) * 1_000_000_000
+            nanos += int(got.get("nanosecond") or 0)
+        elif seconds is None or isinstance(seconds, str | bytes):
+            return None
+        else:
+            nanos = round(float(seconds) * 1_000_000_000)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (day.toordinal() - _EPOCH_DAY) * 86_400_000_000_000 + nanos
 
 
 def _flow_name(template: str, device: str, frame: str) -> str:
@@ -668,7 +818,7 @@ def _field_channel(item: FieldDef) -> ChannelSpec:
     if item.values:
         config, keys = _enum_config(item.name, item.values, item.unit, item.description)
         return ChannelSpec(item.name, item, None, config, 0, max(len(keys) - 1, 0), keys)
-    if item.type in ("string", "date"):
+    if item.type in ("string", "date", "talker"):
         data_type = ChannelDataType.STRING
         low, high = 0.0, 0.0
     elif item.type == "bytes":
@@ -701,6 +851,8 @@ def _bit_channel(item: FieldDef, bit: BitDef) -> ChannelSpec:
 def _struct_code(item: FieldDef) -> str:
     if item.type in ("string", "bytes"):
         return f"{item.size}s"
+    if item.word_order is not None:
+        return f"{item.width}s"  # read as bytes, words reordered, then unpacked
     if item.type == "bool":
         return "?"
     return FIXED_SIZE_TYPES[item.type][0]
@@ -721,7 +873,7 @@ def _binary_frame_size(frame: FrameDef, defs: SerialDefinitions) -> int:
     extent = max([extent, *(f.at + f.width for f in frame.fields)])
     checksum = defs.checksum
     if checksum is not None:
-        size = checksum.kind.size
+        size = checksum.size
         if checksum.at is None or checksum.at < 0:
             extent += size if checksum.at is None else max(0, -checksum.at)
         else:
@@ -730,12 +882,16 @@ def _binary_frame_size(frame: FrameDef, defs: SerialDefinitions) -> int:
 
 
 def _compile_binary(
-    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions
+    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions, misses: _Tally
 ) -> tuple[Callable[[Any], tuple[Value, ...]], int]:
     """Generate ``decode(frame) -> values`` for one binary layout; also its minimum length."""
     fields = [f for f in frame.fields if f.type != "skip"]
+    fixed_size = frame.length is not None or defs.framing.kind is FramingKind.FIXED
+    # a variable-length frame carries as many group instances as it has room for: those are
+    # read one by one, each only if the frame reaches its end
+    optional = {i for i, f in enumerate(fields) if f.group and not fixed_size}
     # runs of fields in offset order, one byte order, not overlapping → one Struct each
-    order = sorted(range(len(fields)), key=lambda i: fields[i].at)
+    order = sorted((i for i in range(len(fields)) if i not in optional), key=lambda i: fields[i].at)
     runs: list[tuple[int, str, list[int]]] = []  # (start, format, field indexes)
     run_end = -1
     for i in order:
@@ -751,7 +907,7 @@ def _compile_binary(
                 continue
         runs.append((item.at, (prefix or "<") + _struct_code(item), [i]))
         run_end = item.at + item.width
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"_misses": misses}
     lines = ["def decode(frame):"]
     slot: dict[int, str] = {}
     for r, (start, fmt, members) in enumerate(runs):
@@ -760,16 +916,33 @@ def _compile_binary(
         lines.append(f"    {', '.join(targets)}, = _u{r}(frame, {start})")
         for i in members:
             slot[i] = f"v{i}"
+    if optional:
+        checksum = defs.checksum
+        tail = 0
+        if checksum is not None and (checksum.at is None or checksum.at < 0):
+            tail = checksum.size if checksum.at is None else -checksum.at
+        lines.append(f"    n = len(frame) - {tail}")
+        for i in sorted(optional):
+            item = fields[i]
+            code = (item.byte_order.struct_prefix if item.width > 1 else "<") + _struct_code(item)
+            namespace[f"_o{i}"] = struct.Struct(code).unpack_from
+            end = item.at + item.width
+            lines.append(f"    v{i} = _o{i}(frame, {item.at})[0] if n >= {end} else None")
+            slot[i] = f"v{i}"
     expressions: list[str] = []
     index_of = {id(f): i for i, f in enumerate(fields)}
     for channel in channels:
         item = channel.field
-        var = slot[index_of[id(item)]]
-        expressions.append(_binary_expression(channel, var, namespace, defs))
+        i = index_of[id(item)]
+        var = slot[i]
+        expression = _binary_expression(channel, var, namespace, defs)
+        if i in optional:
+            expression = f"(None if {var} is None else {expression})"
+        expressions.append(expression)
     lines.append(f"    return ({', '.join(expressions)},)")
     source = "\n".join(lines)
     exec(compile(source, f"<serial frame {frame.name}>", "exec"), namespace)
-    min_length = max((f.at + f.width for f in fields), default=0)
+    min_length = max((f.at + f.width for i, f in enumerate(fields) if i not in optional), default=0)
     return namespace["decode"], min_length
 
 
@@ -785,6 +958,12 @@ def _binary_expression(
     item = channel.field
     bit = channel.bit
     data_type = channel.config.data_type
+    if item.type in _INT24:
+        namespace["_from_bytes"] = int.from_bytes
+        signed = item.type == "int24"
+        var = f"_from_bytes({var}, {item.byte_order.value!r}, signed={signed})"
+    elif item.word_order is not None:
+        var = f"{_const(_word_unpacker(item), namespace)}({var})"
     if bit is not None:
         expr = f"(({var} >> {bit.start}) & {(1 << bit.length) - 1})"
         if data_type is ChannelDataType.BOOL:
@@ -795,14 +974,54 @@ def _binary_expression(
     if item.type == "string":
         decode = _const(_string_decoder(defs.text_encoding), namespace)
         if item.values:
-            table = _const({raw: i for i, (raw, _) in enumerate(item.values)}, namespace)
-            return f"{table}.get({decode}({var}))"
+            table = {raw: i for i, (raw, _) in enumerate(item.values)}
+            misses: _Tally = namespace["_misses"]
+
+            def lookup(raw: bytes, table: dict[int | str, int] = table) -> Value:
+                key = table.get(raw.split(b"\x00", 1)[0].decode(defs.text_encoding, "replace"))
+                if key is None:
+                    misses.count += 1
+                return key
+
+            return f"{_const(lookup, namespace)}({var})"
         return f"{decode}({var})"
     if item.type in ("bytes", "bool"):
         return var
     if data_type is ChannelDataType.ENUM:
         return f"({var} & {_U32})" if not item.type.startswith("u") else var
     return _scaled(var, item.scale, item.offset, data_type)
+
+
+_INT24: Final = frozenset({"int24", "uint24"})
+
+
+def _swap_words(raw: bytes) -> bytes:
+    """The 16-bit words of ``raw`` in the opposite order (bytes inside each word unchanged)."""
+    return b"".join(raw[i : i + 2] for i in range(len(raw) - 2, -1, -2))
+
+
+def _word_unpacker(item: FieldDef) -> Callable[[bytes], Any]:
+    """Raw bytes of a word-ordered field → its value: the words are put in the byte order's
+    order (most significant first for big, least for little), then unpacked as usual."""
+    unpack = struct.Struct(item.byte_order.struct_prefix + FIXED_SIZE_TYPES[item.type][0]).unpack
+
+    def decode(raw: bytes) -> Any:
+        return unpack(_swap_words(raw))[0]
+
+    return decode
+
+
+def _pack_field(item: FieldDef, buf: bytearray, value: Any) -> None:
+    """Write one binary field's raw value into ``buf`` at its offset."""
+    if item.type in _INT24:
+        data = int(value).to_bytes(3, item.byte_order.value, signed=item.type == "int24")
+        buf[item.at : item.at + 3] = data
+        return
+    if item.word_order is not None:
+        code = item.byte_order.struct_prefix + FIXED_SIZE_TYPES[item.type][0]
+        buf[item.at : item.at + item.width] = _swap_words(struct.pack(code, value))
+        return
+    struct.pack_into(item.byte_order.struct_prefix + _struct_code(item), buf, item.at, value)
 
 
 def _scaled(expr: str, scale: float, offset: float, data_type: ChannelDataType) -> str:
@@ -846,7 +1065,7 @@ def _raw_from_physical(value: Value, scale: float, offset: float, integer: bool)
 
 
 def _compile_text(
-    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions
+    frame: FrameDef, channels: tuple[ChannelSpec, ...], defs: SerialDefinitions, misses: _Tally
 ) -> Callable[[Any], tuple[Value, ...]]:
     """``decode(parts) -> values``: parts is a column list (csv, nmea) or a str → str mapping."""
     by_field: dict[int, list[ChannelSpec]] = {}
@@ -859,41 +1078,111 @@ def _compile_text(
         position: int | str = (
             item.key if defs.format in (FormatKind.KEY_VALUE, FormatKind.REGEX) else item.at
         )
-        parse = _text_parser(item)
+        parse = _text_parser(item, misses)
         post = tuple(_bit_extractor(c) for c in by_field[id(item)]) if item.bits else ()
         steps.append((position, parse, post))
+    # fields whose sign another column gives: (value index, that column, negative texts)
+    columns_of = {f.name: f.at for f in frame.fields}
+    signs: list[tuple[int, int, frozenset[str]]] = []
+    index = 0
+    for item in frame.fields:
+        if item.type == "skip":
+            continue
+        if item.sign_field:
+            signs.append((index, columns_of[item.sign_field], frozenset(item.sign_negative)))
+        index += len(item.bits) if item.bits else 1
     nmea = defs.format is FormatKind.NMEA
+    if defs.format in (FormatKind.KEY_VALUE, FormatKind.REGEX):
+
+        def decode_mapping(parts: Any) -> tuple[Value, ...]:
+            out: list[Value] = []
+            for position, parse, post in steps:
+                text = parts.get(position)
+                value: Value = None if text is None or text == "" else parse(text)
+                if post:
+                    out.extend(p(value) for p in post)
+                else:
+                    out.append(value)
+            return tuple(out)
+
+        return decode_mapping
+    # columns: (index, parse, post, reads two columns)
+    columns = [
+        (int(position), parse, post, nmea and parse in _TWO_PART) for position, parse, post in steps
+    ]
 
     def decode(parts: Any) -> tuple[Value, ...]:
         out: list[Value] = []
-        mapping = isinstance(parts, Mapping)
-        count = 0 if mapping else len(parts)
-        for position, parse, post in steps:
-            if mapping:
-                text = parts.get(position)
-            else:
-                assert isinstance(position, int)
-                if position >= count:
-                    text = None
-                elif nmea and parse in _TWO_PART:
-                    text = (
-                        parts[position]
-                        + ","
-                        + (parts[position + 1] if position + 1 < count else "")
-                    )
-                else:
-                    text = parts[position]
-            if text is None or text == "" or text == ",":
+        count = len(parts)
+        for position, parse, post, two in columns:
+            if position >= count:
                 value: Value = None
             else:
-                value = parse(text)
+                text = parts[position]
+                if two:
+                    second = parts[position + 1] if position + 1 < count else ""
+                    value = None if text == "" and second == "" else parse(text + "," + second)
+                else:
+                    value = None if text == "" else parse(text)
             if post:
                 out.extend(p(value) for p in post)
             else:
                 out.append(value)
         return tuple(out)
 
-    return decode
+    if not signs:
+        return decode
+
+    def decode_signed(parts: Any) -> tuple[Value, ...]:
+        out = decode(parts)
+        count = len(parts)
+        changed: list[Value] | None = None
+        for index, column, negative in signs:
+            value = out[index]
+            if value is not None and column < count and parts[column].strip() in negative:
+                if changed is None:
+                    changed = list(out)
+                changed[index] = -value  # type: ignore[operator]  # a numeric field
+        return out if changed is None else tuple(changed)
+
+    return decode_signed
+
+
+def _counted_groups(
+    decode: Callable[[Any], tuple[Value, ...]],
+    counted: list[tuple[int, int, str]],
+    channels: Sequence[ChannelSpec],
+) -> Callable[[Any], tuple[Value, ...]]:
+    """Empty the channels of group instances beyond the count the frame's count field gives."""
+    position = {c.name: i for i, c in enumerate(channels) if c.bit is None}
+    gated = [(i, instance, position[name]) for i, instance, name in counted]
+
+    def decode_counted(parts: Any) -> tuple[Value, ...]:
+        values = decode(parts)
+        out: list[Value] | None = None
+        for i, instance, at in gated:
+            count = values[at]
+            if not isinstance(count, int) or instance >= count:
+                if out is None:
+                    out = list(values)
+                out[i] = None
+        return values if out is None else tuple(out)
+
+    return decode_counted
+
+
+class _Tally:
+    """A count shared by the compiled decoders of one codec (text outside a value table)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def _talker(address: str) -> Value:
+    """The talker of an NMEA address: ``GP`` of ``GPGGA``; ``P`` for proprietary sentences."""
+    return "P" if address.startswith("P") else address[:2]
 
 
 def _parse_lat(text: str) -> Value:
@@ -908,8 +1197,10 @@ _TWO_PART: Final = (_parse_lat, _parse_lon)
 """NMEA parsers that read two fields (value, hemisphere)."""
 
 
-def _text_parser(item: FieldDef) -> Callable[[str], Value]:
+def _text_parser(item: FieldDef, misses: _Tally) -> Callable[[str], Value]:
     kind = item.type
+    if kind == "talker":
+        return _talker
     if kind in ("lat", "lon"):
         return _parse_lat if kind == "lat" else _parse_lon
     if kind in ("time", "date"):
@@ -917,7 +1208,14 @@ def _text_parser(item: FieldDef) -> Callable[[str], Value]:
     if kind == "string":
         if item.values:
             table = {str(raw): i for i, (raw, _) in enumerate(item.values)}
-            return lambda text: table.get(text.strip())
+
+            def lookup(text: str) -> Value:
+                key = table.get(text.strip())
+                if key is None:
+                    misses.count += 1
+                return key
+
+            return lookup
         return lambda text: text
     if kind == "bool":
         return _parse_bool

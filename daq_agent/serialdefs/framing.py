@@ -19,6 +19,7 @@ backwards from the read time, otherwise every frame starting in a chunk gets the
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable
 
 import cobs.cobs  # type: ignore[import-untyped]  # the package ships no type information
@@ -31,6 +32,7 @@ __all__ = [
     "DelimitedFramer",
     "Framer",
     "LineFramer",
+    "NmeaFramer",
     "SlipFramer",
     "SyncFramer",
     "make_framer",
@@ -184,6 +186,138 @@ class LineFramer(DelimitedFramer):
     """Text lines ending with a configurable terminator (the terminator is removed)."""
 
     __slots__ = ()
+
+
+_NMEA_TOKEN = re.compile(rb"([^$!]*)([$!][^$!*\r\n]*)?(\*[^$!*\r\n]{2}|\*|[\r\n])?")
+"""What lies before a sentence, the sentence up to its first stop character, and that stop: a
+checksum, a lone ``*`` (a checksum cut short, or still arriving), or a line end (none: a new
+sentence or the end of the data follows)."""
+_NMEA_STOP_CHARS = frozenset(b"$!*\r\n")
+_BLANKS = frozenset({b"\r\n", b"\n", b"\r", b""})
+_REJECT_KEEP = 256
+"""The most faults a framer keeps in :attr:`NmeaFramer.rejects` until they are read."""
+
+
+class NmeaFramer(Framer):
+    """NMEA 0183 sentences, cut by their own structure rather than by one line terminator.
+
+    A sentence starts at ``$`` or ``!`` and ends at the first of:
+
+    - its checksum, ``*`` and two characters (whatever follows: a CR LF, an LF alone, nothing);
+    - a line end (CR or LF) when it has no checksum (the decoder then reports a missing checksum);
+    - the next ``$`` or ``!`` before either: the sentence was truncated; it is dropped and
+      counted, and the next sentence starts there.
+
+    Bytes between sentences other than line ends and blanks are garbage (one framing error per
+    run). A sentence running past ``max_length`` without an end is dropped and the framer
+    resynchronises at the next ``$`` or ``!``. The partial sentence kept between reads is at
+    most ``max_length`` bytes.
+
+    ``rejects``: when set to a list (the ``decode`` command does), each fault is appended as
+    ``(reason, bytes)`` with reason ``garbage``, ``truncated`` or ``overlong`` (bounded; the
+    reader leaves it None and only counts).
+    """
+
+    __slots__ = ("_discarding", "rejects")
+
+    def __init__(self, max_length: int, byte_ns: int = 0) -> None:
+        super().__init__(max_length, byte_ns)
+        self._discarding = False
+        self.rejects: list[tuple[str, bytes]] | None = None
+
+    def _reject(self, reason: str, data: bytes) -> None:
+        self.framing_errors += 1
+        self.dropped_bytes += len(data)
+        rejects = self.rejects
+        if rejects is not None and len(rejects) < _REJECT_KEEP:
+            rejects.append((reason, data[: self.max_length]))
+
+    def feed(self, data: bytes, t_ns: int) -> Frames:
+        """Add bytes read at host time ``t_ns``; return the sentences completed by them."""
+        out: Frames = []
+        old = len(self._buf)
+        if old:
+            data = self._buf + data
+        total = len(data)
+        byte_ns = self.byte_ns
+        floor, self.prev_t = self.prev_t, t_ns
+        buf_t = self._buf_t
+        limit = self.max_length
+        match_token = _NMEA_TOKEN.match
+        pos = 0
+        keep = total
+        while pos < total:
+            m = match_token(data, pos)
+            assert m is not None  # every group may be empty
+            start = m.end(1)
+            if start > pos:
+                gap = data[pos:start]
+                if gap not in _BLANKS:
+                    if self._discarding:
+                        self.dropped_bytes += len(gap)
+                    else:
+                        junk = gap.strip()
+                        if junk:
+                            self._reject("garbage", junk)
+                        self.dropped_bytes += len(gap) - len(junk)
+            if start >= total:  # no sentence starts in the rest
+                break
+            self._discarding = False
+            stop = m.end(2)
+            tail = m.group(3)
+            if tail is None:
+                if stop >= total:  # the sentence goes on in the next read
+                    keep = start
+                    break
+                # a '$' or '!' before its end: cut short
+                self._reject("truncated" if stop - start <= limit else "overlong", data[start:stop])
+                pos = stop
+                continue
+            if len(tail) == 3:  # '*hh'
+                frame_end = after = m.end()
+            elif tail != b"*":  # a line end without a checksum
+                frame_end, after = stop, m.end()
+            else:  # '*' with fewer than two characters before a stop, or the end of the data
+                cut = stop + 1
+                if cut < total and data[cut] not in _NMEA_STOP_CHARS:
+                    cut += 1
+                if cut >= total:  # the checksum is still arriving
+                    keep = start
+                    break
+                frame_end = after = cut  # a broken checksum: the decoder rejects it
+            if frame_end - start > limit:
+                self._reject("overlong", data[start:frame_end])
+            else:
+                if start < old:
+                    t = buf_t
+                elif byte_ns:
+                    t = max(floor, t_ns - (total - 1 - start) * byte_ns)
+                else:
+                    t = t_ns
+                out.append((data[start:frame_end], t))
+            pos = after
+        if total - keep > limit:  # a sentence with no end in sight: resynchronise at the next $
+            self._reject("overlong", data[keep:])
+            self._discarding = True
+            keep = total
+        if keep >= total:
+            self._buf = b""
+        else:
+            if keep >= old:
+                self._buf_t = max(floor, t_ns - (total - 1 - keep) * byte_ns) if byte_ns else t_ns
+            else:
+                self._buf_t = buf_t
+            self._buf = data[keep:]
+        return out
+
+    def encode(self, frame: bytes) -> bytes:
+        """The sentence followed by CR LF."""
+        return frame + b"\r\n"
+
+    def reset(self) -> None:
+        """Forget any partial sentence (after the port was reopened)."""
+        super().reset()
+        self._discarding = False
 
 
 class CobsFramer(DelimitedFramer):

@@ -12,6 +12,7 @@ import datetime as dt
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -21,7 +22,9 @@ from daq_agent.core.errors import ConfigError
 from daq_agent.serialdefs.model import (
     BINARY_FIELD_TYPES,
     FIXED_SIZE_TYPES,
+    STRUCT_INTEGER_TYPES,
     TEXT_FIELD_TYPES,
+    TIMESTAMP_PARTS,
     BitDef,
     ByteOrder,
     ChecksumDef,
@@ -41,7 +44,11 @@ from daq_agent.serialdefs.model import (
 __all__ = ["load_definitions", "loads_definitions", "parse_definitions"]
 
 _INTEGER_TYPES: Final = frozenset(n for n in FIXED_SIZE_TYPES if "int" in n)
-_NMEA_ONLY: Final = frozenset({"lat", "lon", "time", "date", "skip"})
+_WORD_TYPES: Final = frozenset({"int32", "uint32", "float32", "int64", "uint64", "float64"})
+_COUNT_TYPES: Final = frozenset(
+    {"int8", "uint8", "int16", "uint16", "int24", "uint24", "int32", "uint32", "int", "uint"}
+)
+_NMEA_ONLY: Final = frozenset({"lat", "lon", "time", "date", "skip", "talker"})
 _UNITS_NS: Final = {
     "s": 1_000_000_000,
     "ms": 1_000_000,
@@ -63,6 +70,7 @@ _TOP_KEYS: Final = frozenset(
         "framing",
         "checksum",
         "byte_order",
+        "word_order",
         "discriminator",
         "timestamp",
         "delimiter",
@@ -325,11 +333,12 @@ def _name(raw: Mapping[str, Any], where: str) -> str:
 
 
 class _Parser:
-    __slots__ = ("_format", "_lines")
+    __slots__ = ("_format", "_lines", "_word_order")
 
     def __init__(self, lines: Mapping[str, int]) -> None:
         self._lines = lines
         self._format = FormatKind.BINARY
+        self._word_order: ByteOrder | None = None
 
     def parse(self, document: object, source: str) -> SerialDefinitions:
         top = _mapping(document, "", _TOP_KEYS)
@@ -339,6 +348,10 @@ class _Parser:
         fmt = FormatKind(_choice(top, "format", "", [k.value for k in FormatKind], None))
         self._format = fmt
         byte_order = ByteOrder(_choice(top, "byte_order", "", ["little", "big"], "little"))
+        if top.get("word_order") is not None:
+            if fmt is not FormatKind.BINARY:
+                raise ConfigError("only for the binary format", key="word_order")
+            self._word_order = ByteOrder(_choice(top, "word_order", "", ["little", "big"], None))
         framing = self._framing(top.get("framing"), fmt)
         checksum = self._checksum(top.get("checksum"), fmt)
         discriminator = self._discriminator(top.get("discriminator"), fmt, byte_order)
@@ -416,6 +429,11 @@ class _Parser:
                 terminator = _bytes(spec, "terminator", where, b"\n")
             if not terminator:
                 raise ConfigError("must not be empty", key=f"{where}.terminator")
+            if fmt is FormatKind.NMEA and terminator not in (b"\r\n", b"\n", b"\r"):
+                raise ConfigError(
+                    "NMEA sentences end with CR LF, LF or CR (all three are accepted; omit it)",
+                    key=f"{where}.terminator",
+                )
         sync = _bytes(spec, "sync", where, b"")
         length = 0
         length_field = None
@@ -461,9 +479,35 @@ class _Parser:
             raise ConfigError(
                 "only for the binary format (NMEA verifies its own checksum)", key=where
             )
-        spec = _mapping(raw, where, {"kind", "at", "span", "byte_order"})
+        spec = _mapping(
+            raw,
+            where,
+            {"kind", "at", "span", "byte_order", "poly", "init", "reflect", "xorout"},
+        )
         kind = ChecksumKind(_choice(spec, "kind", where, [k.value for k in ChecksumKind], None))
         default_order = "little" if kind is ChecksumKind.CRC16_MODBUS else "big"
+        poly = init = xorout = 0
+        reflect = False
+        if kind is ChecksumKind.CRC:
+            poly = _int(spec, "poly", where, minimum=0x100)
+            width = poly.bit_length() - 1
+            if width not in (8, 16, 24, 32, 64):
+                raise ConfigError(
+                    f"a {width}-bit polynomial (give it with its top bit, e.g. 0x11021 for "
+                    "CRC-16; widths 8, 16, 24, 32, 64)",
+                    key=f"{where}.poly",
+                )
+            init = _int(spec, "init", where, 0, minimum=0, maximum=(1 << width) - 1)
+            xorout = _int(spec, "xorout", where, 0, minimum=0, maximum=(1 << width) - 1)
+            reflect = _bool(spec, "reflect", where, False)
+        else:
+            for key in ("poly", "init", "reflect", "xorout"):
+                if spec.get(key) is not None:
+                    raise ConfigError("only for kind: crc", key=f"{where}.{key}")
+        if kind is ChecksumKind.FLETCHER8 and spec.get("byte_order") is not None:
+            raise ConfigError(
+                "fletcher8 is always stored CK_A then CK_B", key=f"{where}.byte_order"
+            )
         start, end = 0, None
         span = spec.get("span")
         if span is not None:
@@ -479,6 +523,10 @@ class _Parser:
             byte_order=ByteOrder(
                 _choice(spec, "byte_order", where, ["little", "big"], default_order)
             ),
+            poly=poly,
+            init=init,
+            reflect=reflect,
+            xorout=xorout,
         )
 
     def _discriminator(
@@ -489,7 +537,7 @@ class _Parser:
             return None
         if fmt is FormatKind.BINARY:
             spec = _mapping(raw, where, {"at", "type", "byte_order"})
-            kind = _choice(spec, "type", where, sorted(_INTEGER_TYPES), "uint8")
+            kind = _choice(spec, "type", where, sorted(STRUCT_INTEGER_TYPES), "uint8")
             return DiscriminatorDef(
                 at=_int(spec, "at", where, minimum=0),
                 type=kind,
@@ -594,9 +642,23 @@ class _Parser:
             at = f"{where}.fields[{j}]"
             if fmt is FormatKind.CSV and skip_column is not None and cursor == skip_column:
                 cursor += 1
+            if isinstance(raw_field, Mapping) and raw_field.get("type") == "group":
+                members, cursor = self._group(raw_field, at, fmt, byte_order, cursor)
+                for item in members:
+                    end = item.at + item.width
+                    limit = length if length is not None else framing.max_length
+                    if fmt is FormatKind.BINARY and end > limit:
+                        raise ConfigError(
+                            f"{item.name} ends at byte {end}, beyond the frame ({limit} bytes)",
+                            key=at,
+                        )
+                fields.extend(members)
+                continue
             item = self._field(raw_field, at, fmt, byte_order, cursor)
-            if fmt in (FormatKind.BINARY, FormatKind.CSV, FormatKind.NMEA):
-                cursor = item.at + item.width
+            if fmt in (FormatKind.BINARY, FormatKind.CSV, FormatKind.NMEA) and item.extent(
+                fmt.is_text
+            ):
+                cursor = item.at + item.extent(fmt.is_text)
             if fmt is FormatKind.REGEX and item.key not in group_names:
                 raise ConfigError(f"the pattern has no group named {item.key!r}", key=f"{at}.name")
             if fmt is FormatKind.BINARY:
@@ -607,6 +669,27 @@ class _Parser:
                         f"ends at byte {end}, beyond the frame ({limit} bytes)", key=at
                     )
             fields.append(item)
+        by_name = {f.name: f for f in fields}
+        for j, item in enumerate(fields):
+            if item.group_count:
+                counter = by_name.get(item.group_count)
+                if (
+                    counter is None
+                    or counter.group
+                    or counter.bits
+                    or counter.type not in _COUNT_TYPES
+                ):
+                    raise ConfigError(
+                        f"no integer field named {item.group_count!r} before the group",
+                        key=f"{where}.fields.count",
+                    )
+            if item.sign_field:
+                other = by_name.get(item.sign_field)
+                if other is None or other is item or other.columns != 1:
+                    raise ConfigError(
+                        f"no other one-column field named {item.sign_field!r} in this frame",
+                        key=f"{where}.fields[{j}].sign.field",
+                    )
         names: set[str] = set()
         for j, item in enumerate(fields):
             for channel in (b.name for b in item.bits) if item.bits else (item.name,):
@@ -659,11 +742,11 @@ class _Parser:
             "max",
         }
         if fmt is FormatKind.BINARY:
-            allowed |= {"at", "size", "byte_order"}
+            allowed |= {"at", "size", "byte_order", "word_order"}
         elif fmt is FormatKind.CSV:
-            allowed.add("column")
+            allowed |= {"column", "sign"}
         elif fmt is FormatKind.NMEA:
-            allowed.add("index")
+            allowed |= {"index", "sign"}
         elif fmt is FormatKind.KEY_VALUE:
             allowed.add("key")
         elif fmt is FormatKind.REGEX:
@@ -679,11 +762,18 @@ class _Parser:
             FormatKind.CSV: "column",
             FormatKind.NMEA: "index",
         }.get(fmt)
-        at = (
-            _int(spec, position, where, cursor, minimum=0 if fmt is not FormatKind.NMEA else 1)
-            if position
-            else 0
-        )
+        if kind == "talker":
+            if spec.get("index") is not None:
+                raise ConfigError(
+                    "the talker is part of the address, not a field", key=f"{where}.index"
+                )
+            at = 0
+        else:
+            at = (
+                _int(spec, position, where, cursor, minimum=0 if fmt is not FormatKind.NMEA else 1)
+                if position
+                else 0
+            )
         key = ""
         if fmt is FormatKind.KEY_VALUE:
             key = _str(spec, "key", where, name)
@@ -698,6 +788,20 @@ class _Parser:
                     f"only for string and bytes (a {kind} has a fixed size)", key=f"{where}.size"
                 )
         order = ByteOrder(_choice(spec, "byte_order", where, ["little", "big"], byte_order.value))
+        word_order: ByteOrder | None = None
+        if spec.get("word_order") is not None or (
+            self._word_order is not None and kind in _WORD_TYPES
+        ):
+            if kind not in _WORD_TYPES:
+                raise ConfigError(
+                    f"only for 32- and 64-bit types, not {kind}", key=f"{where}.word_order"
+                )
+            default_words = self._word_order.value if self._word_order else order.value
+            word_order = ByteOrder(
+                _choice(spec, "word_order", where, ["little", "big"], default_words)
+            )
+            if word_order is order:
+                word_order = None  # the plain layout
         scale = _float(spec, "scale", where, 1.0)
         offset = _float(spec, "offset", where, 0.0)
         assert scale is not None
@@ -727,6 +831,24 @@ class _Parser:
         maximum = _float(spec, "max", where, None)
         if minimum is not None and maximum is not None and minimum > maximum:
             raise ConfigError(f"min {minimum} is greater than max {maximum}", key=f"{where}.min")
+        sign_field, negative, positive = "", (), ""
+        if spec.get("sign") is not None:
+            at_sign = f"{where}.sign"
+            if not numeric or values or bits:
+                raise ConfigError(f"a sign needs a plain numeric field, not {kind}", key=at_sign)
+            sign = _mapping(spec["sign"], at_sign, {"field", "negative", "positive"})
+            sign_field = _str(sign, "field", at_sign)
+            raw_negative = sign.get("negative", ["W", "S"])
+            if isinstance(raw_negative, str):
+                raw_negative = [raw_negative]
+            if (
+                not isinstance(raw_negative, list)
+                or not raw_negative
+                or not all(isinstance(n, str) and n for n in raw_negative)
+            ):
+                raise ConfigError("must be a text or a list of texts", key=f"{at_sign}.negative")
+            negative = tuple(raw_negative)
+            positive = _str(sign, "positive", at_sign, "")
         return FieldDef(
             name=name,
             type=kind,
@@ -734,15 +856,75 @@ class _Parser:
             key=key,
             size=size,
             byte_order=order,
+            word_order=word_order,
             scale=scale,
             offset=offset,
             unit=_str(spec, "unit", where, ""),
             description=_str(spec, "description", where, ""),
             values=values,
             bits=bits,
+            sign_field=sign_field,
+            sign_negative=negative,
+            sign_positive=positive,
             minimum=minimum,
             maximum=maximum,
         )
+
+    def _group(
+        self,
+        raw: Mapping[str, Any],
+        where: str,
+        fmt: FormatKind,
+        byte_order: ByteOrder,
+        cursor: int,
+    ) -> tuple[list[FieldDef], int]:
+        """A repeated group, expanded into its instances' fields (``sat1_prn``, ``sat2_prn``…);
+        returns them and the position after the last instance."""
+        if fmt not in (FormatKind.BINARY, FormatKind.CSV, FormatKind.NMEA):
+            raise ConfigError(f"repeated groups are not for the {fmt.value} format", key=where)
+        spec = _mapping(
+            raw,
+            where,
+            {"name", "type", "repeat", "count", "fields", "description", "at", "index", "column"},
+        )
+        name = _name(spec, where)
+        repeat = _int(spec, "repeat", where, minimum=1, maximum=256)
+        count = _str(spec, "count", where, "")
+        position = {FormatKind.BINARY: "at", FormatKind.CSV: "column", FormatKind.NMEA: "index"}[
+            fmt
+        ]
+        for key in ("at", "index", "column"):
+            if key != position and spec.get(key) is not None:
+                raise ConfigError(f"not for the {fmt.value} format", key=f"{where}.{key}")
+        start = _int(spec, position, where, cursor, minimum=0)
+        raw_members = _list(spec, "fields", where)
+        if not raw_members:
+            raise ConfigError("a group needs at least one field", key=f"{where}.fields")
+        first: list[FieldDef] = []
+        inner = start
+        for k, raw_member in enumerate(raw_members):
+            at = f"{where}.fields[{k}]"
+            if isinstance(raw_member, Mapping) and raw_member.get("type") in ("group", "talker"):
+                raise ConfigError("not inside a group", key=f"{at}.type")
+            item = self._field(raw_member, at, fmt, byte_order, inner)
+            if item.sign_field:
+                raise ConfigError("not inside a group", key=f"{at}.sign")
+            inner = item.at + item.extent(fmt.is_text)
+            first.append(item)
+        stride = max(f.at + f.extent(fmt.is_text) for f in first) - start
+        members = [
+            replace(
+                item,
+                name=f"{name}{i + 1}_{item.name}",
+                at=item.at + i * stride,
+                group=name,
+                group_index=i,
+                group_count=count,
+            )
+            for i in range(repeat)
+            for item in first
+        ]
+        return members, start + repeat * stride
 
     def _bit(self, raw: object, where: str, container: str, fmt: FormatKind) -> BitDef:
         if container in FIXED_SIZE_TYPES and container in _INTEGER_TYPES:
@@ -861,7 +1043,7 @@ class _Parser:
     def _check_checksum(
         self, checksum: ChecksumDef, frames: tuple[FrameDef, ...], framing: FramingDef
     ) -> None:
-        size = checksum.kind.size
+        size = checksum.size
         for i, frame in enumerate(frames):
             length = frame.length
             if length is None and framing.kind is FramingKind.FIXED:
@@ -883,36 +1065,91 @@ class _Parser:
         where = "timestamp"
         if raw is None:
             return None
-        spec = _mapping(raw, where, {"source", "field", "unit", "epoch"})
-        source = _choice(
-            spec, "source", where, ["host", "field"], "field" if "field" in spec else "host"
+        spec = _mapping(
+            raw, where, {"source", "field", "unit", "epoch", "rollover", *TIMESTAMP_PARTS}
         )
+        parts = [(role, spec[role]) for role in TIMESTAMP_PARTS if spec.get(role) is not None]
+        default_source = "field" if "field" in spec else "fields" if parts else "host"
+        source = _choice(spec, "source", where, ["host", "field", "fields"], default_source)
         if source == "host":
-            for key in ("field", "unit", "epoch"):
+            for key in ("field", "unit", "epoch", "rollover", *TIMESTAMP_PARTS):
                 if spec.get(key) is not None:
-                    raise ConfigError("only with source: field", key=f"{where}.{key}")
+                    raise ConfigError("only with a device time", key=f"{where}.{key}")
             return None
+        fields_by_name: dict[str, list[FieldDef]] = {}
+        for frame in frames:
+            for item in frame.fields:
+                if not item.bits:
+                    fields_by_name.setdefault(item.name, []).append(item)
+        if source == "fields":
+            return self._timestamp_parts(spec, parts, fields_by_name)
+        for role, _ in parts:
+            raise ConfigError("not with field (use one or the other)", key=f"{where}.{role}")
         field_name = _str(spec, "field", where)
-        candidates = [
-            item
-            for frame in frames
-            for item in frame.fields
-            if item.name == field_name and not item.bits
-        ]
+        candidates = fields_by_name.get(field_name, [])
         if not candidates:
             raise ConfigError(f"no frame has a field named {field_name!r}", key=f"{where}.field")
         for item in candidates:
             if (
-                item.type in ("string", "bytes", "bool", "date", "lat", "lon", "skip")
+                item.type in ("string", "bytes", "bool", "date", "lat", "lon", "skip", "talker")
                 or item.values
             ):
                 raise ConfigError(f"field {field_name!r} is not numeric", key=f"{where}.field")
         unit = _choice(spec, "unit", where, list(_UNITS_NS), "s")
+        rollover = _opt_int(spec, "rollover", where, minimum=2)
+        epoch_raw = spec.get("epoch")
+        epoch_host = epoch_raw == "host"
         return TimestampDef(
             field=field_name,
             unit_ns=_UNITS_NS[unit],
-            epoch_ns=self._epoch(spec.get("epoch"), where),
+            epoch_ns=0 if epoch_host else self._epoch(epoch_raw, where),
+            epoch_host=epoch_host,
+            rollover=rollover,
         )
+
+    @staticmethod
+    def _timestamp_parts(
+        spec: Mapping[str, Any],
+        parts: list[tuple[str, Any]],
+        fields_by_name: Mapping[str, list[FieldDef]],
+    ) -> TimestampDef:
+        where = "timestamp"
+        for key in ("unit", "epoch", "rollover"):
+            if spec.get(key) is not None:
+                raise ConfigError("only with field", key=f"{where}.{key}")
+        roles = {role for role, _ in parts}
+        has_date = "date" in roles or {"year", "month", "day"} <= roles
+        has_time = "time" in roles or {"hour", "minute", "second"} <= roles
+        if not (has_date and has_time):
+            raise ConfigError(
+                "a timestamp from fields needs a date (date, or year, month and day) and a time "
+                "of day (time, or hour, minute and second)",
+                key=where,
+            )
+        if "date" in roles and roles & {"year", "month", "day"}:
+            raise ConfigError("date or year/month/day, not both", key=f"{where}.date")
+        if "time" in roles and roles & {"hour", "minute", "second", "nanosecond"}:
+            raise ConfigError("time or hour/minute/second, not both", key=f"{where}.time")
+        out: list[tuple[str, str]] = []
+        for role, name in parts:
+            at = f"{where}.{role}"
+            if not isinstance(name, str):
+                raise ConfigError("must be a field name", key=at)
+            candidates = fields_by_name.get(name, [])
+            if not candidates:
+                raise ConfigError(f"no frame has a field named {name!r}", key=at)
+            want = {"date": ("date",), "time": ("time", "float", "float32", "float64")}.get(role)
+            for item in candidates:
+                ok = (
+                    item.type in want
+                    if want
+                    else (item.type in _INTEGER_TYPES or item.type in ("int", "uint"))
+                )
+                if not ok or item.values or item.scaled:
+                    expected = " or ".join(want) if want else "an unscaled integer"
+                    raise ConfigError(f"field {name!r} must be {expected}", key=at)
+            out.append((role, name))
+        return TimestampDef(field="", parts=tuple(out))
 
     @staticmethod
     def _epoch(raw: object, where: str) -> int:

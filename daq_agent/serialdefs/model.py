@@ -23,7 +23,9 @@ from typing import Final
 __all__ = [
     "BINARY_FIELD_TYPES",
     "FIXED_SIZE_TYPES",
+    "STRUCT_INTEGER_TYPES",
     "TEXT_FIELD_TYPES",
+    "TIMESTAMP_PARTS",
     "BitDef",
     "ByteOrder",
     "ChecksumDef",
@@ -76,10 +78,13 @@ class ChecksumKind(enum.StrEnum):
     CRC32 = "crc32"
     XOR8 = "xor8"
     SUM8 = "sum8"
+    FLETCHER8 = "fletcher8"
+    CRC = "crc"
+    """A CRC with explicit parameters (``poly``, ``init``, ``reflect``, ``xorout``)."""
 
     @property
     def size(self) -> int:
-        """Bytes the checksum occupies in the frame."""
+        """Bytes the checksum occupies in the frame (a custom ``crc``: see ChecksumDef.size)."""
         return _CHECKSUM_SIZES[self]
 
 
@@ -91,6 +96,8 @@ _CHECKSUM_SIZES: Final = {
     ChecksumKind.CRC32: 4,
     ChecksumKind.XOR8: 1,
     ChecksumKind.SUM8: 1,
+    ChecksumKind.FLETCHER8: 2,
+    ChecksumKind.CRC: 0,
 }
 
 
@@ -117,8 +124,16 @@ FIXED_SIZE_TYPES: Final[dict[str, tuple[str, int]]] = {
     "uint64": ("Q", 8),
     "float32": ("f", 4),
     "float64": ("d", 8),
+    "int24": ("3s", 3),
+    "uint24": ("3s", 3),
 }
-"""Binary numeric types: their :mod:`struct` code and size in bytes."""
+"""Binary numeric types: their :mod:`struct` code and size in bytes (24-bit integers are read as
+3 bytes and converted with ``int.from_bytes``)."""
+
+STRUCT_INTEGER_TYPES: Final = frozenset(
+    {"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"}
+)
+"""Integer types :mod:`struct` reads directly (discriminators, length fields)."""
 
 BINARY_FIELD_TYPES: Final = frozenset({*FIXED_SIZE_TYPES, "bool", "string", "bytes"})
 """Every type a binary field may have (``bool`` is one byte, non-zero is true)."""
@@ -136,9 +151,11 @@ TEXT_FIELD_TYPES: Final = frozenset(
         "time",
         "date",
         "skip",
+        "talker",
     }
 )
-"""Every type a text field may have (``lat``/``lon``/``time``/``date``/``skip``: NMEA only)."""
+"""Every type a text field may have (``lat``/``lon``/``time``/``date``/``skip``/``talker``: NMEA
+only; ``talker`` occupies no field: it is the first two letters of the address)."""
 
 ValueTable = tuple[tuple[int | str, str], ...]
 """A value table: (raw value, name) pairs in declaration order."""
@@ -183,13 +200,24 @@ class FieldDef:
         at: binary: byte offset in the frame; csv: column; nmea: field index after the address.
         key: key_value: the key; regex: the named group.
         size: binary ``string``/``bytes``: the size in bytes.
-        byte_order: binary multi-byte types.
+        byte_order: binary multi-byte types (within each 16-bit word when ``word_order`` is set).
+        word_order: binary 32/64-bit types: the order of their 16-bit words (None: the same as
+            ``byte_order``, a plain value; ``little`` with big ``byte_order`` is the Modbus
+            "word-swapped" layout, low word first).
         scale: multiplied with the raw value.
         offset: added after scaling.
         unit: the channel unit.
         description: the channel description.
         values: a value table (raw → name): the channel becomes an enum.
         bits: when given, the field is split into these channels and is not a channel itself.
+        sign_field: text formats: the name of another field of the frame whose text gives this
+            value's sign (NMEA's E/W after a magnetic variation).
+        sign_negative: the texts of ``sign_field`` that make the value negative.
+        sign_positive: what the encoder writes in ``sign_field`` for a value >= 0.
+        group: the repeated group this field is an instance member of ("" for none).
+        group_index: its instance, 0-based (the channel is named ``{group}{index+1}_{name}``).
+        group_count: the field whose value says how many instances a frame carries ("": as
+            many as the frame has room for).
         minimum: lowest physical value (simulator range).
         maximum: highest physical value (simulator range).
     """
@@ -200,12 +228,19 @@ class FieldDef:
     key: str = ""
     size: int = 0
     byte_order: ByteOrder = ByteOrder.LITTLE
+    word_order: ByteOrder | None = None
     scale: float = 1.0
     offset: float = 0.0
     unit: str = ""
     description: str = ""
     values: ValueTable = ()
     bits: tuple[BitDef, ...] = ()
+    sign_field: str = ""
+    sign_negative: tuple[str, ...] = ()
+    sign_positive: str = ""
+    group: str = ""
+    group_index: int = 0
+    group_count: str = ""
     minimum: float | None = None
     maximum: float | None = None
 
@@ -215,14 +250,27 @@ class FieldDef:
         return self.scale != 1.0 or self.offset != 0.0
 
     @property
+    def columns(self) -> int:
+        """Text formats: the fields/columns occupied (``lat``/``lon`` 2, ``talker`` 0)."""
+        if self.type in ("lat", "lon"):
+            return 2
+        return 0 if self.type == "talker" else 1
+
+    def extent(self, text: bool) -> int:
+        """What the field occupies: columns for text formats, bytes for binary."""
+        return self.columns if text else self.width
+
+    @property
     def width(self) -> int:
-        """Binary: bytes occupied; text: fields/columns occupied."""
+        """Binary: bytes occupied (text formats: see :attr:`columns`)."""
         if self.type in FIXED_SIZE_TYPES:
             return FIXED_SIZE_TYPES[self.type][1]
         if self.type in ("string", "bytes"):
             return max(self.size, 1)  # text strings have no size: one column
         if self.type in ("lat", "lon"):
             return 2
+        if self.type == "talker":
+            return 0
         return 1
 
 
@@ -307,7 +355,11 @@ class ChecksumDef:
         start: first byte covered (negative: from the end).
         end: one past the last byte covered (None: the checksum's own offset; negative: from
             the end).
-        byte_order: how the checksum is stored.
+        byte_order: how the checksum is stored (fletcher8: always CK_A then CK_B).
+        poly: ``crc``: the generator polynomial with its top bit (0x11021 for a 16-bit CRC).
+        init: ``crc``: the initial register value (as in the usual catalogues).
+        reflect: ``crc``: bit-reflected input and output.
+        xorout: ``crc``: XORed with the final value.
     """
 
     kind: ChecksumKind
@@ -315,6 +367,17 @@ class ChecksumDef:
     start: int = 0
     end: int | None = None
     byte_order: ByteOrder = ByteOrder.BIG
+    poly: int = 0
+    init: int = 0
+    reflect: bool = False
+    xorout: int = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes the checksum occupies in the frame."""
+        if self.kind is ChecksumKind.CRC:
+            return (self.poly.bit_length() - 1) // 8
+        return self.kind.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,19 +397,44 @@ class DiscriminatorDef:
     key: str = ""
 
 
+TIMESTAMP_PARTS: Final = (
+    "date",
+    "time",
+    "year",
+    "month",
+    "day",
+    "hour",
+    "minute",
+    "second",
+    "nanosecond",
+)
+"""The roles of the fields a timestamp can be built from: ``date`` (an NMEA ``date``, ISO text)
+or ``year``/``month``/``day``; ``time`` (seconds since midnight, an NMEA ``time``) or
+``hour``/``minute``/``second`` (+ ``nanosecond``, which may be negative as in UBX)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TimestampDef:
-    """A device timestamp field: timestamp = epoch + value * unit.
+    """A device timestamp: one time field (epoch + value * unit), or UTC date and time fields.
 
     Attributes:
-        field: the name of the field holding the time (frames without it use host time).
+        field: the name of the field holding the time ("" when built from ``parts``; frames
+            without the field(s) use host time).
         unit_ns: nanoseconds per unit of the field's physical value.
         epoch_ns: the epoch, ns since the Unix epoch.
+        epoch_host: the field is a device clock with no epoch of its own (a counter since power
+            on): the first frame's host time anchors it, later frames follow the device's clock.
+        rollover: the counter wraps at this value (e.g. 65536 for a uint16 ms counter): a value
+            smaller than the previous one counts one more wrap (None: it never wraps).
+        parts: (role, field name) pairs of a UTC date and time (see :data:`TIMESTAMP_PARTS`).
     """
 
     field: str
     unit_ns: int = 1_000_000_000
     epoch_ns: int = 0
+    epoch_host: bool = False
+    rollover: int | None = None
+    parts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from typing import Any
 from daq_agent.serialdefs.model import (
     BINARY_FIELD_TYPES,
     TEXT_FIELD_TYPES,
+    TIMESTAMP_PARTS,
     ChecksumKind,
     FormatKind,
     FramingKind,
@@ -63,10 +64,22 @@ def json_schema() -> dict[str, Any]:
         "required": ["name", "type"],
         "properties": {
             "name": _NAME,
-            "type": {"enum": sorted(BINARY_FIELD_TYPES | TEXT_FIELD_TYPES)},
+            "type": {"enum": sorted(BINARY_FIELD_TYPES | TEXT_FIELD_TYPES | {"group"})},
+            "repeat": {"type": "integer", "minimum": 1, "description": "group: instances"},
+            "count": {"type": "string", "description": "group: the field counting instances"},
+            "fields": {
+                "type": "array",
+                "items": {"$ref": "#/$defs/field"},
+                "minItems": 1,
+                "description": "group: one instance's fields",
+            },
             "at": {"type": "integer", "minimum": 0, "description": "binary: byte offset"},
             "size": {"type": "integer", "minimum": 1, "description": "binary string/bytes"},
             "byte_order": _BYTE_ORDER,
+            "word_order": {
+                **_BYTE_ORDER,
+                "description": "binary 32/64-bit: order of the 16-bit words (Modbus word swap)",
+            },
             "column": {"type": "integer", "minimum": 0, "description": "csv: column"},
             "index": {"type": "integer", "minimum": 1, "description": "nmea: field index"},
             "key": {"type": "string", "description": "key_value: the key"},
@@ -77,6 +90,22 @@ def json_schema() -> dict[str, Any]:
             "description": {"type": "string"},
             "values": _VALUES,
             "bits": {"type": "array", "items": bit, "minItems": 1},
+            "sign": {
+                "description": "csv/nmea: the sign comes from another field (E/W, N/S)",
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["field"],
+                "properties": {
+                    "field": {"type": "string"},
+                    "negative": {
+                        "oneOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        ]
+                    },
+                    "positive": {"type": "string"},
+                },
+            },
             "min": _NUMBER,
             "max": _NUMBER,
         },
@@ -97,10 +126,11 @@ def json_schema() -> dict[str, Any]:
                 "exclusiveMinimum": 0,
                 "description": "frames per second the device sends (simulator schedule)",
             },
-            "fields": {"type": "array", "items": field, "minItems": 1},
+            "fields": {"type": "array", "items": {"$ref": "#/$defs/field"}, "minItems": 1},
         },
     }
     return {
+        "$defs": {"field": field},
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://daq-agent.invalid/schemas/serial-frames.json",
         "title": "daq-agent serial frame definitions",
@@ -113,6 +143,7 @@ def json_schema() -> dict[str, Any]:
             "description": {"type": "string"},
             "format": {"enum": [k.value for k in FormatKind]},
             "byte_order": _BYTE_ORDER,
+            "word_order": {**_BYTE_ORDER, "description": "default word order of 32/64-bit fields"},
             "framing": {
                 "type": "object",
                 "additionalProperties": False,
@@ -142,6 +173,13 @@ def json_schema() -> dict[str, Any]:
                 "required": ["kind"],
                 "properties": {
                     "kind": {"enum": [k.value for k in ChecksumKind]},
+                    "poly": {
+                        "type": "integer",
+                        "description": "crc: polynomial with its top bit (0x11021)",
+                    },
+                    "init": {"type": "integer", "minimum": 0, "description": "crc: initial value"},
+                    "reflect": {"type": "boolean", "description": "crc: reflected in and out"},
+                    "xorout": {"type": "integer", "minimum": 0, "description": "crc: final XOR"},
                     "at": {"type": "integer"},
                     "byte_order": _BYTE_ORDER,
                     "span": {
@@ -166,10 +204,19 @@ def json_schema() -> dict[str, Any]:
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    "source": {"enum": ["host", "field"]},
+                    "source": {"enum": ["host", "field", "fields"]},
                     "field": {"type": "string"},
                     "unit": {"enum": ["s", "ms", "us", "µs", "ns"]},
-                    "epoch": {"type": "string", "description": "unix, gps or ISO 8601"},
+                    "epoch": {"type": "string", "description": "unix, gps, host or ISO 8601"},
+                    "rollover": {
+                        "type": "integer",
+                        "minimum": 2,
+                        "description": "the device counter wraps at this value",
+                    },
+                    **{
+                        role: {"type": "string", "description": f"the field holding the {role}"}
+                        for role in TIMESTAMP_PARTS
+                    },
                 },
             },
             "delimiter": {"type": "string", "minLength": 1},

@@ -24,6 +24,8 @@ COUNTER_NAMES: Final = (
     "unknown_types",
     "decode_errors",
     "dropped_bytes",
+    "missing_checksums",
+    "unmatched_values",
 )
 """The counters of :meth:`FrameStream.counters`, in a stable order."""
 
@@ -45,7 +47,9 @@ class FrameStream:
         bytes: bytes fed.
         frames: frames decoded into samples.
         unknown_types: frames whose id matched no frame type.
-        decode_errors: frames too short, not text, or with a field that does not parse.
+        decode_errors: frames too short, not text, or with a field that does not parse (and
+            NMEA sentences without the checksum the definitions require).
+        missing_checksums: of ``decode_errors``, the NMEA sentences without a checksum.
         unknown_ids: frames per unknown id (bounded).
     """
 
@@ -59,6 +63,7 @@ class FrameStream:
         "bytes",
         "decode_errors",
         "frames",
+        "missing_checksums",
         "unknown_ids",
         "unknown_types",
         "verified_checksum_errors",
@@ -76,6 +81,7 @@ class FrameStream:
         self.unknown_types = 0
         self.decode_errors = 0
         self.verified_checksum_errors = 0
+        self.missing_checksums = 0
         self.unknown_ids: dict[object, int] = {}
 
     @property
@@ -99,6 +105,12 @@ class FrameStream:
         return self._framer.framing_errors
 
     @property
+    def unmatched_values(self) -> int:
+        """Text values outside their field's value table: the sample was kept, that channel
+        left empty."""
+        return self._codec.unmatched_values
+
+    @property
     def dropped_bytes(self) -> int:
         """Bytes thrown away by the framer."""
         return self._framer.dropped_bytes
@@ -107,15 +119,26 @@ class FrameStream:
         """Every counter by name (see :data:`COUNTER_NAMES`)."""
         return {name: int(getattr(self, name)) for name in COUNTER_NAMES}
 
-    def reset(self) -> None:
-        """Forget any partial frame (the port was reopened); counters are kept."""
+    def reset(self, t_ns: int | None = None) -> None:
+        """Forget any partial frame and the device clock (the port was reopened); counters are
+        kept.
+
+        Args:
+            t_ns: the host time the port was opened: no frame is dated before it.
+        """
         self._framer.reset()
+        self._codec.reset_device_clock()
+        if t_ns is not None:
+            self._framer.prev_t = max(self._framer.prev_t, t_ns)
 
     def feed(self, data: bytes, t_ns: int) -> list[Sample]:
         """Add bytes read at host time ``t_ns``; return the samples of the frames they complete.
 
-        Host times of successive samples strictly increase (frames read in one chunk are 1 ns
-        apart), because a sample is identified by its flow and timestamp downstream.
+        A frame's host time is the arrival of its first byte: ``t_ns`` minus the bytes after it
+        in this chunk times ``byte_ns`` (none when 0), never before the previous chunk's time
+        (or the open time given to :meth:`reset`). Host times of successive samples strictly
+        increase (so frames of one chunk read with ``byte_ns`` 0 are 1 ns apart), because a
+        sample is identified by its flow and timestamp downstream.
 
         Args:
             data: the bytes read.
@@ -136,7 +159,7 @@ class FrameStream:
                 values = result[1]
                 stamp = None
                 if device_time is not None and compiled.timestamp_index >= 0:
-                    stamp = device_time(compiled, values)
+                    stamp = device_time(compiled, values, t)
                 if stamp is not None:
                     t = stamp
                 else:
@@ -164,3 +187,5 @@ class FrameStream:
             ids[key] = ids.get(key, 0) + 1
         else:
             self.decode_errors += 1
+            if fault is FrameFault.NO_CHECKSUM:
+                self.missing_checksums += 1

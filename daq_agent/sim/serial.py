@@ -73,6 +73,8 @@ class ChannelWave:
         channel: the channel (its field, bit group, type and range).
         rng: the random source (seeded by the simulator).
         device_time: the channel is the definitions' device timestamp field.
+        utc_part: the channel's role in a timestamp built from date/time fields (``year``…):
+            it carries the current UTC time.
         epoch_ns: that timestamp's epoch, ns since the Unix epoch.
         unit_ns: that timestamp's unit in ns.
         text: the device speaks a text format: floats get a realistic number of decimals.
@@ -100,6 +102,7 @@ class ChannelWave:
         rng: random.Random,
         *,
         device_time: bool = False,
+        utc_part: str = "",
         epoch_ns: int = 0,
         unit_ns: int = 1,
         text: bool = False,
@@ -122,7 +125,9 @@ class ChannelWave:
         unit = (channel.config.unit or "").strip()
         if device_time:
             self._kind = "device_time"
-        elif item.type in ("time", "date"):
+        elif utc_part in ("year", "month", "day", "hour", "minute", "second", "nanosecond"):
+            self._kind = utc_part  # a part of the definitions' UTC timestamp: the current time
+        elif item.type in ("time", "date", "talker"):
             self._kind = item.type
         elif data_type is ChannelDataType.ENUM:
             self._kind = "enum"
@@ -185,11 +190,18 @@ class ChannelWave:
         if kind == "enum":
             keys = channel.keys
             return keys[(index // 25) % len(keys)] if keys else 0
+        if kind == "talker":
+            return "GN" if index % 4 == 3 else "GP"  # a multi-GNSS receiver mixes talkers
         if kind == "string":
-            return "sim"
+            # text devices: a one-letter status (NMEA status/mode: "A", valid / autonomous)
+            return "A" if self._digits is not None and channel.field.type == "string" else "sim"
         if kind == "bytes":
             return bytes((index + i) & 0xFF for i in range(channel.field.size))
         now = dt.datetime.now(dt.UTC)
+        if kind in ("year", "month", "day", "hour", "minute", "second"):
+            return int(getattr(now, kind))
+        if kind == "nanosecond":
+            return now.microsecond * 1000
         if kind == "time":
             return now.hour * 3600 + now.minute * 60 + now.second + now.microsecond // 1000 / 1000
         return now.date().isoformat()
@@ -285,6 +297,7 @@ class SerialSimulator:
         self.rate = sum(rates)
         """Frames per second in total."""
         stamp = defs.timestamp
+        parts = {name: role for role, name in stamp.parts} if stamp else {}
         shared: dict[tuple[str, ChannelDataType, str], ChannelWave] = {}
         self._waves: dict[str, list[ChannelWave]] = {}
         for compiled in chosen:
@@ -299,6 +312,7 @@ class SerialSimulator:
                         ch,
                         self.rng,
                         device_time=stamp is not None and ch.bit is None and ch.name == stamp.field,
+                        utc_part=parts.get(ch.name, "") if ch.bit is None else "",
                         epoch_ns=stamp.epoch_ns if stamp else 0,
                         unit_ns=stamp.unit_ns if stamp else 1,
                         text=defs.format.is_text,

@@ -150,7 +150,7 @@ def test_pty_nmea_and_host_timestamps(pty_port: Pty) -> None:
         pty_port.write(
             codec.encode("gga", {"utc_time": 1.0, "latitude": 48.12, "longitude": 11.52})
             + b"$GPZDA,garbage*00\r\n"
-            + codec.encode("vtg", {"course_true": 90.0, "speed_kmh": 10.0, "mode": 0})
+            + codec.encode("vtg", {"course_true": 90.0, "speed_kmh": 10.0, "mode": "A"})
         )
         assert sink.wait_for(2)
         after = time.time_ns()

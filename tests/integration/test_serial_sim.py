@@ -24,9 +24,10 @@ pytestmark = pytest.mark.integration
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "serial"
 IMU = CONFIGS / "imu_cobs.yaml"
 GPS = CONFIGS / "gps_nmea.yaml"
+UBX = CONFIGS / "ublox_nav_pvt.yaml"
 
 
-@pytest.mark.parametrize("path", [IMU, GPS], ids=["imu", "gps"])
+@pytest.mark.parametrize("path", [IMU, GPS, UBX], ids=["imu", "gps", "ubx"])
 def test_simulated_values_stay_in_declared_ranges(path: Path) -> None:
     """Every simulated frame decodes, and each declared channel stays within [min, max]."""
     defs = load_definitions(path)

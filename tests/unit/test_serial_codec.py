@@ -27,7 +27,7 @@ from daq_agent.serialdefs import (
 
 FRAMINGS = ("cobs", "slip", "sync_length", "fixed")
 CHECKSUMS = tuple(k.value for k in ChecksumKind)
-FIXED_LENGTH = 72
+FIXED_LENGTH = 96
 U32 = 0xFFFFFFFF
 
 _FIELDS = """
@@ -48,6 +48,10 @@ _FIELDS = """
       - {name: counts, type: uint16, scale: 4, offset: 100}
       - {name: mode, type: uint8, values: {0: idle, 1: run, 2: fault}}
       - {name: signed_enum, type: int8, values: {-1: negative, 0: zero, 1: positive}}
+      - {name: i24, type: int24, scale: 0.5}
+      - {name: u24, type: uint24, byte_order: big}
+      - {name: swapped_f32, type: float32, byte_order: big, word_order: little}
+      - {name: swapped_i64, type: int64, byte_order: little, word_order: big}
       - name: packed
         type: uint16
         byte_order: big
@@ -56,6 +60,10 @@ _FIELDS = """
           - {name: nibble, start: 1, length: 4, values: {0: a, 1: b, 15: p}}
           - {name: high, start: 5, length: 11, scale: 2, offset: 1}
 """
+
+
+CRC_PARAMETERS = ", poly: 0x1864CFB, init: 0xB704CE"
+"""The custom crc of the round trips: CRC-24/OPENPGP (a 3-byte checksum)."""
 
 
 def binary_yaml(framing: str, checksum: str) -> str:
@@ -80,7 +88,7 @@ def binary_yaml(framing: str, checksum: str) -> str:
 format: binary
 name: dev
 {framing_yaml}
-checksum: {{kind: {checksum}{span}}}
+checksum: {{kind: {checksum}{span}{CRC_PARAMETERS if checksum == "crc" else ""}}}
 discriminator: {{at: {disc_at}, type: uint8}}
 frames:
   - name: everything

@@ -189,8 +189,10 @@ def test_json_schema_covers_the_loader() -> None:
     json.dumps(schema)
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == set(_TOP_KEYS)
-    field_types = schema["properties"]["frames"]["items"]["properties"]["fields"]["items"]
-    assert "uint64" in field_types["properties"]["type"]["enum"]
+    fields = schema["properties"]["frames"]["items"]["properties"]["fields"]["items"]
+    assert fields == {"$ref": "#/$defs/field"}
+    field_types = schema["$defs"]["field"]["properties"]["type"]["enum"]
+    assert {"uint64", "int24", "talker", "group"} <= set(field_types)
 
 
 @pytest.mark.parametrize(
@@ -208,6 +210,39 @@ def test_json_schema_covers_the_loader() -> None:
 def test_checksum_catalogue_check_values(kind: str, check: int) -> None:
     """Every checksum gives its catalogue check value over b'123456789'."""
     assert checksum_function(ChecksumKind(kind))(b"123456789") == check
+
+
+@pytest.mark.parametrize(
+    ("parameters", "check"),
+    [
+        # (poly, init, reflect, xorout) from the CRC RevEng catalogue, and its check value
+        ((0x104C11DB7, 0xFFFFFFFF, True, 0xFFFFFFFF), 0xCBF43926),  # CRC-32
+        ((0x11EDC6F41, 0xFFFFFFFF, True, 0xFFFFFFFF), 0xE3069283),  # CRC-32C
+        ((0x11021, 0xB2AA, True, 0x0000), 0x63D0),  # CRC-16/RIELLO: a reflected, asymmetric init
+        ((0x11021, 0xFFFF, True, 0xFFFF), 0x906E),  # CRC-16/IBM-SDLC (X-25)
+        ((0x11021, 0x1D0F, False, 0x0000), 0xE5CC),  # CRC-16/SPI-FUJITSU (AUG-CCITT)
+        ((0x131, 0x00, True, 0x00), 0xA1),  # CRC-8/MAXIM-DOW
+        ((0x1864CFB, 0xB704CE, False, 0x000000), 0x21CF02),  # CRC-24/OPENPGP
+    ],
+)
+def test_custom_crc_parameters(parameters: tuple[int, int, bool, int], check: int) -> None:
+    """``kind: crc`` with catalogue parameters gives the catalogue's check value."""
+    poly, init, reflect, xorout = parameters
+    defs = loads_definitions(
+        "format: binary\nframing: {kind: cobs}\n"
+        f"checksum: {{kind: crc, poly: {poly:#x}, init: {init:#x}, reflect: {str(reflect).lower()},"
+        f" xorout: {xorout:#x}}}\n"
+        "frames: [{name: a, fields: [{name: x, type: uint8}]}]\n"
+    )
+    assert defs.checksum is not None
+    assert defs.checksum.size == (poly.bit_length() - 1) // 8
+    assert checksum_function(defs.checksum.kind, defs.checksum)(b"123456789") == check
+
+
+def test_fletcher8_is_ubx_checksum() -> None:
+    """UBX's Fletcher-8 over a known frame (CFG-PRT poll of UART1: B5 62 06 00 01 00 01 08 22)."""
+    function = checksum_function(ChecksumKind.FLETCHER8)
+    assert function(bytes.fromhex("06 00 01 00 01")) == 0x0822
 
 
 def test_decode_stream_text_and_json(tmp_path: Path) -> None:
@@ -252,7 +287,11 @@ def test_decode_stream_nmea_json(tmp_path: Path) -> None:
     assert first["flow"] == "gps.gga"
     assert first["fields"]["satellites"] == 8
     assert first["fields"]["dgps_age"] is None
-    assert second == {"error": "checksum", "raw": second["raw"]}
+    assert second == {
+        "error": "checksum",
+        "raw": capture.splitlines()[1].hex(),
+        "text": "$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*00",
+    }
 
 
 def test_decode_stream_bad_defs_raise(tmp_path: Path) -> None:
@@ -285,7 +324,7 @@ def _paths(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, 
     return out
 
 
-@pytest.mark.parametrize("name", ["imu_cobs.yaml", "gps_nmea.yaml"])
+@pytest.mark.parametrize("name", ["imu_cobs.yaml", "gps_nmea.yaml", "ublox_nav_pvt.yaml"])
 def test_mutated_definitions_fail_only_with_config_errors(name: str) -> None:
     """Any value anywhere in a definition is either accepted or a ConfigError, never a crash."""
     original = yaml.safe_load((CONFIGS / name).read_text(encoding="utf-8"))
@@ -345,7 +384,7 @@ def test_public_surface() -> None:
     assert {"SerialCodec", "FrameStream", "load_definitions", "json_schema"} <= set(package.__all__)
 
 
-@pytest.mark.parametrize("name", ["imu_cobs.yaml", "gps_nmea.yaml"])
+@pytest.mark.parametrize("name", ["imu_cobs.yaml", "gps_nmea.yaml", "ublox_nav_pvt.yaml"])
 def test_shipped_examples_validate_against_the_schema(name: str) -> None:
     """The exported JSON Schema accepts the shipped examples and rejects an unknown key."""
     jsonschema = pytest.importorskip("jsonschema")
