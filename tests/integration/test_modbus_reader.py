@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from poll_support import Collected, wait_until
 from pymodbus.constants import ExcCodes
 
 from daq_agent.core.backoff import RetryPolicy
@@ -15,7 +16,6 @@ from daq_agent.decode.registers import Function, load_register_map, loads_regist
 from daq_agent.readers.base import ReaderState
 from daq_agent.readers.modbus import ModbusReader
 from daq_agent.sim.modbus import ModbusSimulator
-from tests.integration.poll_support import Collected, wait_until
 
 pytestmark = pytest.mark.integration
 

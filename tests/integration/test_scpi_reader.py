@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from poll_support import Collected, wait_until
 
 from daq_agent.agent import Agent
 from daq_agent.config import LocalTarget, load_config
@@ -14,7 +15,6 @@ from daq_agent.readers.scpi import ScpiReader, load_query_file, loads_query_file
 from daq_agent.server.store import Store
 from daq_agent.sim.modbus import ModbusSimulator
 from daq_agent.sim.scpi import ScpiSimulator
-from tests.integration.poll_support import Collected, wait_until
 
 pytestmark = pytest.mark.integration
 
