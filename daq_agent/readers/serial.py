@@ -37,9 +37,11 @@ that channel empty), plus the base reader's ``opens``, ``reopens``, ``failures``
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import select
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -51,7 +53,7 @@ from daq_agent.core.clock import host_clock
 from daq_agent.core.errors import ConfigError, ReaderError
 from daq_agent.core.model import FlowConfig
 from daq_agent.readers.base import ErrorCallback, ReaderABC, Sink
-from daq_agent.serialdefs.codec import DEFAULT_FLOW_NAME_TEMPLATE, SerialCodec
+from daq_agent.serialdefs.codec import DEFAULT_FLOW_NAME_TEMPLATE, FrameFault, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions
 from daq_agent.serialdefs.model import SerialDefinitions
 from daq_agent.serialdefs.stream import COUNTER_NAMES, FrameStream
@@ -91,6 +93,8 @@ _STOPBITS: Final = {
     1.5: serial.STOPBITS_ONE_POINT_FIVE,
     2.0: serial.STOPBITS_TWO,
 }
+log = logging.getLogger(__name__)
+
 _MAX_READ: Final = 65536
 _READER_COUNTER: Final = {name: name for name in COUNTER_NAMES} | {
     "frames": "decoded",
@@ -101,6 +105,30 @@ _FRAME_OUTCOMES: Final = frozenset(
     {"frames", "unknown_types", "checksum_errors", "framing_errors", "decode_errors"}
 )
 """The stream counters that together make ``received``."""
+
+
+class _FaultLog:
+    """A budget of log lines: at most ``per_second`` a second."""
+
+    __slots__ = ("_budget", "_second", "_skipped", "per_second")
+
+    def __init__(self, per_second: int = 20) -> None:
+        self.per_second = per_second
+        self._second = 0
+        self._budget = per_second
+        self._skipped = 0
+
+    def take(self) -> int | None:
+        """None if over budget; else the lines skipped since the last one shown."""
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second, self._budget = second, self.per_second
+        if self._budget <= 0:
+            self._skipped += 1
+            return None
+        self._budget -= 1
+        skipped, self._skipped = self._skipped, 0
+        return skipped
 
 
 def normalize_serial_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -242,7 +270,13 @@ class SerialReader(ReaderABC):
             local = "://" not in url and not os.path.realpath(url).startswith("/dev/pts/")
             byte_time_ns = _char_time_ns(self.options) if local else 0
         self.byte_time_ns = byte_time_ns
-        self._stream = FrameStream(self._codec, byte_ns=byte_time_ns, unknown_limit=key_limit)
+        self._fault_budget = _FaultLog()
+        self._stream = FrameStream(
+            self._codec,
+            byte_ns=byte_time_ns,
+            unknown_limit=key_limit,
+            on_fault=self._log_fault if log.isEnabledFor(logging.DEBUG) else None,
+        )
         self._clock = clock or host_clock().now_ns
         self._port: serial.SerialBase | None = None
         self._fd: int | None = None
@@ -371,6 +405,15 @@ class SerialReader(ReaderABC):
                 port.close()
             except (serial.SerialException, OSError):
                 pass  # the device is already gone
+
+    def _log_fault(self, frame: bytes, fault: FrameFault) -> None:
+        """At DEBUG (``-vv``): each refused frame as text, at most 20 a second (and how many were
+        not shown); the counters have them all."""
+        shown = self._fault_budget.take()
+        if shown is None:
+            return
+        skipped = f" ({shown} more not shown)" if shown else ""
+        log.debug("serial %s: %s%s", self.name, self._codec.describe_fault(frame, fault), skipped)
 
     def _wake(self) -> None:
         port = self._port

@@ -8,6 +8,7 @@ every byte is accounted for in its counters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from daq_agent.core.sample import Sample
@@ -59,6 +60,7 @@ class FrameStream:
         "_framer",
         "_has_device_time",
         "_last_t",
+        "_on_fault",
         "_unknown_limit",
         "bytes",
         "decode_errors",
@@ -69,8 +71,16 @@ class FrameStream:
         "verified_checksum_errors",
     )
 
-    def __init__(self, codec: SerialCodec, *, byte_ns: int = 0, unknown_limit: int = 256) -> None:
+    def __init__(
+        self,
+        codec: SerialCodec,
+        *,
+        byte_ns: int = 0,
+        unknown_limit: int = 256,
+        on_fault: Callable[[bytes, FrameFault], None] | None = None,
+    ) -> None:
         self._codec = codec
+        self._on_fault = on_fault  # called with each frame the codec refused (e.g. to log it)
         self._decode = codec.decoder()
         self._framer: Framer = codec.make_framer(byte_ns)
         self._has_device_time = any(c.timestamp_index >= 0 for c in codec.frames)
@@ -171,6 +181,8 @@ class FrameStream:
                 out.append(Sample(compiled.flow, t, values))
             else:
                 self._count_fault(result)  # type: ignore[arg-type]  # narrowed by the type check
+                if self._on_fault is not None:
+                    self._on_fault(frame, result)  # type: ignore[arg-type]
         self._last_t = last
         self.frames += len(out)
         return out

@@ -3,6 +3,7 @@ path, and a TCP peer (socket://) that goes away and returns."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -328,3 +329,39 @@ def test_real_port_with_loopback_plug() -> None:
         writer.write(b"".join(codec.encode("imu", imu_values(i)) for i in range(100)))
         assert sink.wait_for(100, timeout=20)
     assert [s.values[0] for s in sink.samples] == list(range(100))
+
+
+def _nmea(body: str) -> bytes:
+    checksum = 0
+    for char in body.encode():
+        checksum ^= char
+    return f"${body}*{checksum:02X}\r\n".encode()
+
+
+def test_refused_frames_are_logged_as_text_at_debug(
+    pty_port: Pty, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With -vv, each frame the codec refuses is logged with the device's name and the frame as
+    text (a sentence without a checksum, an unknown sentence type); the good ones decode."""
+    caplog.set_level(logging.DEBUG, logger="daq_agent.readers.serial")
+    codec = SerialCodec(load_definitions(GPS), device="gps")
+    sink = Collector()
+    reader = SerialReader("gps", pty_port.path, {"baudrate": 9600}, GPS, sink)
+    with reader:
+        assert reader.wait_state(ReaderState.RUNNING, timeout=5)
+        pty_port.write(
+            b"$GPGGA,000001.00,4807.2000,N,01131.2000,E,1,08,0.9,545.4,M,46.9,M,,\r\n"
+            + _nmea("GPXYZ,1,2,3")
+            + codec.encode("vtg", {"course_true": 90.0, "speed_kmh": 10.0, "mode": "A"})
+        )
+        assert sink.wait_for(1)
+        deadline = time.monotonic() + 5
+        while reader.counters.get("unknown") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "daq_agent.readers.serial"]
+    assert any(
+        line.startswith("serial gps: ") and "no checksum" in line and "$GPGGA,000001.00" in line
+        for line in lines
+    ), lines
+    assert any("GPXYZ,1,2,3" in line for line in lines), lines
+    assert [s.flow for s in sink.samples] == ["gps.vtg"]
