@@ -1,12 +1,19 @@
 """``daq-agent decode``: decode a candump log (or a serial capture) with the agent's decoder.
 
-``decode --dbc FILE [--dbc FILE ...] [--bus NAME] [--json] [FILE|-]`` reads candump log lines
-(``(1700000000.123456) can0 1F0#0102030405060708``, FD as ``##``) and prints one decoded frame per
-line. With ``--json`` each line is ``{"bus", "message", "frame_id", "timestamp_ns", "flow",
-"signals": {"<DBC signal name>": value}}``: values scaled, enum signals numeric, absent multiplexed
-signals left out (a NaN or infinite float is written as the string ``"nan"``, ``"inf"``,
-``"-inf"``). Unknown ids, bad lines and undecodable frames go to stderr, then a count summary.
-Exit status: 0, or 1 when a line or frame could not be decoded (unknown ids do not count).
+``decode --dbc FILE [--dbc FILE ...] [--bus NAME] [--json] [--no-choices] [FILE|-]`` (or, as
+``cantools decode`` has it, ``decode DATABASE [FILE|-]``) reads candump lines, in the log format
+(``(1700000000.123456) can0 1F0#0102030405060708``, FD as ``##``) or the plain output of
+``candump can0`` (``  can0  1F0   [8]  01 02 ...``, with or without ``-t`` timestamps), so
+``candump can0 | daq-agent decode bench.dbc`` works, and prints one decoded frame per line.
+Enum signals print their label (``ContactorState=Closed``) when the value table names the value,
+as cantools does; ``--no-choices`` (cantools' ``-c``/``--no-decode-choices``) prints numbers. A
+signed value table shows its signed number (``Gear=-1``), never the 32-bit wire key.
+With ``--json`` each line is ``{"bus", "message", "frame_id", "timestamp_ns", "flow",
+"signals": {"<DBC signal name>": value}}``: values scaled (enum labels as strings unless
+``--no-choices``), absent multiplexed signals left out (a NaN or infinite float is written as the
+string ``"nan"``, ``"inf"``, ``"-inf"``). Unknown ids, bad lines and undecodable frames go to
+stderr, then a count summary. Exit status: 0, or 1 when a line or frame could not be decoded
+(unknown ids do not count).
 
 ``decode --defs FILE [--json] [FILE|-]`` decodes a serial capture with frame definitions instead
 (``daq_agent.serialdefs``).
@@ -50,7 +57,7 @@ def add_subparser(subparsers: Any) -> None:
         description="Decode candump log lines with CAN databases (--dbc), or a serial capture "
         "with frame definitions (--defs), using the agent's own decoder.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--dbc", action="append", type=Path, metavar="FILE", help="CAN database (repeatable)"
     )
@@ -65,7 +72,21 @@ def add_subparser(subparsers: Any) -> None:
         help="flow names from {bus}, {message}, {frame_id} (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per frame")
-    parser.add_argument("input", nargs="?", default="-", help="log file, or - for stdin (default)")
+    parser.add_argument(
+        "-c",
+        "--no-choices",
+        "--no-decode-choices",
+        dest="no_choices",
+        action="store_true",
+        help="print enum signals as numbers, not their value-table labels",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        metavar="[DATABASE] INPUT",
+        help="log file, or - for stdin (default); without --dbc/--defs the first is the CAN "
+        "database, as for `cantools decode DATABASE`",
+    )
     parser.set_defaults(func=_do_decode)
 
 
@@ -123,6 +144,7 @@ def decode_candump(
     as_json: bool = False,
     bus: str | None = None,
     flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+    choices: bool = True,
 ) -> DecodeSummary:
     """Decode candump lines and print one frame per line to ``out``; problems go to ``err``.
 
@@ -134,6 +156,7 @@ def decode_candump(
         as_json: print JSON objects instead of text.
         bus: the bus alias for every frame; by default the interface named on each line.
         flow_name_template: as for the agent.
+        choices: print an enum signal's label when its value table names the value.
 
     Returns:
         The counts; the caller prints :meth:`DecodeSummary.render`.
@@ -175,7 +198,7 @@ def decode_candump(
             report("unknown id", f"line {number}: unknown id {_id_text(key)} on {name}")
             continue
         try:
-            values = message.signals(frame.data)
+            values = message.signals(frame.data, choices=choices)
         except DecodeError as exc:
             summary.errors += 1
             report("decode error", f"line {number}: {exc}")
@@ -225,6 +248,14 @@ def _do_decode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
+    paths = list(args.paths)
+    if args.defs is None and not args.dbc:
+        if not paths:
+            raise ConfigError("decode needs a CAN database (DATABASE or --dbc) or --defs")
+        args.dbc = [Path(paths.pop(0))]
+    if len(paths) > 1:
+        raise ConfigError(f"decode reads one input, got {len(paths)}: {' '.join(paths)}")
+    args.input = paths[0] if paths else "-"
     if args.defs is not None:
         return _decode_serial(args)
     databases = [load_database(path) for path in args.dbc]
@@ -250,6 +281,7 @@ def _run(databases: Sequence[Any], lines: Iterable[str], args: argparse.Namespac
         as_json=args.json,
         bus=args.bus,
         flow_name_template=args.flow_name_template,
+        choices=not args.no_choices,
     )
 
 

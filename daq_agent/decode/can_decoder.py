@@ -47,6 +47,8 @@ __all__ = [
     "CompiledMessage",
     "derive_flows",
     "derive_flows_fingerprint",
+    "enum_key",
+    "enum_labels",
     "frame_key",
 ]
 
@@ -84,6 +86,25 @@ def _fast_sample_setters() -> dict[str, Any] | None:
 
 _FAST_SAMPLE = _fast_sample_setters()
 ValuesFunction = Callable[[bytes], tuple[Any, ...]]
+
+
+def enum_key(enum_type: ChannelEnumType) -> int:
+    """The key of an enum value as a person reads it: ``-1`` for a signed key sent as 0xFFFFFFFF.
+
+    On the wire (and in a sample) a negative key is its 32-bit two's complement with
+    ``is_signed`` set; this turns it back into the signed number of the database's value table.
+    """
+    key = enum_type.key
+    if enum_type.is_signed and key & 0x80000000:
+        return key - (1 << 32)
+    return key
+
+
+def enum_labels(channel: ChannelConfig) -> dict[int, str] | None:
+    """``{sample value: label}`` of an enum channel (keys as samples carry them), else None."""
+    if channel.data_type is not ChannelDataType.ENUM or not channel.enum_types:
+        return None
+    return {e.key: e.name for e in channel.enum_types}
 
 
 def frame_key(frame_id: int, is_extended: bool) -> int:
@@ -142,18 +163,33 @@ class CompiledMessage:
         self._unit.build()
         return self._unit.source
 
-    def signals(self, data: bytes) -> dict[str, Any]:
+    def signals(self, data: bytes, *, choices: bool = False) -> dict[str, Any]:
         """The scaled values of the signals present in ``data``, by channel name.
 
         The channel name is the database's signal name, numbered (``Speed_2``) only when a
         message defines a signal name twice.
 
+        Args:
+            data: the payload.
+            choices: give an enum signal's label (``"Closed"``) instead of its number when the
+                value table names the raw value, as cantools' ``decode_choices=True`` does.
+
         Raises:
             DecodeError: the payload is too short or its multiplexer value is not defined.
         """
+        values = self.values(data)
+        if choices and any(c.data_type is ChannelDataType.ENUM for c in self.flow.channels):
+            raw = self.decode(data, 0).values
+            labelled = list(values)
+            for i, channel in enumerate(self.flow.channels):
+                labels = enum_labels(channel)
+                key = raw[i]
+                if labels is not None and isinstance(key, int):
+                    labelled[i] = labels.get(key, values[i])
+            values = tuple(labelled)
         return {
             name: value
-            for name, value in zip(self.channel_names, self.values(data), strict=True)
+            for name, value in zip(self.channel_names, values, strict=False)
             if value is not None
         }
 
