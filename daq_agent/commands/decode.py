@@ -38,6 +38,7 @@ from daq_agent.decode.can_decoder import (
     DEFAULT_FLOW_NAME_TEMPLATE,
     CanDecoder,
     CompiledMessage,
+    Container,
     frame_key,
 )
 from daq_agent.decode.candump import CandumpParser
@@ -167,6 +168,7 @@ def decode_candump(
     summary = DecodeSummary()
     parser = CandumpParser()
     tables: dict[str, dict[int, CompiledMessage]] = {}
+    containers: dict[str, dict[int, Container]] = {}
     reported: Counter[str] = Counter()
 
     def report(kind: str, text: str) -> None:
@@ -191,40 +193,69 @@ def decode_candump(
         if table is None:
             decoder = CanDecoder(name, databases, flow_name_template=flow_name_template)
             table = tables[name] = decoder.lookup_table()
+            containers[name] = decoder.containers
         key = frame_key(frame.frame_id, frame.is_extended)
         message = table.get(key)
-        if message is None:
+        container = containers[name].get(key) if message is None else None
+        if message is None and container is None:
             summary.unknown[name, key] += 1
             report("unknown id", f"line {number}: unknown id {_id_text(key)} on {name}")
             continue
         try:
-            values = message.signals(frame.data, choices=choices)
+            if message is not None:
+                parts = [(message, message.signals(frame.data, choices=choices))]
+            else:
+                assert container is not None
+                parts = []
+                for target, payload in container.split(frame.data):
+                    if isinstance(target, int):
+                        report(
+                            "unknown PDU",
+                            f"line {number}: {container.name}: unknown PDU header 0x{target:06X}",
+                        )
+                        continue
+                    parts.append((target, target.signals(payload, choices=choices)))
         except DecodeError as exc:
             summary.errors += 1
             report("decode error", f"line {number}: {exc}")
             continue
         summary.decoded += 1
-        if as_json:
-            record = {
-                "bus": name,
-                "message": message.name,
-                "frame_id": message.frame_id,
-                "timestamp_ns": frame.timestamp_ns,
-                "flow": message.flow.name,
-                "signals": {k: _json_value(v) for k, v in values.items()},
-            }
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        else:
-            units = {c.name: c.unit or "" for c in message.flow.channels}
-            seconds, nanos = divmod(frame.timestamp_ns, 1_000_000_000)
-            text = " ".join(
-                f"{k}={_text_value(v)}{(' ' + units[k]) if units[k] else ''}"
-                for k, v in values.items()
-            )
-            out.write(f"({seconds}.{nanos:09d}) {name} {message.name} {text}\n")
+        for part, values in parts:
+            _print_frame(out, name, part, frame.timestamp_ns, values, as_json, container)
     summary.lines = parser.lines
     summary.bad_lines = parser.bad
     return summary
+
+
+def _print_frame(
+    out: TextIO,
+    bus: str,
+    message: CompiledMessage,
+    timestamp_ns: int,
+    values: dict[str, Any],
+    as_json: bool,
+    container: Container | None,
+) -> None:
+    if as_json:
+        record = {
+            "bus": bus,
+            "message": message.name,
+            "frame_id": message.frame_id,
+            "timestamp_ns": timestamp_ns,
+            "flow": message.flow.name,
+            "signals": {k: _json_value(v) for k, v in values.items()},
+        }
+        if container is not None:
+            record["container"] = container.name
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
+    units = {c.name: c.unit or "" for c in message.flow.channels}
+    seconds, nanos = divmod(timestamp_ns, 1_000_000_000)
+    text = " ".join(
+        f"{k}={_text_value(v)}{(' ' + units[k]) if units[k] else ''}" for k, v in values.items()
+    )
+    name = message.name if container is None else f"{container.name}.{message.name}"
+    out.write(f"({seconds}.{nanos:09d}) {bus} {name} {text}\n")
 
 
 def _json_value(value: Any) -> Any:

@@ -21,6 +21,7 @@ Multiplexed messages are one flow with every signal; a signal absent from a fram
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from daq_agent.core.errors import ConfigError, DecodeError
 from daq_agent.core.model import (
@@ -45,6 +46,9 @@ __all__ = [
     "DEFAULT_FLOW_NAME_TEMPLATE",
     "CanDecoder",
     "CompiledMessage",
+    "Container",
+    "Counters",
+    "FrameDecoder",
     "derive_flows",
     "derive_flows_fingerprint",
     "enum_key",
@@ -123,7 +127,10 @@ class CompiledMessage:
         is_fd: True for a CAN FD message.
         length: the payload length in bytes the database declares.
         flow: the flow config derived from the message.
-        signal_names: the database's signal names, in flow channel order.
+        signal_names: the database's signal names, in flow channel order (one per channel; a
+            name shared by multiplexer branches once).
+        header_id: for a PDU contained in an AUTOSAR container message, its header id (then
+            :attr:`frame_id` is the header id too); else None.
 
     The decoding functions (:attr:`decode`, :attr:`values`) are generated and compiled on first
     use, once: a database of thousands of messages costs nothing for the messages never seen.
@@ -137,6 +144,7 @@ class CompiledMessage:
     flow: FlowConfig
     signal_names: tuple[str, ...]
     _unit: _CodeUnit = dataclasses.field(repr=False, compare=False)
+    header_id: int | None = None
 
     @property
     def channel_names(self) -> tuple[str, ...]:
@@ -213,7 +221,7 @@ class CanDecoder:
         ConfigError: the flow name template is invalid.
     """
 
-    __slots__ = ("_by_key", "_table", "bus", "flows", "messages", "warnings")
+    __slots__ = ("_by_key", "_table", "bus", "containers", "flows", "messages", "warnings")
 
     def __init__(
         self,
@@ -227,9 +235,6 @@ class CanDecoder:
         by_key: dict[int, Any] = {}
         for database in databases:
             for message in database.messages:
-                if getattr(message, "is_container", False):
-                    self._warn(f"message {message.name!r} is a container message; not decoded")
-                    continue
                 key = frame_key(message.frame_id, message.is_extended_frame)
                 previous = by_key.pop(key, None)
                 if previous is not None:
@@ -241,28 +246,61 @@ class CanDecoder:
                 by_key[key] = message
         compiled: list[CompiledMessage] = []
         used_names: set[str] = set()
-        for message in by_key.values():
-            flow_name = _flow_name(flow_name_template, bus, message)
-            if flow_name in used_names:
-                width = 8 if message.is_extended_frame else 3
-                base = f"{flow_name}_0x{message.frame_id:0{width}X}"
-                unique, number = base, 2
-                while unique in used_names:
-                    unique, number = f"{base}_{number}", number + 1
-                self._warn(
-                    f"flow name {flow_name!r} is taken; message {message.name!r} "
-                    f"({_id_text(message.frame_id, message.is_extended_frame)}) "
-                    f"becomes {unique!r}"
-                )
-                flow_name = unique
-            used_names.add(flow_name)
-            compiled.append(_compile(message, flow_name, self._warn))
+        self._by_key: dict[int, CompiledMessage] = {}
+        self.containers: dict[int, Container] = {}
+        for key, message in by_key.items():
+            if not getattr(message, "is_container", False):
+                flow_name = self._unique_flow(flow_name_template, message, used_names)
+                made = _compile(message, flow_name, self._warn)
+                compiled.append(made)
+                self._by_key[key] = made
+                continue
+            contained: dict[int, CompiledMessage] = {}
+            for part in message.contained_messages or ():
+                header = int(part.header_id)
+                flow_name = self._unique_flow(flow_name_template, part, used_names, frame_id=header)
+                made = _compile(part, flow_name, self._warn, header_id=header)
+                compiled.append(made)
+                contained[header] = made
+            self.containers[key] = Container(message, contained)
         self.messages = compiled
         self.flows = [c.flow for c in compiled]
-        self._by_key = {frame_key(c.frame_id, c.is_extended): c for c in compiled}
         self._table: dict[int, DecodeFunction] = {
             key: self._first_use(c) for key, c in self._by_key.items()
         }
+        for key, container in self.containers.items():
+            self._table[key] = container.decode  # type: ignore[assignment]
+
+    def _unique_flow(
+        self, template: str, message: Any, used_names: set[str], *, frame_id: int | None = None
+    ) -> str:
+        ident = int(message.frame_id) if frame_id is None else frame_id
+        extended = bool(message.is_extended_frame) and frame_id is None
+        flow_name = _flow_name(template, bus=self.bus, name=message.name, frame_id=ident)
+        if flow_name in used_names:
+            width = 8 if extended else 3
+            base = f"{flow_name}_0x{ident:0{width}X}"
+            unique, number = base, 2
+            while unique in used_names:
+                unique, number = f"{base}_{number}", number + 1
+            self._warn(
+                f"flow name {flow_name!r} is taken; message {message.name!r} "
+                f"({_id_text(ident, extended)}) becomes {unique!r}"
+            )
+            flow_name = unique
+        used_names.add(flow_name)
+        return flow_name
+
+    def session(self, counters: Counters) -> FrameDecoder:
+        """The decoder one reader uses, counting into its ``counters``.
+
+        Without container messages this is the decoder itself (no cost per frame). With them,
+        a copy of the lookup table whose containers count the PDUs they cannot decode
+        (``unknown_pdus``, ``pdu_errors``).
+        """
+        if not self.containers:
+            return self
+        return _CountingSession(self, counters)
 
     def _first_use(self, message: CompiledMessage) -> DecodeFunction:
         """A table entry that compiles the message, replaces itself, and decodes."""
@@ -277,8 +315,10 @@ class CanDecoder:
 
     def compile_all(self) -> None:
         """Compile every message now rather than on its first frame."""
+        for key, message in self._by_key.items():
+            self._table[key] = message.decode
         for message in self.messages:
-            self._table[frame_key(message.frame_id, message.is_extended)] = message.decode
+            message.decode  # noqa: B018 (contained PDUs: compiled by the property)
 
     def _warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -286,8 +326,8 @@ class CanDecoder:
 
     def decode(
         self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
-    ) -> Sample | None:
-        """Decode one frame into a sample of its flow.
+    ) -> Sample | tuple[Sample, ...] | None:
+        """Decode one frame into a sample of its flow (a container: a sample per known PDU).
 
         Args:
             frame_id: the CAN id.
@@ -297,7 +337,9 @@ class CanDecoder:
             timestamp_ns: the frame's time, nanoseconds since the Unix epoch.
 
         Returns:
-            The sample, or None when no database defines the id.
+            The sample, or None when no database defines the id. A container message gives a
+            tuple of samples, one per contained PDU it knows, into the contained messages' flows
+            (None when it knows none of them).
 
         Raises:
             DecodeError: the payload is shorter than the message, or a multiplexer value is not
@@ -309,12 +351,134 @@ class CanDecoder:
         return function(data, timestamp_ns)
 
     def message(self, frame_id: int, is_extended: bool) -> CompiledMessage | None:
-        """The compiled message for an id, or None."""
+        """The compiled message for an id, or None (also for a container message)."""
         return self._by_key.get(frame_key(frame_id, is_extended))
+
+    def container(self, frame_id: int, is_extended: bool) -> Container | None:
+        """The container message of an id, or None."""
+        return self.containers.get(frame_key(frame_id, is_extended))
 
     def lookup_table(self) -> dict[int, CompiledMessage]:
         """A fresh ``frame_key → CompiledMessage`` map (for tools that need names per frame)."""
         return dict(self._by_key)
+
+
+class Counters(Protocol):
+    """Where a session counts (a reader's :class:`~daq_agent.readers.base.ReaderCounters`)."""
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Count ``n`` more under ``name``."""
+        ...
+
+    def add_key(self, name: str, key: object, n: int = 1) -> None:
+        """Count ``n`` more for ``key`` in the per-key map ``name``."""
+        ...
+
+
+class FrameDecoder(Protocol):
+    """What a reader calls per frame (a :class:`CanDecoder` or one of its sessions)."""
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | tuple[Sample, ...] | None:
+        """A sample, several (a container), none yet (``()``: taken by a transport protocol),
+        or None for an unknown id; raises DecodeError."""
+        ...
+
+
+class Container:
+    """An AUTOSAR container message: a frame that carries several PDUs, each with a header.
+
+    The headers are read by cantools' ``Message.unpack_container`` (as its
+    ``decode_message(..., decode_containers=True)`` does); each known PDU is decoded by its own
+    compiled message into its own flow.
+
+    Attributes:
+        name: the container's name.
+        contained: the compiled contained messages, by header id.
+    """
+
+    __slots__ = ("_message", "contained", "name")
+
+    def __init__(self, message: Any, contained: dict[int, CompiledMessage]) -> None:
+        self._message = message
+        self.name: str = message.name
+        self.contained = contained
+
+    def split(self, data: bytes) -> list[tuple[CompiledMessage | int, bytes]]:
+        """The PDUs of a frame: ``(compiled message, payload)``, or ``(header id, payload)`` for
+        a header the database does not define.
+
+        Raises:
+            DecodeError: the frame is longer than the container or a PDU runs past its end.
+        """
+        try:
+            parts = self._message.unpack_container(bytes(data), allow_truncated=False)
+        except Exception as exc:  # cantools' DecodeError, or a malformed header
+            raise DecodeError(f"{self.name}: {exc}") from exc
+        out: list[tuple[CompiledMessage | int, bytes]] = []
+        for target, payload in parts:
+            if isinstance(target, int):
+                out.append((target, bytes(payload)))
+            else:
+                out.append((self.contained[int(target.header_id)], bytes(payload)))
+        return out
+
+    def decode(
+        self, data: bytes, timestamp_ns: int, counters: Counters | None = None
+    ) -> tuple[Sample, ...] | None:
+        """One sample per known PDU; None when there is none.
+
+        A PDU that does not decode (or an unknown header) is left out and counted in
+        ``counters`` (``pdu_errors``, ``unknown_pdus``); when no PDU decodes and one failed, the
+        frame fails.
+
+        Raises:
+            DecodeError: the container does not unpack, or every PDU failed.
+        """
+        samples: list[Sample] = []
+        unknown = failed = 0
+        error: DecodeError | None = None
+        for target, payload in self.split(data):
+            if isinstance(target, int):
+                unknown += 1
+                continue
+            try:
+                samples.append(target.decode(payload, timestamp_ns))
+            except DecodeError as exc:
+                failed += 1
+                error = exc
+        if counters is not None:
+            if unknown:
+                counters.add("unknown_pdus", unknown)
+            if failed and samples:
+                counters.add("pdu_errors", failed)
+        if not samples:
+            if error is not None:
+                raise error
+            return None
+        return tuple(samples)
+
+
+class _CountingSession:
+    """A decoder's table for one reader, whose containers count into the reader's counters."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, decoder: CanDecoder, counters: Counters) -> None:
+        table: dict[int, Callable[[bytes, int], Any]] = dict(decoder._table)
+        for key, container in decoder.containers.items():
+            table[key] = functools.partial(container.decode, counters=counters)
+        self._table = table
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | tuple[Sample, ...] | None:
+        function = self._table.get(frame_id | _EXTENDED_FLAG if is_extended else frame_id)
+        if function is None:
+            return None
+        result: Sample | tuple[Sample, ...] | None = function(data, timestamp_ns)
+        return result
 
 
 def derive_flows(
@@ -364,9 +528,9 @@ def _id_text(frame_id: int, is_extended: bool) -> str:
     return f"0x{frame_id:08X} (extended)" if is_extended else f"0x{frame_id:03X}"
 
 
-def _flow_name(template: str, bus: str, message: Any) -> str:
+def _flow_name(template: str, *, bus: str, name: str, frame_id: int) -> str:
     try:
-        return template.format(bus=bus, message=message.name, frame_id=message.frame_id)
+        return template.format(bus=bus, message=name, frame_id=frame_id)
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise ConfigError(
             f"invalid flow name template {template!r}: {exc!r} "
@@ -498,15 +662,38 @@ def _literal(value: Any, constants: dict[str, Any]) -> str:
     return f"({value!r})"
 
 
-def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> CompiledMessage:
-    """Derive the flow of a message now; its decoding functions are generated on first use."""
+def _disjoint_branches(a: Any, b: Any) -> bool:
+    """Two signals of one multiplexer that are never in the same frame."""
+    return (
+        a.multiplexer_signal is not None
+        and a.multiplexer_signal == b.multiplexer_signal
+        and not set(a.multiplexer_ids or ()) & set(b.multiplexer_ids or ())
+    )
+
+
+def _compile(
+    message: Any,
+    flow_name: str,
+    warn: Callable[[str], None],
+    *,
+    extra_channels: Sequence[ChannelConfig] = (),
+    header_id: int | None = None,
+) -> CompiledMessage:
+    """Derive the flow of a message now; its decoding functions are generated on first use.
+
+    A signal name used in several branches of one multiplexer (never two in one frame) is one
+    channel when the branches give it the same type, unit and enum: the value of whichever
+    branch the frame carries. ``extra_channels`` are appended after the signals; their values are
+    extra arguments of ``decode`` (the J1939 source address).
+    """
     length = int(message.length)
     signals = list(message.signals)
     channels: list[ChannelConfig] = []
     kinds: list[str] = []
     layouts: list[_Layout] = []
-    seen: set[str] = set()
-    for signal in signals:
+    groups: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for index, signal in enumerate(signals):
         layout = _layout(signal, length)
         if not layout.fits:
             warn(
@@ -520,7 +707,19 @@ def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> Compi
             )
             layout = _replace_fits(layout)
         name = signal.name
-        if name in seen:
+        channel, kind = _channel(signal, layout, name)
+        kinds.append(kind)
+        layouts.append(layout)
+        shared = seen.get(name)
+        if shared is not None:
+            first = groups[shared]
+            if (
+                channels[shared] == channel
+                and all(kinds[j] == kind for j in first)
+                and all(_disjoint_branches(signals[j], signal) for j in first)
+            ):
+                first.append(index)  # the same name in another branch: the same channel
+                continue
             number = 2
             while f"{name}_{number}" in seen:
                 number += 1
@@ -529,11 +728,10 @@ def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> Compi
                 f"the second is channel {name}_{number}"
             )
             name = f"{name}_{number}"
-        seen.add(name)
-        channel, kind = _channel(signal, layout, name)
+            channel = dataclasses.replace(channel, name=name)
+        seen[name] = len(channels)
         channels.append(channel)
-        kinds.append(kind)
-        layouts.append(layout)
+        groups.append([index])
 
     multiplexers = {signal.name for signal in signals if signal.is_multiplexer}
     for signal in signals:
@@ -543,21 +741,23 @@ def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> Compi
                 f"{signal.multiplexer_signal!r}, which is not a multiplexer of the message; "
                 "it is always empty"
             )
-    for first, second in _overlaps(signals, layouts, length):
+    for one, other in _overlaps(signals, layouts, length):
         warn(
-            f"signals {first!r} and {second!r} of message {message.name!r} overlap; each is "
+            f"signals {one!r} and {other!r} of message {message.name!r} overlap; each is "
             "decoded from its own bits (cantools cannot unpack such a message)"
         )
-    unit = _CodeUnit(message, flow_name, signals, layouts, kinds)
+    extra = tuple(channel.name for channel in extra_channels)
+    unit = _CodeUnit(message, flow_name, signals, layouts, kinds, groups, extra)
     return CompiledMessage(
         name=message.name,
-        frame_id=int(message.frame_id),
-        is_extended=bool(message.is_extended_frame),
+        frame_id=int(message.frame_id) if header_id is None else header_id,
+        is_extended=bool(message.is_extended_frame) if header_id is None else False,
         is_fd=bool(getattr(message, "is_fd", False)),
         length=length,
-        flow=FlowConfig(flow_name, channels),
-        signal_names=tuple(signal.name for signal in signals),
+        flow=FlowConfig(flow_name, [*channels, *extra_channels]),
+        signal_names=tuple(signals[group[0]].name for group in groups),
         _unit=unit,
+        header_id=header_id,
     )
 
 
@@ -603,8 +803,10 @@ class _CodeUnit:
         signals: list[Any],
         layouts: list[_Layout],
         kinds: list[str],
+        groups: list[list[int]],
+        extra: tuple[str, ...],
     ) -> None:
-        self._args = (message, flow_name, signals, layouts, kinds)
+        self._args = (message, flow_name, signals, layouts, kinds, groups, extra)
         self._lock = threading.Lock()
         self.source = ""
         self.decode: DecodeFunction | None = None
@@ -627,8 +829,14 @@ def _generate(
     signals: list[Any],
     layouts: list[_Layout],
     kinds: list[str],
+    groups: list[list[int]],
+    extra: tuple[str, ...],
 ) -> tuple[str, dict[str, Any]]:
-    """The source of ``decode`` and ``values`` for one message, and its executed namespace."""
+    """The source of ``decode`` and ``values`` for one message, and its executed namespace.
+
+    ``groups`` lists, per channel, the signals that fill it (several: one name in several
+    multiplexer branches); ``extra`` names the arguments appended to each sample's values.
+    """
     length = int(message.length)
     constants: dict[str, Any] = {
         "_from_bytes": int.from_bytes,
@@ -755,8 +963,8 @@ def _generate(
             done.add(i)
             emit(f"    r{i} = s{i} = None")
 
-    sample_values = []
-    for i, kind in enumerate(kinds):
+    def sample_value(i: int) -> str:
+        kind = kinds[i]
         if kind == "enum":
             expr = f"r{i} & 0x{_U32:X}" if layouts[i].is_signed else f"r{i}"
         elif kind == "bool":
@@ -764,14 +972,24 @@ def _generate(
         elif kind == "double_int":
             expr = f"float(s{i})"
         else:
-            sample_values.append(f"s{i}")  # None when absent already
-            continue
+            return f"s{i}"  # None when absent already
         always = not signals[i].multiplexer_signal and layouts[i].fits
-        sample_values.append(expr if always else f"(None if r{i} is None else {expr})")
+        return expr if always else f"(None if r{i} is None else {expr})"
+
+    def first_present(group: list[int], value: Callable[[int], str]) -> str:
+        expr = value(group[-1])
+        for i in reversed(group[:-1]):  # branches are exclusive: at most one is not None
+            expr = f"({value(i)} if r{i} is not None else {expr})"
+        return expr
+
+    sample_values = [first_present(group, sample_value) for group in groups]
+    sample_values.extend(extra)
     body = "\n".join(lines)
     samples = f"({', '.join(sample_values)},)" if sample_values else "()"
-    scaled = f"({', '.join(f's{i}' for i in range(len(signals)))},)" if signals else "()"
+    scaled_values = [first_present(group, lambda i: f"s{i}") for group in groups]
+    scaled = f"({', '.join(scaled_values)},)" if scaled_values else "()"
     defaults = ", ".join(f"{k}={k}" for k in constants)
+    arguments = "".join(f"{name}, " for name in extra)
     if _FAST_SAMPLE is not None:
         make_sample = (
             "    sample = _new(_Sample)\n"
@@ -783,7 +1001,7 @@ def _generate(
     else:
         make_sample = f"    return _Sample(_flow, timestamp_ns, {samples})\n"
     source = (
-        f"def decode(data, timestamp_ns, {defaults}):\n{body}\n{make_sample}\n"
+        f"def decode(data, timestamp_ns, {arguments}{defaults}):\n{body}\n{make_sample}\n"
         f"def values(data, {defaults}):\n{body}\n"
         f"    return {scaled}\n"
     )
