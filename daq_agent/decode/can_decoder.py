@@ -41,6 +41,7 @@ from daq_agent.core.model import (
     FlowConfig,
 )
 from daq_agent.core.sample import Sample
+from daq_agent.decode import j1939
 
 __all__ = [
     "DEFAULT_FLOW_NAME_TEMPLATE",
@@ -49,6 +50,7 @@ __all__ = [
     "Container",
     "Counters",
     "FrameDecoder",
+    "J1939Session",
     "derive_flows",
     "derive_flows_fingerprint",
     "enum_key",
@@ -221,7 +223,20 @@ class CanDecoder:
         ConfigError: the flow name template is invalid.
     """
 
-    __slots__ = ("_by_key", "_table", "bus", "containers", "flows", "messages", "warnings")
+    __slots__ = (
+        "_by_key",
+        "_own_session",
+        "_pgn",
+        "_pgn_sa",
+        "_table",
+        "bus",
+        "containers",
+        "dm1",
+        "flows",
+        "j1939",
+        "messages",
+        "warnings",
+    )
 
     def __init__(
         self,
@@ -229,13 +244,25 @@ class CanDecoder:
         databases: Sequence[Any],
         *,
         flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+        protocol: str | None = None,
+        dm1_dtcs: int = j1939.DEFAULT_DM1_DTCS,
     ) -> None:
+        if protocol not in (None, "can", "j1939"):
+            raise ConfigError(f"unknown protocol {protocol!r} (known: can, j1939)", key="protocol")
+        if dm1_dtcs < 0:
+            raise ConfigError(f"dm1_dtcs must be >= 0, got {dm1_dtcs}")
         self.bus = bus
         self.warnings: list[str] = []
         by_key: dict[int, Any] = {}
+        j1939_keys: set[int] = set()
         for database in databases:
+            database_j1939 = protocol == "j1939" or j1939.database_is_j1939(database)
             for message in database.messages:
                 key = frame_key(message.frame_id, message.is_extended_frame)
+                if j1939.message_is_j1939(message, database_j1939):
+                    j1939_keys.add(key)
+                else:
+                    j1939_keys.discard(key)
                 previous = by_key.pop(key, None)
                 if previous is not None:
                     self._warn(
@@ -248,7 +275,34 @@ class CanDecoder:
         used_names: set[str] = set()
         self._by_key: dict[int, CompiledMessage] = {}
         self.containers: dict[int, Container] = {}
+        self.j1939 = protocol == "j1939" or bool(j1939_keys)
+        self._pgn: dict[int, J1939Entry] = {}
+        self._pgn_sa: dict[int, J1939Entry] = {}
+        pgn_names: dict[int, str] = {}
         for key, message in by_key.items():
+            if key in j1939_keys:
+                pgn = j1939.pgn_of(message.frame_id)
+                if pgn == j1939.DM1_PGN:
+                    self._warn(
+                        f"message {message.name!r} is DM1 (PGN 0xFECA); the built-in DM1 "
+                        "decoder (every DTC) is used instead"
+                    )
+                    continue
+                pdu1 = (message.frame_id >> 16) & 0xFF < 240
+                extra = [_SOURCE_ADDRESS, *([_DESTINATION_ADDRESS] if pdu1 else [])]
+                flow_name = self._unique_flow(flow_name_template, message, used_names)
+                made = _compile(message, flow_name, self._warn, extra_channels=extra)
+                compiled.append(made)
+                entry = _j1939_entry(made, pdu1)
+                self._pgn_sa[pgn << 8 | (message.frame_id & 0xFF)] = entry
+                if pgn in pgn_names:
+                    self._warn(
+                        f"messages {pgn_names[pgn]!r} and {message.name!r} share PGN 0x{pgn:05X}; "
+                        f"each is used for its own source address, {message.name!r} for others"
+                    )
+                pgn_names[pgn] = message.name
+                self._pgn[pgn] = entry
+                continue
             if not getattr(message, "is_container", False):
                 flow_name = self._unique_flow(flow_name_template, message, used_names)
                 made = _compile(message, flow_name, self._warn)
@@ -265,6 +319,16 @@ class CanDecoder:
             self.containers[key] = Container(message, contained)
         self.messages = compiled
         self.flows = [c.flow for c in compiled]
+        self.dm1: j1939.Dm1Decoder | None = None
+        if self.j1939:
+            dm1_flow = _flow_name(flow_name_template, bus=bus, name="DM1", frame_id=0x18FECA00)
+            if dm1_flow in used_names:
+                dm1_flow += "_builtin"
+                self._warn(f"flow name of DM1 is taken; the built-in DM1 flow is {dm1_flow!r}")
+            self.dm1 = j1939.Dm1Decoder(dm1_flow, dm1_dtcs)
+            self.flows.append(self.dm1.flow)
+            self._pgn[j1939.DM1_PGN] = _dm1_entry(self.dm1)
+        self._own_session: J1939Session | None = None
         self._table: dict[int, DecodeFunction] = {
             key: self._first_use(c) for key, c in self._by_key.items()
         }
@@ -298,6 +362,8 @@ class CanDecoder:
         a copy of the lookup table whose containers count the PDUs they cannot decode
         (``unknown_pdus``, ``pdu_errors``).
         """
+        if self.j1939:
+            return J1939Session(self, counters)
         if not self.containers:
             return self
         return _CountingSession(self, counters)
@@ -339,7 +405,9 @@ class CanDecoder:
         Returns:
             The sample, or None when no database defines the id. A container message gives a
             tuple of samples, one per contained PDU it knows, into the contained messages' flows
-            (None when it knows none of them).
+            (None when it knows none of them). On a J1939 bus, J1939 messages match by PGN and a
+            transport-protocol frame gives ``()`` until its message is complete (this decoder
+            keeps one transport session for these calls: a reader uses :meth:`session`).
 
         Raises:
             DecodeError: the payload is shorter than the message, or a multiplexer value is not
@@ -347,6 +415,11 @@ class CanDecoder:
         """
         function = self._table.get(frame_id | _EXTENDED_FLAG if is_extended else frame_id)
         if function is None:
+            if self.j1939:  # by PGN, with this decoder's own transport session (one thread)
+                session = self._own_session
+                if session is None:
+                    session = self._own_session = J1939Session(self, _Tally())
+                return session.decode(frame_id, is_extended, data, timestamp_ns)
             return None
         return function(data, timestamp_ns)
 
@@ -458,6 +531,117 @@ class Container:
                 raise error
             return None
         return tuple(samples)
+
+
+_SOURCE_ADDRESS = ChannelConfig(
+    "source_address", ChannelDataType.UINT_32, "J1939 source address of the sender"
+)
+_DESTINATION_ADDRESS = ChannelConfig(
+    "destination_address", ChannelDataType.UINT_32, "J1939 destination address (PDU1)"
+)
+
+J1939Entry = Callable[[bytes, int, int, int], Sample]
+"""``entry(data, timestamp_ns, source_address, destination_address) -> Sample``."""
+
+
+def _j1939_entry(message: CompiledMessage, pdu1: bool) -> J1939Entry:
+    if pdu1:
+
+        def pdu1_entry(data: bytes, timestamp_ns: int, source: int, destination: int) -> Sample:
+            function: Any = message.decode
+            sample: Sample = function(data, timestamp_ns, source, destination)
+            return sample
+
+        return pdu1_entry
+
+    def pdu2_entry(data: bytes, timestamp_ns: int, source: int, destination: int) -> Sample:
+        function: Any = message.decode
+        sample: Sample = function(data, timestamp_ns, source)
+        return sample
+
+    return pdu2_entry
+
+
+def _dm1_entry(dm1: j1939.Dm1Decoder) -> J1939Entry:
+    def dm1_entry(data: bytes, timestamp_ns: int, source: int, destination: int) -> Sample:
+        return dm1.decode(data, timestamp_ns, source)
+
+    return dm1_entry
+
+
+class _Tally:
+    """Counters for a decoder used without a reader (``CanDecoder.decode`` on a J1939 bus)."""
+
+    __slots__ = ("keyed", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.keyed: dict[str, dict[object, int]] = {}
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + n
+
+    def add_key(self, name: str, key: object, n: int = 1) -> None:
+        counts = self.keyed.setdefault(name, {})
+        counts[key] = counts.get(key, 0) + n
+
+
+class J1939Session:
+    """The decoder of one reader on a J1939 bus: PGN matching and transport reassembly.
+
+    Frames whose exact id a non-J1939 message defines decode as on any bus. Other 29-bit frames
+    match by PGN (a message defined for the frame's source address first, else the PGN's);
+    TP.CM/TP.DT frames go to the :class:`~daq_agent.decode.j1939.TransportSession`; DM1 to the
+    built-in decoder. An unknown PGN is counted per PGN (``unknown_pgns``).
+    """
+
+    __slots__ = ("_counters", "_pgn", "_pgn_sa", "_table", "transport")
+
+    def __init__(self, decoder: CanDecoder, counters: Counters) -> None:
+        table: dict[int, Callable[[bytes, int], Any]] = dict(decoder._table)
+        for key, container in decoder.containers.items():
+            table[key] = functools.partial(container.decode, counters=counters)
+        self._table = table
+        self._pgn = decoder._pgn
+        self._pgn_sa = decoder._pgn_sa
+        self._counters = counters
+        self.transport = j1939.TransportSession(self._deliver, counters)
+
+    def _deliver(
+        self, pgn: int, source: int, destination: int, data: bytes, timestamp_ns: int
+    ) -> Sample | None:
+        entry = self._pgn_sa.get(pgn << 8 | source) or self._pgn.get(pgn)
+        if entry is None:
+            self._counters.add_key("unknown_pgns", f"{pgn:05X}")
+            return None
+        return entry(data, timestamp_ns, source, destination)
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | tuple[Sample, ...] | None:
+        function = self._table.get(frame_id | _EXTENDED_FLAG if is_extended else frame_id)
+        if function is not None:
+            result: Sample | tuple[Sample, ...] | None = function(data, timestamp_ns)
+            return result
+        if not is_extended:
+            return None
+        transport = self.transport
+        if timestamp_ns > transport.next_deadline_ns:
+            transport.expire(timestamp_ns)
+        source = frame_id & 0xFF
+        if (frame_id >> 16) & 0xFF < 240:  # PDU1: the PS byte is the destination address
+            destination = (frame_id >> 8) & 0xFF
+            pgn = (frame_id >> 8) & 0x3FF00
+            if pgn == j1939.TP_CM_PGN:
+                transport.connection(source, destination, data, timestamp_ns)
+                return ()
+            if pgn == j1939.TP_DT_PGN:
+                done, sample = transport.packet(source, destination, data, timestamp_ns)
+                return sample if done else ()
+        else:
+            destination = 0xFF
+            pgn = (frame_id >> 8) & 0x3FFFF
+        return self._deliver(pgn, source, destination, data, timestamp_ns)
 
 
 class _CountingSession:
