@@ -26,7 +26,7 @@ tuning of the ring buffer and the flusher::
         data_bitrate: null
         receive_own_messages: false
         optional: false                  # true: may be absent (a run without it still exits 0)
-        protocol: can                    # or j1939: match by PGN, TP reassembly, DM1 (docs/j1939.md)
+        protocol: can                    # or j1939: by PGN, TP reassembly, DM1 (docs/j1939.md)
         options: {}                      # any other python-can Bus keyword argument
         databases: [../dbc/bench.dbc]    # dbc, kcd, arxml, sym
         filters: [{id: 0x100, mask: 0x7FF, extended: false}]
