@@ -34,11 +34,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from daq_agent.core.errors import ConfigError, DecodeError
+from daq_agent.core.model import FlowConfig
+from daq_agent.core.sample import Sample
 from daq_agent.decode.can_decoder import (
     DEFAULT_FLOW_NAME_TEMPLATE,
     CanDecoder,
     CompiledMessage,
     Container,
+    FrameDecoder,
+    Tally,
+    enum_labels,
     frame_key,
 )
 from daq_agent.decode.candump import CandumpParser
@@ -82,6 +87,12 @@ def add_subparser(subparsers: Any) -> None:
         help="print enum signals as numbers, not their value-table labels",
     )
     parser.add_argument(
+        "--j1939",
+        action="store_true",
+        help="every 29-bit message is J1939 (match by PGN, TP reassembly, DM1); a DBC marked "
+        "J1939 always is",
+    )
+    parser.add_argument(
         "paths",
         nargs="*",
         metavar="[DATABASE] INPUT",
@@ -103,6 +114,9 @@ class DecodeSummary:
         bad_lines: lines that are not candump log lines.
         remote: remote frames (not decoded).
         error_frames: error frames (not decoded).
+        transport: J1939 TP frames taken into a multi-packet message.
+        tp_timeouts: J1939 TP messages lost to a timeout.
+        tp_aborts: J1939 TP messages aborted.
     """
 
     lines: int = 0
@@ -112,6 +126,9 @@ class DecodeSummary:
     bad_lines: int = 0
     remote: int = 0
     error_frames: int = 0
+    transport: int = 0
+    tp_timeouts: int = 0
+    tp_aborts: int = 0
 
     def render(self) -> str:
         """One line for stderr."""
@@ -121,6 +138,11 @@ class DecodeSummary:
             f"{self.errors} decode errors, {self.bad_lines} bad lines, {self.remote} remote, "
             f"{self.error_frames} error frames"
         )
+        if self.transport or self.tp_timeouts or self.tp_aborts:
+            text += (
+                f", {self.transport} J1939 transport frames ({self.tp_timeouts} TP timeouts, "
+                f"{self.tp_aborts} TP aborts)"
+            )
         if self.unknown:
             top = ", ".join(
                 f"{bus} {_id_text(key)} x{count}"
@@ -146,6 +168,7 @@ def decode_candump(
     bus: str | None = None,
     flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
     choices: bool = True,
+    protocol: str | None = None,
 ) -> DecodeSummary:
     """Decode candump lines and print one frame per line to ``out``; problems go to ``err``.
 
@@ -158,6 +181,9 @@ def decode_candump(
         bus: the bus alias for every frame; by default the interface named on each line.
         flow_name_template: as for the agent.
         choices: print an enum signal's label when its value table names the value.
+        protocol: ``"j1939"``: every 29-bit message is J1939 (a DBC marked J1939 always is);
+            J1939 messages match by PGN, transport-protocol messages are reassembled, DM1 is
+            decoded, and the source address is printed as ``source_address``.
 
     Returns:
         The counts; the caller prints :meth:`DecodeSummary.render`.
@@ -169,6 +195,8 @@ def decode_candump(
     parser = CandumpParser()
     tables: dict[str, dict[int, CompiledMessage]] = {}
     containers: dict[str, dict[int, Container]] = {}
+    j1939_sessions: dict[str, tuple[FrameDecoder, dict[str, FlowConfig]]] = {}
+    tally = Tally()
     reported: Counter[str] = Counter()
 
     def report(kind: str, text: str) -> None:
@@ -191,9 +219,37 @@ def decode_candump(
             continue
         table = tables.get(name)
         if table is None:
-            decoder = CanDecoder(name, databases, flow_name_template=flow_name_template)
+            decoder = CanDecoder(
+                name, databases, flow_name_template=flow_name_template, protocol=protocol
+            )
             table = tables[name] = decoder.lookup_table()
             containers[name] = decoder.containers
+            if decoder.j1939:
+                j1939_sessions[name] = (decoder.session(tally), {f.name: f for f in decoder.flows})
+        j1939_session = j1939_sessions.get(name)
+        if j1939_session is not None and frame.is_extended:
+            session, flows = j1939_session
+            try:
+                result = session.decode(frame.frame_id, True, frame.data, frame.timestamp_ns)
+            except DecodeError as exc:
+                summary.errors += 1
+                report("decode error", f"line {number}: {exc}")
+                continue
+            if result is None:
+                key = frame_key(frame.frame_id, True)
+                summary.unknown[name, key] += 1
+                report("unknown id", f"line {number}: unknown PGN of {_id_text(key)} on {name}")
+                continue
+            if result == ():
+                summary.transport += 1
+                continue
+            summary.decoded += 1
+            for one in result if isinstance(result, tuple) else (result,):
+                flow = flows[one.flow]
+                values = _sample_values(flow, one, choices)
+                short = flow.name.removeprefix(f"{name}.")
+                _print_values(out, name, short, None, flow, one.timestamp_ns, values, as_json)
+            continue
         key = frame_key(frame.frame_id, frame.is_extended)
         message = table.get(key)
         container = containers[name].get(key) if message is None else None
@@ -223,6 +279,8 @@ def decode_candump(
         for part, values in parts:
             _print_frame(out, name, part, frame.timestamp_ns, values, as_json, container)
     summary.lines = parser.lines
+    summary.tp_timeouts = tally.values.get("tp_timeouts", 0)
+    summary.tp_aborts = tally.values.get("tp_aborts", 0)
     summary.bad_lines = parser.bad
     return summary
 
@@ -236,25 +294,67 @@ def _print_frame(
     as_json: bool,
     container: Container | None,
 ) -> None:
+    _print_values(
+        out,
+        bus,
+        message.name,
+        message.frame_id,
+        message.flow,
+        timestamp_ns,
+        values,
+        as_json,
+        container,
+    )
+
+
+def _sample_values(flow: FlowConfig, sample: Sample, choices: bool) -> dict[str, Any]:
+    """A sample's values by channel name, enum labels (or signed keys) as a person reads them."""
+    out: dict[str, Any] = {}
+    for channel, value in zip(flow.channels, sample.values, strict=True):
+        if value is None:
+            continue
+        labels = enum_labels(channel)
+        if labels is not None and isinstance(value, int):
+            if choices and value in labels:
+                value = labels[value]
+            elif value & 0x80000000 and any(e.is_signed for e in channel.enum_types):
+                value -= 1 << 32
+        out[channel.name] = value
+    return out
+
+
+def _print_values(
+    out: TextIO,
+    bus: str,
+    message: str,
+    frame_id: int | None,
+    flow: FlowConfig,
+    timestamp_ns: int,
+    values: dict[str, Any],
+    as_json: bool,
+    container: Container | None = None,
+) -> None:
     if as_json:
-        record = {
+        record: dict[str, Any] = {
             "bus": bus,
-            "message": message.name,
-            "frame_id": message.frame_id,
+            "message": message,
+            "frame_id": frame_id,
             "timestamp_ns": timestamp_ns,
-            "flow": message.flow.name,
+            "flow": flow.name,
             "signals": {k: _json_value(v) for k, v in values.items()},
         }
+        if frame_id is None:
+            del record["frame_id"]
         if container is not None:
             record["container"] = container.name
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
         return
-    units = {c.name: c.unit or "" for c in message.flow.channels}
+    units = {c.name: c.unit or "" for c in flow.channels}
     seconds, nanos = divmod(timestamp_ns, 1_000_000_000)
     text = " ".join(
         f"{k}={_text_value(v)}{(' ' + units[k]) if units[k] else ''}" for k, v in values.items()
     )
-    name = message.name if container is None else f"{container.name}.{message.name}"
+    name = message if container is None else f"{container.name}.{message}"
     out.write(f"({seconds}.{nanos:09d}) {bus} {name} {text}\n")
 
 
@@ -313,6 +413,7 @@ def _run(databases: Sequence[Any], lines: Iterable[str], args: argparse.Namespac
         bus=args.bus,
         flow_name_template=args.flow_name_template,
         choices=not args.no_choices,
+        protocol="j1939" if args.j1939 else None,
     )
 
 

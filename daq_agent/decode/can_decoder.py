@@ -51,6 +51,7 @@ __all__ = [
     "Counters",
     "FrameDecoder",
     "J1939Session",
+    "Tally",
     "derive_flows",
     "derive_flows_fingerprint",
     "enum_key",
@@ -418,7 +419,7 @@ class CanDecoder:
             if self.j1939:  # by PGN, with this decoder's own transport session (one thread)
                 session = self._own_session
                 if session is None:
-                    session = self._own_session = J1939Session(self, _Tally())
+                    session = self._own_session = J1939Session(self, Tally())
                 return session.decode(frame_id, is_extended, data, timestamp_ns)
             return None
         return function(data, timestamp_ns)
@@ -569,8 +570,9 @@ def _dm1_entry(dm1: j1939.Dm1Decoder) -> J1939Entry:
     return dm1_entry
 
 
-class _Tally:
-    """Counters for a decoder used without a reader (``CanDecoder.decode`` on a J1939 bus)."""
+class Tally:
+    """Counters for a decoder used without a reader (``CanDecoder.decode`` on a J1939 bus, the
+    ``decode`` command): ``values`` by name, ``keyed`` maps by name."""
 
     __slots__ = ("keyed", "values")
 

@@ -9,6 +9,7 @@ session frames with chosen timestamps (a virtual bus stamps frames with the host
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import uuid
@@ -20,6 +21,7 @@ import can
 import cantools
 import pytest
 
+from daq_agent.cli import main
 from daq_agent.core.errors import DecodeError
 from daq_agent.core.sample import Sample
 from daq_agent.decode.can_decoder import CanDecoder
@@ -307,3 +309,31 @@ def test_protocol_j1939_on_the_bus_in_config(tmp_path: Path) -> None:
     config_path.write_text(text.format(protocol="j1708"))
     with pytest.raises(ConfigError, match="protocol"):
         load_config(config_path, env={})
+
+
+def test_decode_command_on_plain_candump_j1939(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], oracle: Any
+) -> None:
+    """``decode`` matches by PGN, reassembles a BAM, decodes DM1 and counts TP frames."""
+    payload = bytes(range(20))
+    bam = transport_frames(0xFF10, payload, 0x80)
+    lines = [
+        f" (1.{i:06d})  can0  {fid:08X}   [8]  {data.hex(' ').upper()}"
+        for i, (fid, data) in enumerate(bam)
+    ]
+    lines.append(" (2.000000)  can0  18FEF121   [8]  00 34 12 00 00 00 00 00")
+    dm1 = dm1_payload([DtcCode(523, 4, 1)], (1, 0, 0, 0))
+    lines.append(f" (3.000000)  can0  18FECA00   [8]  {dm1.hex(' ').upper()}")
+    log = tmp_path / "truck.log"
+    log.write_text("\n".join(lines) + "\n")
+    assert main(["decode", "--json", "--no-choices", str(DBC), str(log)]) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["message"] for r in records] == ["BatteryCells", "CCVS1", "DM1"]
+    assert records[0]["signals"] == {
+        **_expect(oracle, "BatteryCells", payload),
+        "source_address": 0x80,
+    }
+    assert records[1]["signals"]["source_address"] == 0x21
+    assert records[2]["signals"]["spn_0"] == 523
+    assert "3 J1939 transport frames (0 TP timeouts, 0 TP aborts)" in captured.err
