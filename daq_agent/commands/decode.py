@@ -15,6 +15,11 @@ string ``"nan"``, ``"inf"``, ``"-inf"``). Unknown ids, bad lines and undecodable
 stderr, then a count summary. Exit status: 0, or 1 when a line or frame could not be decoded
 (unknown ids do not count).
 
+AUTOSAR container frames print one line per contained PDU (``Container.PDU``; JSON: a
+``"container"`` key). J1939 (a DBC marked J1939, or ``--j1939``): messages match by PGN, the
+source address is printed as ``source_address``, transport-protocol messages are printed once
+reassembled, DM1 as its lamps and DTCs (``docs/j1939.md``); the summary counts the TP frames.
+
 ``decode --defs FILE [--json] [FILE|-]`` decodes a serial capture with frame definitions instead
 (``daq_agent.serialdefs``).
 """

@@ -104,6 +104,17 @@ def _print_flows(args: argparse.Namespace, out: TextIO) -> int:
                 keys = ", ".join(f"{enum_key(e)}={e.name}" for e in channel.enum_types)
                 line += f" {{{keys}}}"
             out.write(line + "\n")
+    listed = {message.flow.name for message in decoder.messages}
+    for flow in decoder.flows:
+        if flow.name in listed:
+            continue
+        out.write(f"{flow.name}  [built-in: J1939 DM1, PGN 0xFECA]\n")  # the only such flow
+        for channel in flow.channels:
+            line = f"    {channel.name}: {channel.data_type.as_human_str()}"
+            if channel.data_type is ChannelDataType.ENUM:
+                keys = ", ".join(f"{enum_key(e)}={e.name}" for e in channel.enum_types)
+                line += f" {{{keys}}}"
+            out.write(line + "\n")
     channels = sum(len(f.channels) for f in decoder.flows)
     out.write(f"{len(decoder.flows)} flows, {channels} channels\n")
     return 0
