@@ -213,15 +213,22 @@ class CanDecoder:
         databases: cantools databases (see :func:`daq_agent.decode.dbc.load_database`). When two
             messages share ``(is_extended, frame_id)``, the last one wins, as in cantools.
         flow_name_template: how flow names are built (``{bus}``, ``{message}``, ``{frame_id}``).
+        protocol: ``"j1939"``: every 29-bit message is J1939; None or ``"can"``: only those of a
+            DBC marked J1939 (``ProtocolType``) or whose ``VFrameFormat`` is ``J1939PG``.
+        dm1_dtcs: on a J1939 bus, how many DTCs of a DM1 get channels.
 
     Attributes:
         bus: the bus alias.
-        flows: one flow per message, in database order.
-        messages: the compiled messages, in database order.
+        flows: one flow per message, in database order (a container's PDUs where the container
+            is; on a J1939 bus the built-in DM1 flow last).
+        messages: the compiled messages, in database order (contained PDUs included).
+        containers: the AUTOSAR container messages, by frame key.
+        j1939: whether the bus has J1939 messages (then :meth:`session` follows transports).
+        dm1: the built-in DM1 decoder of a J1939 bus, else None.
         warnings: what was worked around while compiling (also logged).
 
     Raises:
-        ConfigError: the flow name template is invalid.
+        ConfigError: the flow name template, the protocol or ``dm1_dtcs`` is invalid.
     """
 
     __slots__ = (
@@ -433,7 +440,11 @@ class CanDecoder:
         return self.containers.get(frame_key(frame_id, is_extended))
 
     def lookup_table(self) -> dict[int, CompiledMessage]:
-        """A fresh ``frame_key → CompiledMessage`` map (for tools that need names per frame)."""
+        """A fresh ``frame_key → CompiledMessage`` map (for tools that need names per frame).
+
+        It holds the messages matched by exact id: not container messages (:attr:`containers`)
+        nor J1939 messages, which match by PGN through :meth:`session`.
+        """
         return dict(self._by_key)
 
 
@@ -672,13 +683,16 @@ def derive_flows(
     databases: Sequence[Any],
     *,
     flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+    protocol: str | None = None,
 ) -> list[FlowConfig]:
     """The flows of one bus (as :attr:`CanDecoder.flows`).
 
     Raises:
-        ConfigError: the flow name template is invalid.
+        ConfigError: the flow name template or the protocol is invalid.
     """
-    return CanDecoder(bus, databases, flow_name_template=flow_name_template).flows
+    return CanDecoder(
+        bus, databases, flow_name_template=flow_name_template, protocol=protocol
+    ).flows
 
 
 def derive_flows_fingerprint(flows: Iterable[FlowConfig]) -> str:
