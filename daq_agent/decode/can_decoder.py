@@ -15,7 +15,12 @@ Channel types follow the signal definition:
 * other integers → ``UINT_32``/``UINT_64`` when the scaled raw range is non-negative, else
   ``INT_32``/``INT_64``; a range no integer type holds → ``DOUBLE``.
 
-Multiplexed messages are one flow with every signal; a signal absent from a frame is ``None``.
+Multiplexed messages are one flow with every signal; a signal absent from a frame is ``None``. A
+signal name used in several branches of one multiplexer (KCD's ``StationId7``) is one channel when
+the branches agree on its type, unit and enum (else the later one is numbered, ``Station_2``).
+
+AUTOSAR container messages decode their contained PDUs into the contained messages' flows; J1939
+messages match by PGN (:mod:`daq_agent.decode.j1939`).
 """
 
 from __future__ import annotations
