@@ -159,11 +159,14 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
     template = config.naming.can_flow
     sources: list[SourcePlan] = []
     decoders: dict[tuple[str, tuple[Path, ...]], CanDecoder] = {}
+    protocols = {bus.name: bus.protocol for bus in config.buses}
 
     def decoder(bus: str, paths: tuple[Path, ...]) -> CanDecoder:
         key = (bus, paths)
         if key not in decoders:
-            made = CanDecoder(bus, databases(paths), flow_name_template=template)
+            made = CanDecoder(
+                bus, databases(paths), flow_name_template=template, protocol=protocols.get(bus)
+            )
             warnings.extend(f"bus {bus}: {w}" for w in made.warnings)
             decoders[key] = made
         return decoders[key]

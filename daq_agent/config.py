@@ -26,6 +26,7 @@ tuning of the ring buffer and the flusher::
         data_bitrate: null
         receive_own_messages: false
         optional: false                  # true: may be absent (a run without it still exits 0)
+        protocol: can                    # or j1939: by PGN, TP reassembly, DM1 (docs/j1939.md)
         options: {}                      # any other python-can Bus keyword argument
         databases: [../dbc/bench.dbc]    # dbc, kcd, arxml, sym
         filters: [{id: 0x100, mask: 0x7FF, extended: false}]
@@ -145,6 +146,8 @@ class BusConfig:
         databases: database files (absolute), in load order.
         filters: receive filters (empty: everything).
         optional: a bus that may be absent: a run in which it never opened still exits 0.
+        protocol: ``None`` (plain CAN; a DBC marked J1939 still is) or ``"j1939"``: every 29-bit
+            message of the bus's databases is J1939 (matched by PGN; see ``docs/j1939.md``).
     """
 
     name: str
@@ -177,6 +180,7 @@ class BusConfig:
         return kwargs
 
     optional: bool = False
+    protocol: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -958,6 +962,7 @@ class _Parser:
                 "dbc",
                 "filters",
                 "optional",
+                "protocol",
             }
         )
         for i, item in enumerate(self.sequence(top, "buses", "")):
@@ -1007,9 +1012,18 @@ class _Parser:
                     databases=self.databases(bus, where, required=True),
                     filters=self.filters(bus, where),
                     optional=self.boolean(bus, "optional", where, False),
+                    protocol=self.protocol(bus, where),
                 )
             )
         return tuple(out)
+
+    def protocol(self, raw: Mapping[str, Any], where: str) -> str | None:
+        value = self.string(raw, "protocol", where, None)
+        if value is None or value.lower() == "can":
+            return None
+        if value.lower() != "j1939":
+            raise self.error(f"must be can or j1939, not {value!r}", _join(where, "protocol"))
+        return "j1939"
 
     def replays(
         self, top: Mapping[str, Any], buses: Mapping[str, BusConfig]

@@ -1,12 +1,24 @@
 """``daq-agent decode``: decode a candump log (or a serial capture) with the agent's decoder.
 
-``decode --dbc FILE [--dbc FILE ...] [--bus NAME] [--json] [FILE|-]`` reads candump log lines
-(``(1700000000.123456) can0 1F0#0102030405060708``, FD as ``##``) and prints one decoded frame per
-line. With ``--json`` each line is ``{"bus", "message", "frame_id", "timestamp_ns", "flow",
-"signals": {"<DBC signal name>": value}}``: values scaled, enum signals numeric, absent multiplexed
-signals left out (a NaN or infinite float is written as the string ``"nan"``, ``"inf"``,
-``"-inf"``). Unknown ids, bad lines and undecodable frames go to stderr, then a count summary.
-Exit status: 0, or 1 when a line or frame could not be decoded (unknown ids do not count).
+``decode --dbc FILE [--dbc FILE ...] [--bus NAME] [--json] [--no-choices] [FILE|-]`` (or, as
+``cantools decode`` has it, ``decode DATABASE [FILE|-]``) reads candump lines, in the log format
+(``(1700000000.123456) can0 1F0#0102030405060708``, FD as ``##``) or the plain output of
+``candump can0`` (``  can0  1F0   [8]  01 02 ...``, with or without ``-t`` timestamps), so
+``candump can0 | daq-agent decode bench.dbc`` works, and prints one decoded frame per line.
+Enum signals print their label (``ContactorState=Closed``) when the value table names the value,
+as cantools does; ``--no-choices`` (cantools' ``-c``/``--no-decode-choices``) prints numbers. A
+signed value table shows its signed number (``Gear=-1``), never the 32-bit wire key.
+With ``--json`` each line is ``{"bus", "message", "frame_id", "timestamp_ns", "flow",
+"signals": {"<DBC signal name>": value}}``: values scaled (enum labels as strings unless
+``--no-choices``), absent multiplexed signals left out (a NaN or infinite float is written as the
+string ``"nan"``, ``"inf"``, ``"-inf"``). Unknown ids, bad lines and undecodable frames go to
+stderr, then a count summary. Exit status: 0, or 1 when a line or frame could not be decoded
+(unknown ids do not count).
+
+AUTOSAR container frames print one line per contained PDU (``Container.PDU``; JSON: a
+``"container"`` key). J1939 (a DBC marked J1939, or ``--j1939``): messages match by PGN, the
+source address is printed as ``source_address``, transport-protocol messages are printed once
+reassembled, DM1 as its lamps and DTCs (``docs/j1939.md``); the summary counts the TP frames.
 
 ``decode --defs FILE [--json] [FILE|-]`` decodes a serial capture with frame definitions instead
 (``daq_agent.serialdefs``).
@@ -27,10 +39,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from daq_agent.core.errors import ConfigError, DecodeError
+from daq_agent.core.model import FlowConfig
+from daq_agent.core.sample import Sample
 from daq_agent.decode.can_decoder import (
     DEFAULT_FLOW_NAME_TEMPLATE,
     CanDecoder,
     CompiledMessage,
+    Container,
+    FrameDecoder,
+    Tally,
+    enum_labels,
     frame_key,
 )
 from daq_agent.decode.candump import CandumpParser
@@ -50,7 +68,7 @@ def add_subparser(subparsers: Any) -> None:
         description="Decode candump log lines with CAN databases (--dbc), or a serial capture "
         "with frame definitions (--defs), using the agent's own decoder.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--dbc", action="append", type=Path, metavar="FILE", help="CAN database (repeatable)"
     )
@@ -65,7 +83,27 @@ def add_subparser(subparsers: Any) -> None:
         help="flow names from {bus}, {message}, {frame_id} (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per frame")
-    parser.add_argument("input", nargs="?", default="-", help="log file, or - for stdin (default)")
+    parser.add_argument(
+        "-c",
+        "--no-choices",
+        "--no-decode-choices",
+        dest="no_choices",
+        action="store_true",
+        help="print enum signals as numbers, not their value-table labels",
+    )
+    parser.add_argument(
+        "--j1939",
+        action="store_true",
+        help="every 29-bit message is J1939 (match by PGN, TP reassembly, DM1); a DBC marked "
+        "J1939 always is",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        metavar="[DATABASE] INPUT",
+        help="log file, or - for stdin (default); without --dbc/--defs the first is the CAN "
+        "database, as for `cantools decode DATABASE`",
+    )
     parser.set_defaults(func=_do_decode)
 
 
@@ -81,6 +119,9 @@ class DecodeSummary:
         bad_lines: lines that are not candump log lines.
         remote: remote frames (not decoded).
         error_frames: error frames (not decoded).
+        transport: J1939 TP frames taken into a multi-packet message.
+        tp_timeouts: J1939 TP messages lost to a timeout.
+        tp_aborts: J1939 TP messages aborted.
     """
 
     lines: int = 0
@@ -90,6 +131,9 @@ class DecodeSummary:
     bad_lines: int = 0
     remote: int = 0
     error_frames: int = 0
+    transport: int = 0
+    tp_timeouts: int = 0
+    tp_aborts: int = 0
 
     def render(self) -> str:
         """One line for stderr."""
@@ -99,6 +143,11 @@ class DecodeSummary:
             f"{self.errors} decode errors, {self.bad_lines} bad lines, {self.remote} remote, "
             f"{self.error_frames} error frames"
         )
+        if self.transport or self.tp_timeouts or self.tp_aborts:
+            text += (
+                f", {self.transport} J1939 transport frames ({self.tp_timeouts} TP timeouts, "
+                f"{self.tp_aborts} TP aborts)"
+            )
         if self.unknown:
             top = ", ".join(
                 f"{bus} {_id_text(key)} x{count}"
@@ -123,6 +172,8 @@ def decode_candump(
     as_json: bool = False,
     bus: str | None = None,
     flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+    choices: bool = True,
+    protocol: str | None = None,
 ) -> DecodeSummary:
     """Decode candump lines and print one frame per line to ``out``; problems go to ``err``.
 
@@ -134,6 +185,10 @@ def decode_candump(
         as_json: print JSON objects instead of text.
         bus: the bus alias for every frame; by default the interface named on each line.
         flow_name_template: as for the agent.
+        choices: print an enum signal's label when its value table names the value.
+        protocol: ``"j1939"``: every 29-bit message is J1939 (a DBC marked J1939 always is);
+            J1939 messages match by PGN, transport-protocol messages are reassembled, DM1 is
+            decoded, and the source address is printed as ``source_address``.
 
     Returns:
         The counts; the caller prints :meth:`DecodeSummary.render`.
@@ -144,6 +199,9 @@ def decode_candump(
     summary = DecodeSummary()
     parser = CandumpParser()
     tables: dict[str, dict[int, CompiledMessage]] = {}
+    containers: dict[str, dict[int, Container]] = {}
+    j1939_sessions: dict[str, tuple[FrameDecoder, dict[str, FlowConfig]]] = {}
+    tally = Tally()
     reported: Counter[str] = Counter()
 
     def report(kind: str, text: str) -> None:
@@ -166,42 +224,143 @@ def decode_candump(
             continue
         table = tables.get(name)
         if table is None:
-            decoder = CanDecoder(name, databases, flow_name_template=flow_name_template)
+            decoder = CanDecoder(
+                name, databases, flow_name_template=flow_name_template, protocol=protocol
+            )
             table = tables[name] = decoder.lookup_table()
+            containers[name] = decoder.containers
+            if decoder.j1939:
+                j1939_sessions[name] = (decoder.session(tally), {f.name: f for f in decoder.flows})
+        j1939_session = j1939_sessions.get(name)
+        if j1939_session is not None and frame.is_extended:
+            session, flows = j1939_session
+            try:
+                result = session.decode(frame.frame_id, True, frame.data, frame.timestamp_ns)
+            except DecodeError as exc:
+                summary.errors += 1
+                report("decode error", f"line {number}: {exc}")
+                continue
+            if result is None:
+                key = frame_key(frame.frame_id, True)
+                summary.unknown[name, key] += 1
+                report("unknown id", f"line {number}: unknown PGN of {_id_text(key)} on {name}")
+                continue
+            if result == ():
+                summary.transport += 1
+                continue
+            summary.decoded += 1
+            for one in result if isinstance(result, tuple) else (result,):
+                flow = flows[one.flow]
+                values = _sample_values(flow, one, choices)
+                short = flow.name.removeprefix(f"{name}.")
+                _print_values(out, name, short, None, flow, one.timestamp_ns, values, as_json)
+            continue
         key = frame_key(frame.frame_id, frame.is_extended)
         message = table.get(key)
-        if message is None:
+        container = containers[name].get(key) if message is None else None
+        if message is None and container is None:
             summary.unknown[name, key] += 1
             report("unknown id", f"line {number}: unknown id {_id_text(key)} on {name}")
             continue
         try:
-            values = message.signals(frame.data)
+            if message is not None:
+                parts = [(message, message.signals(frame.data, choices=choices))]
+            else:
+                assert container is not None
+                parts = []
+                for target, payload in container.split(frame.data):
+                    if isinstance(target, int):
+                        report(
+                            "unknown PDU",
+                            f"line {number}: {container.name}: unknown PDU header 0x{target:06X}",
+                        )
+                        continue
+                    parts.append((target, target.signals(payload, choices=choices)))
         except DecodeError as exc:
             summary.errors += 1
             report("decode error", f"line {number}: {exc}")
             continue
         summary.decoded += 1
-        if as_json:
-            record = {
-                "bus": name,
-                "message": message.name,
-                "frame_id": message.frame_id,
-                "timestamp_ns": frame.timestamp_ns,
-                "flow": message.flow.name,
-                "signals": {k: _json_value(v) for k, v in values.items()},
-            }
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        else:
-            units = {c.name: c.unit or "" for c in message.flow.channels}
-            seconds, nanos = divmod(frame.timestamp_ns, 1_000_000_000)
-            text = " ".join(
-                f"{k}={_text_value(v)}{(' ' + units[k]) if units[k] else ''}"
-                for k, v in values.items()
-            )
-            out.write(f"({seconds}.{nanos:09d}) {name} {message.name} {text}\n")
+        for part, values in parts:
+            _print_frame(out, name, part, frame.timestamp_ns, values, as_json, container)
     summary.lines = parser.lines
+    summary.tp_timeouts = tally.values.get("tp_timeouts", 0)
+    summary.tp_aborts = tally.values.get("tp_aborts", 0)
     summary.bad_lines = parser.bad
     return summary
+
+
+def _print_frame(
+    out: TextIO,
+    bus: str,
+    message: CompiledMessage,
+    timestamp_ns: int,
+    values: dict[str, Any],
+    as_json: bool,
+    container: Container | None,
+) -> None:
+    _print_values(
+        out,
+        bus,
+        message.name,
+        message.frame_id,
+        message.flow,
+        timestamp_ns,
+        values,
+        as_json,
+        container,
+    )
+
+
+def _sample_values(flow: FlowConfig, sample: Sample, choices: bool) -> dict[str, Any]:
+    """A sample's values by channel name, enum labels (or signed keys) as a person reads them."""
+    out: dict[str, Any] = {}
+    for channel, value in zip(flow.channels, sample.values, strict=True):
+        if value is None:
+            continue
+        labels = enum_labels(channel)
+        if labels is not None and isinstance(value, int):
+            if choices and value in labels:
+                value = labels[value]
+            elif value & 0x80000000 and any(e.is_signed for e in channel.enum_types):
+                value -= 1 << 32
+        out[channel.name] = value
+    return out
+
+
+def _print_values(
+    out: TextIO,
+    bus: str,
+    message: str,
+    frame_id: int | None,
+    flow: FlowConfig,
+    timestamp_ns: int,
+    values: dict[str, Any],
+    as_json: bool,
+    container: Container | None = None,
+) -> None:
+    if as_json:
+        record: dict[str, Any] = {
+            "bus": bus,
+            "message": message,
+            "frame_id": frame_id,
+            "timestamp_ns": timestamp_ns,
+            "flow": flow.name,
+            "signals": {k: _json_value(v) for k, v in values.items()},
+        }
+        if frame_id is None:
+            del record["frame_id"]
+        if container is not None:
+            record["container"] = container.name
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
+    units = {c.name: c.unit or "" for c in flow.channels}
+    seconds, nanos = divmod(timestamp_ns, 1_000_000_000)
+    text = " ".join(
+        f"{k}={_text_value(v)}{(' ' + units[k]) if units[k] else ''}" for k, v in values.items()
+    )
+    name = message if container is None else f"{container.name}.{message}"
+    out.write(f"({seconds}.{nanos:09d}) {bus} {name} {text}\n")
 
 
 def _json_value(value: Any) -> Any:
@@ -225,6 +384,14 @@ def _do_decode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
+    paths = list(args.paths)
+    if args.defs is None and not args.dbc:
+        if not paths:
+            raise ConfigError("decode needs a CAN database (DATABASE or --dbc) or --defs")
+        args.dbc = [Path(paths.pop(0))]
+    if len(paths) > 1:
+        raise ConfigError(f"decode reads one input, got {len(paths)}: {' '.join(paths)}")
+    args.input = paths[0] if paths else "-"
     if args.defs is not None:
         return _decode_serial(args)
     databases = [load_database(path) for path in args.dbc]
@@ -250,6 +417,8 @@ def _run(databases: Sequence[Any], lines: Iterable[str], args: argparse.Namespac
         as_json=args.json,
         bus=args.bus,
         flow_name_template=args.flow_name_template,
+        choices=not args.no_choices,
+        protocol="j1939" if args.j1939 else None,
     )
 
 

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from daq_agent.core.model import ChannelDataType, FlowConfig
-from daq_agent.decode.can_decoder import DEFAULT_FLOW_NAME_TEMPLATE, CanDecoder
+from daq_agent.core.model import ChannelDataType, ChannelEnumType, FlowConfig
+from daq_agent.decode.can_decoder import DEFAULT_FLOW_NAME_TEMPLATE, CanDecoder, enum_key
 from daq_agent.decode.dbc import load_database
 
 __all__ = ["add_subparser", "flows_as_json"]
@@ -60,13 +60,21 @@ def flows_as_json(flows: list[FlowConfig]) -> list[dict[str, Any]]:
                     "data_type": channel.data_type.as_human_str(),
                     "unit": channel.unit or "",
                     "description": channel.description or "",
-                    "enum_types": [{"name": e.name, "key": e.key} for e in channel.enum_types],
+                    "enum_types": [_enum_json(e) for e in channel.enum_types],
                 }
                 for channel in flow.channels
             ],
         }
         for flow in flows
     ]
+
+
+def _enum_json(enum_type: ChannelEnumType) -> dict[str, Any]:
+    """``{"name", "key"}``: the key as the database has it (-1, not its 32-bit wire form)."""
+    out: dict[str, Any] = {"name": enum_type.name, "key": enum_key(enum_type)}
+    if enum_type.is_signed:
+        out["is_signed"] = True
+    return out
 
 
 def _do_flows(args: argparse.Namespace) -> int:
@@ -93,7 +101,18 @@ def _print_flows(args: argparse.Namespace, out: TextIO) -> int:
             unit = f" [{channel.unit}]" if channel.unit else ""
             line = f"    {channel.name}: {channel.data_type.as_human_str()}{unit}"
             if channel.data_type is ChannelDataType.ENUM:
-                keys = ", ".join(f"{e.key}={e.name}" for e in channel.enum_types)
+                keys = ", ".join(f"{enum_key(e)}={e.name}" for e in channel.enum_types)
+                line += f" {{{keys}}}"
+            out.write(line + "\n")
+    listed = {message.flow.name for message in decoder.messages}
+    for flow in decoder.flows:
+        if flow.name in listed:
+            continue
+        out.write(f"{flow.name}  [built-in: J1939 DM1, PGN 0xFECA]\n")  # the only such flow
+        for channel in flow.channels:
+            line = f"    {channel.name}: {channel.data_type.as_human_str()}"
+            if channel.data_type is ChannelDataType.ENUM:
+                keys = ", ".join(f"{enum_key(e)}={e.name}" for e in channel.enum_types)
                 line += f" {{{keys}}}"
             out.write(line + "\n")
     channels = sum(len(f.channels) for f in decoder.flows)

@@ -86,6 +86,22 @@ def add_subparser(subparsers: Any) -> None:
     can_parser.add_argument(
         "--message", action="append", default=None, metavar="NAME", help="only these messages"
     )
+    can_parser.add_argument(
+        "--j1939",
+        action="store_true",
+        help="every 29-bit message is J1939 (default: those of a DBC marked J1939); longer than "
+        "8 bytes: sent as a BAM",
+    )
+    can_parser.add_argument(
+        "--dm1",
+        action="append",
+        default=None,
+        metavar="SPN:FMI[:OC]",
+        help="send a DM1 every second with this active DTC (repeatable; 'none': no DTC)",
+    )
+    can_parser.add_argument(
+        "--dm1-source", type=lambda v: int(v, 0), default=0, help="DM1 source address (0)"
+    )
     can_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     can_parser.set_defaults(func=_do_simulate_can)
 
@@ -181,6 +197,30 @@ def _parse_bus_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def _parse_dtcs(texts: list[str] | None) -> list[Any] | None:
+    """``--dm1 SPN:FMI[:OC]`` values as DTCs (None when no --dm1 was given)."""
+    if texts is None:
+        return None
+    from daq_agent.decode.j1939 import DtcCode
+
+    out = []
+    for text in texts:
+        if text.lower() == "none":
+            continue
+        parts = text.split(":")
+        try:
+            numbers = [int(p, 0) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (2, 3):
+            raise ConfigError(f"--dm1 {text!r}: expected SPN:FMI or SPN:FMI:OC")
+        spn, fmi, oc = (*numbers, 1) if len(numbers) == 2 else numbers
+        if not (0 <= spn < 1 << 19 and 0 <= fmi < 32 and 0 <= oc < 128):
+            raise ConfigError(f"--dm1 {text!r}: SPN 0..524287, FMI 0..31, OC 0..127")
+        out.append(DtcCode(spn, fmi, oc))
+    return out
+
+
 def _load_databases(paths: list[Path]) -> list[Any]:
     from daq_agent.decode.dbc import load_database
 
@@ -230,6 +270,9 @@ def _do_simulate_can(args: argparse.Namespace) -> int:
         default_cycle_s=args.default_cycle_ms / 1000.0,
         seed=args.seed,
         messages=args.message,
+        j1939=True if args.j1939 else None,
+        dm1=_parse_dtcs(args.dm1),
+        dm1_source=args.dm1_source,
     )
     try:
         bus = can.Bus(**bus_kwargs)

@@ -8,6 +8,8 @@ from daq_agent.decode.can_decoder import (
     CompiledMessage,
     derive_flows,
     derive_flows_fingerprint,
+    enum_key,
+    enum_labels,
     frame_key,
 )
 from daq_agent.decode.candump import CandumpFrame, CandumpParser, parse_candump_line
@@ -22,6 +24,8 @@ __all__ = [
     "DatabaseWarning",
     "derive_flows",
     "derive_flows_fingerprint",
+    "enum_key",
+    "enum_labels",
     "frame_key",
     "load_database",
     "parse_candump_line",

@@ -15,12 +15,18 @@ Channel types follow the signal definition:
 * other integers → ``UINT_32``/``UINT_64`` when the scaled raw range is non-negative, else
   ``INT_32``/``INT_64``; a range no integer type holds → ``DOUBLE``.
 
-Multiplexed messages are one flow with every signal; a signal absent from a frame is ``None``.
+Multiplexed messages are one flow with every signal; a signal absent from a frame is ``None``. A
+signal name used in several branches of one multiplexer (KCD's ``StationId7``) is one channel when
+the branches agree on its type, unit and enum (else the later one is numbered, ``Station_2``).
+
+AUTOSAR container messages decode their contained PDUs into the contained messages' flows; J1939
+messages match by PGN (:mod:`daq_agent.decode.j1939`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -30,7 +36,7 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from daq_agent.core.errors import ConfigError, DecodeError
 from daq_agent.core.model import (
@@ -40,13 +46,21 @@ from daq_agent.core.model import (
     FlowConfig,
 )
 from daq_agent.core.sample import Sample
+from daq_agent.decode import j1939
 
 __all__ = [
     "DEFAULT_FLOW_NAME_TEMPLATE",
     "CanDecoder",
     "CompiledMessage",
+    "Container",
+    "Counters",
+    "FrameDecoder",
+    "J1939Session",
+    "Tally",
     "derive_flows",
     "derive_flows_fingerprint",
+    "enum_key",
+    "enum_labels",
     "frame_key",
 ]
 
@@ -86,6 +100,25 @@ _FAST_SAMPLE = _fast_sample_setters()
 ValuesFunction = Callable[[bytes], tuple[Any, ...]]
 
 
+def enum_key(enum_type: ChannelEnumType) -> int:
+    """The key of an enum value as a person reads it: ``-1`` for a signed key sent as 0xFFFFFFFF.
+
+    On the wire (and in a sample) a negative key is its 32-bit two's complement with
+    ``is_signed`` set; this turns it back into the signed number of the database's value table.
+    """
+    key = enum_type.key
+    if enum_type.is_signed and key & 0x80000000:
+        return key - (1 << 32)
+    return key
+
+
+def enum_labels(channel: ChannelConfig) -> dict[int, str] | None:
+    """``{sample value: label}`` of an enum channel (keys as samples carry them), else None."""
+    if channel.data_type is not ChannelDataType.ENUM or not channel.enum_types:
+        return None
+    return {e.key: e.name for e in channel.enum_types}
+
+
 def frame_key(frame_id: int, is_extended: bool) -> int:
     """The lookup key of a frame: the id, with bit 31 set for 29-bit ids."""
     return frame_id | _EXTENDED_FLAG if is_extended else frame_id
@@ -102,7 +135,10 @@ class CompiledMessage:
         is_fd: True for a CAN FD message.
         length: the payload length in bytes the database declares.
         flow: the flow config derived from the message.
-        signal_names: the database's signal names, in flow channel order.
+        signal_names: the database's signal names, in flow channel order (one per channel; a
+            name shared by multiplexer branches once).
+        header_id: for a PDU contained in an AUTOSAR container message, its header id (then
+            :attr:`frame_id` is the header id too); else None.
 
     The decoding functions (:attr:`decode`, :attr:`values`) are generated and compiled on first
     use, once: a database of thousands of messages costs nothing for the messages never seen.
@@ -116,6 +152,7 @@ class CompiledMessage:
     flow: FlowConfig
     signal_names: tuple[str, ...]
     _unit: _CodeUnit = dataclasses.field(repr=False, compare=False)
+    header_id: int | None = None
 
     @property
     def channel_names(self) -> tuple[str, ...]:
@@ -142,18 +179,33 @@ class CompiledMessage:
         self._unit.build()
         return self._unit.source
 
-    def signals(self, data: bytes) -> dict[str, Any]:
+    def signals(self, data: bytes, *, choices: bool = False) -> dict[str, Any]:
         """The scaled values of the signals present in ``data``, by channel name.
 
         The channel name is the database's signal name, numbered (``Speed_2``) only when a
         message defines a signal name twice.
 
+        Args:
+            data: the payload.
+            choices: give an enum signal's label (``"Closed"``) instead of its number when the
+                value table names the raw value, as cantools' ``decode_choices=True`` does.
+
         Raises:
             DecodeError: the payload is too short or its multiplexer value is not defined.
         """
+        values = self.values(data)
+        if choices and any(c.data_type is ChannelDataType.ENUM for c in self.flow.channels):
+            raw = self.decode(data, 0).values
+            labelled = list(values)
+            for i, channel in enumerate(self.flow.channels):
+                labels = enum_labels(channel)
+                key = raw[i]
+                if labels is not None and isinstance(key, int):
+                    labelled[i] = labels.get(key, values[i])
+            values = tuple(labelled)
         return {
             name: value
-            for name, value in zip(self.channel_names, self.values(data), strict=True)
+            for name, value in zip(self.channel_names, values, strict=False)
             if value is not None
         }
 
@@ -166,18 +218,38 @@ class CanDecoder:
         databases: cantools databases (see :func:`daq_agent.decode.dbc.load_database`). When two
             messages share ``(is_extended, frame_id)``, the last one wins, as in cantools.
         flow_name_template: how flow names are built (``{bus}``, ``{message}``, ``{frame_id}``).
+        protocol: ``"j1939"``: every 29-bit message is J1939; None or ``"can"``: only those of a
+            DBC marked J1939 (``ProtocolType``) or whose ``VFrameFormat`` is ``J1939PG``.
+        dm1_dtcs: on a J1939 bus, how many DTCs of a DM1 get channels.
 
     Attributes:
         bus: the bus alias.
-        flows: one flow per message, in database order.
-        messages: the compiled messages, in database order.
+        flows: one flow per message, in database order (a container's PDUs where the container
+            is; on a J1939 bus the built-in DM1 flow last).
+        messages: the compiled messages, in database order (contained PDUs included).
+        containers: the AUTOSAR container messages, by frame key.
+        j1939: whether the bus has J1939 messages (then :meth:`session` follows transports).
+        dm1: the built-in DM1 decoder of a J1939 bus, else None.
         warnings: what was worked around while compiling (also logged).
 
     Raises:
-        ConfigError: the flow name template is invalid.
+        ConfigError: the flow name template, the protocol or ``dm1_dtcs`` is invalid.
     """
 
-    __slots__ = ("_by_key", "_table", "bus", "flows", "messages", "warnings")
+    __slots__ = (
+        "_by_key",
+        "_own_session",
+        "_pgn",
+        "_pgn_sa",
+        "_table",
+        "bus",
+        "containers",
+        "dm1",
+        "flows",
+        "j1939",
+        "messages",
+        "warnings",
+    )
 
     def __init__(
         self,
@@ -185,16 +257,25 @@ class CanDecoder:
         databases: Sequence[Any],
         *,
         flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+        protocol: str | None = None,
+        dm1_dtcs: int = j1939.DEFAULT_DM1_DTCS,
     ) -> None:
+        if protocol not in (None, "can", "j1939"):
+            raise ConfigError(f"unknown protocol {protocol!r} (known: can, j1939)", key="protocol")
+        if dm1_dtcs < 0:
+            raise ConfigError(f"dm1_dtcs must be >= 0, got {dm1_dtcs}")
         self.bus = bus
         self.warnings: list[str] = []
         by_key: dict[int, Any] = {}
+        j1939_keys: set[int] = set()
         for database in databases:
+            database_j1939 = protocol == "j1939" or j1939.database_is_j1939(database)
             for message in database.messages:
-                if getattr(message, "is_container", False):
-                    self._warn(f"message {message.name!r} is a container message; not decoded")
-                    continue
                 key = frame_key(message.frame_id, message.is_extended_frame)
+                if j1939.message_is_j1939(message, database_j1939):
+                    j1939_keys.add(key)
+                else:
+                    j1939_keys.discard(key)
                 previous = by_key.pop(key, None)
                 if previous is not None:
                     self._warn(
@@ -205,28 +286,100 @@ class CanDecoder:
                 by_key[key] = message
         compiled: list[CompiledMessage] = []
         used_names: set[str] = set()
-        for message in by_key.values():
-            flow_name = _flow_name(flow_name_template, bus, message)
-            if flow_name in used_names:
-                width = 8 if message.is_extended_frame else 3
-                base = f"{flow_name}_0x{message.frame_id:0{width}X}"
-                unique, number = base, 2
-                while unique in used_names:
-                    unique, number = f"{base}_{number}", number + 1
-                self._warn(
-                    f"flow name {flow_name!r} is taken; message {message.name!r} "
-                    f"({_id_text(message.frame_id, message.is_extended_frame)}) "
-                    f"becomes {unique!r}"
-                )
-                flow_name = unique
-            used_names.add(flow_name)
-            compiled.append(_compile(message, flow_name, self._warn))
+        self._by_key: dict[int, CompiledMessage] = {}
+        self.containers: dict[int, Container] = {}
+        self.j1939 = protocol == "j1939" or bool(j1939_keys)
+        self._pgn: dict[int, J1939Entry] = {}
+        self._pgn_sa: dict[int, J1939Entry] = {}
+        pgn_names: dict[int, str] = {}
+        for key, message in by_key.items():
+            if key in j1939_keys:
+                pgn = j1939.pgn_of(message.frame_id)
+                if pgn == j1939.DM1_PGN:
+                    self._warn(
+                        f"message {message.name!r} is DM1 (PGN 0xFECA); the built-in DM1 "
+                        "decoder (every DTC) is used instead"
+                    )
+                    continue
+                pdu1 = (message.frame_id >> 16) & 0xFF < 240
+                extra = [_SOURCE_ADDRESS, *([_DESTINATION_ADDRESS] if pdu1 else [])]
+                flow_name = self._unique_flow(flow_name_template, message, used_names)
+                made = _compile(message, flow_name, self._warn, extra_channels=extra)
+                compiled.append(made)
+                entry = _j1939_entry(made, pdu1)
+                self._pgn_sa[pgn << 8 | (message.frame_id & 0xFF)] = entry
+                if pgn in pgn_names:
+                    self._warn(
+                        f"messages {pgn_names[pgn]!r} and {message.name!r} share PGN 0x{pgn:05X}; "
+                        f"each is used for its own source address, {message.name!r} for others"
+                    )
+                pgn_names[pgn] = message.name
+                self._pgn[pgn] = entry
+                continue
+            if not getattr(message, "is_container", False):
+                flow_name = self._unique_flow(flow_name_template, message, used_names)
+                made = _compile(message, flow_name, self._warn)
+                compiled.append(made)
+                self._by_key[key] = made
+                continue
+            contained: dict[int, CompiledMessage] = {}
+            for part in message.contained_messages or ():
+                header = int(part.header_id)
+                flow_name = self._unique_flow(flow_name_template, part, used_names, frame_id=header)
+                made = _compile(part, flow_name, self._warn, header_id=header)
+                compiled.append(made)
+                contained[header] = made
+            self.containers[key] = Container(message, contained)
         self.messages = compiled
         self.flows = [c.flow for c in compiled]
-        self._by_key = {frame_key(c.frame_id, c.is_extended): c for c in compiled}
+        self.dm1: j1939.Dm1Decoder | None = None
+        if self.j1939:
+            dm1_flow = _flow_name(flow_name_template, bus=bus, name="DM1", frame_id=0x18FECA00)
+            if dm1_flow in used_names:
+                dm1_flow += "_builtin"
+                self._warn(f"flow name of DM1 is taken; the built-in DM1 flow is {dm1_flow!r}")
+            self.dm1 = j1939.Dm1Decoder(dm1_flow, dm1_dtcs)
+            self.flows.append(self.dm1.flow)
+            self._pgn[j1939.DM1_PGN] = _dm1_entry(self.dm1)
+        self._own_session: J1939Session | None = None
         self._table: dict[int, DecodeFunction] = {
             key: self._first_use(c) for key, c in self._by_key.items()
         }
+        for key, container in self.containers.items():
+            self._table[key] = container.decode  # type: ignore[assignment]
+
+    def _unique_flow(
+        self, template: str, message: Any, used_names: set[str], *, frame_id: int | None = None
+    ) -> str:
+        ident = int(message.frame_id) if frame_id is None else frame_id
+        extended = bool(message.is_extended_frame) and frame_id is None
+        flow_name = _flow_name(template, bus=self.bus, name=message.name, frame_id=ident)
+        if flow_name in used_names:
+            width = 8 if extended else 3
+            base = f"{flow_name}_0x{ident:0{width}X}"
+            unique, number = base, 2
+            while unique in used_names:
+                unique, number = f"{base}_{number}", number + 1
+            self._warn(
+                f"flow name {flow_name!r} is taken; message {message.name!r} "
+                f"({_id_text(ident, extended)}) becomes {unique!r}"
+            )
+            flow_name = unique
+        used_names.add(flow_name)
+        return flow_name
+
+    def session(self, counters: Counters) -> FrameDecoder:
+        """The decoder one reader uses, counting into its ``counters``.
+
+        Without container messages this is the decoder itself (no cost per frame). With them,
+        a copy of the lookup table whose containers count the PDUs they cannot decode
+        (``unknown_pdus``, ``pdu_errors``).
+        """
+        if self.j1939:
+            return J1939Session(self, counters)
+        if not self.containers:
+            return self
+        return _CountingSession(self, counters)
 
     def _first_use(self, message: CompiledMessage) -> DecodeFunction:
         """A table entry that compiles the message, replaces itself, and decodes."""
@@ -241,8 +394,10 @@ class CanDecoder:
 
     def compile_all(self) -> None:
         """Compile every message now rather than on its first frame."""
+        for key, message in self._by_key.items():
+            self._table[key] = message.decode
         for message in self.messages:
-            self._table[frame_key(message.frame_id, message.is_extended)] = message.decode
+            message.decode  # noqa: B018 (contained PDUs: compiled by the property)
 
     def _warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -250,8 +405,8 @@ class CanDecoder:
 
     def decode(
         self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
-    ) -> Sample | None:
-        """Decode one frame into a sample of its flow.
+    ) -> Sample | tuple[Sample, ...] | None:
+        """Decode one frame into a sample of its flow (a container: a sample per known PDU).
 
         Args:
             frame_id: the CAN id.
@@ -261,7 +416,11 @@ class CanDecoder:
             timestamp_ns: the frame's time, nanoseconds since the Unix epoch.
 
         Returns:
-            The sample, or None when no database defines the id.
+            The sample, or None when no database defines the id. A container message gives a
+            tuple of samples, one per contained PDU it knows, into the contained messages' flows
+            (None when it knows none of them). On a J1939 bus, J1939 messages match by PGN and a
+            transport-protocol frame gives ``()`` until its message is complete (this decoder
+            keeps one transport session for these calls: a reader uses :meth:`session`).
 
         Raises:
             DecodeError: the payload is shorter than the message, or a multiplexer value is not
@@ -269,16 +428,259 @@ class CanDecoder:
         """
         function = self._table.get(frame_id | _EXTENDED_FLAG if is_extended else frame_id)
         if function is None:
+            if self.j1939:  # by PGN, with this decoder's own transport session (one thread)
+                session = self._own_session
+                if session is None:
+                    session = self._own_session = J1939Session(self, Tally())
+                return session.decode(frame_id, is_extended, data, timestamp_ns)
             return None
         return function(data, timestamp_ns)
 
     def message(self, frame_id: int, is_extended: bool) -> CompiledMessage | None:
-        """The compiled message for an id, or None."""
+        """The compiled message for an id, or None (also for a container message)."""
         return self._by_key.get(frame_key(frame_id, is_extended))
 
+    def container(self, frame_id: int, is_extended: bool) -> Container | None:
+        """The container message of an id, or None."""
+        return self.containers.get(frame_key(frame_id, is_extended))
+
     def lookup_table(self) -> dict[int, CompiledMessage]:
-        """A fresh ``frame_key → CompiledMessage`` map (for tools that need names per frame)."""
+        """A fresh ``frame_key → CompiledMessage`` map (for tools that need names per frame).
+
+        It holds the messages matched by exact id: not container messages (:attr:`containers`)
+        nor J1939 messages, which match by PGN through :meth:`session`.
+        """
         return dict(self._by_key)
+
+
+class Counters(Protocol):
+    """Where a session counts (a reader's :class:`~daq_agent.readers.base.ReaderCounters`)."""
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Count ``n`` more under ``name``."""
+        ...
+
+    def add_key(self, name: str, key: object, n: int = 1) -> None:
+        """Count ``n`` more for ``key`` in the per-key map ``name``."""
+        ...
+
+
+class FrameDecoder(Protocol):
+    """What a reader calls per frame (a :class:`CanDecoder` or one of its sessions)."""
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | tuple[Sample, ...] | None:
+        """A sample, several (a container), none yet (``()``: taken by a transport protocol),
+        or None for an unknown id; raises DecodeError."""
+        ...
+
+
+class Container:
+    """An AUTOSAR container message: a frame that carries several PDUs, each with a header.
+
+    The headers are read by cantools' ``Message.unpack_container`` (as its
+    ``decode_message(..., decode_containers=True)`` does); each known PDU is decoded by its own
+    compiled message into its own flow.
+
+    Attributes:
+        name: the container's name.
+        contained: the compiled contained messages, by header id.
+    """
+
+    __slots__ = ("_message", "contained", "name")
+
+    def __init__(self, message: Any, contained: dict[int, CompiledMessage]) -> None:
+        self._message = message
+        self.name: str = message.name
+        self.contained = contained
+
+    def split(self, data: bytes) -> list[tuple[CompiledMessage | int, bytes]]:
+        """The PDUs of a frame: ``(compiled message, payload)``, or ``(header id, payload)`` for
+        a header the database does not define.
+
+        Raises:
+            DecodeError: the frame is longer than the container or a PDU runs past its end.
+        """
+        try:
+            parts = self._message.unpack_container(bytes(data), allow_truncated=False)
+        except Exception as exc:  # cantools' DecodeError, or a malformed header
+            raise DecodeError(f"{self.name}: {exc}") from exc
+        out: list[tuple[CompiledMessage | int, bytes]] = []
+        for target, payload in parts:
+            if isinstance(target, int):
+                out.append((target, bytes(payload)))
+            else:
+                out.append((self.contained[int(target.header_id)], bytes(payload)))
+        return out
+
+    def decode(
+        self, data: bytes, timestamp_ns: int, counters: Counters | None = None
+    ) -> tuple[Sample, ...] | None:
+        """One sample per known PDU; None when there is none.
+
+        A PDU that does not decode (or an unknown header) is left out and counted in
+        ``counters`` (``pdu_errors``, ``unknown_pdus``); when no PDU decodes and one failed, the
+        frame fails.
+
+        Raises:
+            DecodeError: the container does not unpack, or every PDU failed.
+        """
+        samples: list[Sample] = []
+        unknown = failed = 0
+        error: DecodeError | None = None
+        for target, payload in self.split(data):
+            if isinstance(target, int):
+                unknown += 1
+                continue
+            try:
+                samples.append(target.decode(payload, timestamp_ns))
+            except DecodeError as exc:
+                failed += 1
+                error = exc
+        if counters is not None:
+            if unknown:
+                counters.add("unknown_pdus", unknown)
+            if failed and samples:
+                counters.add("pdu_errors", failed)
+        if not samples:
+            if error is not None:
+                raise error
+            return None
+        return tuple(samples)
+
+
+_SOURCE_ADDRESS = ChannelConfig(
+    "source_address", ChannelDataType.UINT_32, "J1939 source address of the sender"
+)
+_DESTINATION_ADDRESS = ChannelConfig(
+    "destination_address", ChannelDataType.UINT_32, "J1939 destination address (PDU1)"
+)
+
+J1939Entry = Callable[[bytes, int, int, int], Sample]
+"""``entry(data, timestamp_ns, source_address, destination_address) -> Sample``."""
+
+
+def _j1939_entry(message: CompiledMessage, pdu1: bool) -> J1939Entry:
+    if pdu1:
+
+        def pdu1_entry(data: bytes, timestamp_ns: int, source: int, destination: int) -> Sample:
+            function: Any = message.decode
+            sample: Sample = function(data, timestamp_ns, source, destination)
+            return sample
+
+        return pdu1_entry
+
+    def pdu2_entry(data: bytes, timestamp_ns: int, source: int, destination: int) -> Sample:
+        function: Any = message.decode
+        sample: Sample = function(data, timestamp_ns, source)
+        return sample
+
+    return pdu2_entry
+
+
+def _dm1_entry(dm1: j1939.Dm1Decoder) -> J1939Entry:
+    def dm1_entry(data: bytes, timestamp_ns: int, source: int, destination: int) -> Sample:
+        return dm1.decode(data, timestamp_ns, source)
+
+    return dm1_entry
+
+
+class Tally:
+    """Counters for a decoder used without a reader (``CanDecoder.decode`` on a J1939 bus, the
+    ``decode`` command): ``values`` by name, ``keyed`` maps by name."""
+
+    __slots__ = ("keyed", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.keyed: dict[str, dict[object, int]] = {}
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + n
+
+    def add_key(self, name: str, key: object, n: int = 1) -> None:
+        counts = self.keyed.setdefault(name, {})
+        counts[key] = counts.get(key, 0) + n
+
+
+class J1939Session:
+    """The decoder of one reader on a J1939 bus: PGN matching and transport reassembly.
+
+    Frames whose exact id a non-J1939 message defines decode as on any bus. Other 29-bit frames
+    match by PGN (a message defined for the frame's source address first, else the PGN's);
+    TP.CM/TP.DT frames go to the :class:`~daq_agent.decode.j1939.TransportSession`; DM1 to the
+    built-in decoder. An unknown PGN is counted per PGN (``unknown_pgns``).
+    """
+
+    __slots__ = ("_counters", "_pgn", "_pgn_sa", "_table", "transport")
+
+    def __init__(self, decoder: CanDecoder, counters: Counters) -> None:
+        table: dict[int, Callable[[bytes, int], Any]] = dict(decoder._table)
+        for key, container in decoder.containers.items():
+            table[key] = functools.partial(container.decode, counters=counters)
+        self._table = table
+        self._pgn = decoder._pgn
+        self._pgn_sa = decoder._pgn_sa
+        self._counters = counters
+        self.transport = j1939.TransportSession(self._deliver, counters)
+
+    def _deliver(
+        self, pgn: int, source: int, destination: int, data: bytes, timestamp_ns: int
+    ) -> Sample | None:
+        entry = self._pgn_sa.get(pgn << 8 | source) or self._pgn.get(pgn)
+        if entry is None:
+            self._counters.add_key("unknown_pgns", f"{pgn:05X}")
+            return None
+        return entry(data, timestamp_ns, source, destination)
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | tuple[Sample, ...] | None:
+        function = self._table.get(frame_id | _EXTENDED_FLAG if is_extended else frame_id)
+        if function is not None:
+            result: Sample | tuple[Sample, ...] | None = function(data, timestamp_ns)
+            return result
+        if not is_extended:
+            return None
+        transport = self.transport
+        if timestamp_ns > transport.next_deadline_ns:
+            transport.expire(timestamp_ns)
+        source = frame_id & 0xFF
+        if (frame_id >> 16) & 0xFF < 240:  # PDU1: the PS byte is the destination address
+            destination = (frame_id >> 8) & 0xFF
+            pgn = (frame_id >> 8) & 0x3FF00
+            if pgn == j1939.TP_CM_PGN:
+                transport.connection(source, destination, data, timestamp_ns)
+                return ()
+            if pgn == j1939.TP_DT_PGN:
+                done, sample = transport.packet(source, destination, data, timestamp_ns)
+                return sample if done else ()
+        else:
+            destination = 0xFF
+            pgn = (frame_id >> 8) & 0x3FFFF
+        return self._deliver(pgn, source, destination, data, timestamp_ns)
+
+
+class _CountingSession:
+    """A decoder's table for one reader, whose containers count into the reader's counters."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, decoder: CanDecoder, counters: Counters) -> None:
+        table: dict[int, Callable[[bytes, int], Any]] = dict(decoder._table)
+        for key, container in decoder.containers.items():
+            table[key] = functools.partial(container.decode, counters=counters)
+        self._table = table
+
+    def decode(
+        self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
+    ) -> Sample | tuple[Sample, ...] | None:
+        function = self._table.get(frame_id | _EXTENDED_FLAG if is_extended else frame_id)
+        if function is None:
+            return None
+        result: Sample | tuple[Sample, ...] | None = function(data, timestamp_ns)
+        return result
 
 
 def derive_flows(
@@ -286,13 +688,16 @@ def derive_flows(
     databases: Sequence[Any],
     *,
     flow_name_template: str = DEFAULT_FLOW_NAME_TEMPLATE,
+    protocol: str | None = None,
 ) -> list[FlowConfig]:
     """The flows of one bus (as :attr:`CanDecoder.flows`).
 
     Raises:
-        ConfigError: the flow name template is invalid.
+        ConfigError: the flow name template or the protocol is invalid.
     """
-    return CanDecoder(bus, databases, flow_name_template=flow_name_template).flows
+    return CanDecoder(
+        bus, databases, flow_name_template=flow_name_template, protocol=protocol
+    ).flows
 
 
 def derive_flows_fingerprint(flows: Iterable[FlowConfig]) -> str:
@@ -328,9 +733,9 @@ def _id_text(frame_id: int, is_extended: bool) -> str:
     return f"0x{frame_id:08X} (extended)" if is_extended else f"0x{frame_id:03X}"
 
 
-def _flow_name(template: str, bus: str, message: Any) -> str:
+def _flow_name(template: str, *, bus: str, name: str, frame_id: int) -> str:
     try:
-        return template.format(bus=bus, message=message.name, frame_id=message.frame_id)
+        return template.format(bus=bus, message=name, frame_id=frame_id)
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise ConfigError(
             f"invalid flow name template {template!r}: {exc!r} "
@@ -462,15 +867,38 @@ def _literal(value: Any, constants: dict[str, Any]) -> str:
     return f"({value!r})"
 
 
-def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> CompiledMessage:
-    """Derive the flow of a message now; its decoding functions are generated on first use."""
+def _disjoint_branches(a: Any, b: Any) -> bool:
+    """Two signals of one multiplexer that are never in the same frame."""
+    return (
+        a.multiplexer_signal is not None
+        and a.multiplexer_signal == b.multiplexer_signal
+        and not set(a.multiplexer_ids or ()) & set(b.multiplexer_ids or ())
+    )
+
+
+def _compile(
+    message: Any,
+    flow_name: str,
+    warn: Callable[[str], None],
+    *,
+    extra_channels: Sequence[ChannelConfig] = (),
+    header_id: int | None = None,
+) -> CompiledMessage:
+    """Derive the flow of a message now; its decoding functions are generated on first use.
+
+    A signal name used in several branches of one multiplexer (never two in one frame) is one
+    channel when the branches give it the same type, unit and enum: the value of whichever
+    branch the frame carries. ``extra_channels`` are appended after the signals; their values are
+    extra arguments of ``decode`` (the J1939 source address).
+    """
     length = int(message.length)
     signals = list(message.signals)
     channels: list[ChannelConfig] = []
     kinds: list[str] = []
     layouts: list[_Layout] = []
-    seen: set[str] = set()
-    for signal in signals:
+    groups: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for index, signal in enumerate(signals):
         layout = _layout(signal, length)
         if not layout.fits:
             warn(
@@ -484,7 +912,19 @@ def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> Compi
             )
             layout = _replace_fits(layout)
         name = signal.name
-        if name in seen:
+        channel, kind = _channel(signal, layout, name)
+        kinds.append(kind)
+        layouts.append(layout)
+        shared = seen.get(name)
+        if shared is not None:
+            first = groups[shared]
+            if (
+                channels[shared] == channel
+                and all(kinds[j] == kind for j in first)
+                and all(_disjoint_branches(signals[j], signal) for j in first)
+            ):
+                first.append(index)  # the same name in another branch: the same channel
+                continue
             number = 2
             while f"{name}_{number}" in seen:
                 number += 1
@@ -493,11 +933,10 @@ def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> Compi
                 f"the second is channel {name}_{number}"
             )
             name = f"{name}_{number}"
-        seen.add(name)
-        channel, kind = _channel(signal, layout, name)
+            channel = dataclasses.replace(channel, name=name)
+        seen[name] = len(channels)
         channels.append(channel)
-        kinds.append(kind)
-        layouts.append(layout)
+        groups.append([index])
 
     multiplexers = {signal.name for signal in signals if signal.is_multiplexer}
     for signal in signals:
@@ -507,21 +946,23 @@ def _compile(message: Any, flow_name: str, warn: Callable[[str], None]) -> Compi
                 f"{signal.multiplexer_signal!r}, which is not a multiplexer of the message; "
                 "it is always empty"
             )
-    for first, second in _overlaps(signals, layouts, length):
+    for one, other in _overlaps(signals, layouts, length):
         warn(
-            f"signals {first!r} and {second!r} of message {message.name!r} overlap; each is "
+            f"signals {one!r} and {other!r} of message {message.name!r} overlap; each is "
             "decoded from its own bits (cantools cannot unpack such a message)"
         )
-    unit = _CodeUnit(message, flow_name, signals, layouts, kinds)
+    extra = tuple(channel.name for channel in extra_channels)
+    unit = _CodeUnit(message, flow_name, signals, layouts, kinds, groups, extra)
     return CompiledMessage(
         name=message.name,
-        frame_id=int(message.frame_id),
-        is_extended=bool(message.is_extended_frame),
+        frame_id=int(message.frame_id) if header_id is None else header_id,
+        is_extended=bool(message.is_extended_frame) if header_id is None else False,
         is_fd=bool(getattr(message, "is_fd", False)),
         length=length,
-        flow=FlowConfig(flow_name, channels),
-        signal_names=tuple(signal.name for signal in signals),
+        flow=FlowConfig(flow_name, [*channels, *extra_channels]),
+        signal_names=tuple(signals[group[0]].name for group in groups),
         _unit=unit,
+        header_id=header_id,
     )
 
 
@@ -567,8 +1008,10 @@ class _CodeUnit:
         signals: list[Any],
         layouts: list[_Layout],
         kinds: list[str],
+        groups: list[list[int]],
+        extra: tuple[str, ...],
     ) -> None:
-        self._args = (message, flow_name, signals, layouts, kinds)
+        self._args = (message, flow_name, signals, layouts, kinds, groups, extra)
         self._lock = threading.Lock()
         self.source = ""
         self.decode: DecodeFunction | None = None
@@ -591,8 +1034,14 @@ def _generate(
     signals: list[Any],
     layouts: list[_Layout],
     kinds: list[str],
+    groups: list[list[int]],
+    extra: tuple[str, ...],
 ) -> tuple[str, dict[str, Any]]:
-    """The source of ``decode`` and ``values`` for one message, and its executed namespace."""
+    """The source of ``decode`` and ``values`` for one message, and its executed namespace.
+
+    ``groups`` lists, per channel, the signals that fill it (several: one name in several
+    multiplexer branches); ``extra`` names the arguments appended to each sample's values.
+    """
     length = int(message.length)
     constants: dict[str, Any] = {
         "_from_bytes": int.from_bytes,
@@ -719,8 +1168,8 @@ def _generate(
             done.add(i)
             emit(f"    r{i} = s{i} = None")
 
-    sample_values = []
-    for i, kind in enumerate(kinds):
+    def sample_value(i: int) -> str:
+        kind = kinds[i]
         if kind == "enum":
             expr = f"r{i} & 0x{_U32:X}" if layouts[i].is_signed else f"r{i}"
         elif kind == "bool":
@@ -728,14 +1177,24 @@ def _generate(
         elif kind == "double_int":
             expr = f"float(s{i})"
         else:
-            sample_values.append(f"s{i}")  # None when absent already
-            continue
+            return f"s{i}"  # None when absent already
         always = not signals[i].multiplexer_signal and layouts[i].fits
-        sample_values.append(expr if always else f"(None if r{i} is None else {expr})")
+        return expr if always else f"(None if r{i} is None else {expr})"
+
+    def first_present(group: list[int], value: Callable[[int], str]) -> str:
+        expr = value(group[-1])
+        for i in reversed(group[:-1]):  # branches are exclusive: at most one is not None
+            expr = f"({value(i)} if r{i} is not None else {expr})"
+        return expr
+
+    sample_values = [first_present(group, sample_value) for group in groups]
+    sample_values.extend(extra)
     body = "\n".join(lines)
     samples = f"({', '.join(sample_values)},)" if sample_values else "()"
-    scaled = f"({', '.join(f's{i}' for i in range(len(signals)))},)" if signals else "()"
+    scaled_values = [first_present(group, lambda i: f"s{i}") for group in groups]
+    scaled = f"({', '.join(scaled_values)},)" if scaled_values else "()"
     defaults = ", ".join(f"{k}={k}" for k in constants)
+    arguments = "".join(f"{name}, " for name in extra)
     if _FAST_SAMPLE is not None:
         make_sample = (
             "    sample = _new(_Sample)\n"
@@ -747,7 +1206,7 @@ def _generate(
     else:
         make_sample = f"    return _Sample(_flow, timestamp_ns, {samples})\n"
     source = (
-        f"def decode(data, timestamp_ns, {defaults}):\n{body}\n{make_sample}\n"
+        f"def decode(data, timestamp_ns, {arguments}{defaults}):\n{body}\n{make_sample}\n"
         f"def values(data, {defaults}):\n{body}\n"
         f"    return {scaled}\n"
     )

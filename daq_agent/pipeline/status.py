@@ -2,11 +2,15 @@
 
 Every frame a reader receives lands in exactly one bucket, and every sample in exactly one::
 
-    received  = decoded + unknown + errors                       (per source; errors: every
+    received  = decoded + unknown + errors + transport_frames    (per source; errors: every
                                                                   other reason a frame is not a
                                                                   sample: error/remote frames,
-                                                                  wrong length, decode failure)
-    decoded   = ring.put_count + unsent                          (each decoded frame is offered,
+                                                                  wrong length, decode failure;
+                                                                  transport_frames: J1939 TP
+                                                                  frames whose message's sample
+                                                                  comes with its last frame)
+    decoded + extra_samples = ring.put_count + unsent            (each decoded frame is offered,
+                                                                  a container frame's PDUs each,
                                                                   but what a source that waits
                                                                   still held when it was stopped)
     put_count = ring.got + ring.dropped + ring.depth
@@ -42,8 +46,14 @@ ERROR_KINDS: tuple[str, ...] = (
     "unknown_frames",  # serial: a frame type the definitions do not know
     "timeouts",  # polled device: no complete reply in time
     "exceptions",  # polled device: a Modbus exception response
+    "tp_timeouts",  # J1939: transport-protocol messages lost to a timeout (T1..T4)
+    "tp_aborts",  # J1939: transport-protocol messages aborted (Connection Abort)
+    "unknown_pdus",  # AUTOSAR containers: contained PDUs with a header no database defines
+    "pdu_errors",  # AUTOSAR containers: contained PDUs that did not decode
 )
-"""The reader counters that make up a source's ``errors``, by kind."""
+"""The reader counters that make up a source's ``errors``, by kind. The last four count messages
+(a J1939 TP message, a contained PDU), not frames: they show in the split but do not enter the
+frame balance (a TP message's frames are ``transport_frames``, a container frame is decoded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +106,19 @@ class SourceStats:
         return f" ({', '.join(f'{k} {n}' for k, n in kinds.items())})" if kinds else ""
 
     @property
+    def transport_frames(self) -> int:
+        """J1939 transport-protocol frames taken into a multi-packet message (no sample each)."""
+        return int(self.counters.get("transport_frames", 0))
+
+    @property
+    def extra_samples(self) -> int:
+        """Samples beyond one per decoded frame (the PDUs of container frames)."""
+        return int(self.counters.get("extra_samples", 0))
+
+    @property
     def balanced(self) -> bool:
-        """True when received = decoded + unknown + errors."""
-        return self.received == self.decoded + self.unknown + self.errors
+        """True when received = decoded + unknown + errors + transport_frames."""
+        return self.received == self.decoded + self.unknown + self.errors + self.transport_frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +275,8 @@ class AgentStatus:
         ring = self.ring
         return (
             all(s.balanced for s in self.sources)
-            and self.decoded == ring.put_count + self.unsent
+            and self.decoded + sum(s.extra_samples for s in self.sources)
+            == ring.put_count + self.unsent
             and ring.put_count == ring.got + ring.dropped + ring.depth
             and self.flusher.taken == ring.got
             and self.flusher.balanced

@@ -87,12 +87,19 @@ def enlarge_receive_buffer(bus: can.BusABC, size: int = RECEIVE_BUFFER_BYTES) ->
 
 
 class FrameDecoder(Protocol):
-    """What a CAN reader needs from a decoder (``daq_agent.decode.dbc.CanDecoder``)."""
+    """What a CAN reader needs from a decoder (``daq_agent.decode.CanDecoder``).
+
+    A decoder may also have ``session(counters) -> FrameDecoder``: the reader then decodes with
+    the session, which holds per-reader state (J1939 transport sessions) and counts into the
+    reader's counters (unknown PDUs of a container, transport timeouts and aborts).
+    """
 
     def decode(
         self, frame_id: int, is_extended: bool, data: bytes, timestamp_ns: int
-    ) -> Sample | None:
-        """The sample for one frame; None if the id is unknown.
+    ) -> Sample | tuple[Sample, ...] | None:
+        """The sample for one frame; None if the id is unknown. A tuple: the samples of a
+        container frame, or ``()`` for a frame taken into a J1939 transport-protocol message
+        (counted ``transport_frames``; the message's sample comes with its last frame).
 
         Raises:
             DecodeError: the frame has the wrong length or cannot be decoded.
@@ -128,7 +135,8 @@ class MessageProcessor:
         for name in ("received", "decoded", "unknown", "decode_errors"):
             reader.counters.values.setdefault(name, 0)
         self._emit = reader._emit
-        self._decoder = decoder
+        session = getattr(decoder, "session", None)
+        self._decoder: FrameDecoder = session(reader.counters) if callable(session) else decoder
         self._clock = clock
         self._resolution_ns = timestamp_resolution_ns
         self.last_decode_error = ""
@@ -185,8 +193,18 @@ class MessageProcessor:
             counters.add("unknown")
             counters.add_key("unknown_ids", frame_key(frame_id, extended))
             return
+        if type(sample) is tuple:  # a container's PDUs, or a J1939 transport frame
+            if not sample:
+                counters.add("transport_frames")
+                return
+            values["decoded"] += 1
+            if len(sample) > 1:
+                counters.add("extra_samples", len(sample) - 1)
+            for one in sample:
+                self._emit(one)
+            return
         values["decoded"] += 1
-        self._emit(sample)
+        self._emit(sample)  # type: ignore[arg-type]
 
 
 class CanReader(ReaderABC):
@@ -213,6 +231,10 @@ class CanReader(ReaderABC):
     Counters: ``received``, ``decoded``, ``unknown``, ``decode_errors``, ``error_frames``,
     ``remote_frames``, ``opens``, ``reopens``, ``failures``, ``sink_errors``; per-id maps
     ``unknown_ids``, ``decode_error_ids``, ``remote_ids``, ``error_classes``; ``last_error``.
+    Container messages add ``extra_samples`` (samples beyond one per decoded frame),
+    ``unknown_pdus`` and ``pdu_errors``; J1939 buses add ``transport_frames`` (TP.CM/TP.DT frames
+    taken into a multi-packet message), ``tp_timeouts``, ``tp_aborts`` (messages lost) and the
+    per-PGN maps ``unknown_pgns`` and ``tp_error_pgns``.
     """
 
     kind: ClassVar[str] = "can"
@@ -230,6 +252,8 @@ class CanReader(ReaderABC):
         "decode_error_ids",
         "remote_ids",
         "error_classes",
+        "unknown_pgns",
+        "tp_error_pgns",
     )
 
     def __init__(

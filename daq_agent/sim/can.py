@@ -9,7 +9,11 @@ Every message of the databases is sent periodically on a python-can bus:
 * multiplexers (also nested ones) cycle through the multiplexer ids their signals use;
 * periods come from ``GenMsgCycleTime`` (``cycle_times=True``; :data:`DEFAULT_CYCLE_S` where a
   message has none), or a total ``rate`` in frames/s is spread evenly over the messages;
-* CAN FD messages are sent with ``is_fd`` (and bit-rate switch), extended ids flagged.
+* CAN FD messages are sent with ``is_fd`` (and bit-rate switch), extended ids flagged;
+* J1939 messages (a DBC marked J1939, or ``j1939=True``) longer than 8 bytes are broadcast with
+  the transport protocol (a TP.CM BAM and its TP.DT packets, back to back: J1939-21 asks a sender
+  for 50-200 ms between packets, a receiver does not need it); ``dm1`` adds a DM1 (active DTCs)
+  message every second, multi-packet when it carries more than one DTC.
 
 The schedule and the values depend only on the seed and the simulated time, so two simulators with
 the same seed produce the same frames (:meth:`CanSimulator.frames`); :meth:`CanSimulator.run`
@@ -31,6 +35,7 @@ from typing import Any, Final
 import can
 
 from daq_agent.core.errors import ConfigError
+from daq_agent.decode import j1939 as j1939_codec
 
 __all__ = [
     "DEFAULT_CYCLE_S",
@@ -121,6 +126,8 @@ class MessagePlan:
     muxes: dict[str, tuple[int, ...]]
     sent: int = 0
     generated: int = 0
+    j1939: bool = False
+    payload: Any = None  # a callable (t) -> bytes replacing the database's encoding (DM1)
 
     @property
     def name(self) -> str:
@@ -143,6 +150,19 @@ class MessagePlan:
             else:
                 out[signal.name] = self.generators[signal.name].value(t, index)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Dm1Message:
+    """Stands in for a database message in the DM1 plan (its payload is built, not encoded)."""
+
+    frame_id: int
+    name: str = "DM1"
+    length: int = 8
+    is_extended_frame: bool = True
+    is_fd: bool = False
+    cycle_time: int = 1000
+    signals: tuple[Any, ...] = ()
 
 
 def _present(signal: Any, selected: dict[str, int], signals: Sequence[Any]) -> bool:
@@ -227,6 +247,11 @@ class CanSimulator:
         default_cycle_s: the period of messages without a cycle time, seconds.
         seed: makes the waveforms and their phases reproducible.
         messages: only these message names (None: every message).
+        j1939: every 29-bit message is J1939 (None: those of a DBC marked J1939).
+        dm1: send a DM1 with these trouble codes every second (None: no DM1; an empty list: a
+            DM1 saying no DTC is active).
+        dm1_source: the source address of the DM1.
+        dm1_lamps: the DM1's lamp states ``(mil, rsl, awl, pl)``.
 
     Raises:
         ConfigError: there is nothing to send, or an argument is invalid.
@@ -241,6 +266,10 @@ class CanSimulator:
         default_cycle_s: float = DEFAULT_CYCLE_S,
         seed: int = 0,
         messages: Sequence[str] | None = None,
+        j1939: bool | None = None,
+        dm1: Sequence[j1939_codec.DtcCode] | None = None,
+        dm1_source: int = 0x00,
+        dm1_lamps: tuple[int, int, int, int] = (0, 0, 1, 0),
     ) -> None:
         if rate is not None and rate <= 0:
             raise ConfigError(f"rate must be > 0 frames/s, got {rate}")
@@ -249,17 +278,26 @@ class CanSimulator:
         self.bus = bus
         self.seed = seed
         wanted = set(messages) if messages is not None else None
+        if not 0 <= dm1_source <= 0xFF:
+            raise ConfigError(f"DM1 source address must be 0..255, got {dm1_source}")
         chosen = []
+        j1939_messages: set[int] = set()
         for db in databases:
+            database_j1939 = bool(j1939) or (j1939 is None and j1939_codec.database_is_j1939(db))
             for message in db.messages:
                 if wanted is not None and message.name not in wanted:
                     continue
                 if getattr(message, "is_container", False):
                     log.warning("simulator: container message %s is not simulated", message.name)
                     continue
+                if j1939 is not False and j1939_codec.message_is_j1939(message, database_j1939):
+                    j1939_messages.add(id(message))
                 chosen.append(message)
+        if dm1 is not None:
+            chosen.append(_Dm1Message(0x18FECA00 | dm1_source))
         if not chosen:
             raise ConfigError("the databases have no message to simulate")
+        dm1_data = j1939_codec.dm1_payload(tuple(dm1 or ()), dm1_lamps)
         self.plans: list[MessagePlan] = []
         n = len(chosen)
         for i, message in enumerate(chosen):
@@ -270,7 +308,13 @@ class CanSimulator:
                 cycle_ms = message.cycle_time
                 period = cycle_ms / 1000.0 if cycle_ms else default_cycle_s
                 offset = (i / n) * period
-            self.plans.append(self._plan(message, period, offset))
+            plan = self._plan(message, period, offset)
+            if isinstance(message, _Dm1Message):
+                plan.j1939 = True
+                plan.payload = lambda t, data=dm1_data: data
+            else:
+                plan.j1939 = id(message) in j1939_messages
+            self.plans.append(plan)
         self.errors = 0
 
     @property
@@ -329,6 +373,27 @@ class CanSimulator:
             data=data,
         )
 
+    def make_frames(self, plan: MessagePlan, t: float) -> list[can.Message]:
+        """The frames of the next message of ``plan``: one, or a J1939 BAM's TP.CM + TP.DT."""
+        if plan.payload is None and not (plan.j1939 and plan.message.length > 8):
+            return [self.make_frame(plan, t)]
+        message = plan.message
+        if plan.payload is not None:
+            plan.generated += 1
+            data = bytes(plan.payload(t))
+        else:
+            values = plan.values(t)
+            plan.generated += 1
+            data = message.encode(values, scaling=False, padding=True, strict=False)
+        frame_id = int(message.frame_id)
+        if len(data) <= 8:
+            return [can.Message(timestamp=t, arbitration_id=frame_id, data=data)]
+        pgn = j1939_codec.pgn_of(frame_id)
+        return [
+            can.Message(timestamp=t, arbitration_id=ident, is_extended_id=True, data=chunk)
+            for ident, chunk in j1939_codec.transport_frames(pgn, data, frame_id & 0xFF)
+        ]
+
     def frames(
         self, duration: float | None = None, count: int | None = None
     ) -> Iterator[tuple[MessagePlan, can.Message]]:
@@ -349,8 +414,11 @@ class CanSimulator:
             if duration is not None and due >= duration:
                 return
             plan = self.plans[i]
-            yield plan, self.make_frame(plan, due)
-            produced += 1
+            for frame in self.make_frames(plan, due):
+                if count is not None and produced >= count:
+                    return
+                yield plan, frame
+                produced += 1
             heapq.heappush(heap, (due + plan.period_s, i))
 
     def run(
