@@ -29,10 +29,20 @@ tuning of the ring buffer and the flusher::
         options: {}                      # any other python-can Bus keyword argument
         databases: [../dbc/bench.dbc]    # dbc, kcd, arxml, sym
         filters: [{id: 0x100, mask: 0x7FF, extended: false}]
+        journal:                         # optional: every raw frame on disk (python-can writers)
+          dir: journal                   # required; files <dir>/<bus>-<UTC start>Z.<format>
+          format: blf                    # blf, asc or log (candump -L)
+          rotate_mb: 64                  # a new file at this size (null: no limit)
+          rotate_s: null                 # ... or at this age, seconds
+          keep_files: null               # retention: the newest N files of this bus
+          keep_days: null                # ... and/or those written in the last N days
+          queue_size: 65536              # frames waiting for the disk; beyond: dropped, counted
+          flush_interval_ms: 1000        # written data reaches the OS at least this often
     replay:
       - {path: logs/drive.blf, bus: can0, realtime: false}
     serial:
-      - {name: gps, port: /dev/ttyUSB0, baudrate: 9600, defs: serial/gps.yaml}
+      - {name: gps, port: /dev/ttyUSB0, baudrate: 9600, defs: serial/gps.yaml,
+         journal: {dir: journal}}       # raw bytes per read: format hex, the same other keys
     ring: {capacity: 65536, policy: drop_oldest}      # or block
     flush: {max_batch: 2000, max_age_ms: 50, checkpoint_seconds: 1, checkpoint_records: 50000,
             checkpoint_timeout_s: 30, retry_initial_s: 0.2, retry_max_s: 10, auth_retry_s: 30,
@@ -61,6 +71,7 @@ from typing import Any, Final, Literal
 import yaml
 
 from daq_agent.core.errors import ConfigError
+from daq_agent.readers.journal import CAN_FORMATS, SERIAL_FORMAT, JournalSettings
 
 __all__ = [
     "DATABASE_SUFFIXES",
@@ -138,6 +149,7 @@ class BusConfig:
         databases: database files (absolute), in load order.
         filters: receive filters (empty: everything).
         optional: a bus that may be absent: a run in which it never opened still exits 0.
+        journal: the raw-frame journal of this bus (None: none).
     """
 
     name: str
@@ -170,6 +182,7 @@ class BusConfig:
         return kwargs
 
     optional: bool = False
+    journal: JournalSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +220,7 @@ class SerialConfig:
         xonxoff: software flow control.
         optional: a device that may be absent: a run in which it never opened still exits 0.
         defs: the frame-definition file (absolute).
+        journal: the raw-bytes journal of this device (None: none).
     """
 
     name: str
@@ -219,6 +233,7 @@ class SerialConfig:
     rtscts: bool = False
     xonxoff: bool = False
     optional: bool = False
+    journal: JournalSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -909,6 +924,7 @@ class _Parser:
                 "dbc",
                 "filters",
                 "optional",
+                "journal",
             }
         )
         for i, item in enumerate(self.sequence(top, "buses", "")):
@@ -954,6 +970,7 @@ class _Parser:
                     databases=self.databases(bus, where, required=True),
                     filters=self.filters(bus, where),
                     optional=self.boolean(bus, "optional", where, False),
+                    journal=self.journal(bus, where, CAN_FORMATS),
                 )
             )
         return tuple(out)
@@ -998,6 +1015,7 @@ class _Parser:
                 "xonxoff",
                 "defs",
                 "optional",
+                "journal",
             }
         )
         for i, item in enumerate(self.sequence(top, "serial", "")):
@@ -1021,9 +1039,56 @@ class _Parser:
                     rtscts=self.boolean(entry, "rtscts", where, False),
                     xonxoff=self.boolean(entry, "xonxoff", where, False),
                     optional=self.boolean(entry, "optional", where, False),
+                    journal=self.journal(entry, where, (SERIAL_FORMAT,)),
                 )
             )
         return tuple(out)
+
+    def journal(
+        self, raw: Mapping[str, Any], where: str, formats: tuple[str, ...]
+    ) -> JournalSettings | None:
+        if raw.get("journal") is None:
+            return None
+        at = f"{where}.journal"
+        keys = frozenset(
+            {
+                "dir",
+                "format",
+                "rotate_mb",
+                "rotate_s",
+                "keep_files",
+                "keep_days",
+                "queue_size",
+                "flush_interval_ms",
+            }
+        )
+        journal = self.mapping(raw["journal"], at, keys)
+        directory = self.required_string(journal, "dir", at)
+        fmt = self.string(journal, "format", at, formats[0]) or formats[0]
+        if fmt not in formats:
+            raise self.error(f"must be one of {', '.join(formats)}, got {fmt!r}", f"{at}.format")
+        defaults = JournalSettings(directory=Path())
+        rotate_mb = journal.get("rotate_mb", 64)
+        rotate_s = journal.get("rotate_s")
+        keep_days = journal.get("keep_days")
+        return JournalSettings(
+            directory=self.path(directory),
+            format=fmt,
+            rotate_bytes=None
+            if rotate_mb is None
+            else max(1, int(self.number(journal, "rotate_mb", at, 64.0) * 2**20)),
+            rotate_s=None if rotate_s is None else self.number(journal, "rotate_s", at, 1.0),
+            keep_files=self.integer(journal, "keep_files", at, None, minimum=1),
+            keep_s=None
+            if keep_days is None
+            else self.number(journal, "keep_days", at, 1.0) * 86400.0,
+            queue_items=self.integer(journal, "queue_size", at, defaults.queue_items, minimum=1)
+            or defaults.queue_items,
+            flush_interval_s=(
+                self.integer(journal, "flush_interval_ms", at, 1000, minimum=1) or 1000
+            )
+            / 1000.0,
+        )
 
     def ring(self, top: Mapping[str, Any]) -> RingConfig:
         ring = self.mapping(top.get("ring"), "ring", frozenset({"capacity", "policy"}))

@@ -33,6 +33,7 @@ from daq_agent.core.clock import HostClock, host_clock, seconds_to_ns
 from daq_agent.core.errors import ConfigError, DecodeError
 from daq_agent.core.sample import Sample
 from daq_agent.readers.base import ErrorCallback, ReaderABC, Sink
+from daq_agent.readers.journal import CanJournal
 
 __all__ = ["ERROR_CLASSES", "CanReader", "FrameDecoder", "MessageProcessor", "frame_key"]
 
@@ -206,13 +207,16 @@ class CanReader(ReaderABC):
         timestamp_resolution_ns: resolution of the driver's timestamps (1000: microseconds).
         clock: host clock for frames without a driver timestamp (default: the process clock).
         key_limit: the most distinct ids held in each per-id map.
+        journal: records every received frame (error and remote frames included) on its own
+            thread (:mod:`daq_agent.readers.journal`); started and closed with the reader.
 
     Raises:
         ConfigError: an argument is invalid.
 
     Counters: ``received``, ``decoded``, ``unknown``, ``decode_errors``, ``error_frames``,
     ``remote_frames``, ``opens``, ``reopens``, ``failures``, ``sink_errors``; per-id maps
-    ``unknown_ids``, ``decode_error_ids``, ``remote_ids``, ``error_classes``; ``last_error``.
+    ``unknown_ids``, ``decode_error_ids``, ``remote_ids``, ``error_classes``; ``last_error``;
+    with a journal, its ``journal_*`` counters.
     """
 
     kind: ClassVar[str] = "can"
@@ -246,6 +250,7 @@ class CanReader(ReaderABC):
         timestamp_resolution_ns: int = 1000,
         clock: HostClock | None = None,
         key_limit: int = 1024,
+        journal: CanJournal | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -256,6 +261,9 @@ class CanReader(ReaderABC):
             poll_interval=poll_interval,
             key_limit=key_limit,
         )
+        self.journal = journal
+        if journal is not None:
+            journal.attach(self.counters)
         if not isinstance(bus_kwargs, Mapping):
             raise ConfigError(f"bus {name!r}: bus options must be a mapping")
         if timestamp_resolution_ns < 1:
@@ -267,6 +275,19 @@ class CanReader(ReaderABC):
         self._processor = MessageProcessor(
             self, decoder, clock or host_clock(), timestamp_resolution_ns
         )
+
+    def start(self) -> None:
+        """Start the journal (if any), then the reader thread."""
+        if self.journal is not None and not self.stopping:
+            self.journal.start()
+        super().start()
+
+    def stop(self, timeout: float | None = 5.0) -> bool:
+        """Stop the reader thread, then write out and close the journal (if any)."""
+        stopped = super().stop(timeout)
+        if self.journal is not None:
+            self.journal.close()
+        return stopped
 
     @property
     def bus(self) -> can.BusABC | None:
@@ -301,12 +322,26 @@ class CanReader(ReaderABC):
         if msg is None:
             return True
         process = self._processor.process
-        process(msg)
-        for _ in range(_MAX_BURST):
-            msg = bus.recv(0.0)
-            if msg is None:
-                break
+        journal = self.journal
+        if journal is None:
             process(msg)
+            for _ in range(_MAX_BURST):
+                msg = bus.recv(0.0)
+                if msg is None:
+                    break
+                process(msg)
+            return True
+        frames = [msg]  # handed to the journal's thread in one piece per burst
+        try:
+            process(msg)
+            for _ in range(_MAX_BURST):
+                msg = bus.recv(0.0)
+                if msg is None:
+                    break
+                frames.append(msg)
+                process(msg)
+        finally:
+            journal.submit(frames)
         return True
 
     def _close(self) -> None:
