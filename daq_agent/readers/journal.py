@@ -304,13 +304,15 @@ class Journal(Generic[Item]):
             self.counters.add("journal_lost", len(items))
             return
         try:
-            self._write(items)
-        except Exception as exc:  # OSError (ENOSPC, EIO…), or a writer refusing a frame
+            refused = self._write(items)
+        except Exception as exc:  # OSError: ENOSPC, EIO…: the file is given up
             self._error(exc, f"write to {self._path}")
             self.counters.add("journal_lost", len(items))
             self._abandon_file()
             return
-        self.counters.add("journal_written", len(items))
+        if refused:
+            self.counters.add("journal_lost", refused)
+        self.counters.add("journal_written", len(items) - refused)
         if self._failing:
             log.warning("journal %s: writing again (%s)", self.name, self._path)
             self._failing = ""
@@ -424,7 +426,12 @@ class Journal(Generic[Item]):
     def _make_writer(self, path: Path) -> Any:
         raise NotImplementedError
 
-    def _write(self, items: Sequence[Item]) -> None:
+    def _write(self, items: Sequence[Item]) -> int:
+        """Write ``items``; returns how many the format refused (each counted as an error).
+
+        Raises:
+            OSError: the file cannot be written.
+        """
         raise NotImplementedError
 
     def _size(self) -> int:
@@ -451,10 +458,49 @@ class CanJournal(Journal[Any]):
             return can.ASCWriter(path)
         return can.CanutilsLogWriter(path)
 
-    def _write(self, items: Sequence[Any]) -> None:
+    def _write(self, items: Sequence[Any]) -> int:
         write = self._writer.on_message_received
+        refused = 0
         for msg in items:
-            write(msg)
+            try:
+                write(msg)
+            except OSError:
+                raise
+            except Exception as exc:  # a frame the format cannot hold (struct.error…)
+                refused += self._refused(msg, exc)
+        return refused
+
+    def _refused(self, msg: Any, exc: Exception) -> int:
+        """Retry a refused frame as channel 1 (BLF and ASC number channels from 1 to 65535,
+        taken from the digits ending the interface's channel name, e.g. a virtual bus's);
+        returns 1 if it still cannot be written."""
+        import can
+
+        if msg.channel is not None:
+            copy = can.Message(
+                timestamp=msg.timestamp,
+                arbitration_id=msg.arbitration_id,
+                is_extended_id=msg.is_extended_id,
+                is_remote_frame=msg.is_remote_frame,
+                is_error_frame=msg.is_error_frame,
+                channel=None,
+                dlc=msg.dlc,
+                data=msg.data,
+                is_fd=msg.is_fd,
+                is_rx=msg.is_rx,
+                bitrate_switch=msg.bitrate_switch,
+                error_state_indicator=msg.error_state_indicator,
+                check=False,
+            )
+            try:
+                self._writer.on_message_received(copy)
+                return 0
+            except OSError:
+                raise
+            except Exception as again:
+                exc = again
+        self._error(exc, f"write a frame {msg.arbitration_id:X} to {self._path}")
+        return 1
 
     def _size(self) -> int:
         return int(self._writer.file_size())
@@ -488,11 +534,12 @@ class SerialJournal(Journal[tuple[int, bytes]]):
     def _make_writer(self, path: Path) -> Any:
         return _SerialWriter(path)
 
-    def _write(self, items: Sequence[tuple[int, bytes]]) -> None:
+    def _write(self, items: Sequence[tuple[int, bytes]]) -> int:
         out = self._writer.file
         for timestamp_ns, data in items:
             seconds, nanos = divmod(timestamp_ns, 1_000_000_000)
             out.write(f"{seconds}.{nanos:09d} {data.hex()}\n")
+        return 0
 
     def _size(self) -> int:
         return int(self._writer.file.tell())
