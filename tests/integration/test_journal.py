@@ -440,8 +440,9 @@ def test_serial_journal_of_a_pty(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["blf", "asc"])
 def test_channel_number_beyond_the_format_is_written_as_channel_1(tmp_path: Path, fmt: str) -> None:
-    """BLF and ASC take the channel number from the digits ending the channel name (a virtual
-    bus ``test-1234567`` gives 1234567, more than they hold): such frames are still written."""
+    """python-can's BLF and ASC writers take the channel number from the digits ending the
+    channel name (a virtual bus ``test-1234567`` gives 1234567, beyond BLF's 16 bits): a journal
+    writes its bus as channel 1."""
     journal = CanJournal("can0", JournalSettings(directory=tmp_path, format=fmt))
     sent = frames(5)
     for msg in sent:
@@ -454,3 +455,4 @@ def test_channel_number_beyond_the_format_is_written_as_channel_1(tmp_path: Path
     kwargs = {"relative_timestamp": False} if fmt == "asc" else {}
     got = list(can.LogReader(path, **kwargs))
     assert [bytes(m.data) for m in got] == [bytes(m.data) for m in sent]
+    assert {m.channel for m in got} == {0}  # python-can reads channel 1 back as 0
