@@ -57,6 +57,7 @@ import yaml
 from benchlib import (
     Rounds,
     Server,
+    cpu_seconds,
     machine,
     make_frames,
     resolve_dbc,
@@ -199,9 +200,11 @@ def run_agent_round(
     run_name: str,
     spool: bool,
     journal: str | None = None,
+    cpu: list[float] | None = None,
 ) -> float:
     """One round of the agent; returns the seconds from the first frame to the last commit
-    (with a journal: until the journal has written every frame too)."""
+    (with a journal: until the journal has written every frame too); appends to ``cpu`` the
+    process's CPU seconds over that time (every thread: reader, flusher, journal, sift_stream)."""
     go = threading.Event()
     config = agent_config(server, tmp, dbc, spool=spool, run_name=run_name, journal=journal)
     agent = Agent(
@@ -214,6 +217,7 @@ def run_agent_round(
     assert flusher is not None
     try:
         started = time.perf_counter()
+        cpu_started = cpu_seconds()
         go.set()
         while flusher.delivered < len(frames):
             if not flusher.is_alive():
@@ -227,6 +231,8 @@ def run_agent_round(
         ) < len(frames):
             time.sleep(0.001)
         elapsed = time.perf_counter() - started
+        if cpu is not None:
+            cpu.append(cpu_seconds() - cpu_started)
     finally:
         status = agent.stop()
     if not status.balanced or status.flusher.delivered != len(frames):
@@ -367,6 +373,7 @@ def in_memory(
     names += [] if args.journal is None else ["journal"]
     names += [] if python is None else ["conventional"]
     rounds = Rounds(names)
+    cpu_rounds = Rounds(names)
     db = tmp / f"store-{dbc.stem}.sqlite"
     print(
         f"{dbc.name}: {args.frames:,} frames per side and round "
@@ -401,6 +408,7 @@ def in_memory(
                     assert python is not None
                     seconds, _ = run_conventional(python, server, dbc, frames_path, run_name)
                 else:
+                    cpu: list[float] = []
                     seconds = run_agent_round(
                         server,
                         tmp,
@@ -409,14 +417,16 @@ def in_memory(
                         run_name,
                         spool=name != "no spool",
                         journal=args.journal if name == "journal" else None,
+                        cpu=cpu,
                     )
+                    cpu_rounds.add(name, cpu[0] / len(frames) * 1e6)
                 stored = stored_samples(db, run_name)
                 if stored != len(frames):
                     raise SystemExit(f"{name} round {index}: {stored} of {len(frames)} stored")
                 rounds.add(name, stored / seconds)
                 line.append(f"{name} {stored / seconds:>8,.0f}")
             print("  ".join(line) + " frames/s stored", flush=True)
-    return {"dbc": dbc.name, "rounds": rounds}
+    return {"dbc": dbc.name, "rounds": rounds, "cpu": cpu_rounds}
 
 
 # -- part 2 ---------------------------------------------------------------------------------
@@ -554,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  journal cost  {cost:.1%} of the throughput ({args.journal}; journal/agent "
                 f"{rounds.ratio('journal', 'agent'):.3f}; {verdict} the 15 % target)"
+            )
+            cpu_rounds: Rounds = result["cpu"]
+            agent_cpu, journal_cpu = cpu_rounds.median("agent"), cpu_rounds.median("journal")
+            print(
+                f"  CPU per frame agent {agent_cpu:.1f} µs, with the journal {journal_cpu:.1f} µs "
+                f"(+{journal_cpu - agent_cpu:.1f} µs, {journal_cpu / agent_cpu - 1:+.1%}; "
+                "medians, every thread of the process)"
             )
         if "conventional" in rounds.names:
             print(f"  ratio         {rounds.ratio('agent', 'conventional'):.1f}x (target >= 20x)")
