@@ -32,6 +32,7 @@ from daq_agent.decode.dbc import load_database
 from daq_agent.readers.base import ReaderState
 from daq_agent.readers.can import CanReader
 from daq_agent.readers.journal import (
+    BLF_COMPRESSION,
     CanJournal,
     JournalSettings,
     SerialJournal,
@@ -456,3 +457,22 @@ def test_channel_number_beyond_the_format_is_written_as_channel_1(tmp_path: Path
     got = list(can.LogReader(path, **kwargs))
     assert [bytes(m.data) for m in got] == [bytes(m.data) for m in sent]
     assert {m.channel for m in got} == {0}  # python-can reads channel 1 back as 0
+
+
+def test_blf_batch_path_writes_python_cans_bytes(tmp_path: Path) -> None:
+    """The journal's batch path for BLF writes exactly the file python-can's BLFWriter writes for
+    the same frames (classic, 29-bit, remote, FD, error; over several containers)."""
+    sent = traffic(6000)  # > 128 KiB of objects: several containers
+    for msg in sent:
+        msg.channel = None
+    journal = CanJournal("can0", JournalSettings(directory=tmp_path / "j", format="blf"))
+    for i in range(0, len(sent), 1024):
+        journal.submit(sent[i : i + 1024])
+    journal.close()
+    (path,) = journal_files(tmp_path / "j", "can0", "blf")
+    reference = tmp_path / "reference.blf"
+    with can.BLFWriter(reference, compression_level=BLF_COMPRESSION) as writer:
+        for msg in sent:
+            writer.on_message_received(msg)
+    assert path.read_bytes() == reference.read_bytes()
+    compare(sent, list(can.LogReader(path)), "blf")
