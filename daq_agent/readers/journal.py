@@ -507,7 +507,7 @@ class CanJournal(Journal[Any]):
 
 
 def _blf_writer(path: Path) -> Any:
-    """python-can's BLF writer, with a batch path for classic CAN frames when its internals are
+    """python-can's BLF writer, with a batch path for CAN and CAN FD frames when its internals are
     those this was measured on (python-can 4.x: ``_buffer``, ``_buffer_size``, ``_flush``).
 
     Measured on this project's 2-core machine (benchmarks/can_pipeline.py --journal blf, CPU of
@@ -517,8 +517,8 @@ def _blf_writer(path: Path) -> Any:
     frame's object (base header, V1 header with ns timestamps, CAN message) with one
     ``struct.pack`` into python-can's own container buffer, which python-can then compresses,
     writes and finishes (file header, object count) as always: the bytes written are the same
-    as python-can's own (a test compares the files). CAN FD and error frames go through
-    ``on_message_received``.
+    as python-can's own (a test compares the files). CAN FD frames likewise; error frames go
+    through ``on_message_received``.
     """
     import struct
 
@@ -542,9 +542,15 @@ def _blf_writer(path: Path) -> Any:
         return writer  # another python-can: its own path only
     header_size = blf.OBJ_HEADER_BASE_STRUCT.size + blf.OBJ_HEADER_V1_STRUCT.size
     obj_size = header_size + blf.CAN_MSG_STRUCT.size  # 48; a multiple of 4: no padding
+    if blf.CAN_FD_MSG_STRUCT.format != "<HBBLLBBB5x64s":
+        return writer
+    fd_size = header_size + blf.CAN_FD_MSG_STRUCT.size  # 116: no padding either
     pack = struct.Struct("<4sHHLLLHHQHBBL8s").pack
+    pack_fd = struct.Struct("<4sHHLLLHHQHBBLLBBB5x64s").pack
     ext, remote, tx = blf.CAN_MSG_EXT, blf.REMOTE_FLAG, blf.DIR
-    kind, ns_flag = blf.CAN_MESSAGE, blf.TIME_ONE_NANS
+    kind, fd_kind, ns_flag = blf.CAN_MESSAGE, blf.CAN_FD_MESSAGE, blf.TIME_ONE_NANS
+    edl, brs, esi = blf.EDL, blf.BRS, blf.ESI
+    len2dlc = can.util.len2dlc
     limit = writer.max_container_size
     single = writer.on_message_received
 
@@ -552,7 +558,7 @@ def _blf_writer(path: Path) -> Any:
         w = writer
         channel = w.channel
         for msg in msgs:
-            if msg.is_fd or msg.is_error_frame or msg.channel is not None:
+            if msg.is_error_frame or msg.channel is not None:
                 single(msg)
                 continue
             ts = msg.timestamp
@@ -562,25 +568,57 @@ def _blf_writer(path: Path) -> Any:
             w.stop_timestamp = ts
             arb = msg.arbitration_id | ext if msg.is_extended_id else msg.arbitration_id
             flags = (remote if msg.is_remote_frame else 0) | (0 if msg.is_rx else tx)
-            w._buffer.append(
-                pack(
-                    b"LOBJ",
-                    header_size,
-                    1,
-                    obj_size,
-                    kind,
-                    ns_flag,
-                    0,
-                    0,
-                    max(int((ts - start) * 1e9), 0),
-                    channel,
-                    flags,
-                    msg.dlc,
-                    arb,
-                    bytes(msg.data),
+            at = max(int((ts - start) * 1e9), 0)
+            data = bytes(msg.data)
+            if msg.is_fd:
+                fd_flags = (
+                    edl
+                    | (brs if msg.bitrate_switch else 0)
+                    | (esi if msg.error_state_indicator else 0)
                 )
-            )
-            w._buffer_size += obj_size
+                w._buffer.append(
+                    pack_fd(
+                        b"LOBJ",
+                        header_size,
+                        1,
+                        fd_size,
+                        fd_kind,
+                        ns_flag,
+                        0,
+                        0,
+                        at,
+                        channel,
+                        flags,
+                        len2dlc(msg.dlc),
+                        arb,
+                        0,
+                        0,
+                        fd_flags,
+                        len(data),
+                        data,
+                    )
+                )
+                w._buffer_size += fd_size
+            else:
+                w._buffer.append(
+                    pack(
+                        b"LOBJ",
+                        header_size,
+                        1,
+                        obj_size,
+                        kind,
+                        ns_flag,
+                        0,
+                        0,
+                        at,
+                        channel,
+                        flags,
+                        msg.dlc,
+                        arb,
+                        data,
+                    )
+                )
+                w._buffer_size += obj_size
             w.object_count += 1
             if w._buffer_size >= limit:
                 w._flush()
