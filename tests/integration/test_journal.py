@@ -189,6 +189,9 @@ def test_journal_during_agent_run_then_backfill_twice(
     assert final.balanced
     assert final.flusher.delivered == 1500
     counters = final.sources[0].counters
+    assert "    journal: written 1504, dropped (queue full) 0, lost (write errors) 0" in (
+        "\n".join(final.summary())
+    )
     assert counters["journal_written"] == len(sent)
     assert counters["journal_dropped"] == 0
     files = journal_files(tmp_path / "journal", "can0", "blf")
