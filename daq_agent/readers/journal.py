@@ -558,7 +558,8 @@ def _blf_writer(path: Path) -> Any:
         w = writer
         channel = w.channel
         for msg in msgs:
-            if msg.is_error_frame or msg.channel is not None:
+            msg.channel = None  # see CanJournal._write
+            if msg.is_error_frame:
                 single(msg)
                 continue
             ts = msg.timestamp

@@ -467,11 +467,12 @@ def test_blf_batch_path_writes_python_cans_bytes(tmp_path: Path) -> None:
     the same frames (classic, 29-bit, remote, FD, error; over several containers)."""
     sent = traffic(6000)  # > 128 KiB of objects: several containers
     for msg in sent:
-        msg.channel = None
+        msg.channel = "vcan0"  # as a bus gives them: cleared by the journal
     journal = CanJournal("can0", JournalSettings(directory=tmp_path / "j", format="blf"))
     for i in range(0, len(sent), 1024):
         journal.submit(sent[i : i + 1024])
     journal.close()
+    assert {msg.channel for msg in sent} == {None}
     (path,) = journal_files(tmp_path / "j", "can0", "blf")
     reference = tmp_path / "reference.blf"
     with can.BLFWriter(reference, compression_level=BLF_COMPRESSION) as writer:
