@@ -276,6 +276,11 @@ class Journal(Generic[Item]):
         if thread.is_alive():
             log.warning("journal %s did not finish writing within %.1f s", self.name, timeout)
             return False
+        # submitted after the thread's last look (a reader that outlived its stop): never written
+        while self._queue:
+            items = self._queue.popleft()
+            self._taken += len(items)
+            self.counters.add("journal_lost", len(items))
         return True
 
     # -- the journal thread ---------------------------------------------------------------------
