@@ -201,10 +201,12 @@ def run_agent_round(
     spool: bool,
     journal: str | None = None,
     cpu: list[float] | None = None,
+    journal_cpu: list[float] | None = None,
 ) -> float:
     """One round of the agent; returns the seconds from the first frame to the last commit
     (with a journal: until the journal has written every frame too); appends to ``cpu`` the
-    process's CPU seconds over that time (every thread: reader, flusher, journal, sift_stream)."""
+    process's CPU seconds over that time (every thread: reader, flusher, journal, sift_stream),
+    and to ``journal_cpu`` the journal thread's own."""
     go = threading.Event()
     config = agent_config(server, tmp, dbc, spool=spool, run_name=run_name, journal=journal)
     agent = Agent(
@@ -233,6 +235,14 @@ def run_agent_round(
         elapsed = time.perf_counter() - started
         if cpu is not None:
             cpu.append(cpu_seconds() - cpu_started)
+        reader = agent.readers[0]
+        tid = (
+            reader.journal.native_thread_id
+            if isinstance(reader, MemoryReader) and (reader.journal is not None)
+            else None
+        )
+        if journal_cpu is not None and tid is not None:
+            journal_cpu.append(cpu_seconds(f"self/task/{tid}"))
     finally:
         status = agent.stop()
     if not status.balanced or status.flusher.delivered != len(frames):
@@ -374,6 +384,7 @@ def in_memory(
     names += [] if python is None else ["conventional"]
     rounds = Rounds(names)
     cpu_rounds = Rounds(names)
+    journal_thread = Rounds(["journal"])
     db = tmp / f"store-{dbc.stem}.sqlite"
     print(
         f"{dbc.name}: {args.frames:,} frames per side and round "
@@ -409,6 +420,7 @@ def in_memory(
                     seconds, _ = run_conventional(python, server, dbc, frames_path, run_name)
                 else:
                     cpu: list[float] = []
+                    thread_cpu: list[float] = []
                     seconds = run_agent_round(
                         server,
                         tmp,
@@ -418,15 +430,18 @@ def in_memory(
                         spool=name != "no spool",
                         journal=args.journal if name == "journal" else None,
                         cpu=cpu,
+                        journal_cpu=thread_cpu,
                     )
                     cpu_rounds.add(name, cpu[0] / len(frames) * 1e6)
+                    if thread_cpu:
+                        journal_thread.add("journal", thread_cpu[0] / len(frames) * 1e6)
                 stored = stored_samples(db, run_name)
                 if stored != len(frames):
                     raise SystemExit(f"{name} round {index}: {stored} of {len(frames)} stored")
                 rounds.add(name, stored / seconds)
                 line.append(f"{name} {stored / seconds:>8,.0f}")
             print("  ".join(line) + " frames/s stored", flush=True)
-    return {"dbc": dbc.name, "rounds": rounds, "cpu": cpu_rounds}
+    return {"dbc": dbc.name, "rounds": rounds, "cpu": cpu_rounds, "thread": journal_thread}
 
 
 # -- part 2 ---------------------------------------------------------------------------------
@@ -571,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"  CPU per frame agent {agent_cpu:.1f} µs, with the journal {journal_cpu:.1f} µs "
                 f"(+{journal_cpu - agent_cpu:.1f} µs, {journal_cpu / agent_cpu - 1:+.1%}; "
                 "medians, every thread of the process)"
+            )
+            thread: Rounds = result["thread"]
+            print(
+                f"  the journal thread alone: {thread.median('journal'):.1f} µs CPU per frame "
+                f"(median; rounds {min(thread.values['journal']):.1f}-"
+                f"{max(thread.values['journal']):.1f})"
             )
         if "conventional" in rounds.names:
             print(f"  ratio         {rounds.ratio('agent', 'conventional'):.1f}x (target >= 20x)")

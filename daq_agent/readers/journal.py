@@ -252,6 +252,11 @@ class Journal(Generic[Item]):
         """The name of the journal's thread."""
         return f"daq-journal[{self.name}]"
 
+    @property
+    def native_thread_id(self) -> int | None:
+        """The OS id of the journal's thread (None before it started), for CPU accounting."""
+        return None if self._thread is None else self._thread.native_id
+
     def start(self) -> None:
         """Start the journal thread (idempotent)."""
         if self._thread is not None or self._closed:
@@ -550,10 +555,15 @@ def _blf_writer(path: Path) -> Any:
     if blf.CAN_FD_MSG_STRUCT.format != "<HBBLLBBB5x64s":
         return writer
     fd_size = header_size + blf.CAN_FD_MSG_STRUCT.size  # 116: no padding either
-    pack = struct.Struct("<4sHHLLLHHQHBBL8s").pack
-    pack_fd = struct.Struct("<4sHHLLLHHQHBBLLBBB5x64s").pack
+    # the object headers are the same for every frame of a kind up to the timestamp: packed once
+    head = struct.Struct("<4sHHLLLHH")
+    prefix = head.pack(b"LOBJ", header_size, 1, obj_size, blf.CAN_MESSAGE, blf.TIME_ONE_NANS, 0, 0)
+    fd_prefix = head.pack(
+        b"LOBJ", header_size, 1, fd_size, blf.CAN_FD_MESSAGE, blf.TIME_ONE_NANS, 0, 0
+    )
+    pack = struct.Struct("<QHBBL8s").pack
+    pack_fd = struct.Struct("<QHBBLLBBB5x64s").pack
     ext, remote, tx = blf.CAN_MSG_EXT, blf.REMOTE_FLAG, blf.DIR
-    kind, fd_kind, ns_flag = blf.CAN_MESSAGE, blf.CAN_FD_MESSAGE, blf.TIME_ONE_NANS
     edl, brs, esi = blf.EDL, blf.BRS, blf.ESI
     len2dlc = can.util.len2dlc
     limit = writer.max_container_size
@@ -562,72 +572,66 @@ def _blf_writer(path: Path) -> Any:
     def write_batch(msgs: Sequence[Any]) -> None:
         w = writer
         channel = w.channel
-        for msg in msgs:
-            msg.channel = None  # see CanJournal._write
-            if msg.is_error_frame:
-                single(msg)
-                continue
-            ts = msg.timestamp
-            start = w.start_timestamp
-            if start is None:  # as python-can: the file's start, to the millisecond
-                start = w.start_timestamp = int(ts * 1000) / 1000
-            w.stop_timestamp = ts
-            arb = msg.arbitration_id | ext if msg.is_extended_id else msg.arbitration_id
-            flags = (remote if msg.is_remote_frame else 0) | (0 if msg.is_rx else tx)
-            at = max(int((ts - start) * 1e9), 0)
-            data = bytes(msg.data)
-            if msg.is_fd:
-                fd_flags = (
-                    edl
-                    | (brs if msg.bitrate_switch else 0)
-                    | (esi if msg.error_state_indicator else 0)
-                )
-                w._buffer.append(
-                    pack_fd(
-                        b"LOBJ",
-                        header_size,
-                        1,
-                        fd_size,
-                        fd_kind,
-                        ns_flag,
-                        0,
-                        0,
-                        at,
-                        channel,
-                        flags,
-                        len2dlc(msg.dlc),
-                        arb,
-                        0,
-                        0,
-                        fd_flags,
-                        len(data),
-                        data,
+        start = w.start_timestamp
+        buffer = w._buffer
+        size = w._buffer_size
+        count = 0
+        ts = w.stop_timestamp
+        try:
+            for msg in msgs:
+                msg.channel = None  # see CanJournal._write
+                if msg.is_error_frame:
+                    w._buffer_size, w.stop_timestamp = size, ts
+                    w.object_count += count
+                    count = 0
+                    single(msg)
+                    start, buffer, size = w.start_timestamp, w._buffer, w._buffer_size
+                    ts = w.stop_timestamp
+                    continue
+                ts = msg.timestamp
+                if start is None:  # as python-can: the file's start, to the millisecond
+                    start = w.start_timestamp = int(ts * 1000) / 1000
+                arb = msg.arbitration_id | ext if msg.is_extended_id else msg.arbitration_id
+                flags = (remote if msg.is_remote_frame else 0) | (0 if msg.is_rx else tx)
+                at = int((ts - start) * 1e9)
+                if at < 0:
+                    at = 0
+                if msg.is_fd:
+                    data = bytes(msg.data)
+                    fd_flags = (
+                        edl
+                        | (brs if msg.bitrate_switch else 0)
+                        | (esi if msg.error_state_indicator else 0)
                     )
-                )
-                w._buffer_size += fd_size
-            else:
-                w._buffer.append(
-                    pack(
-                        b"LOBJ",
-                        header_size,
-                        1,
-                        obj_size,
-                        kind,
-                        ns_flag,
-                        0,
-                        0,
-                        at,
-                        channel,
-                        flags,
-                        msg.dlc,
-                        arb,
-                        data,
+                    buffer.append(
+                        fd_prefix
+                        + pack_fd(
+                            at,
+                            channel,
+                            flags,
+                            len2dlc(msg.dlc),
+                            arb,
+                            0,
+                            0,
+                            fd_flags,
+                            len(data),
+                            data,
+                        )
                     )
-                )
-                w._buffer_size += obj_size
-            w.object_count += 1
-            if w._buffer_size >= limit:
-                w._flush()
+                    size += fd_size
+                else:
+                    buffer.append(prefix + pack(at, channel, flags, msg.dlc, arb, bytes(msg.data)))
+                    size += obj_size
+                count += 1
+                if size >= limit:
+                    w._buffer_size, w.stop_timestamp = size, ts
+                    w.object_count += count
+                    count = 0
+                    w._flush()
+                    buffer, size = w._buffer, w._buffer_size
+        finally:
+            w._buffer_size, w.stop_timestamp = size, ts
+            w.object_count += count
 
     cast(Any, writer).write_batch = write_batch  # an instance attribute: _write looks for it
     return writer
