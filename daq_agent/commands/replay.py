@@ -172,14 +172,19 @@ def backfill(
     bus: str | None = None,
     force: bool = False,
     progress: TextIO | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     env: dict[str, str] | None = None,
 ) -> int:
     """Backfill ``logs`` into the run ``run`` of ``config``'s target; the exit code.
 
+    Messages go to ``out`` (default: the current ``sys.stdout``), progress lines to
+    ``progress`` (None: none).
+
     Raises:
         ConfigError: a log is missing or belongs to no bus, or the config has no database for it.
     """
+    if out is None:
+        out = sys.stdout
     entries: list[tuple[Path, str, str]] = []  # path, bus, digest
     for log_path in logs:
         path = log_path.resolve()
