@@ -12,6 +12,9 @@ stored for its run (counted back from the store):
   (read back, unpacked, requests built) → sift_stream windows → server. Timed from the first
   frame to the last one committed, the sink's set-up (config, flows, run) included;
 - ``no spool``: the same with ``spool: {enabled: false}`` (``--no-spool-side`` to skip);
+- ``journal`` (with ``--journal blf|asc|log``): ``agent`` with the bus's raw-frame journal on
+  (each burst handed to the journal's thread, which writes it with python-can's writer into a
+  file under the temporary directory); the journal's cost is 1 - journal/agent of the medians;
 - ``conventional``: cantools (``Message.decode`` per frame) + ``sift_py``'s
   ``IngestionService.buffered_ingestion`` (the real ``sift-stack-py``: its ``sift.*`` protobuf
   modules clash with ours, so it runs in its own virtual environment, ``--sift-venv``, created on
@@ -29,6 +32,7 @@ Usage::
 
     .venv/bin/python benchmarks/can_pipeline.py [--dbc bench,vehicle] [--frames 60000]
         [--rounds 3] [--replay-frames 300000] [--replay-rounds 1] [--skip-replay]
+        [--journal blf]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +57,7 @@ import yaml
 from benchlib import (
     Rounds,
     Server,
+    cpu_seconds,
     machine,
     make_frames,
     resolve_dbc,
@@ -64,6 +70,7 @@ from daq_agent.config import AgentConfig, parse_config
 from daq_agent.core.clock import host_clock
 from daq_agent.readers.base import ReaderABC, Sink
 from daq_agent.readers.can import CanReader, MessageProcessor
+from daq_agent.readers.journal import CanJournal
 
 DEFAULT_SIFT_VENV = Path(tempfile.gettempdir()) / "daq-agent-sift-venv"
 BASE_S = 1_750_000_000.0
@@ -77,7 +84,8 @@ class MemoryReader(ReaderABC):
 
     Without ``rate`` it plays every frame once as fast as it can, after ``go`` is set; with
     ``rate`` it cycles through them at ``rate`` frames/s, each stamped with the host time at
-    emission, until stopped.
+    emission, until stopped. With the source's ``journal`` settings, each burst goes to a
+    :class:`CanJournal` as the CAN reader hands it over.
     """
 
     kind: ClassVar[str] = "memory"
@@ -101,6 +109,21 @@ class MemoryReader(ReaderABC):
         self._processor = MessageProcessor(self, source.decoder, host_clock(), 1000)
         self._next = 0
         self._t0 = 0.0
+        self.journal = None
+        if source.journal is not None:
+            self.journal = CanJournal(source.name, source.journal)
+            self.journal.attach(self.counters)
+
+    def start(self) -> None:
+        if self.journal is not None:
+            self.journal.start()
+        super().start()
+
+    def stop(self, timeout: float | None = 5.0) -> bool:
+        stopped = super().stop(timeout)
+        if self.journal is not None:
+            self.journal.close()
+        return stopped
 
     def _open(self) -> None:
         self._next = 0
@@ -114,6 +137,8 @@ class MemoryReader(ReaderABC):
             end = min(len(frames), self._next + 1024)  # the CAN reader's burst
             for i in range(self._next, end):
                 process(frames[i])
+            if self.journal is not None:
+                self.journal.submit(frames[self._next : end])
             self._next = end
             return end < len(frames)
         if not self._t0:
@@ -133,13 +158,23 @@ class MemoryReader(ReaderABC):
 
 
 def agent_config(
-    server: Server | None, tmp: Path, dbc: Path, *, spool: bool = True, run_name: str = "bench"
+    server: Server | None,
+    tmp: Path,
+    dbc: Path,
+    *,
+    spool: bool = True,
+    run_name: str = "bench",
+    journal: str | None = None,
 ) -> AgentConfig:
-    """One bus of ``dbc``, a Sift target at ``server`` (key in ``BENCH_KEY``), or local."""
+    """One bus of ``dbc``, a Sift target at ``server`` (key in ``BENCH_KEY``), or local;
+    with ``journal`` (a format), the bus's journal under ``tmp/journal``."""
+    bus: dict[str, Any] = {"name": "can0", "interface": "virtual", "databases": [str(dbc)]}
+    if journal is not None:
+        bus["journal"] = {"dir": str(tmp / "journal"), "format": journal}
     document: dict[str, Any] = {
         "asset": f"bench-{dbc.stem}",
         "state_dir": str(tmp / "agent-state"),
-        "buses": [{"name": "can0", "interface": "virtual", "databases": [str(dbc)]}],
+        "buses": [bus],
         "ring": {"capacity": 262_144, "policy": "block"},
         "flush": {
             "max_batch": 4000,
@@ -158,11 +193,22 @@ def agent_config(
 
 
 def run_agent_round(
-    server: Server, tmp: Path, dbc: Path, frames: Sequence[can.Message], run_name: str, spool: bool
+    server: Server,
+    tmp: Path,
+    dbc: Path,
+    frames: Sequence[can.Message],
+    run_name: str,
+    spool: bool,
+    journal: str | None = None,
+    cpu: list[float] | None = None,
+    journal_cpu: list[float] | None = None,
 ) -> float:
-    """One round of the agent; returns the seconds from the first frame to the last commit."""
+    """One round of the agent; returns the seconds from the first frame to the last commit
+    (with a journal: until the journal has written every frame too); appends to ``cpu`` the
+    process's CPU seconds over that time (every thread: reader, flusher, journal, sift_stream),
+    and to ``journal_cpu`` the journal thread's own."""
     go = threading.Event()
-    config = agent_config(server, tmp, dbc, spool=spool, run_name=run_name)
+    config = agent_config(server, tmp, dbc, spool=spool, run_name=run_name, journal=journal)
     agent = Agent(
         config,
         env={"BENCH_KEY": server.api_key},
@@ -173,6 +219,7 @@ def run_agent_round(
     assert flusher is not None
     try:
         started = time.perf_counter()
+        cpu_started = cpu_seconds()
         go.set()
         while flusher.delivered < len(frames):
             if not flusher.is_alive():
@@ -180,11 +227,31 @@ def run_agent_round(
             if flusher.pending and agent.ring.depth == 0 and agent.readers[0].ended:
                 flusher.request_checkpoint()
             time.sleep(0.001)
+        counters = agent.readers[0].counters
+        while journal is not None and counters.get("journal_written") + counters.get(
+            "journal_dropped"
+        ) < len(frames):
+            time.sleep(0.001)
         elapsed = time.perf_counter() - started
+        if cpu is not None:
+            cpu.append(cpu_seconds() - cpu_started)
+        reader = agent.readers[0]
+        tid = (
+            reader.journal.native_thread_id
+            if isinstance(reader, MemoryReader) and (reader.journal is not None)
+            else None
+        )
+        if journal_cpu is not None and tid is not None:
+            journal_cpu.append(cpu_seconds(f"self/task/{tid}"))
     finally:
         status = agent.stop()
     if not status.balanced or status.flusher.delivered != len(frames):
         raise SystemExit("agent round: " + "; ".join(status.summary()))
+    if journal is not None:
+        written = status.sources[0].counters
+        if written["journal_written"] != len(frames):
+            raise SystemExit(f"journal round: {written}")
+        shutil.rmtree(tmp / "journal", ignore_errors=True)
     return elapsed
 
 
@@ -313,8 +380,11 @@ def in_memory(
     frames_path = tmp / f"frames-{dbc.stem}.bin"
     write_frames(frames, frames_path)
     names = ["agent"] + ([] if args.no_spool_side else ["no spool"])
+    names += [] if args.journal is None else ["journal"]
     names += [] if python is None else ["conventional"]
     rounds = Rounds(names)
+    cpu_rounds = Rounds(names)
+    journal_thread = Rounds(["journal"])
     db = tmp / f"store-{dbc.stem}.sqlite"
     print(
         f"{dbc.name}: {args.frames:,} frames per side and round "
@@ -332,7 +402,15 @@ def in_memory(
                 assert python is not None
                 run_conventional(python, server, dbc, warm_path, f"warm-{name}")
             else:
-                run_agent_round(server, tmp, dbc, warm, f"warm-{name}", spool=name == "agent")
+                run_agent_round(
+                    server,
+                    tmp,
+                    dbc,
+                    warm,
+                    f"warm-{name}",
+                    spool=name != "no spool",
+                    journal=args.journal if name == "journal" else None,
+                )
         for index in range(args.rounds):
             line = [f"  round {index + 1}:"]
             for name in rounds.order(index):
@@ -341,16 +419,29 @@ def in_memory(
                     assert python is not None
                     seconds, _ = run_conventional(python, server, dbc, frames_path, run_name)
                 else:
+                    cpu: list[float] = []
+                    thread_cpu: list[float] = []
                     seconds = run_agent_round(
-                        server, tmp, dbc, frames, run_name, spool=name == "agent"
+                        server,
+                        tmp,
+                        dbc,
+                        frames,
+                        run_name,
+                        spool=name != "no spool",
+                        journal=args.journal if name == "journal" else None,
+                        cpu=cpu,
+                        journal_cpu=thread_cpu,
                     )
+                    cpu_rounds.add(name, cpu[0] / len(frames) * 1e6)
+                    if thread_cpu:
+                        journal_thread.add("journal", thread_cpu[0] / len(frames) * 1e6)
                 stored = stored_samples(db, run_name)
                 if stored != len(frames):
                     raise SystemExit(f"{name} round {index}: {stored} of {len(frames)} stored")
                 rounds.add(name, stored / seconds)
                 line.append(f"{name} {stored / seconds:>8,.0f}")
             print("  ".join(line) + " frames/s stored", flush=True)
-    return {"dbc": dbc.name, "rounds": rounds}
+    return {"dbc": dbc.name, "rounds": rounds, "cpu": cpu_rounds, "thread": journal_thread}
 
 
 # -- part 2 ---------------------------------------------------------------------------------
@@ -453,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sift-venv", type=Path, default=DEFAULT_SIFT_VENV)
     parser.add_argument("--skip-conventional", action="store_true")
     parser.add_argument("--no-spool-side", action="store_true", help="skip the spool-off side")
+    parser.add_argument(
+        "--journal",
+        choices=("blf", "asc", "log"),
+        default=None,
+        help="add a side with the bus's raw-frame journal on, in this format",
+    )
     parser.add_argument("--replay-frames", type=int, default=300_000)
     parser.add_argument("--replay-rounds", type=int, default=1)
     parser.add_argument("--skip-replay", action="store_true")
@@ -476,6 +573,26 @@ def main(argv: list[str] | None = None) -> int:
         if "no spool" in rounds.names:
             cost = 1 - rounds.ratio("agent", "no spool")
             print(f"  spool cost    {cost:.1%} of the throughput")
+        if "journal" in rounds.names:
+            cost = 1 - rounds.ratio("journal", "agent")
+            verdict = "within" if cost <= 0.15 else "OVER"
+            print(
+                f"  journal cost  {cost:.1%} of the throughput ({args.journal}; journal/agent "
+                f"{rounds.ratio('journal', 'agent'):.3f}; {verdict} the 15 % target)"
+            )
+            cpu_rounds: Rounds = result["cpu"]
+            agent_cpu, journal_cpu = cpu_rounds.median("agent"), cpu_rounds.median("journal")
+            print(
+                f"  CPU per frame agent {agent_cpu:.1f} µs, with the journal {journal_cpu:.1f} µs "
+                f"(+{journal_cpu - agent_cpu:.1f} µs, {journal_cpu / agent_cpu - 1:+.1%}; "
+                "medians, every thread of the process)"
+            )
+            thread: Rounds = result["thread"]
+            print(
+                f"  the journal thread alone: {thread.median('journal'):.1f} µs CPU per frame "
+                f"(median; rounds {min(thread.values['journal']):.1f}-"
+                f"{max(thread.values['journal']):.1f})"
+            )
         if "conventional" in rounds.names:
             print(f"  ratio         {rounds.ratio('agent', 'conventional'):.1f}x (target >= 20x)")
         verdict = "meets" if rounds.median("agent") >= 100_000 else "misses"

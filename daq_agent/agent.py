@@ -50,6 +50,7 @@ from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.pipeline.spool import Spool
 from daq_agent.pipeline.status import AgentStatus, FlusherStats, RingStats, SourceStats
 from daq_agent.readers.base import ReaderABC, ReaderState, Sink
+from daq_agent.readers.journal import CanJournal, JournalSettings, SerialJournal
 from daq_agent.server.process import LocalServerProcess
 from daq_agent.sinks.sift import RunDetails, SiftSink
 
@@ -103,6 +104,7 @@ class SourcePlan:
         flows: the flows of this source.
         definitions: a serial device's loaded frame definitions; a polled device's register map
             or query file.
+        journal: where the source's raw frames (bytes) are recorded (None: nowhere).
     """
 
     name: str
@@ -113,6 +115,7 @@ class SourcePlan:
     options: Mapping[str, Any]
     flows: tuple[FlowConfig, ...] = ()
     definitions: Any = None
+    journal: JournalSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +184,7 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
                 databases=bus.databases,
                 options=bus.bus_kwargs(),
                 flows=tuple(made.flows),
+                journal=bus.journal,
             )
         )
     for replay in config.replay:
@@ -219,6 +223,7 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
                 },
                 flows=tuple(codec.flows),
                 definitions=definitions,
+                journal=device.journal,
             )
         )
     for polled in config.devices:
@@ -339,6 +344,7 @@ def _source_key(source: SourcePlan) -> tuple[Any, ...]:
         source.databases,
         tuple(digests),
         derive_flows_fingerprint(source.flows),
+        source.journal,
     )
 
 
@@ -590,6 +596,9 @@ class Agent:
                 source.definitions,
                 sink,
                 flow_name_template=self.config.naming.serial_flow,
+                journal=None
+                if source.journal is None
+                else SerialJournal(source.name, source.journal),
             )
         if source.kind == "modbus":
             from daq_agent.readers.modbus import ModbusReader
@@ -623,7 +632,8 @@ class Agent:
         if source.kind == "can":
             from daq_agent.readers.can import CanReader
 
-            return CanReader(source.name, source.options, source.decoder, sink)
+            journal = None if source.journal is None else CanJournal(source.name, source.journal)
+            return CanReader(source.name, source.options, source.decoder, sink, journal=journal)
         if source.kind == "replay":
             from daq_agent.readers.replay import ReplayReader
 

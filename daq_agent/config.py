@@ -30,10 +30,20 @@ tuning of the ring buffer and the flusher::
         options: {}                      # any other python-can Bus keyword argument
         databases: [../dbc/bench.dbc]    # dbc, kcd, arxml, sym
         filters: [{id: 0x100, mask: 0x7FF, extended: false}]
+        journal:                         # optional: every raw frame on disk (python-can writers)
+          dir: journal                   # required; files <dir>/<bus>-<UTC start>Z.<format>
+          format: blf                    # blf, asc or log (candump -L)
+          rotate_mb: 64                  # a new file at this size (null: no limit)
+          rotate_s: null                 # ... or at this age, seconds
+          keep_files: null               # retention: the newest N files of this bus
+          keep_days: null                # ... and/or those written in the last N days
+          queue_size: 65536              # frames waiting for the disk; beyond: dropped, counted
+          flush_interval_ms: 1000        # written data reaches the OS at least this often
     replay:
       - {path: logs/drive.blf, bus: can0, realtime: false}
     serial:
-      - {name: gps, port: /dev/ttyUSB0, baudrate: 9600, defs: serial/gps.yaml}
+      - {name: gps, port: /dev/ttyUSB0, baudrate: 9600, defs: serial/gps.yaml,
+         journal: {dir: journal}}       # raw bytes per read: format hex, the same other keys
     devices:                             # polled request/response devices (docs/devices.md)
       - {name: pm1, kind: modbus, url: "tcp://10.0.0.5:502", unit: 1, rate_hz: 10,
          timeout_s: 0.5, map: devices/pm_meter.yaml}
@@ -68,6 +78,7 @@ from typing import Any, Final, Literal
 import yaml
 
 from daq_agent.core.errors import ConfigError
+from daq_agent.readers.journal import CAN_FORMATS, SERIAL_FORMAT, JournalSettings
 
 __all__ = [
     "DATABASE_SUFFIXES",
@@ -148,6 +159,7 @@ class BusConfig:
         optional: a bus that may be absent: a run in which it never opened still exits 0.
         protocol: ``None`` (plain CAN; a DBC marked J1939 still is) or ``"j1939"``: every 29-bit
             message of the bus's databases is J1939 (matched by PGN; see ``docs/j1939.md``).
+        journal: the raw-frame journal of this bus (None: none).
     """
 
     name: str
@@ -181,6 +193,7 @@ class BusConfig:
 
     optional: bool = False
     protocol: str | None = None
+    journal: JournalSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +231,7 @@ class SerialConfig:
         xonxoff: software flow control.
         optional: a device that may be absent: a run in which it never opened still exits 0.
         defs: the frame-definition file (absolute).
+        journal: the raw-bytes journal of this device (None: none).
     """
 
     name: str
@@ -230,6 +244,7 @@ class SerialConfig:
     rtscts: bool = False
     xonxoff: bool = False
     optional: bool = False
+    journal: JournalSettings | None = None
 
 
 DEVICE_KINDS: Final = ("modbus", "scpi")
@@ -963,6 +978,7 @@ class _Parser:
                 "filters",
                 "optional",
                 "protocol",
+                "journal",
             }
         )
         for i, item in enumerate(self.sequence(top, "buses", "")):
@@ -1013,6 +1029,7 @@ class _Parser:
                     filters=self.filters(bus, where),
                     optional=self.boolean(bus, "optional", where, False),
                     protocol=self.protocol(bus, where),
+                    journal=self.journal(bus, where, CAN_FORMATS),
                 )
             )
         return tuple(out)
@@ -1065,6 +1082,7 @@ class _Parser:
                 "xonxoff",
                 "defs",
                 "optional",
+                "journal",
             }
         )
         for i, item in enumerate(self.sequence(top, "serial", "")):
@@ -1088,6 +1106,7 @@ class _Parser:
                     rtscts=self.boolean(entry, "rtscts", where, False),
                     xonxoff=self.boolean(entry, "xonxoff", where, False),
                     optional=self.boolean(entry, "optional", where, False),
+                    journal=self.journal(entry, where, (SERIAL_FORMAT,)),
                 )
             )
         return tuple(out)
@@ -1153,6 +1172,52 @@ class _Parser:
                 )
             )
         return tuple(out)
+
+    def journal(
+        self, raw: Mapping[str, Any], where: str, formats: tuple[str, ...]
+    ) -> JournalSettings | None:
+        if raw.get("journal") is None:
+            return None
+        at = f"{where}.journal"
+        keys = frozenset(
+            {
+                "dir",
+                "format",
+                "rotate_mb",
+                "rotate_s",
+                "keep_files",
+                "keep_days",
+                "queue_size",
+                "flush_interval_ms",
+            }
+        )
+        journal = self.mapping(raw["journal"], at, keys)
+        directory = self.required_string(journal, "dir", at)
+        fmt = self.string(journal, "format", at, formats[0]) or formats[0]
+        if fmt not in formats:
+            raise self.error(f"must be one of {', '.join(formats)}, got {fmt!r}", f"{at}.format")
+        defaults = JournalSettings(directory=Path())
+        rotate_mb = journal.get("rotate_mb", 64)
+        rotate_s = journal.get("rotate_s")
+        keep_days = journal.get("keep_days")
+        return JournalSettings(
+            directory=self.path(directory),
+            format=fmt,
+            rotate_bytes=None
+            if rotate_mb is None
+            else max(1, int(self.number(journal, "rotate_mb", at, 64.0) * 2**20)),
+            rotate_s=None if rotate_s is None else self.number(journal, "rotate_s", at, 1.0),
+            keep_files=self.integer(journal, "keep_files", at, None, minimum=1),
+            keep_s=None
+            if keep_days is None
+            else self.number(journal, "keep_days", at, 1.0) * 86400.0,
+            queue_items=self.integer(journal, "queue_size", at, defaults.queue_items, minimum=1)
+            or defaults.queue_items,
+            flush_interval_s=(
+                self.integer(journal, "flush_interval_ms", at, 1000, minimum=1) or 1000
+            )
+            / 1000.0,
+        )
 
     def ring(self, top: Mapping[str, Any]) -> RingConfig:
         ring = self.mapping(top.get("ring"), "ring", frozenset({"capacity", "policy"}))

@@ -60,6 +60,9 @@ def _do_check(args: argparse.Namespace) -> int:
                             "bus": s.bus,
                             "databases": [str(p) for p in s.databases],
                             "flows": [f.name for f in s.flows],
+                            "journal": None
+                            if s.journal is None
+                            else {"dir": str(s.journal.directory), "format": s.journal.format},
                         }
                         for s in plan.sources
                     ],
@@ -83,6 +86,8 @@ def _do_check(args: argparse.Namespace) -> int:
         print(
             f"{source.kind:<7} {source.name}: {len(flows)} flows, {channels} channels ({databases})"
         )
+        if source.journal is not None:
+            print(f"          journal {source.journal.directory} ({source.journal.format})")
         if args.flows:
             for flow in flows:
                 print(f"          {flow.name} ({len(flow.channels)} channels)")

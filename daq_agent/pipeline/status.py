@@ -346,6 +346,14 @@ class AgentStatus:
                 + (f", unsent {s.unsent} (stopped while waiting for room)" if s.unsent else "")
                 + (f", last error: {s.last_error}" if s.last_error else "")
             )
+            c = s.counters
+            if "journal_written" in c:
+                lines.append(
+                    f"    journal: written {c['journal_written']}, dropped (queue full) "
+                    f"{c.get('journal_dropped', 0)}, lost (write errors) "
+                    f"{c.get('journal_lost', 0)}, errors {c.get('journal_errors', 0)}, "
+                    f"files {c.get('journal_files', 0)}"
+                )
         lines.append(
             f"ring: depth {self.ring.depth}, high-water {self.ring.high_water}/"
             f"{self.ring.capacity}, dropped {self.ring.dropped}"

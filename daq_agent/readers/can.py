@@ -33,6 +33,7 @@ from daq_agent.core.clock import HostClock, host_clock, seconds_to_ns
 from daq_agent.core.errors import ConfigError, DecodeError
 from daq_agent.core.sample import Sample
 from daq_agent.readers.base import ErrorCallback, ReaderABC, Sink
+from daq_agent.readers.journal import CanJournal
 
 __all__ = ["ERROR_CLASSES", "CanReader", "FrameDecoder", "MessageProcessor", "frame_key"]
 
@@ -224,6 +225,8 @@ class CanReader(ReaderABC):
         timestamp_resolution_ns: resolution of the driver's timestamps (1000: microseconds).
         clock: host clock for frames without a driver timestamp (default: the process clock).
         key_limit: the most distinct ids held in each per-id map.
+        journal: records every received frame (error and remote frames included) on its own
+            thread (:mod:`daq_agent.readers.journal`); started and closed with the reader.
 
     Raises:
         ConfigError: an argument is invalid.
@@ -235,6 +238,8 @@ class CanReader(ReaderABC):
     ``unknown_pdus`` and ``pdu_errors``; J1939 buses add ``transport_frames`` (TP.CM/TP.DT frames
     taken into a multi-packet message), ``tp_timeouts``, ``tp_aborts`` (messages lost) and the
     per-PGN maps ``unknown_pgns`` and ``tp_error_pgns``.
+    ``unknown_ids``, ``decode_error_ids``, ``remote_ids``, ``error_classes``; ``last_error``;
+    with a journal, its ``journal_*`` counters.
     """
 
     kind: ClassVar[str] = "can"
@@ -270,6 +275,7 @@ class CanReader(ReaderABC):
         timestamp_resolution_ns: int = 1000,
         clock: HostClock | None = None,
         key_limit: int = 1024,
+        journal: CanJournal | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -280,6 +286,9 @@ class CanReader(ReaderABC):
             poll_interval=poll_interval,
             key_limit=key_limit,
         )
+        self.journal = journal
+        if journal is not None:
+            journal.attach(self.counters)
         if not isinstance(bus_kwargs, Mapping):
             raise ConfigError(f"bus {name!r}: bus options must be a mapping")
         if timestamp_resolution_ns < 1:
@@ -291,6 +300,19 @@ class CanReader(ReaderABC):
         self._processor = MessageProcessor(
             self, decoder, clock or host_clock(), timestamp_resolution_ns
         )
+
+    def start(self) -> None:
+        """Start the journal (if any), then the reader thread."""
+        if self.journal is not None and not self.stopping:
+            self.journal.start()
+        super().start()
+
+    def stop(self, timeout: float | None = 5.0) -> bool:
+        """Stop the reader thread, then write out and close the journal (if any)."""
+        stopped = super().stop(timeout)
+        if self.journal is not None:
+            self.journal.close()
+        return stopped
 
     @property
     def bus(self) -> can.BusABC | None:
@@ -325,12 +347,26 @@ class CanReader(ReaderABC):
         if msg is None:
             return True
         process = self._processor.process
-        process(msg)
-        for _ in range(_MAX_BURST):
-            msg = bus.recv(0.0)
-            if msg is None:
-                break
+        journal = self.journal
+        if journal is None:
             process(msg)
+            for _ in range(_MAX_BURST):
+                msg = bus.recv(0.0)
+                if msg is None:
+                    break
+                process(msg)
+            return True
+        frames = [msg]  # handed to the journal's thread in one piece per burst
+        try:
+            process(msg)
+            for _ in range(_MAX_BURST):
+                msg = bus.recv(0.0)
+                if msg is None:
+                    break
+                frames.append(msg)
+                process(msg)
+        finally:
+            journal.submit(frames)
         return True
 
     def _close(self) -> None:

@@ -150,6 +150,8 @@ class ReplayReader(ReaderABC):
         self._start_mono = 0.0
         self._prev_s = 0.0
         self._skipped_s = 0.0
+        self._size = 0
+        self._fraction: float | None = None
 
     @property
     def position(self) -> int:
@@ -173,6 +175,10 @@ class ReplayReader(ReaderABC):
         except (ValueError, ImportError) as exc:  # unknown suffix, asammdf missing for MF4
             raise ConfigError(f"replay {self.name!r}: cannot read {self.path}: {exc}") from exc
         self._log = reader
+        try:
+            self._size = self.path.stat().st_size
+        except OSError:
+            self._size = 0
         messages = iter(reader)
         try:
             for _ in range(self._position):  # after a failure mid-file: skip what was emitted
@@ -195,7 +201,35 @@ class ReplayReader(ReaderABC):
         if reader is not None:
             reader.stop()
 
+    @property
+    def fraction_read(self) -> float | None:
+        """How much of the file was read, 0 to 1 (updated after each burst; None when the
+        format's reader does not tell, e.g. a compressed log)."""
+        return self._fraction
+
+    def _note_progress(self) -> None:
+        reader = self._log
+        file = getattr(reader, "file", None)
+        if file is None or self._size <= 0:
+            return
+        raw = getattr(file, "buffer", file)  # a text log: the bytes under its decoder
+        if getattr(raw, "fileobj", None) is not None:  # gzip: the decompressed position
+            return
+        try:
+            self._fraction = min(1.0, raw.tell() / self._size)
+        except (OSError, ValueError, AttributeError):
+            self._fraction = None
+
     def _read(self, timeout: float) -> bool:
+        try:
+            more = self._read_burst(timeout)
+        finally:
+            self._note_progress()
+        if not more:
+            self._fraction = 1.0
+        return more
+
+    def _read_burst(self, timeout: float) -> bool:
         messages = self._messages
         if messages is None:
             raise ConfigError("replay log is not open")

@@ -53,6 +53,7 @@ from daq_agent.core.clock import host_clock
 from daq_agent.core.errors import ConfigError, ReaderError
 from daq_agent.core.model import FlowConfig
 from daq_agent.readers.base import ErrorCallback, ReaderABC, Sink
+from daq_agent.readers.journal import SerialJournal
 from daq_agent.serialdefs.codec import DEFAULT_FLOW_NAME_TEMPLATE, FrameFault, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions
 from daq_agent.serialdefs.model import SerialDefinitions
@@ -208,6 +209,8 @@ class SerialReader(ReaderABC):
         rng: the random source of the back-off's jitter.
         poll_interval: the longest one read waits, seconds (bounds stop latency).
         key_limit: distinct unknown frame ids counted separately.
+        journal: records every chunk read, with its read timestamp, on its own thread
+            (:mod:`daq_agent.readers.journal`); started and closed with the reader.
 
     Raises:
         ConfigError: invalid options, definitions or flow name template.
@@ -248,6 +251,7 @@ class SerialReader(ReaderABC):
         rng: random.Random | None = None,
         poll_interval: float = 0.1,
         key_limit: int = 1024,
+        journal: SerialJournal | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -258,6 +262,9 @@ class SerialReader(ReaderABC):
             poll_interval=poll_interval,
             key_limit=key_limit,
         )
+        self.journal = journal
+        if journal is not None:
+            journal.attach(self.counters)
         if not url:
             raise ConfigError("a serial device needs a port", key="port")
         self.url = url
@@ -336,6 +343,19 @@ class SerialReader(ReaderABC):
         """One flow per frame type of this device."""
         return self._codec.flows
 
+    def start(self) -> None:
+        """Start the journal (if any), then the reader thread."""
+        if self.journal is not None and not self.stopping:
+            self.journal.start()
+        super().start()
+
+    def stop(self, timeout: float | None = 5.0) -> bool:
+        """Stop the reader thread, then write out and close the journal (if any)."""
+        stopped = super().stop(timeout)
+        if self.journal is not None:
+            self.journal.close()
+        return stopped
+
     def __repr__(self) -> str:
         return f"SerialReader({self.name!r}, {self.url!r}, state={self.state.value})"
 
@@ -392,6 +412,8 @@ class SerialReader(ReaderABC):
             raise ReaderError(f"{self.url!r}: {exc}") from exc
         if data:
             now = self._clock()
+            if self.journal is not None:
+                self.journal.submit(((now, data),))
             for sample in self._stream.feed(data, now):
                 self._emit(sample)
             self._sync_counters()

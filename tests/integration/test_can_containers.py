@@ -17,6 +17,7 @@ from typing import Any
 import can
 import cantools
 import pytest
+from can_support import wait_for
 
 from daq_agent.cli import main
 from daq_agent.core.sample import Sample
@@ -24,7 +25,6 @@ from daq_agent.decode.can_decoder import CanDecoder
 from daq_agent.decode.dbc import load_database
 from daq_agent.pipeline.ring_buffer import RingBuffer
 from daq_agent.readers import CanReader, ReaderState
-from tests.integration.can_support import wait_for
 
 pytestmark = pytest.mark.integration
 

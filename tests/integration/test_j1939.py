@@ -20,6 +20,7 @@ from typing import Any
 import can
 import cantools
 import pytest
+from can_support import wait_for
 
 from daq_agent.cli import main
 from daq_agent.core.errors import DecodeError
@@ -32,7 +33,6 @@ from daq_agent.pipeline.status import SourceStats
 from daq_agent.readers import CanReader, ReaderState
 from daq_agent.readers.base import ReaderCounters
 from daq_agent.sim.can import CanSimulator
-from tests.integration.can_support import wait_for
 
 pytestmark = pytest.mark.integration
 
