@@ -94,7 +94,15 @@ def test_status_and_mode_letters_reach_the_store_and_export(
         assert store.count_validation_errors() == 0
     assert [(s.values["status"], s.values["mode"]) for s in stored] == LETTERS
     result = subprocess.run(
-        [str(DAQ_AGENT), "export", "--db", str(local_server.db_path), "--wide"],
+        [
+            str(DAQ_AGENT),
+            "export",
+            "--db",
+            str(local_server.db_path),
+            "--wide",
+            "--flow",
+            "gps.rmc",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
