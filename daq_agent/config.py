@@ -75,9 +75,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import yaml
-
 from daq_agent.core.errors import ConfigError
+from daq_agent.core.yamlfile import load_yaml
 from daq_agent.readers.journal import CAN_FORMATS, SERIAL_FORMAT, JournalSettings
 
 __all__ = [
@@ -556,23 +555,7 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Ag
         ConfigError: naming the file, the line and the key path of the first problem.
     """
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(source)) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text: {exc.reason}", source=str(source)) from exc
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", source=str(source), line=line) from exc
-    lines: dict[str, int] = {}
-    if node is not None:
-        _collect_lines(node, "", lines)
+    document, lines = load_yaml(source)
     return parse_config(
         document, source=source, base_dir=source.resolve().parent, lines=lines, env=env
     )
@@ -608,19 +591,6 @@ def parse_config(
         env=os.environ if env is None else env,
     )
     return parser.config(document, source)
-
-
-def _collect_lines(node: yaml.Node, path: str, out: dict[str, int]) -> None:
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            sub = f"{path}.{key}" if path else key
-            out[sub] = key_node.start_mark.line + 1
-            _collect_lines(value_node, sub, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _collect_lines(item, f"{path}[{i}]", out)
 
 
 _TOP_KEYS: Final = frozenset(

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import yaml
 from pymodbus.client.mixin import ModbusClientMixin
 
 from daq_agent.core.errors import ConfigError
 from daq_agent.core.model import ChannelConfig, ChannelDataType, ChannelEnumType, FlowConfig
 from daq_agent.core.sample import Value
+from daq_agent.core.yamlfile import parse_yaml, read_text
 
 __all__ = [
     "MAX_BITS_PER_REQUEST",
@@ -594,14 +594,7 @@ def load_register_map(path: str | Path) -> RegisterMap:
     Raises:
         ConfigError: the file cannot be read, is not YAML, or is invalid (names file, line, key).
     """
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=source) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text: {exc.reason}", source=source) from exc
-    return loads_register_map(text, source=source)
+    return loads_register_map(read_text(path), source=str(path))
 
 
 def loads_register_map(text: str, *, source: str = "<string>") -> RegisterMap:
@@ -610,19 +603,7 @@ def loads_register_map(text: str, *, source: str = "<string>") -> RegisterMap:
     Raises:
         ConfigError: invalid YAML or an invalid map (names source, line, key).
     """
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(
-            f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
-            source=source,
-            line=mark.line + 1 if mark is not None else None,
-        ) from exc
-    lines: dict[str, int] = {}
-    if node is not None:
-        _index_lines(node, "", lines)
+    document, lines = parse_yaml(text, source)
     return parse_register_map(document, source=source, lines=lines)
 
 
@@ -635,18 +616,6 @@ def parse_register_map(
         ConfigError: naming the source, line and key path of the first problem.
     """
     return _MapParser(source, lines or {}).parse(document)
-
-
-def _index_lines(node: yaml.Node, path: str, out: dict[str, int]) -> None:
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            sub = f"{path}.{key_node.value}" if path else str(key_node.value)
-            out[sub] = key_node.start_mark.line + 1
-            _index_lines(value_node, sub, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _index_lines(item, f"{path}[{i}]", out)
 
 
 _TOP_KEYS: Final = frozenset(

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 import serial
-import yaml
 
 from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.errors import ConfigError, ReaderError
 from daq_agent.core.model import FlowConfig
 from daq_agent.core.sample import Sample
+from daq_agent.core.yamlfile import parse_yaml, read_text
 from daq_agent.readers.base import ErrorCallback, Sink
 from daq_agent.readers.poll import PollFault, PollReaderABC
 from daq_agent.readers.serial import normalize_serial_options
@@ -102,14 +102,7 @@ def load_query_file(path: str | Path) -> QueryFile:
     Raises:
         ConfigError: it cannot be read, is not YAML, or is invalid (names file, line, key).
     """
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=source) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text: {exc.reason}", source=source) from exc
-    return loads_query_file(text, source=source)
+    return loads_query_file(read_text(path), source=str(path))
 
 
 def loads_query_file(text: str, *, source: str = "<string>") -> QueryFile:
@@ -118,19 +111,7 @@ def loads_query_file(text: str, *, source: str = "<string>") -> QueryFile:
     Raises:
         ConfigError: invalid YAML or an invalid file (names source, line, key).
     """
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(
-            f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
-            source=source,
-            line=mark.line + 1 if mark is not None else None,
-        ) from exc
-    lines: dict[str, int] = {}
-    if node is not None:
-        _index(node, "", lines)
+    document, lines = parse_yaml(text, source)
     if not isinstance(document, Mapping):
         raise ConfigError("must be a mapping with queries", source=source, line=1)
     shared = {k: v for k, v in document.items() if k not in _OWN_KEYS}
@@ -223,18 +204,6 @@ def loads_query_file(text: str, *, source: str = "<string>") -> QueryFile:
         max_length=int(getattr(framing, "max_length", 0) or 4096),
         source=source,
     )
-
-
-def _index(node: yaml.Node, path: str, out: dict[str, int]) -> None:
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            sub = f"{path}.{key_node.value}" if path else str(key_node.value)
-            out[sub] = key_node.start_mark.line + 1
-            _index(value_node, sub, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _index(item, f"{path}[{i}]", out)
 
 
 class ScpiReader(PollReaderABC):

@@ -16,9 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from daq_agent.core.errors import ConfigError
+from daq_agent.core.yamlfile import line_for, parse_yaml, read_text
 from daq_agent.serialdefs.model import (
     BINARY_FIELD_TYPES,
     FIXED_SIZE_TYPES,
@@ -95,14 +94,7 @@ def load_definitions(path: str | Path) -> SerialDefinitions:
     Raises:
         ConfigError: the file cannot be read, is not YAML, or is invalid (names file, line, key).
     """
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=source) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text: {exc.reason}", source=source) from exc
-    return loads_definitions(text, source=source)
+    return loads_definitions(read_text(path), source=str(path))
 
 
 def loads_definitions(text: str, *, source: str = "<string>") -> SerialDefinitions:
@@ -118,27 +110,13 @@ def loads_definitions(text: str, *, source: str = "<string>") -> SerialDefinitio
     Raises:
         ConfigError: the text is not YAML or is invalid (names source, line, key).
     """
-    try:
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            document = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", source=source, line=line) from exc
-    lines: dict[str, int] = {}
-    if node is not None:
-        _index_lines(node, "", lines)
+    document, lines = parse_yaml(text, source)
     try:
         return parse_definitions(document, source=source, lines=lines)
     except ConfigError as exc:
         if exc.source is not None:
             raise
-        line = _line_for(exc.key or "", lines)
+        line = line_for(exc.key or "", lines)
         raise ConfigError(exc.reason, source=source, key=exc.key, line=line) from None
 
 
@@ -162,29 +140,6 @@ def parse_definitions(
 
 
 # -- line index ----------------------------------------------------------------------------------
-
-
-def _index_lines(node: yaml.Node, path: str, lines: dict[str, int]) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            sub = f"{path}.{key}" if path else key
-            lines[sub] = key_node.start_mark.line + 1
-            _index_lines(value_node, sub, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _index_lines(item, f"{path}[{i}]", lines)
-
-
-def _line_for(path: str, lines: Mapping[str, int]) -> int | None:
-    while True:
-        if path in lines:
-            return lines[path]
-        if not path:
-            return None
-        cut = max(path.rfind("."), path.rfind("["))
-        path = path[:cut] if cut > 0 else ""
 
 
 # -- validation ----------------------------------------------------------------------------------
