@@ -89,6 +89,20 @@ def write_counter_log(path: Path, count: int, rate: float, start: float | None =
 # -- processes ------------------------------------------------------------------------------------
 
 
+def _listening(port: int) -> bool:
+    """True if something accepts TCP connections on 127.0.0.1:``port``.
+
+    A connect to a port of the ephemeral range where nothing listens can succeed by itself:
+    when the kernel picks that same port as the source, the socket connects to itself (TCP
+    simultaneous open). Probing a restarting server many times makes that likely enough to
+    have let tests go on before their server listened; such a connection is not counted."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            return sock.getsockname() != sock.getpeername()
+    except OSError:
+        return False
+
+
 class ServeProcess:
     """``daq-agent serve`` as a subprocess on a fixed port, so it can be killed and restarted."""
 
@@ -114,10 +128,7 @@ class ServeProcess:
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited {self.proc.returncode}: {self.log_text()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
+            if _listening(self.port):
                 return
             if time.monotonic() > deadline:
                 raise AssertionError("serve did not listen within 20 s")

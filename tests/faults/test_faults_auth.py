@@ -64,6 +64,9 @@ def test_wrong_key_then_fixed_retries_slowly_and_delivers_everything(
             assert agent.status().flusher.pending > 0
             key_file.write_text(NEW_KEY)
             assert agent.wait(frames / RATE + 30), "the replay did not end"
+            # the stop drains only into the durable spool: wait for the delivery itself (the
+            # auth retry waits up to 1 s, and a starved replay can end first)
+            wait_for(lambda: agent.status().flusher.pending == 0, 30, "the backlog delivered")
         finally:
             final = agent.stop()
         db = server.db
