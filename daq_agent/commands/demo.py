@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,19 +146,34 @@ class DemoResult:
         if self.db_path is None:
             return []
         db = shlex.quote(str(self.db_path))
+        exe = _executable()
         run = f" --run {shlex.quote(self.run_name)}" if self.run_name else ""
         busiest = max(self.per_flow, key=lambda flow: self.per_flow[flow], default="")
         flow = f" --flow {shlex.quote(busiest)}" if busiest else ""
         return [
             "",
             "Look at what was stored:",
-            f"  daq-agent runs --db {db}",
-            f"  daq-agent channels --db {db}{run}",
-            f"  daq-agent export --db {db}{run}{flow} --wide",
-            f"  daq-agent export --db {db}{run} --format parquet --output demo-parquet/",
-            f"  daq-agent plot --db {db}{run} --channel 'Pack*' --output demo.png",
-            "  daq-agent monitor --config configs/demo.yaml   (live, while a simulator runs)",
+            f"  {exe} runs --db {db}",
+            f"  {exe} channels --db {db}{run}",
+            f"  {exe} export --db {db}{run}{flow} --wide",
+            f"  {exe} export --db {db}{run} --format parquet --output demo-parquet/",
+            f"  {exe} plot --db {db}{run} --channel 'Pack*' --output demo.png",
+            f"  {exe} monitor --config configs/demo.yaml   (live, while a simulator runs)",
         ]
+
+
+def _executable() -> str:
+    """How to call ``daq-agent`` from here: its name if it is on PATH, else its path (e.g.
+    ``.venv/bin/daq-agent`` after ``make demo``)."""
+    if shutil.which("daq-agent"):
+        return "daq-agent"
+    beside = Path(sys.executable).parent / "daq-agent"
+    if not beside.exists():
+        return f"{sys.executable} -m daq_agent.cli"
+    try:
+        return shlex.quote(os.path.relpath(beside))
+    except ValueError:
+        return shlex.quote(str(beside))
 
 
 def _simulator_command(config: AgentConfig, rate: float | None, duration: float) -> list[str]:

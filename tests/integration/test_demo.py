@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,13 @@ def test_demo_stores_every_decoded_frame(tmp_path: Path) -> None:
     assert re.search(r"^  imu\.imu +\d+$", out, re.MULTILINE)  # the serial IMU beside the bus
     assert "serial imu [stopped]" in out
     assert (tmp_path / "state" / "local.sqlite").is_file()
+    # its last lines say how to look at what it stored; those commands work as printed
+    steps = out[out.index("Look at what was stored:") :].splitlines()[1:]
+    runs = next(line for line in steps if " runs --db " in line)
+    channels = next(line for line in steps if " channels --db " in line)
+    for line in (runs, channels):
+        shown = subprocess.run(
+            shlex.split(line), capture_output=True, text=True, timeout=60, check=False
+        )
+        assert shown.returncode == 0, (line, shown.stderr)
+        assert "bench-demo" in shown.stdout or "PackVoltage" in shown.stdout, shown.stdout
