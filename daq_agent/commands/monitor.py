@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from daq_agent.commands._options import parse_bus_options
 from daq_agent.core.errors import ConfigError
 from daq_agent.core.model import FlowConfig
 
@@ -143,19 +143,6 @@ def _source(args: argparse.Namespace) -> Any:
     raise ConfigError("say what to watch: --agent URL, --bus IF:CH, --log FILE or --config C")
 
 
-def _parse_bus_options(items: Sequence[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--bus-option {item!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(raw)
-        except ValueError:
-            options[key] = raw
-    return options
-
-
 def _databases(args: argparse.Namespace) -> tuple[str, tuple[Path, ...], Any]:
     """The bus alias, the database files and the config's plan (None without --config)."""
     if args.dbc:
@@ -208,7 +195,7 @@ def _bus_source(args: argparse.Namespace) -> Any:
             kwargs["channel"] = "239.74.163.2"
     if args.bitrate is not None:
         kwargs["bitrate"] = args.bitrate
-    kwargs.update(_parse_bus_options(args.bus_option))
+    kwargs.update(parse_bus_options(args.bus_option))
     alias, paths, plan = _databases(args)
     decoder = _decoder(alias, paths, plan)
     where = f"{kwargs['interface']}:{kwargs.get('channel', '')}"

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from daq_agent.commands._options import parse_bus_options
 from daq_agent.core.errors import ConfigError, ReaderError
 
 log = logging.getLogger(__name__)
@@ -184,19 +185,6 @@ def _serial_unavailable(exc: ImportError) -> Any:
     return run
 
 
-def _parse_bus_options(items: list[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--bus-option {item!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(raw)
-        except ValueError:
-            options[key] = raw
-    return options
-
-
 def _parse_dtcs(texts: list[str] | None) -> list[Any] | None:
     """``--dm1 SPN:FMI[:OC]`` values as DTCs (None when no --dm1 was given)."""
     if texts is None:
@@ -263,7 +251,7 @@ def _do_simulate_can(args: argparse.Namespace) -> int:
         bus_kwargs["channel"] = "239.74.163.2"
     if args.bitrate is not None:
         bus_kwargs["bitrate"] = args.bitrate
-    bus_kwargs.update(_parse_bus_options(args.bus_option))
+    bus_kwargs.update(parse_bus_options(args.bus_option))
     simulator = CanSimulator(
         databases,
         rate=args.rate,
