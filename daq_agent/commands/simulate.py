@@ -15,17 +15,14 @@ import argparse
 import importlib
 import json
 import logging
-import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from daq_agent.commands._options import parse_bus_options
 from daq_agent.core.errors import ConfigError, ReaderError
+from daq_agent.sim.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -215,25 +212,6 @@ def _load_databases(paths: list[Path]) -> list[Any]:
     return [load_database(path) for path in paths]
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Set ``stop`` on SIGINT/SIGTERM for the duration (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("simulate: %s received, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _do_simulate_can(args: argparse.Namespace) -> int:
     import can
 
@@ -275,7 +253,7 @@ def _do_simulate_can(args: argparse.Namespace) -> int:
     )
     try:
         simulator.bus = bus
-        with _stop_on_signals(stop):
+        with stop_on_signals(stop):
             summary = simulator.run(duration=args.duration, count=args.count, stop=stop)
     finally:
         bus.shutdown()

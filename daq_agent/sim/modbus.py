@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import signal
 import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 from pymodbus import FramerType
@@ -47,6 +45,7 @@ from daq_agent.decode.registers import (
     encode_point,
     load_register_map,
 )
+from daq_agent.sim.signals import stop_on_signals
 
 __all__ = ["ModbusSimulator", "run"]
 
@@ -335,19 +334,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--pin wants POINT=VALUE, got {item!r}")
         sim.set_value(name, _number(text))
     stop = threading.Event()
-
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        sim.start()
-        print(sim.url, flush=True)
-        stop.wait(args.duration)
-    finally:
-        sim.stop()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    with stop_on_signals(stop):
+        try:
+            sim.start()
+            print(sim.url, flush=True)
+            stop.wait(args.duration)
+        finally:
+            sim.stop()
     print(f"served {sim.request_count()} requests", file=sys.stderr)
     return 0
 

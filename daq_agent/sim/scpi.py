@@ -20,18 +20,17 @@ import argparse
 import heapq
 import os
 import select
-import signal
 import sys
 import threading
 import time
 import tty
 from collections import Counter
 from pathlib import Path
-from types import FrameType
 from typing import Final
 
 from daq_agent.readers.scpi import QueryFile, load_query_file
 from daq_agent.sim.serial import SerialSimulator
+from daq_agent.sim.signals import stop_on_signals
 
 __all__ = ["ScpiSimulator", "run"]
 
@@ -170,18 +169,12 @@ def run(args: argparse.Namespace) -> int:
     """Answer until SIGINT/SIGTERM or ``--duration``; prints the pty's path first."""
     sim = ScpiSimulator(args.queries, seed=args.seed)
     stop = threading.Event()
-
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        sim.start()
-        print(sim.path, flush=True)
-        stop.wait(args.duration)
-    finally:
-        sim.stop()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    with stop_on_signals(stop):
+        try:
+            sim.start()
+            print(sim.path, flush=True)
+            stop.wait(args.duration)
+        finally:
+            sim.stop()
     print(f"answered {sum(sim.queries.values())} queries", file=sys.stderr)
     return 0

@@ -28,7 +28,6 @@ import math
 import os
 import random
 import select
-import signal
 import sys
 import threading
 import time
@@ -37,7 +36,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Final
 
 from daq_agent.core.errors import ConfigError, ReaderError
@@ -46,6 +44,7 @@ from daq_agent.core.sample import Value
 from daq_agent.serialdefs.codec import ChannelSpec, CompiledFrame, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions
 from daq_agent.serialdefs.model import SerialDefinitions
+from daq_agent.sim.signals import stop_on_signals
 
 __all__ = [
     "CORRUPTIONS",
@@ -507,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is None and args.count is None and args.output is not None:
         raise ConfigError("--output needs --count or --duration")
     stop = threading.Event()
-    with _StopOnSignals(stop):
+    with stop_on_signals(stop):
         if args.output is not None:
             try:
                 with open(args.output, "wb") as out:
@@ -545,25 +544,3 @@ def _make_link(link: Path, target: str) -> None:
         tmp.replace(link)
     except OSError as exc:
         raise ReaderError(f"cannot link {link} to {target}: {exc.strerror or exc}") from exc
-
-
-class _StopOnSignals:
-    """Set ``stop`` on SIGINT/SIGTERM while active (main thread only), then restore handlers."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self._stop = stop
-        self._saved: list[tuple[int, object]] = []
-
-    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
-        self._stop.set()
-
-    def __enter__(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._saved.append((signum, signal.signal(signum, self._handle)))
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._saved:
-            signal.signal(signum, handler)  # type: ignore[arg-type]  # what signal() returned
-        self._saved.clear()
