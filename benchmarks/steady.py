@@ -44,6 +44,8 @@ from benchlib import (
     udp_drops,
 )
 
+from daq_agent.core.signals import stop_on_signals
+
 GROUP = "239.74.163.17"
 
 
@@ -64,7 +66,6 @@ def generate(dbc: Path, rate: float, duration: float, port: int, group: str = GR
     import can
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     frames = make_frames(dbc, max(1000, min(int(rate * 10), 200_000)), 0.0)
     for msg in frames:
         msg.timestamp = 0.0  # the receiving socket stamps it
@@ -72,18 +73,19 @@ def generate(dbc: Path, rate: float, duration: float, port: int, group: str = GR
     sent = errors = 0
     started = time.monotonic()
     try:
-        while not stop.is_set():
-            elapsed = time.monotonic() - started
-            if elapsed >= duration:
-                break
-            due = int(elapsed * rate)
-            while sent + errors < due:
-                try:
-                    bus.send(frames[(sent + errors) % len(frames)])
-                    sent += 1
-                except (can.CanError, OSError):
-                    errors += 1
-            stop.wait(0.001)
+        with stop_on_signals(stop):
+            while not stop.is_set():
+                elapsed = time.monotonic() - started
+                if elapsed >= duration:
+                    break
+                due = int(elapsed * rate)
+                while sent + errors < due:
+                    try:
+                        bus.send(frames[(sent + errors) % len(frames)])
+                        sent += 1
+                    except (can.CanError, OSError):
+                        errors += 1
+                stop.wait(0.001)
     finally:
         bus.shutdown()
     elapsed = time.monotonic() - started

@@ -12,6 +12,9 @@ added ones started, nothing buffered is lost. An invalid file, or a change of an
 sources (target, asset, run, spool, ring, new flows), is refused with a log line and the running
 config keeps running. Under systemd, RELOADING=1 is sent before and READY=1 after.
 
+SIGUSR1 writes every thread's stack to stderr (the journal, under systemd) and the run goes on:
+for a run that seems stuck.
+
 With the spool (the default), what could not be delivered before the exit stays on disk and is
 replayed first at the next start; the summary says how much is left in it.
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -40,13 +44,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 from daq_agent.agent import Agent
 from daq_agent.config import load_config
 from daq_agent.core.errors import DaqError, SpoolError
 from daq_agent.core.memory import Trimmer, limit_arenas
+from daq_agent.core.signals import handle_signals
 from daq_agent.metrics import MetricsServer, write_summary_json
 from daq_agent.pipeline.status import AgentStatus, SourceStats
 from daq_agent.readers.base import ReaderState
@@ -113,50 +117,54 @@ def never_opened(status: AgentStatus) -> list[SourceStats]:
 
 
 class ReloadFlag:
-    """Set by the SIGHUP handler (a plain attribute: signal-safe), taken by the run loop."""
+    """Set on SIGHUP (by the signal watcher thread), taken by the run loop."""
 
-    __slots__ = ("requested",)
+    __slots__ = ("_lock", "_requested")
 
     def __init__(self) -> None:
-        self.requested = False
+        self._lock = threading.Lock()
+        self._requested = False
+
+    def request(self) -> None:
+        """Ask for a reload (several before the next :meth:`take` are one)."""
+        with self._lock:
+            self._requested = True
 
     def take(self) -> bool:
         """True (once) if a reload was requested since the last call."""
-        requested, self.requested = self.requested, False
+        with self._lock:
+            requested, self._requested = self._requested, False
         return requested
 
 
 @contextlib.contextmanager
 def stop_signals(agent: Agent, reload: ReloadFlag | None = None) -> Iterator[None]:
     """While active, SIGINT/SIGTERM request a drained stop; a second one abandons the drain.
-    With ``reload``, SIGHUP sets it (the run loop reloads on the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    With ``reload``, SIGHUP sets it (the run loop reloads on the main thread).
+
+    The requests are made on a watcher thread, never inside the handler (see
+    :mod:`daq_agent.core.signals`)."""
     count = 0
 
-    def handler(signum: int, _frame: FrameType | None) -> None:
+    def stop(sig: signal.Signals) -> None:
         nonlocal count
         count += 1
-        # only events are set here: the main thread may hold any lock when a signal arrives
+        if count > 1:
+            log.warning("%s again: abandoning the drain", sig.name)
         agent.request_stop(abandon=count > 1)
 
-    def hangup(signum: int, _frame: FrameType | None) -> None:
+    def hangup(_sig: signal.Signals) -> None:
         assert reload is not None
-        reload.requested = True  # only a flag: the reload itself runs in the run loop
+        reload.request()  # the reload itself runs in the run loop, on the main thread
 
-    handlers: dict[signal.Signals, Callable[[int, FrameType | None], None]] = {
-        signal.SIGINT: handler,
-        signal.SIGTERM: handler,
+    callbacks: dict[signal.Signals, Callable[[signal.Signals], None]] = {
+        signal.SIGINT: stop,
+        signal.SIGTERM: stop,
     }
     if reload is not None:
-        handlers[signal.SIGHUP] = hangup
-    previous = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
-    try:
+        callbacks[signal.SIGHUP] = hangup
+    with handle_signals(callbacks):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def drive_agent(
@@ -221,6 +229,14 @@ def drive_agent(
 
 
 def _do_run(args: argparse.Namespace) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks of a run that seems stuck
+    try:
+        return _run_agent(args)
+    finally:
+        faulthandler.unregister(signal.SIGUSR1)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
     limit_arenas()  # before the agent's threads start (see daq_agent.core.memory)
     config = load_config(args.config)
     agent = Agent(config)

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from daq_agent.core.errors import DaqError
+from daq_agent.core.signals import stop_on_signals
 from daq_agent.h2grpc.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -120,11 +119,6 @@ def _do_serve(args: argparse.Namespace) -> int:
     if args.host not in _LOOPBACK and args.tls_cert is None:
         log.warning("serving plain-text gRPC on %s: keep it on a trusted network", args.host)
     stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
     link = ParentLink(args.control_fd) if args.control_fd is not None else None
     try:
         server = make_server(
@@ -141,9 +135,8 @@ def _do_serve(args: argparse.Namespace) -> int:
         )
     except OSError as exc:
         raise DaqError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with server:
+        with stop_on_signals(stop), server:
             if link is not None:
                 link.report_listening(server.port)
             while not stop.is_set():
@@ -155,6 +148,4 @@ def _do_serve(args: argparse.Namespace) -> int:
     finally:
         if link is not None:
             link.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0

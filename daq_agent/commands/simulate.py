@@ -22,7 +22,7 @@ from typing import Any
 
 from daq_agent.commands._options import parse_bus_options
 from daq_agent.core.errors import ConfigError, ReaderError
-from daq_agent.sim.signals import stop_on_signals
+from daq_agent.core.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 

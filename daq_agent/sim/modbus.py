@@ -38,6 +38,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from daq_agent.core.errors import ConfigError, ReaderError
+from daq_agent.core.signals import stop_on_signals
 from daq_agent.decode.registers import (
     Function,
     Point,
@@ -45,7 +46,6 @@ from daq_agent.decode.registers import (
     encode_point,
     load_register_map,
 )
-from daq_agent.sim.signals import stop_on_signals
 
 __all__ = ["ModbusSimulator", "run"]
 

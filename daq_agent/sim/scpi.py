@@ -28,9 +28,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Final
 
+from daq_agent.core.signals import stop_on_signals
 from daq_agent.readers.scpi import QueryFile, load_query_file
 from daq_agent.sim.serial import SerialSimulator
-from daq_agent.sim.signals import stop_on_signals
 
 __all__ = ["ScpiSimulator", "run"]
 

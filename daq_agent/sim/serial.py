@@ -41,10 +41,10 @@ from typing import Final
 from daq_agent.core.errors import ConfigError, ReaderError
 from daq_agent.core.model import ChannelDataType
 from daq_agent.core.sample import Value
+from daq_agent.core.signals import stop_on_signals
 from daq_agent.serialdefs.codec import ChannelSpec, CompiledFrame, SerialCodec
 from daq_agent.serialdefs.loader import load_definitions
 from daq_agent.serialdefs.model import SerialDefinitions
-from daq_agent.sim.signals import stop_on_signals
 
 __all__ = [
     "CORRUPTIONS",

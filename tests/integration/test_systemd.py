@@ -307,7 +307,13 @@ def test_daq_agent_run_notifies_systemd(notify_socket: NotifySocket, tmp_path: P
         assert notify_socket.wait_for(lambda m: m.startswith("STATUS="), 10) is not None
         assert notify_socket.wait_for(is_pet, 5) is not None
         process.send_signal(signal.SIGTERM)
-        assert notify_socket.wait_for(lambda m: "STOPPING=1" in m.splitlines(), 30) is not None
+        stopping = notify_socket.wait_for(lambda m: "STOPPING=1" in m.splitlines(), 30)
+        if stopping is None:  # show where it is stuck: SIGUSR1 dumps every thread's stack
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            process.kill()
+            _, stderr = process.communicate()
+            pytest.fail(f"no STOPPING=1 within 30 s of SIGTERM; the agent's stderr:\n{stderr}")
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
