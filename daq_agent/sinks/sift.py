@@ -82,8 +82,15 @@ def sink_error(exc: BaseException, secret: str = "") -> SinkError:
         elif _INVALID_ARGUMENT in codes:
             kind = FailureKind.REJECTED
         else:
-            kind = FailureKind.TRANSIENT
-        return SinkError(str(exc), kind)
+            return SinkError(str(exc), FailureKind.TRANSIENT)
+        # the server ended a stream before the window's finish: sift_stream counts the status
+        # but does not pass on the server's message, so say what is known
+        names = ", ".join(_status_name(c) for c in sorted(codes) if c)
+        return SinkError(
+            f"the server ended the stream with {names} (sift_stream does not pass on the "
+            f"server's message)",
+            kind,
+        )
     timed_out = isinstance(exc, StreamTimeout)
     error = stream_error(exc, secret=secret) if isinstance(exc, RuntimeError) else exc
     text = str(error).replace(secret, "<redacted>") if secret else str(error)
@@ -99,6 +106,13 @@ def sink_error(exc: BaseException, secret: str = "") -> SinkError:
         ):
             kind = FailureKind.REJECTED
     return SinkError(text, kind, timed_out=timed_out)
+
+
+def _status_name(number: int) -> str:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return str(code.name)
+    return f"status {number}"
 
 
 @dataclass(frozen=True, slots=True)

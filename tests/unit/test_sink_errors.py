@@ -98,6 +98,13 @@ def test_a_stream_that_failed_inside_a_window(codes: dict[int, int], kind: Failu
     assert sink_error(StreamFailed("failed", codes)).kind is kind
 
 
+def test_a_refusal_seen_only_in_the_stream_statuses_names_the_status() -> None:
+    """sift_stream keeps only the status of a stream the server ended early: the dead-letter
+    reason names it (OK, the count of streams that ended cleanly, is left out)."""
+    error = sink_error(StreamFailed("failed", {0: 1, 3: 1}))
+    assert str(error).startswith("the server ended the stream with INVALID_ARGUMENT (")
+
+
 def test_a_timeout_is_transient_and_says_so() -> None:
     error = sink_error(StreamTimeout("no answer within 3.0 s"))
     assert error.kind is FailureKind.TRANSIENT
