@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from benchlib import Server, free_port, machine, rss_mb, udp_drops
@@ -48,21 +49,16 @@ def _fds(pid: int) -> int:
 
 
 def _softnet_drops() -> int:
-    """Packets the kernel could not take in: the per-CPU input backlog's drops
-    (``/proc/net/softnet_stat``, second column) plus UDP's ``InErrors`` (``/proc/net/snmp``: full
-    receive queues, memory limits). System-wide: the soak's traffic is all there is."""
+    """Packets the kernel dropped before any socket saw them: the per-CPU input backlog's drops
+    (``/proc/net/softnet_stat``, second column). System-wide: the soak's traffic is all there is.
+
+    Not UDP's ``InErrors``: the generator's own bus socket is in the group too and never reads,
+    so nearly every frame is a receive-buffer error there, whatever the agent does."""
     total = 0
     try:
         for line in Path("/proc/net/softnet_stat").read_text().splitlines():
             if line.strip():
                 total += int(line.split()[1], 16)
-        rows = [
-            line.split()
-            for line in Path("/proc/net/snmp").read_text().splitlines()
-            if line.startswith("Udp:")
-        ]
-        if len(rows) >= 2:
-            total += int(rows[1][rows[0].index("InErrors")])
     except (OSError, ValueError, IndexError):
         pass
     return total
@@ -79,6 +75,37 @@ def _slope_per_hour(points: list[tuple[float, float]]) -> float:
     if var == 0:
         return 0.0
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var * 3600.0
+
+
+def _gaps(missing: Iterable[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive missing seqs, as (first, count)."""
+    runs: list[tuple[int, int]] = []
+    for seq in sorted(missing):
+        if runs and runs[-1][0] + runs[-1][1] == seq:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((seq, 1))
+    return runs
+
+
+def _gap_lines(
+    missing: Iterable[int], rate: float, events: list[tuple[float, str]], show: int = 5
+) -> list[str]:
+    """Where the losses are: the gaps of consecutive lost frames, the largest first, each at its
+    time in the run (the generator is paced: frame ``seq`` is sent ``seq / rate`` s in) and
+    the nearest server restart or SIGHUP."""
+    gaps = _gaps(missing)
+    if not gaps:
+        return []
+    lines = [f"lost frames in {len(gaps):,} gaps; the largest:"]
+    for first, count in sorted(gaps, key=lambda g: -g[1])[:show]:
+        at = first / rate
+        near = ""
+        if events:
+            when, what = min(events, key=lambda e: abs(e[0] - at))
+            near = f", {at - when:+.2f} s from the {what} at {when:.0f} s"
+        lines.append(f"  {count:,} frames from {at:.2f} s ({count / rate:.3f} s of traffic){near}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         samples: list[tuple[float, float, int, int]] = []
         drops: dict[int, int] = {}  # the bus socket's kernel drop counter, per socket inode
         restarts = hups = 0
+        events: list[tuple[float, str]] = []  # (seconds since the start, "restart" | "SIGHUP")
         next_restart = started + args.restart_every
         next_hup = started + args.hup_every if args.hup_every > 0 else float("inf")
         try:
@@ -134,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
                     server.start()  # the same port: the agent's target does not change
                     restarts += 1
+                    events.append((now - started, "restart"))
                     next_restart += args.restart_every
                 if now >= next_hup:
                     agent.send_signal(signal.SIGHUP)
                     hups += 1
+                    events.append((now - started, "SIGHUP"))
                     next_hup += args.hup_every
                 time.sleep(args.sample_every)
         finally:
@@ -176,17 +206,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{_slope_per_hour([(s[0], s[1]) for s in warm]):+.1f} MB/h (target <= 5)"
     )
     print(f"  open descriptors {min(fds)}-{max(fds)}, threads {min(threads)}-{max(threads)}")
-    # frames the kernel dropped from a full socket queue never reached the agent (a starved
-    # machine); the agent's own losses are the rest
-    # InErrors includes the bus socket's own drops: count the larger view, never both
-    kernel = max(sum(drops.values()), backlog_drops)
-    by_agent = max(0, len(verdict.missing) - kernel)
+    # frames the kernel dropped never reached the agent (a starved machine): from the bus
+    # socket's full queue, or earlier, from the input backlog; the agent's own losses are the rest
+    socket_drops = sum(drops.values())
+    by_agent = max(0, len(verdict.missing) - socket_drops - backlog_drops)
     print(
         f"  stored {verdict.stored:,}; lost {len(verdict.missing):,} (dropped by the kernel "
-        f"before the agent read them {kernel:,}, {backlog_drops:,} system-wide; by the "
-        f"agent {by_agent:,}), duplicated "
+        f"before the agent read them: {socket_drops:,} from the bus socket's queue, "
+        f"{backlog_drops:,} from the input backlog; by the agent {by_agent:,}), duplicated "
         f"{verdict.duplicates:,}, unexpected {len(verdict.unexpected):,} (target 0 lost)"
     )
+    for line in _gap_lines(verdict.missing, args.rate, events):
+        print("  " + line)
     if agent.returncode != 0:
         print("  agent stderr (tail):\n    " + "\n    ".join(stderr.splitlines()[-8:]))
     print(f"  {machine()}")

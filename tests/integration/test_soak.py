@@ -52,8 +52,9 @@ def test_a_one_minute_soak_loses_nothing(tmp_path: Path) -> None:
     assert int(restarts.group(1)) >= 2, out
     assert int(restarts.group(2)) >= 2, out
     stored = re.search(
-        r"stored ([\d,]+); lost ([\d,]+) \(dropped by the kernel before the agent read them "
-        r"([\d,]+), [\d,]+ system-wide; by the agent 0\), duplicated 0, unexpected 0",
+        r"stored ([\d,]+); lost ([\d,]+) \(dropped by the kernel before the agent read them: "
+        r"([\d,]+) from the bus socket's queue, ([\d,]+) from the input backlog; by the agent 0\), "
+        r"duplicated 0, unexpected 0",
         out,
     )
     assert stored is not None, out
