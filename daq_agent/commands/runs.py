@@ -1,9 +1,10 @@
 """``daq-agent runs``: the runs of a local server's store.
 
 ``runs --db DB [--json]`` lists each run with its name, id, client key, asset(s), start and stop
-times, its samples and channels, and the time of its first and last sample. Samples stored
-without a run are listed as ``(no run)``. ``--json`` prints one array of objects (times as ISO 8601
-UTC strings and integer ns).
+times, its samples and channels, and the time of its first and last sample. A run whose client set
+no start time (sift_stream sets none) shows when the server created it, marked ``(created)``.
+Samples stored without a run are listed as ``(no run)``. ``--json`` prints one array of objects
+(times as ISO 8601 UTC strings and integer ns).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from daq_agent.commands._browse import browse, print_table, time_text
-from daq_agent.server.browse import RunSummary
+from daq_agent.server.browse import RunSummary, RunView
 
 __all__ = ["add_subparser", "run_record"]
 
@@ -42,6 +43,8 @@ def run_record(summary: RunSummary) -> dict[str, Any]:
         "assets": list(summary.assets),
         "start": time_text(run.start_ns) or None,
         "start_ns": run.start_ns,
+        "created": time_text(run.created_ns) or None,
+        "created_ns": run.created_ns,
         "stop": time_text(run.stop_ns) or None,
         "stop_ns": run.stop_ns,
         "is_stopped": run.is_stopped,
@@ -53,6 +56,12 @@ def run_record(summary: RunSummary) -> dict[str, Any]:
         "last_sample": time_text(summary.last_ns) or None,
         "last_sample_ns": summary.last_ns,
     }
+
+
+def _start_text(run: RunView) -> str:
+    if run.start_ns is not None or run.created_ns is None:
+        return time_text(run.start_ns)
+    return f"{time_text(run.created_ns)} (created)"
 
 
 def _do_runs(args: argparse.Namespace) -> int:
@@ -68,7 +77,7 @@ def _do_runs(args: argparse.Namespace) -> int:
             s.run.run_id,
             s.run.client_key or "",
             ", ".join(s.assets),
-            time_text(s.run.start_ns),
+            _start_text(s.run),
             time_text(s.run.stop_ns) if s.run.is_stopped else "(running)",
             str(s.samples),
             str(s.channels),

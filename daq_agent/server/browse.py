@@ -149,13 +149,15 @@ class RunView:
     start_ns: int | None
     stop_ns: int | None
     is_stopped: bool
+    created_ns: int | None = None
+    """When the server created it (a client may set no start time: sift_stream sets none)."""
 
     @classmethod
     def from_record(cls, record: RunRecord) -> RunView:
         """The view of a stored run."""
         return cls(
             record.pk, record.run_id, record.name, record.client_key, record.start_ns,
-            record.stop_ns, record.is_stopped,
+            record.stop_ns, record.is_stopped, record.created_ns,
         )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ class Built:
     db: Path
     drives: dict[str, Drive]
     logs: dict[str, Path]
+    began_ns: int
+    """Wall-clock time before the first replay started."""
 
 
 def _frames(count: int, offset_s: float, run: str) -> tuple[list[can.Message], Drive]:
@@ -120,6 +123,7 @@ def _replay(tmp: Path, log: Path, run: str) -> Path:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """Two runs replayed by the agent into one store."""
     tmp = tmp_path_factory.mktemp("browse")
+    began_ns = time.time_ns()
     drives, logs = {}, {}
     db = None
     for run, count, offset in (("drive-1", 120, 0.0), ("drive-2", 40, 100.0)):
@@ -131,7 +135,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         db = _replay(tmp, log, run)
         drives[run], logs[run] = drive, log
     assert db is not None
-    return Built(db, drives, logs)
+    return Built(db, drives, logs, began_ns)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -160,6 +164,9 @@ def test_runs_json_and_text(built: Built, capsys: pytest.CaptureFixture[str]) ->
         assert record["client_key"]
         assert record["run_id"]
         assert record["is_stopped"] is True
+        # sift_stream sets no start time: the server's creation time stands in, before the stop
+        assert record["start_ns"] is None
+        assert built.began_ns <= record["created_ns"] <= record["stop_ns"]
     code, out, _ = run_cli(capsys, "runs", "--db", str(built.db))
     assert code == 0
     line = next(row for row in out.splitlines() if row.startswith("drive-1 "))
@@ -167,6 +174,7 @@ def test_runs_json_and_text(built: Built, capsys: pytest.CaptureFixture[str]) ->
     assert "browse-test" in line
     assert f" {runs['drive-1']['samples']} " in line
     assert iso_timestamp(built.drives["drive-1"].times_ns[0]) in line
+    assert f"{runs['drive-1']['created']} (created)" in line
 
 
 def test_channels_show_units_signed_enum_labels_and_counts(
