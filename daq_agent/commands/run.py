@@ -57,7 +57,7 @@ from daq_agent.readers.base import ReaderState
 from daq_agent.status_json import status_route
 from daq_agent.systemd import Notifier, Watchdog
 
-__all__ = ["ReloadFlag", "add_subparser", "drive_agent", "stop_signals"]
+__all__ = ["ReloadFlag", "add_subparser", "drive_agent", "exit_code", "stop_signals"]
 
 log = logging.getLogger("daq_agent.run")
 
@@ -338,20 +338,28 @@ def _acquire(
         print(line, flush=True)
     if args.summary_json is not None:
         write_summary_json(args.summary_json, final)  # DaqError names the file
+    return exit_code(agent, final)
+
+
+def exit_code(agent: Agent, final: AgentStatus, err: TextIO | None = None) -> int:
+    """The exit code of a run that ended with ``final``; each reason for a non-zero one is
+    written to ``err`` (default stderr): a spool that failed, a sender that died, samples lost,
+    or a source (not optional) that never opened."""
+    err = sys.stderr if err is None else err
     spool_error = agent.spool_error
     if spool_error is not None:
         print(
             f"daq-agent run: the spool failed, exiting so the agent is restarted: {spool_error}",
-            file=sys.stderr,
+            file=err,
         )
         return EXIT_INCOMPLETE
     sender_error = agent.flusher.error if agent.flusher is not None else None
     if sender_error is not None:  # what was read is safe in the spool; the service restarts
-        print(f"daq-agent run: the sender died: {sender_error}", file=sys.stderr)
+        print(f"daq-agent run: the sender died: {sender_error}", file=err)
         return EXIT_INCOMPLETE
     lost = final.lost
     if lost:
-        print(f"daq-agent run: samples were lost: {lost}", file=sys.stderr)
+        print(f"daq-agent run: samples were lost: {lost}", file=err)
     never = never_opened(final)
     optional = agent.config.optional_sources  # as reloaded
     for source in [s for s in never if s.name in optional]:
@@ -361,6 +369,6 @@ def _acquire(
         print(
             f"daq-agent run: {source.kind} {source.name} never opened during the run: "
             f"{source.last_error or source.state}",
-            file=sys.stderr,
+            file=err,
         )
     return EXIT_OK if not lost and not never and final.balanced else EXIT_INCOMPLETE

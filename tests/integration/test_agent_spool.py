@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -14,13 +15,14 @@ import pytest
 
 from daq_agent._proto.sift.ingest.v1 import ingest_pb2
 from daq_agent.agent import Agent
+from daq_agent.commands.run import exit_code
 from daq_agent.config import AgentConfig, LocalTarget, load_config
 from daq_agent.core.errors import SpoolError
 from daq_agent.core.model import TelemetryConfig
 from daq_agent.core.sample import Sample
 from daq_agent.pipeline.batch import unpack_payloads
 from daq_agent.pipeline.deadletter import read_dead_letters
-from daq_agent.pipeline.spool import Spool
+from daq_agent.pipeline.spool import Spool, SpoolRecord
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.local import LocalIngestServer
 from daq_agent.server.store import Store
@@ -226,6 +228,48 @@ def test_an_fsync_failure_stops_the_agent_with_a_spool_error(
     finally:
         spool._abandon()
     assert os.path.isdir(tmp_path / "broken-spool")
+
+
+class _BuggySpool(Spool):
+    """A real spool whose read raises what nothing expects (a bug on the sender's path) once it
+    holds records."""
+
+    def read(
+        self, after_seq: int, *, max_records: int = 1000, max_bytes: int = 8 * 2**20
+    ) -> list[SpoolRecord]:
+        records = super().read(after_seq, max_records=max_records, max_bytes=max_bytes)
+        if records:
+            raise RuntimeError("a bug on the sender's path")
+        return records
+
+
+def test_a_sender_that_dies_fails_health_and_the_run_exits_1(
+    tmp_path: Path, channel: str, sender: can.BusABC
+) -> None:
+    """The sender thread ending on an unexpected error stops the agent's wait, fails its health
+    check (the watchdog stops), and ``run``'s exit code is 1 naming the error; what was read is
+    still in the spool for the next start."""
+    config = make_config(tmp_path, channel)
+    spool = _BuggySpool(tmp_path / "buggy-spool")
+    agent = started(Agent(config, window=spool))
+    try:
+        for msg in frames(10):
+            sender.send(msg)
+        assert agent.wait(timeout=20), "the agent did not notice the sender's death"
+        health = agent.health()
+        assert health is not None
+        assert "the sender (flusher) is not running: " in health
+        assert "a bug on the sender's path" in health
+    finally:
+        final = agent.stop()
+        spool.close()  # a window given to the agent stays the caller's
+    err = io.StringIO()
+    assert exit_code(agent, final, err) == 1
+    assert "daq-agent run: the sender died: " in err.getvalue()
+    assert "a bug on the sender's path" in err.getvalue()
+    assert final.flusher.delivered == 0
+    with Spool(tmp_path / "buggy-spool") as again:  # safe for the next start
+        assert again.pending_samples == 10
 
 
 def test_a_second_agent_on_the_same_spool_exits_1(tmp_path: Path, channel: str) -> None:
