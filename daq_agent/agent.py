@@ -13,8 +13,9 @@
                            everything read is delivered
       .reload(config)      (SIGHUP) restart the sources whose settings changed, stop those
                            removed, start those added; the ring, flusher, spool and sink are not
-                           touched, so nothing read is lost. Anything else changed, or flows the
-                           sink does not know, refuses the whole reload (a restart is needed)
+                           touched, so nothing read is lost; new flows are registered live.
+                           Anything else changed, or a flow whose channels changed, refuses the
+                           whole reload (a restart is needed)
       .stop()              readers → ring closed → flusher drains and checkpoints → run stopped →
                            sink → local server (last) → spool closed (what is left stays on disk)
 
@@ -301,6 +302,8 @@ class ReloadResult:
         added: sources started.
         removed: sources stopped.
         unchanged: sources left running as they were.
+        new_flows: flows the new config added (registered with the API before their first
+            samples are sent).
         refused: why the reload was refused ("" when it was applied); nothing changed then.
     """
 
@@ -308,6 +311,7 @@ class ReloadResult:
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
+    new_flows: tuple[str, ...] = ()
     refused: str = ""
 
     @property
@@ -323,9 +327,13 @@ class ReloadResult:
         def names(items: tuple[str, ...]) -> str:
             return ", ".join(items) or "none"
 
+        flows = ""
+        if self.new_flows:
+            shown = ", ".join(self.new_flows[:5]) + (" …" if len(self.new_flows) > 5 else "")
+            flows = f"; {len(self.new_flows)} new flows ({shown})"
         return (
             f"reloaded: restarted {names(self.restarted)}; added {names(self.added)}; "
-            f"removed {names(self.removed)}; unchanged {names(self.unchanged)}"
+            f"removed {names(self.removed)}; unchanged {names(self.unchanged)}{flows}"
         )
 
 
@@ -671,8 +679,10 @@ class Agent:
         removed are stopped, those added are started. Refused (nothing changes, logged) when
         the new config is invalid (its databases do not load), when anything but the sources
         changed (target, asset, run, spool, ring, flush, naming, client key: restart to apply),
-        or when it has flows the running ingestion config does not (restart to apply new
-        databases). Never raises for a bad config; the outcome is logged as one line.
+        or when a flow's channels changed (they are fixed in the running ingestion config).
+        New flows (a database gained messages, a bus was added) are applied: the sink
+        registers each with the API before its first samples are sent. Never raises for a bad
+        config; the outcome is logged as one line.
         """
         with self._reload_lock:
             if not self._started or self._stopped:
@@ -711,17 +721,17 @@ class Agent:
                 "(systemctl restart) to apply; the old config keeps running"
             )
         known = {flow.name: derive_flows_fingerprint([flow]) for flow in self.plan.flows}
-        new_flows = sorted(
+        changed_flows = sorted(
             flow.name
             for flow in plan.flows
-            if known.get(flow.name) != derive_flows_fingerprint([flow])
+            if flow.name in known and known[flow.name] != derive_flows_fingerprint([flow])
         )
-        if new_flows:
-            shown = ", ".join(new_flows[:5]) + (" …" if len(new_flows) > 5 else "")
+        if changed_flows:
+            shown = ", ".join(changed_flows[:5]) + (" …" if len(changed_flows) > 5 else "")
             return (
-                f"{len(new_flows)} flows are new or changed ({shown}): the ingestion config "
-                "cannot change live, restart the agent to apply new databases; the old config "
-                "keeps running"
+                f"{len(changed_flows)} flows changed their channels ({shown}): a flow's "
+                "channels are fixed in the running ingestion config, restart the agent to "
+                "apply (new flows can be added live); the old config keeps running"
             )
         return ""
 
@@ -753,10 +763,18 @@ class Agent:
             if old is not None:
                 _carry_counters(old, reader)
         readers = [fresh.get(s.name) or running[s.name] for s in plan.sources]
-        # the sink keeps the ingestion config it registered (the new flows are a subset)
+        # flows are only ever added: those gone stay known (the ring and the spool may hold
+        # their samples); the sink registers the new ones before their first samples, in the
+        # ingestion config it started with (a restart derives a client key from them all)
+        known = {flow.name for flow in self.plan.flows}
+        new_flows = tuple(flow for flow in plan.flows if flow.name not in known)
+        if new_flows:
+            if self.sink is not None:
+                self.sink.add_flows(new_flows)
+            self.latest.add_flows(new_flows)
         self.plan = dataclasses.replace(
             plan,
-            flows=self.plan.flows,
+            flows=(*self.plan.flows, *new_flows),
             client_key=self.plan.client_key,
             fingerprint=self.plan.fingerprint,
         )
@@ -776,6 +794,7 @@ class Agent:
             added=tuple(added),
             removed=removed,
             unchanged=tuple(s.name for s in plan.sources if s.name not in fresh),
+            new_flows=tuple(flow.name for flow in new_flows),
         )
 
     def request_stop(self, *, abandon: bool = False) -> None:

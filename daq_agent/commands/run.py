@@ -8,9 +8,10 @@ ended and everything is delivered. A summary is printed at the end.
 
 SIGHUP (``systemctl reload``) reads the config file again and applies its source changes live
 (:meth:`~daq_agent.agent.Agent.reload`): changed sources are restarted, removed ones stopped,
-added ones started, nothing buffered is lost. An invalid file, or a change of anything but the
-sources (target, asset, run, spool, ring, new flows), is refused with a log line and the running
-config keeps running. Under systemd, RELOADING=1 is sent before and READY=1 after.
+added ones started, new flows registered, nothing buffered is lost. An invalid file, or a change
+of anything but the sources (target, asset, run, spool, ring, a flow whose channels changed), is
+refused with a log line and the running config keeps running. Under systemd, RELOADING=1 is
+sent before and READY=1 after.
 
 SIGUSR1 writes every thread's stack to stderr (the journal, under systemd) and the run goes on:
 for a run that seems stuck.

@@ -185,11 +185,7 @@ class LatestValues:
         watch_s: float | None = 60.0,
     ) -> None:
         self._channels: dict[str, list[tuple[ChannelConfig, EnumLabels | None]]] = {}
-        for flow in flows:
-            self._channels[flow.name] = [
-                (c, EnumLabels(c) if c.data_type is ChannelDataType.ENUM else None)
-                for c in flow.channels
-            ]
+        self.add_flows(flows)
         self._last: dict[str, Sample] = {}
         # flows with absent values (multiplexed messages): each channel's last value and time
         self._merged: dict[str, tuple[list[Value], list[int]]] = {}
@@ -244,6 +240,19 @@ class LatestValues:
     def closed(self) -> bool:
         """Never closed: the tap takes samples until dropped."""
         return False
+
+    def add_flows(self, flows: Iterable[FlowConfig]) -> None:
+        """Name the values of more flows (added while running); known ones stay as they are."""
+        channels = dict(self._channels)
+        for flow in flows:
+            channels.setdefault(
+                flow.name,
+                [
+                    (c, EnumLabels(c) if c.data_type is ChannelDataType.ENUM else None)
+                    for c in flow.channels
+                ],
+            )
+        self._channels = channels  # one assignment: readers see the old map or the new one
 
     # -- readings ---------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -35,7 +35,7 @@ from daq_agent.core.errors import (
     RpcStatusError,
     SinkError,
 )
-from daq_agent.core.model import TelemetryConfig
+from daq_agent.core.model import FlowConfig, TelemetryConfig
 from daq_agent.ingestion.errors import stream_error
 from daq_agent.ingestion.service import IngestionService
 from daq_agent.ingestion.sift_stream import (
@@ -218,6 +218,7 @@ class SiftSink:
         self._service: IngestionService | None = None
         self._key = ""
         self._lazy = False
+        self._unregistered: frozenset[str] = frozenset()  # flows added live, not yet registered
         self._run_ids: dict[str, str] = {}
         self._lock = threading.Lock()
         self._totals: dict[str, float] = {
@@ -257,6 +258,25 @@ class SiftSink:
     def lazy_flow_creation(self) -> bool:
         """Whether flows are registered when first sent (known once set up)."""
         return self._lazy
+
+    def add_flows(self, flows: Sequence[FlowConfig]) -> list[str]:
+        """Learn flows added while running (a reload); the names of those that are new.
+
+        Nothing is sent here: each new flow is registered with the API (a unary call on the
+        sender's thread) before the first window that carries its samples, and with the
+        ingestion config whenever the sink sets up again.
+        """
+        known = self._builder.flows
+        new = [flow for flow in flows if flow.name not in known]
+        if not new:
+            return []
+        with self._lock:
+            telemetry = replace(self._telemetry, flows=[*self._telemetry.flows, *new])
+            self._telemetry = telemetry
+            # one assignment each: the sender sees the old builder or the new one
+            self._builder = RequestBuilder(telemetry.flows)
+            self._unregistered = self._unregistered | {flow.name for flow in new}
+        return [flow.name for flow in new]
 
     def run_id(self, run: RunRef) -> str:
         """The API's id of ``run`` ("" until a window found or created it)."""
@@ -334,15 +354,19 @@ class SiftSink:
     def _send(self, window: Window, rows: Sequence[Row], run: RunRef | None) -> None:
         service = self._service
         assert service is not None
-        if service.lazy_flow_creation:
-            flows = self._builder.flows
+        builder = self._builder
+        if service.lazy_flow_creation or self._unregistered:
+            flows = builder.flows
             new = {name for name, _, _ in rows} - service.registered_flows
             if new:
                 todo = [flows[name] for name in sorted(new) if name in flows]
                 service.register_flows(todo)
                 with self._lock:
                     self._totals["lazy_flows"] += len(todo)
-        requests = self._builder.build(
+            if self._unregistered:
+                with self._lock:
+                    self._unregistered = self._unregistered - service.registered_flows
+        requests = builder.build(
             rows, service.ingestion_config.ingestion_config_id, self._run_id(window, run)
         )
         window.send(requests)

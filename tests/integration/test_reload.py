@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,9 +25,10 @@ import pytest
 
 from daq_agent.agent import Agent
 from daq_agent.commands.run import never_opened
-from daq_agent.config import AgentConfig, load_config
+from daq_agent.config import AgentConfig, LocalTarget, load_config
 from daq_agent.pipeline.flusher import FlusherSettings
 from daq_agent.readers.base import ReaderState
+from daq_agent.server.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -191,33 +193,72 @@ def test_target_change_is_refused(
     wait_for(lambda: agent.status().flusher.delivered == 25, 15, "25 samples delivered")
 
 
-def test_new_flows_are_refused_removed_source_is_stopped(
+def test_a_new_bus_adds_its_flows_live_removed_source_is_stopped(
     agent_and_buses: tuple[Agent, Path, list[str]], tmp_path: Path
 ) -> None:
-    """A bus with new flows is refused (restart to apply databases); removing can1 stops it and
-    keeps its counters in the status."""
+    """A new bus brings new flows: they are registered with the running ingestion config and
+    its frames are stored under them, with nothing restarted; removing can1 stops it and keeps
+    its counters in the status."""
     agent, path, (ch0, ch1) = agent_and_buses
     send(ch1, 30)
-    wait_for(lambda: agent.status().received == 30, 10, "30 frames read")
+    # delivered: the sink has set up its ingestion config, with the flows of can0 and can1
+    wait_for(lambda: agent.status().flusher.delivered == 30, 15, "30 samples delivered")
+    ch2 = channel()
     added = two_buses(tmp_path / "state", ch0, ch1) + (
-        f"  - {{name: can2, interface: virtual, channel: {channel()}, databases: [{BENCH_DBC}]}}\n"
+        f"  - {{name: can2, interface: virtual, channel: {ch2}, databases: [{BENCH_DBC}]}}\n"
     )
     result = agent.reload(load_config(_rewrite(path, added), env={}))
-    assert not result.applied
-    assert "restart the agent to apply new databases" in result.refused
-    assert len(agent.readers) == 2
+    assert result.applied, result.refused
+    assert (result.added, result.unchanged) == (("can2",), ("can0", "can1"))
+    assert "can2.BMS_PackStatus" in result.new_flows
+    assert all(name.startswith("can2.") for name in result.new_flows)
+    assert agent.readers[2].wait_state(ReaderState.RUNNING, timeout=10.0)
+    send(ch2, 40)
+    wait_for(lambda: agent.status().flusher.delivered == 70, 15, "70 samples delivered")
     only0 = two_buses(tmp_path / "state", ch0, ch1).split("  - {name: can1")[0]
     can1 = agent.readers[1]
     result = agent.reload(load_config(_rewrite(path, only0), env={}))
     assert result.applied, result.refused
-    assert (result.removed, result.unchanged) == (("can1",), ("can0",))
+    assert (result.removed, result.unchanged, result.new_flows) == (("can1", "can2"), ("can0",), ())
     assert [r.name for r in agent.readers] == ["can0"]
     assert can1.state is ReaderState.STOPPED
     assert not can1.is_alive()
-    wait_for(lambda: agent.status().flusher.delivered == 30, 15, "30 samples delivered")
     status = agent.status()
-    assert status.received == 30
+    assert status.received == 70
     assert status.balanced
+    config = agent.config
+    assert isinstance(config.target, LocalTarget)
+    with Store.open(config.target.db_path, readonly=True) as store:
+        flows = Counter(sample[0] for sample in store.iter_samples())
+    assert flows == {"can1.BMS_PackStatus": 30, "can2.BMS_PackStatus": 40}
+
+
+def test_a_flow_whose_signals_changed_is_refused(
+    agent_and_buses: tuple[Agent, Path, list[str]], tmp_path: Path
+) -> None:
+    """A database whose message gained a signal changes that flow's channels, which the running
+    ingestion config cannot take: the reload is refused naming the flow, and the old buses go on."""
+    agent, path, (ch0, ch1) = agent_and_buses
+    changed = tmp_path / "changed.dbc"
+    changed.write_text(
+        BENCH_DBC.read_text().replace(
+            ' SG_ PackAliveCounter : 48|4@1+ (1,0) [0|15] "" VCU\n',
+            ' SG_ PackAliveCounter : 48|4@1+ (1,0) [0|15] "" VCU\n'
+            ' SG_ PackSpare : 52|4@1+ (1,0) [0|15] "" VCU\n',
+        )
+    )
+    assert changed.read_text() != BENCH_DBC.read_text()
+    text = two_buses(tmp_path / "state", ch0, ch1).replace(
+        f"channel: {ch0}, databases: [{BENCH_DBC}]", f"channel: {ch0}, databases: [{changed}]"
+    )
+    readers = list(agent.readers)
+    result = agent.reload(load_config(_rewrite(path, text), env={}))
+    assert not result.applied
+    assert "flows changed their channels (can0.BMS_PackStatus" in result.refused
+    assert "restart the agent" in result.refused
+    assert agent.readers == readers
+    send(ch0, 10)
+    wait_for(lambda: agent.status().flusher.delivered == 10, 15, "10 samples delivered")
 
 
 def _rewrite(path: Path, text: str) -> Path:
