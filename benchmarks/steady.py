@@ -66,14 +66,14 @@ def generate(dbc: Path, rate: float, duration: float, port: int, group: str = GR
     import can
 
     stop = threading.Event()
-    frames = make_frames(dbc, max(1000, min(int(rate * 10), 200_000)), 0.0)
-    for msg in frames:
-        msg.timestamp = 0.0  # the receiving socket stamps it
-    bus = can.Bus(interface="udp_multicast", channel=group, port=port)
-    sent = errors = 0
-    started = time.monotonic()
-    try:
-        with stop_on_signals(stop):
+    with stop_on_signals(stop):
+        frames = make_frames(dbc, max(1000, min(int(rate * 10), 200_000)), 0.0)
+        for msg in frames:
+            msg.timestamp = 0.0  # the receiving socket stamps it
+        bus = can.Bus(interface="udp_multicast", channel=group, port=port)
+        sent = errors = 0
+        started = time.monotonic()
+        try:
             while not stop.is_set():
                 elapsed = time.monotonic() - started
                 if elapsed >= duration:
@@ -86,8 +86,8 @@ def generate(dbc: Path, rate: float, duration: float, port: int, group: str = GR
                     except (can.CanError, OSError):
                         errors += 1
                 stop.wait(0.001)
-    finally:
-        bus.shutdown()
+        finally:
+            bus.shutdown()
     elapsed = time.monotonic() - started
     print(json.dumps({"frames": sent, "errors": errors, "elapsed_s": round(elapsed, 3)}))
 

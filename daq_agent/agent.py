@@ -19,7 +19,8 @@
       .stop()              readers → ring closed → flusher drains and checkpoints → run stopped →
                            sink → local server (last) → spool closed (what is left stays on disk)
 
-:meth:`Agent.request_stop` is safe from a signal handler (it only sets an event).
+:meth:`Agent.request_stop` may be called from any thread, but not from inside a signal handler:
+setting an event takes a lock the interrupted thread may hold (see :mod:`daq_agent.core.signals`).
 """
 
 from __future__ import annotations
@@ -800,7 +801,8 @@ class Agent:
     def request_stop(self, *, abandon: bool = False) -> None:
         """Ask :meth:`wait` to return; with ``abandon``, also cut a drain short.
 
-        Only sets events, so it is safe from a signal handler.
+        Only sets events: safe from any thread, never from inside a signal handler (see
+        :mod:`daq_agent.core.signals`).
         """
         self._stop_requested.set()
         if abandon and self.flusher is not None:

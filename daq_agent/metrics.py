@@ -78,6 +78,7 @@ _STREAM_METRICS: dict[str, tuple[str, str, bool]] = {
     "messages_sent": ("stream_requests_committed", "Ingest requests in committed windows.", True),
     "stream_retries": ("stream_retries", "Reconnects of the stream inside windows.", True),
     "lazy_flows": ("stream_lazy_flows", "Flows registered when first seen.", True),
+    "added_flows": ("stream_added_flows", "Flows added by a reload and registered live.", True),
     "ingestion_channel_depth": (
         "stream_ingestion_queue_depth",
         "The stream's ingestion queue depth at the last window.",

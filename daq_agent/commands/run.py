@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import faulthandler
 import logging
 import signal
 import sys
@@ -51,7 +50,7 @@ from daq_agent.agent import Agent
 from daq_agent.config import load_config
 from daq_agent.core.errors import DaqError, SpoolError
 from daq_agent.core.memory import Trimmer, limit_arenas
-from daq_agent.core.signals import handle_signals
+from daq_agent.core.signals import dump_stacks_on, handle_signals
 from daq_agent.metrics import MetricsServer, write_summary_json
 from daq_agent.pipeline.status import AgentStatus, SourceStats
 from daq_agent.readers.base import ReaderState
@@ -230,11 +229,8 @@ def drive_agent(
 
 
 def _do_run(args: argparse.Namespace) -> int:
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks of a run that seems stuck
-    try:
+    with dump_stacks_on(signal.SIGUSR1):  # stacks of a run that seems stuck
         return _run_agent(args)
-    finally:
-        faulthandler.unregister(signal.SIGUSR1)
 
 
 def _run_agent(args: argparse.Namespace) -> int:

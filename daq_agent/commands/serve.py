@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daq_agent.core.errors import DaqError
-from daq_agent.core.signals import stop_on_signals
+from daq_agent.core.signals import dump_stacks_on, stop_on_signals
 from daq_agent.h2grpc.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -136,7 +136,7 @@ def _do_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise DaqError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
     try:
-        with stop_on_signals(stop), server:
+        with stop_on_signals(stop), dump_stacks_on(), server:
             if link is not None:
                 link.report_listening(server.port)
             while not stop.is_set():

@@ -18,6 +18,7 @@ code, which waits for a lock like any other thread does.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["handle_signals", "stop_on_signals"]
+__all__ = ["dump_stacks_on", "handle_signals", "stop_on_signals"]
 
 log = logging.getLogger(__name__)
 
@@ -53,34 +54,43 @@ def handle_signals(
         yield False
         return
     read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        try:
-            os.write(write_fd, bytes((signum,)))
-        except OSError:  # a full pipe (thousands of signals unread) already wakes the watcher
-            pass
-
-    watcher = threading.Thread(target=_watch, args=(read_fd, callbacks), name=name, daemon=True)
-    watcher.start()
+    watcher: threading.Thread | None = None
     previous = {}
     try:
+        os.set_blocking(write_fd, False)
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            try:
+                os.write(write_fd, bytes((signum,)))
+            except OSError:  # a full pipe (thousands of signals unread) already wakes the watcher
+                pass
+
+        watcher = threading.Thread(target=_watch, args=(read_fd, callbacks), name=name, daemon=True)
+        watcher.start()
         for sig in callbacks:
             previous[sig] = signal.signal(sig, handler)
         yield True
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        try:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        finally:  # even if a restored handler raised (KeyboardInterrupt) right away
+            _close_watcher(watcher, read_fd, write_fd)
+
+
+def _close_watcher(watcher: threading.Thread | None, read_fd: int, write_fd: int) -> None:
+    """Tell the watcher to end after what it already read, join it, close the pipe."""
+    if watcher is not None:
         try:
             os.write(write_fd, bytes((_CLOSE,)))
         except BlockingIOError:  # absurdly many unread signals: the join below times out
             pass
         watcher.join(_JOIN_TIMEOUT_S)
-        os.close(write_fd)
-        if watcher.is_alive():  # a callback still waits for something: leave it its pipe
-            log.warning("signal watcher still busy after %.0f s; leaving it", _JOIN_TIMEOUT_S)
-        else:
-            os.close(read_fd)
+    os.close(write_fd)
+    if watcher is not None and watcher.is_alive():  # a callback still waits: leave it its pipe
+        log.warning("signal watcher still busy after %.0f s; leaving it", _JOIN_TIMEOUT_S)
+    else:
+        os.close(read_fd)
 
 
 def _watch(
@@ -110,3 +120,21 @@ def stop_on_signals(stop: threading.Event) -> Iterator[bool]:
 
     with handle_signals({signal.SIGINT: on_signal, signal.SIGTERM: on_signal}) as installed:
         yield installed
+
+
+@contextmanager
+def dump_stacks_on(sig: signal.Signals = signal.SIGUSR1) -> Iterator[bool]:
+    """While inside, ``sig`` writes every thread's stack to stderr (``faulthandler``) and the
+    process goes on: for one that seems stuck. Yields False (nothing registered) when stderr
+    has no file descriptor, as under some test runners."""
+    try:
+        faulthandler.register(sig, all_threads=True)
+    except (RuntimeError, ValueError, AttributeError, OSError) as exc:
+        # io.UnsupportedOperation is an OSError and a ValueError
+        log.debug("no stack dumps on %s: %s", sig.name, exc)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        faulthandler.unregister(sig)

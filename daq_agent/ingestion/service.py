@@ -201,7 +201,10 @@ class IngestionService:
         return None
 
     def _list_flow_names(self) -> set[str]:
-        names: set[str] = set()
+        return set(self._list_flows())
+
+    def _list_flows(self) -> dict[str, ic_pb2.FlowConfig]:
+        flows: dict[str, ic_pb2.FlowConfig] = {}
         token = ""
         while True:
             request = ic_pb2.ListIngestionConfigFlowsRequest(
@@ -214,10 +217,42 @@ class IngestionService:
                 request,
                 ic_pb2.ListIngestionConfigFlowsResponse,
             )
-            names.update(flow.name for flow in response.flows)
+            for flow in response.flows:
+                flows.setdefault(flow.name, flow)
             token = response.next_page_token
             if not token:
-                return names
+                return flows
+
+    def conflicting_flows(self, flows: Iterable[FlowConfig]) -> dict[str, str]:
+        """Those of ``flows`` the API already has under the same name with other channels (by
+        name and data type, in order), each with why; a unary call.
+
+        Samples of such a flow would be read against the API's channels: refuse them instead.
+
+        Raises:
+            RpcError: when the API answers an error.
+            TransportError: when the API cannot be reached.
+        """
+        wanted = {flow.name: flow for flow in flows}
+        if not wanted:
+            return {}
+        on_server = self._list_flows()
+        out: dict[str, str] = {}
+        for name, flow in wanted.items():
+            theirs = on_server.get(name)
+            if theirs is None:
+                continue
+            mine = [(c.name, c.data_type.value) for c in flow.channels]
+            known = [(c.name, c.data_type) for c in theirs.channels]
+            if mine != known:
+                out[name] = (
+                    f"flow {name!r} already exists in ingestion config "
+                    f"{self.ingestion_config.client_key!r} with other channels "
+                    f"({', '.join(n for n, _ in known[:6])}{' …' if len(known) > 6 else ''}): "
+                    "its samples are refused; give the config another ingestion_client_key or "
+                    "rename the message"
+                )
+        return out
 
     def _register_flows(self, flows: Sequence[FlowConfig]) -> None:
         """Create ``flows`` in the ingestion config, in batches that fit one message.

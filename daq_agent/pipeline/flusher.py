@@ -494,7 +494,8 @@ class Flusher:
     def abort(self) -> None:
         """Give up delivering: the sender ends (what is left stays spooled, or is abandoned).
 
-        Only sets events, so it may be called from a signal handler; :meth:`stop` still joins.
+        Only sets events: safe from any thread (never from inside a signal handler, see
+        :mod:`daq_agent.core.signals`); :meth:`stop` still joins.
         """
         self._abort.set()
         self._wake.set()

@@ -219,6 +219,7 @@ class SiftSink:
         self._key = ""
         self._lazy = False
         self._unregistered: frozenset[str] = frozenset()  # flows added live, not yet registered
+        self._conflicts: dict[str, str] = {}  # flows added live that the API cannot take: why
         self._run_ids: dict[str, str] = {}
         self._lock = threading.Lock()
         self._totals: dict[str, float] = {
@@ -227,6 +228,7 @@ class SiftSink:
             "messages_sent": 0,
             "stream_retries": 0,
             "lazy_flows": 0,
+            "added_flows": 0,
         }
         self._last: dict[str, float] = {}
 
@@ -262,9 +264,11 @@ class SiftSink:
     def add_flows(self, flows: Sequence[FlowConfig]) -> list[str]:
         """Learn flows added while running (a reload); the names of those that are new.
 
-        Nothing is sent here: each new flow is registered with the API (a unary call on the
-        sender's thread) before the first window that carries its samples, and with the
-        ingestion config whenever the sink sets up again.
+        Nothing is sent here. The next send (on the sender's thread) registers them with the
+        API in one call before it builds its requests, and a set-up after a reconnect or a new
+        key creates them with the ingestion config. A flow the API already has under that name
+        with other channels is not registered: its samples are refused (and dead-lettered)
+        rather than read against the API's channels.
         """
         known = self._builder.flows
         new = [flow for flow in flows if flow.name not in known]
@@ -354,8 +358,15 @@ class SiftSink:
     def _send(self, window: Window, rows: Sequence[Row], run: RunRef | None) -> None:
         service = self._service
         assert service is not None
+        if self._unregistered:
+            self._register_added(service)
         builder = self._builder
-        if service.lazy_flow_creation or self._unregistered:
+        conflicts = self._conflicts
+        if conflicts:
+            for name, _, _ in rows:
+                if name in conflicts:
+                    raise IngestionValidationError(conflicts[name])
+        if service.lazy_flow_creation:
             flows = builder.flows
             new = {name for name, _, _ in rows} - service.registered_flows
             if new:
@@ -363,13 +374,38 @@ class SiftSink:
                 service.register_flows(todo)
                 with self._lock:
                     self._totals["lazy_flows"] += len(todo)
-            if self._unregistered:
-                with self._lock:
-                    self._unregistered = self._unregistered - service.registered_flows
         requests = builder.build(
             rows, service.ingestion_config.ingestion_config_id, self._run_id(window, run)
         )
         window.send(requests)
+
+    def _register_added(self, service: IngestionService) -> None:
+        """Register the flows :meth:`add_flows` learned (sender thread; unary calls).
+
+        A transport failure is raised (the window is retried, the flows stay to register); a
+        flow the API refuses, or has with other channels, is given up: its samples are refused.
+        """
+        names = self._unregistered
+        flows = self._builder.flows
+        todo = [flows[name] for name in sorted(names) if name in flows]
+        conflicts = service.conflicting_flows(todo)
+        todo = [flow for flow in todo if flow.name not in conflicts]
+        try:
+            service.register_flows(todo)
+        except (IngestionValidationError, RpcStatusError) as exc:
+            error = sink_error(exc, self._key)
+            if error.kind is not FailureKind.REJECTED:
+                raise error from exc
+            conflicts |= {
+                flow.name: f"the API refused flow {flow.name!r}: {error}" for flow in todo
+            }
+            todo = []
+        for reason in conflicts.values():
+            log.error("%s", reason)
+        with self._lock:
+            self._unregistered = self._unregistered - names
+            self._conflicts = {**self._conflicts, **conflicts}
+            self._totals["added_flows"] += len(todo)
 
     def _note_window(self, snapshot: Any, sent: int) -> None:
         """A window committed: ``sent`` requests, ``snapshot`` the metrics before its finish."""

@@ -26,6 +26,7 @@ import pytest
 from daq_agent.agent import Agent
 from daq_agent.commands.run import never_opened
 from daq_agent.config import AgentConfig, LocalTarget, load_config
+from daq_agent.pipeline.deadletter import read_dead_letters
 from daq_agent.pipeline.flusher import FlusherSettings
 from daq_agent.readers.base import ReaderState
 from daq_agent.server.store import Store
@@ -233,12 +234,8 @@ def test_a_new_bus_adds_its_flows_live_removed_source_is_stopped(
     assert flows == {"can1.BMS_PackStatus": 30, "can2.BMS_PackStatus": 40}
 
 
-def test_a_flow_whose_signals_changed_is_refused(
-    agent_and_buses: tuple[Agent, Path, list[str]], tmp_path: Path
-) -> None:
-    """A database whose message gained a signal changes that flow's channels, which the running
-    ingestion config cannot take: the reload is refused naming the flow, and the old buses go on."""
-    agent, path, (ch0, ch1) = agent_and_buses
+def _with_extra_signal(tmp_path: Path) -> Path:
+    """bench.dbc with a signal added to BMS_PackStatus (so its flow's channels differ)."""
     changed = tmp_path / "changed.dbc"
     changed.write_text(
         BENCH_DBC.read_text().replace(
@@ -248,6 +245,72 @@ def test_a_flow_whose_signals_changed_is_refused(
         )
     )
     assert changed.read_text() != BENCH_DBC.read_text()
+    return changed
+
+
+def test_a_new_flow_the_api_has_with_other_channels_is_refused_not_mislabelled(
+    tmp_path: Path,
+) -> None:
+    """With a fixed ingestion_client_key, a first agent added can2 live from a database where
+    BMS_PackStatus has one more signal. A second agent that adds can2 from bench.dbc must not
+    send its BMS_PackStatus samples against the API's other channels: they are dead-lettered
+    naming the clash, and can2's other messages are delivered."""
+    ch0, ch1, ch2 = channel(), channel(), channel()
+    path = tmp_path / "agent.yaml"
+    base = "ingestion_client_key: reload-clash\n" + two_buses(tmp_path / "state", ch0, ch1)
+
+    def with_can2(dbc: Path) -> str:
+        return base + (
+            f"  - {{name: can2, interface: virtual, channel: {ch2}, databases: [{dbc}]}}\n"
+        )
+
+    settings = FlusherSettings(max_batch=100_000, max_age_s=0.2)
+    first = Agent(write(path, base), flusher_settings=settings)
+    first.start()
+    try:
+        result = first.reload(load_config(_rewrite(path, with_can2(_with_extra_signal(tmp_path)))))
+        assert result.applied, result.refused
+        assert first.readers[2].wait_state(ReaderState.RUNNING, timeout=10.0)
+        send(ch2, 3)
+        wait_for(lambda: first.status().flusher.delivered == 3, 15, "3 samples delivered")
+    finally:
+        first.stop()
+    second = Agent(write(path, base), flusher_settings=settings)
+    second.start()
+    try:
+        send(ch0, 2)  # the sink sets up: the API's config already has can2's flows
+        wait_for(lambda: second.status().flusher.delivered == 2, 15, "2 samples delivered")
+        result = second.reload(load_config(_rewrite(path, with_can2(BENCH_DBC))))
+        assert result.applied, result.refused
+        assert "can2.BMS_PackStatus" in result.new_flows
+        assert second.readers[2].wait_state(ReaderState.RUNNING, timeout=10.0)
+        with can.Bus(interface="virtual", channel=ch2) as bus:
+            for i in range(4):
+                bus.send(frame(i))  # BMS_PackStatus
+                bus.send(can.Message(arbitration_id=0x101, data=bytes(8), is_extended_id=False))
+        wait_for(
+            lambda: second.status().flusher.pending == 0 and second.status().received == 10,
+            20,
+            "the can2 samples handled",
+        )
+    finally:
+        final = second.stop()
+    assert (final.flusher.delivered, final.flusher.dead_lettered) == (6, 4)
+    entries = list(read_dead_letters(second.config.dead_letter_path))
+    assert len(entries) == 4
+    for entry in entries:
+        assert "flow 'can2.BMS_PackStatus' already exists in ingestion config" in entry.reason
+        assert "reload-clash" in entry.reason
+    assert final.stream["added_flows"] == len(result.new_flows) - 1
+
+
+def test_a_flow_whose_signals_changed_is_refused(
+    agent_and_buses: tuple[Agent, Path, list[str]], tmp_path: Path
+) -> None:
+    """A database whose message gained a signal changes that flow's channels, which the running
+    ingestion config cannot take: the reload is refused naming the flow, and the old buses go on."""
+    agent, path, (ch0, ch1) = agent_and_buses
+    changed = _with_extra_signal(tmp_path)
     text = two_buses(tmp_path / "state", ch0, ch1).replace(
         f"channel: {ch0}, databases: [{BENCH_DBC}]", f"channel: {ch0}, databases: [{changed}]"
     )
