@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -151,6 +155,64 @@ def test_timeouts_and_late_replies_are_counted(framer: str) -> None:
     assert reader.counters.get("failures") == 0
     if framer == "socket":  # matched by transaction id: exactly one per timeout
         assert reader.counters.get("late_replies") <= reader.counters.get("timeouts")
+
+
+class _PtyBridge:
+    """A real tty for the reader: a pty whose master end is wired, byte for byte, to a TCP
+    server (the RTU simulator), so ``rtu:///dev/pts/N`` goes through pyserial's serial port."""
+
+    def __init__(self, port: int) -> None:
+        self.master, slave = os.openpty()
+        self.path = os.ttyname(slave)
+        os.close(slave)  # the reader opens it by name; the master end stays readable
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._pump, name="pty-bridge", daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.master, self.sock], [], [], 0.05)
+            try:
+                if self.master in ready:
+                    self.sock.sendall(os.read(self.master, 4096))
+                if self.sock in ready:
+                    data = self.sock.recv(4096)
+                    if not data:
+                        return
+                    os.write(self.master, data)
+            except OSError:  # EIO while no one has the tty open: wait for the reader
+                time.sleep(0.01)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+        os.close(self.master)
+
+
+@pytest.mark.parametrize("line", ["pty", "pyserial-socket"])
+def test_rtu_on_a_serial_port_polls_and_decodes(line: str) -> None:
+    """``rtu://PORT`` takes pymodbus's serial client through pyserial: a real pty (the line
+    settings applied to a tty), and pyserial's ``socket://`` URL; the RTU frames reach the
+    simulator and the values come back decoded."""
+    pm = load_register_map(PM_MAP)
+    out = Collected()
+    with ModbusSimulator(pm, framer="rtu") as sim:
+        sim.set_value("voltage_an", 229.25)
+        bridge = _PtyBridge(sim.port) if line == "pty" else None
+        try:
+            where = bridge.path if bridge else f"socket://127.0.0.1:{sim.port}"
+            url = f"rtu://{where}?baudrate=115200&parity=N"
+            with ModbusReader("pm1", url, pm, out, rate_hz=20, timeout_s=1.0) as reader:
+                wait_until(lambda: len(out.of("pm1.power")) >= 3, what="samples over RTU")
+        finally:
+            if bridge is not None:
+                bridge.close()
+    assert {s.values[0] for s in out.of("pm1.power")} == {229.25}
+    assert reader.counters.get("opens") == 1
+    assert reader.counters.get("timeouts") == reader.counters.get("exceptions") == 0
+    assert _balanced(reader)
 
 
 def test_a_vanished_server_is_retried_and_polling_resumes() -> None:
