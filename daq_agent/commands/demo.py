@@ -4,8 +4,9 @@
    under the state directory), the ingestion config and a run, the ring, the flusher, a reader
    on the demo bus (python-can ``udp_multicast``) and one per serial device of the config;
 2. the simulators start as their own processes: ``daq-agent simulate can`` on the same bus with
-   the bench database's traffic, and ``daq-agent simulate serial`` on a pty for each serial device
-   (the device's port is pointed at that pty);
+   the bench database's traffic, ``daq-agent simulate serial`` on a pty for each serial device
+   (the device's port is pointed at that pty), and ``simulate modbus`` (on a free port) or
+   ``simulate scpi`` (on a pty) for each polled device, whose URL is pointed at it;
 3. the live status shows for ``--duration`` seconds; then the simulator is stopped, the agent
    drains and stops;
 4. the summary: frames sent, received, decoded, unknown, delivered, stored (counted back from the
@@ -32,7 +33,7 @@ from typing import Any
 
 from daq_agent.agent import Agent
 from daq_agent.commands.run import drive_agent, stop_signals
-from daq_agent.config import AgentConfig, LocalTarget, SerialConfig, load_config
+from daq_agent.config import AgentConfig, DeviceConfig, LocalTarget, SerialConfig, load_config
 from daq_agent.core.errors import ConfigError, DaqError
 from daq_agent.pipeline.status import AgentStatus
 from daq_agent.readers.base import ReaderState
@@ -205,38 +206,53 @@ def _simulator_command(config: AgentConfig, rate: float | None, duration: float)
     return command
 
 
-def _start_serial_simulator(device: SerialConfig, link: Path) -> subprocess.Popen[str]:
-    """Start ``daq-agent simulate serial`` for ``device`` with its pty linked at ``link``.
-
-    Returns once the pty exists.
+def _start_simulator(name: str, arguments: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """Start ``daq-agent -q simulate ARGUMENTS`` for the device ``name``; returns once it
+    printed where it is (its first line: a pty's path or a URL), with that line.
 
     Raises:
         DaqError: the simulator did not start.
     """
-    link.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daq_agent.cli",
-            "-q",
-            "simulate",
-            "serial",
-            "--defs",
-            str(device.defs),
-            "--link",
-            str(link),
-        ],
+        [sys.executable, "-m", "daq_agent.cli", "-q", "simulate", *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     assert process.stdout is not None
-    line = process.stdout.readline()  # the pty's path, once it exists
-    if not line.strip():
-        _stop_process(process)
-        raise DaqError(f"the serial simulator for {device.name!r} did not start")
-    return process
+    line = process.stdout.readline().strip()  # once the pty or the server exists
+    if not line:
+        _, err = _stop_process(process)
+        raise DaqError(f"the simulator for {name!r} did not start: {err.strip()[-300:]}")
+    return process, line
+
+
+def _simulate_serial(device: SerialConfig, link: Path) -> tuple[subprocess.Popen[str], str]:
+    """``simulate serial`` for a serial device, its pty linked at ``link``; (process, port)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    arguments = ["serial", "--defs", str(device.defs), "--link", str(link)]
+    process, _ = _start_simulator(device.name, arguments)
+    return process, str(link)
+
+
+def _simulate_device(device: DeviceConfig, link: Path) -> tuple[subprocess.Popen[str], str]:
+    """``simulate modbus`` (a server on a free port) or ``simulate scpi`` (a pty linked at
+    ``link``) for a polled device; (process, the URL the device is to use)."""
+    if device.kind == "modbus":
+        arguments = ["modbus", "--map", str(device.map), "--port", "0", "--unit", "0"]
+        if device.url.startswith("rtu+tcp://"):
+            arguments += ["--framer", "rtu"]
+        elif not device.url.startswith("tcp://"):
+            raise ConfigError(
+                f"the demo simulates Modbus over TCP only, not {device.url!r}",
+                key=f"devices.{device.name}.url",
+            )
+        process, url = _start_simulator(device.name, arguments)
+        return process, url
+    link.parent.mkdir(parents=True, exist_ok=True)
+    arguments = ["scpi", "--queries", str(device.map), "--link", str(link)]
+    process, _ = _start_simulator(device.name, arguments)
+    return process, str(link)
 
 
 def _stop_process(process: subprocess.Popen[str]) -> tuple[str, str]:
@@ -298,13 +314,25 @@ def run_demo(
     if not isinstance(target, LocalTarget):
         raise ConfigError("the demo counts back from the local server: use the local target")
     out = out or sys.stdout
-    serial_sims: list[subprocess.Popen[str]] = []
-    devices = []
-    for device in config.serial:  # each on the pty of its own simulator
-        link = config.state_dir / f"demo-{device.name}-{os.getpid()}.pty"
-        serial_sims.append(_start_serial_simulator(device, link))
-        devices.append(dataclasses.replace(device, port=str(link)))
-    config = dataclasses.replace(config, serial=tuple(devices))
+    device_sims: list[subprocess.Popen[str]] = []
+    try:  # each device on its own simulator: serial ones on a pty, polled ones as they speak
+        serial = []
+        for device in config.serial:
+            link = config.state_dir / f"demo-{device.name}-{os.getpid()}.pty"
+            process, port = _simulate_serial(device, link)
+            device_sims.append(process)
+            serial.append(dataclasses.replace(device, port=port))
+        polled = []
+        for polled_device in config.devices:
+            link = config.state_dir / f"demo-{polled_device.name}-{os.getpid()}.pty"
+            process, url = _simulate_device(polled_device, link)
+            device_sims.append(process)
+            polled.append(dataclasses.replace(polled_device, url=url))
+    except BaseException:
+        for process in device_sims:
+            _stop_process(process)
+        raise
+    config = dataclasses.replace(config, serial=tuple(serial), devices=tuple(polled))
     agent = Agent(config)
     simulator: subprocess.Popen[str] | None = None
     sent: int | None = None
@@ -319,14 +347,16 @@ def run_demo(
         try:
             agent.start()
         except BaseException:
-            for process in serial_sims:
+            for process in device_sims:
                 _stop_process(process)
             raise
         try:
             for reader in agent.readers:
                 if not reader.wait_state(ReaderState.RUNNING, timeout=10.0):
                     raise DaqError(f"bus {reader.name} did not open: {reader.counters.last_error}")
-            serial_text = "".join(f" + serial {d.name}" for d in config.serial)
+            serial_text = "".join(f" + serial {d.name}" for d in config.serial) + "".join(
+                f" + {d.kind} {d.name}" for d in config.devices
+            )
             print(
                 f"demo: run {agent.run_name} -> {agent.target_uri}; "
                 f"{len(agent.plan.flows)} flows; simulator on {config.buses[0].interface} "
@@ -346,7 +376,7 @@ def run_demo(
             agent.stop(drain=False)
             if simulator is not None:
                 _stop_simulator(simulator)
-            for process in serial_sims:
+            for process in device_sims:
                 _stop_process(process)
             raise
         try:
@@ -354,7 +384,7 @@ def run_demo(
                 agent, duration=duration, out=out, live=live, before_stop=stop_simulator
             )
         finally:  # after the agent stopped reading, so no reader sees its port vanish
-            for process in serial_sims:
+            for process in device_sims:
                 _stop_process(process)
     from daq_agent.server.store import Store
 

@@ -151,6 +151,13 @@ def add_subparser(subparsers: Any) -> None:
     scpi.add_argument("--queries", required=True, type=Path, help="query file YAML")
     scpi.add_argument("--duration", type=float, default=None, metavar="S", help="seconds")
     scpi.add_argument("--seed", type=int, default=0, help="waveform seed (0)")
+    scpi.add_argument(
+        "--link",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also make PATH a symlink to the pty",
+    )
     scpi.set_defaults(func=_run_polled("scpi"))
 
 

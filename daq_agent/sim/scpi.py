@@ -30,7 +30,7 @@ from typing import Final
 
 from daq_agent.core.signals import stop_on_signals
 from daq_agent.readers.scpi import QueryFile, load_query_file
-from daq_agent.sim.serial import SerialSimulator
+from daq_agent.sim.serial import SerialSimulator, pty_link
 
 __all__ = ["ScpiSimulator", "run"]
 
@@ -172,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
     with stop_on_signals(stop):
         try:
             sim.start()
-            print(sim.path, flush=True)
-            stop.wait(args.duration)
+            with pty_link(args.link, sim.path):
+                print(sim.path, flush=True)
+                stop.wait(args.duration)
         finally:
             sim.stop()
     print(f"answered {sum(sim.queries.values())} queries", file=sys.stderr)

@@ -34,6 +34,7 @@ import time
 import tty
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -52,6 +53,7 @@ __all__ = [
     "SerialSimulator",
     "SimulatedFrame",
     "add_arguments",
+    "pty_link",
     "run",
 ]
 
@@ -519,23 +521,28 @@ def run(args: argparse.Namespace) -> int:
             return 0
         writer = _PtyWriter()
         try:
-            if args.link is not None:
-                _make_link(args.link, writer.path)
-            print(writer.path, flush=True)
-            elapsed = simulator.run(writer.write, stop, duration=args.duration, count=args.count)
+            with pty_link(args.link, writer.path):
+                print(writer.path, flush=True)
+                elapsed = simulator.run(
+                    writer.write, stop, duration=args.duration, count=args.count
+                )
         finally:
             writer.close()
-            if args.link is not None:
-                try:
-                    if os.readlink(args.link) == writer.path:
-                        os.unlink(args.link)
-                except OSError:
-                    pass
     print(simulator.summary(elapsed), file=sys.stderr)
     return 0
 
 
-def _make_link(link: Path, target: str) -> None:
+@contextmanager
+def pty_link(link: Path | None, target: str) -> Iterator[None]:
+    """While inside, ``link`` (if given) is a symlink to the pty ``target``: a stable path for
+    a config. Replaced atomically; removed on leaving if it still points there.
+
+    Raises:
+        ReaderError: the link cannot be made.
+    """
+    if link is None:
+        yield
+        return
     tmp = link.with_name(link.name + ".tmp")
     try:
         if tmp.is_symlink() or tmp.exists():
@@ -544,3 +551,11 @@ def _make_link(link: Path, target: str) -> None:
         tmp.replace(link)
     except OSError as exc:
         raise ReaderError(f"cannot link {link} to {target}: {exc.strerror or exc}") from exc
+    try:
+        yield
+    finally:
+        try:
+            if os.readlink(link) == target:
+                os.unlink(link)
+        except OSError:
+            pass

@@ -58,6 +58,9 @@ def test_demo_stores_every_decoded_frame(tmp_path: Path) -> None:
     assert "can0.GNSS_Position" in out  # and a 29-bit one
     assert re.search(r"^  imu\.imu +\d+$", out, re.MULTILINE)  # the serial IMU beside the bus
     assert "serial imu [stopped]" in out
+    # the polled devices beside them, each on its simulator: the meter's groups, the PSU's replies
+    assert re.search(r"^  meter\.power +[1-9]\d*$", out, re.MULTILINE), out
+    assert re.search(r"^  psu\.output +[1-9]\d*$", out, re.MULTILINE), out
     assert (tmp_path / "state" / "local.sqlite").is_file()
     # its last lines say how to look at what it stored; those commands work as printed
     steps = out[out.index("Look at what was stored:") :].splitlines()[1:]
