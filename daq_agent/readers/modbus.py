@@ -31,6 +31,7 @@ import logging
 import random
 import select
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,6 @@ from pymodbus.client import ModbusSerialClient, ModbusTcpClient
 from pymodbus.client.base import ModbusBaseSyncClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.framer import FramerSocket
-from pymodbus.pdu import DecodePDU
 
 from daq_agent.core.backoff import RetryPolicy
 from daq_agent.core.errors import ConfigError, ReaderError
@@ -193,7 +192,8 @@ class ModbusReader(PollReaderABC):
         self.codec = RegisterCodec(register_map, name, flow_name_template)
         self._set_rates([g.group.rate_hz for g in self.codec.groups])
         self._client: ModbusBaseSyncClient | None = None
-        self._tids = FramerSocket(DecodePDU(False))
+        self._traced = b""  # the receive buffer the hook saw last, and how much of it it read
+        self._traced_used = 0
 
     @property
     def flows(self) -> list[FlowConfig]:
@@ -288,19 +288,29 @@ class ModbusReader(PollReaderABC):
     # -- late replies ----------------------------------------------------------------------------
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        """pymodbus's raw-bytes hook: count complete frames that answer an earlier request."""
+        """pymodbus's raw-bytes hook: count complete frames that answer an earlier request.
+
+        pymodbus passes its whole receive buffer, again after each read while a frame is
+        incomplete: frames of a buffer that only grew are not counted twice. Only the MBAP
+        headers are read (transaction id and length, with ``struct``), not each reply decoded a
+        second time with pymodbus's framer.
+        """
         client = self._client
         if sending or client is None:
             return data
-        expected = client.transaction.request_transaction_id
         used = 0
-        while used < len(data):
-            length, _dev, tid, frame = self._tids.decode(data[used:])
-            if not length or not frame:
+        if self._traced and data.startswith(self._traced):
+            used = self._traced_used
+        expected = client.transaction.request_transaction_id
+        end = len(data)
+        while end - used >= _MBAP.size:
+            tid, _protocol, length = _MBAP.unpack_from(data, used)
+            if length < 2 or used + 6 + length > end:  # not a frame yet (or not one at all)
                 break
-            used += length
+            used += 6 + length
             if tid != expected:
                 self.counters.add("late_replies")
+        self._traced, self._traced_used = data, used
         return data
 
     def _drain_rtu(self, client: ModbusBaseSyncClient) -> None:
@@ -321,6 +331,9 @@ class ModbusReader(PollReaderABC):
             raise ReaderError(f"{self.url}: {exc}") from exc
         if stale:
             self.counters.add("late_replies")
+
+
+_MBAP = struct.Struct(">HHH")  # the header of a Modbus TCP frame: transaction, protocol, length
 
 
 def _read(

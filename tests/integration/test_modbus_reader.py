@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from poll_support import Collected, wait_until
+from pymodbus.client import ModbusTcpClient
 from pymodbus.constants import ExcCodes
 
 from daq_agent.core.backoff import RetryPolicy
@@ -213,6 +215,31 @@ def test_rtu_on_a_serial_port_polls_and_decodes(line: str) -> None:
     assert reader.counters.get("opens") == 1
     assert reader.counters.get("timeouts") == reader.counters.get("exceptions") == 0
     assert _balanced(reader)
+
+
+def test_late_replies_are_counted_once_from_the_receive_buffer() -> None:
+    """The raw-bytes hook sees pymodbus's receive buffer, again each time it grows: a late
+    frame is counted once, an incomplete one not yet, the expected reply never."""
+    pm = load_register_map(PM_MAP)
+    reader = ModbusReader("pm1", "tcp://127.0.0.1:1", pm, Collected())
+    client = ModbusTcpClient("127.0.0.1", port=1)  # never connected: its transaction state
+    client.transaction.request_transaction_id = 7
+    reader._client = client
+
+    def frame(tid: int) -> bytes:  # MBAP header + unit + read-holding reply of one register
+        return struct.pack(">HHHBBBH", tid, 0, 5, 1, 3, 2, 0x1234)
+
+    late, answer = frame(6), frame(7)
+    assert reader._trace_packet(False, late + answer[:4]) == late + answer[:4]
+    assert reader.counters.get("late_replies") == 1
+    reader._trace_packet(False, late + answer)  # the same buffer, grown: not counted again
+    assert reader.counters.get("late_replies") == 1
+    reader._trace_packet(False, frame(5)[:8])  # a new buffer, its frame incomplete
+    assert reader.counters.get("late_replies") == 1
+    reader._trace_packet(False, frame(5))
+    assert reader.counters.get("late_replies") == 2
+    reader._trace_packet(True, frame(1))  # what is sent is never a reply
+    assert reader.counters.get("late_replies") == 2
 
 
 def test_a_vanished_server_is_retried_and_polling_resumes() -> None:
