@@ -32,7 +32,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -139,10 +139,22 @@ class AgentPlan:
     client_key: str
     fingerprint: str
     warnings: tuple[str, ...]
+    decoders: Mapping[Any, tuple[CanDecoder, tuple[str, ...]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """The CAN decoders (with the warnings of making each) by bus, database files, their
+    contents, flow naming and protocol: a reload whose databases did not change reuses them."""
 
 
-def plan_agent(config: AgentConfig) -> AgentPlan:
+def plan_agent(config: AgentConfig, *, previous: AgentPlan | None = None) -> AgentPlan:
     """Load the databases, derive every flow and the ingestion client key.
+
+    Args:
+        config: the config.
+        previous: the running plan (a reload): its CAN decoders are reused for databases whose
+            files and contents did not change, instead of parsing and compiling them again
+            (a reload of an unchanged vehicle database then allocates almost nothing: parsing
+            it on every SIGHUP left the heap fragmented, RSS +8.7 MB over 30 reloads).
 
     Raises:
         ConfigError: a database or frame-definition file does not load, or two sources give
@@ -151,30 +163,39 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
     warnings: list[str] = []
     loaded: dict[Path, Any] = {}
 
-    def databases(paths: Sequence[Path]) -> list[Any]:
+    def databases(paths: Sequence[Path], found: list[str]) -> list[Any]:
         out = []
         for path in paths:
             if path not in loaded:
-                found: list[DatabaseWarning] = []
-                loaded[path] = load_database(path, warnings=found)
-                warnings.extend(str(w) for w in found)
+                collected: list[DatabaseWarning] = []
+                loaded[path] = load_database(path, warnings=collected)
+                found.extend(str(w) for w in collected)
             out.append(loaded[path])
         return out
 
     template = config.naming.can_flow
     sources: list[SourcePlan] = []
-    decoders: dict[tuple[str, tuple[Path, ...]], CanDecoder] = {}
+    reusable = previous.decoders if previous is not None else {}
+    decoders: dict[Any, tuple[CanDecoder, tuple[str, ...]]] = {}
     protocols = {bus.name: bus.protocol for bus in config.buses}
 
     def decoder(bus: str, paths: tuple[Path, ...]) -> CanDecoder:
-        key = (bus, paths)
+        key = (bus, paths, _digests(paths), template, protocols.get(bus))
         if key not in decoders:
-            made = CanDecoder(
-                bus, databases(paths), flow_name_template=template, protocol=protocols.get(bus)
-            )
-            warnings.extend(f"bus {bus}: {w}" for w in made.warnings)
-            decoders[key] = made
-        return decoders[key]
+            entry = reusable.get(key)
+            if entry is None:
+                found: list[str] = []
+                made = CanDecoder(
+                    bus,
+                    databases(paths, found),
+                    flow_name_template=template,
+                    protocol=protocols.get(bus),
+                )
+                found.extend(f"bus {bus}: {w}" for w in made.warnings)
+                entry = (made, tuple(found))
+            decoders[key] = entry
+            warnings.extend(entry[1])
+        return decoders[key][0]
 
     for bus in config.buses:
         sources.append(
@@ -234,11 +255,11 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
     owners: dict[str, str] = {}
     for source in sources:
         for flow in source.flows:
-            previous = flows.get(flow.name)
-            if previous is None:
+            same_name = flows.get(flow.name)
+            if same_name is None:
                 flows[flow.name] = flow
                 owners[flow.name] = source.name
-            elif derive_flows_fingerprint([previous]) != derive_flows_fingerprint([flow]):
+            elif derive_flows_fingerprint([same_name]) != derive_flows_fingerprint([flow]):
                 raise ConfigError(
                     f"flow {flow.name!r} of {source.name!r} differs from the flow of that name "
                     f"of {owners[flow.name]!r}; give the sources different bus names",
@@ -253,7 +274,19 @@ def plan_agent(config: AgentConfig) -> AgentPlan:
         client_key=client_key,
         fingerprint=fingerprint,
         warnings=tuple(warnings),
+        decoders=decoders,
     )
+
+
+def _digests(paths: Sequence[Path]) -> tuple[str, ...]:
+    """The SHA-256 of each file ("" for one that cannot be read: loading it will say why)."""
+    digests = []
+    for path in paths:
+        try:
+            digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        except OSError:
+            digests.append("")
+    return tuple(digests)
 
 
 def _device_plan(device: Any, template: str) -> SourcePlan:
@@ -340,18 +373,12 @@ class ReloadResult:
 
 def _source_key(source: SourcePlan) -> tuple[Any, ...]:
     """What makes a source's reader: equal keys, same reader (files compared by content)."""
-    digests = []
-    for path in source.databases:
-        try:
-            digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
-        except OSError:
-            digests.append("")
     return (
         source.kind,
         source.bus,
         dict(source.options),
         source.databases,
-        tuple(digests),
+        _digests(source.databases),
         derive_flows_fingerprint(source.flows),
         source.journal,
     )
@@ -689,7 +716,7 @@ class Agent:
             if not self._started or self._stopped:
                 return self._refuse("the agent is not running")
             try:
-                plan = plan_agent(config)
+                plan = plan_agent(config, previous=self.plan)
             except ConfigError as exc:
                 return self._refuse(f"the new config is invalid, the old one keeps running: {exc}")
             why = self._not_live(plan)

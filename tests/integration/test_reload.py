@@ -234,6 +234,29 @@ def test_a_new_bus_adds_its_flows_live_removed_source_is_stopped(
     assert flows == {"can1.BMS_PackStatus": 30, "can2.BMS_PackStatus": 40}
 
 
+def test_a_reload_reuses_the_decoders_of_unchanged_databases(
+    agent_and_buses: tuple[Agent, Path, list[str]], tmp_path: Path
+) -> None:
+    """An unchanged database is not parsed and compiled again on SIGHUP (the same decoder
+    object), so a reload costs no memory; one whose content changed is."""
+    agent, path, (ch0, ch1) = agent_and_buses
+    before = [source.decoder for source in agent.plan.sources]
+    result = agent.reload(load_config(path, env={}))
+    assert result.applied, result.refused
+    assert all(a is b for a, b in zip(before, (s.decoder for s in agent.plan.sources), strict=True))
+    copy = tmp_path / "copy.dbc"
+    copy.write_text(BENCH_DBC.read_text() + "\n")  # other bytes, the same messages
+    text = two_buses(tmp_path / "state", ch0, ch1).replace(
+        f"channel: {ch1}, databases: [{BENCH_DBC}]", f"channel: {ch1}, databases: [{copy}]"
+    )
+    result = agent.reload(load_config(_rewrite(path, text), env={}))
+    assert result.applied, result.refused
+    assert result.restarted == ("can1",)
+    after = [source.decoder for source in agent.plan.sources]
+    assert after[0] is before[0]
+    assert after[1] is not before[1]
+
+
 def _with_extra_signal(tmp_path: Path) -> Path:
     """bench.dbc with a signal added to BMS_PackStatus (so its flow's channels differ)."""
     changed = tmp_path / "changed.dbc"
