@@ -709,8 +709,9 @@ class Agent:
         changed (target, asset, run, spool, ring, flush, naming, client key: restart to apply),
         or when a flow's channels changed (they are fixed in the running ingestion config).
         New flows (a database gained messages, a bus was added) are applied: the sink
-        registers each with the API before its first samples are sent. Never raises for a bad
-        config; the outcome is logged as one line.
+        registers each with the API before its first samples are sent. Databases whose files
+        and contents did not change are not parsed again (their decoders are kept). Never
+        raises for a bad config; the outcome is logged as one line.
         """
         with self._reload_lock:
             if not self._started or self._stopped:
