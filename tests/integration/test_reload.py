@@ -291,6 +291,8 @@ def test_a_new_flow_the_api_has_with_other_channels_is_refused_not_mislabelled(
     first = Agent(write(path, base), flusher_settings=settings)
     first.start()
     try:
+        for reader in first.readers:  # frames sent before a reader opens are never read
+            assert reader.wait_state(ReaderState.RUNNING, timeout=10.0), reader.counters.last_error
         result = first.reload(load_config(_rewrite(path, with_can2(_with_extra_signal(tmp_path)))))
         assert result.applied, result.refused
         assert first.readers[2].wait_state(ReaderState.RUNNING, timeout=10.0)
@@ -301,6 +303,8 @@ def test_a_new_flow_the_api_has_with_other_channels_is_refused_not_mislabelled(
     second = Agent(write(path, base), flusher_settings=settings)
     second.start()
     try:
+        for reader in second.readers:
+            assert reader.wait_state(ReaderState.RUNNING, timeout=10.0), reader.counters.last_error
         send(ch0, 2)  # the sink sets up: the API's config already has can2's flows
         wait_for(lambda: second.status().flusher.delivered == 2, 15, "2 samples delivered")
         result = second.reload(load_config(_rewrite(path, with_can2(BENCH_DBC))))
